@@ -1,0 +1,96 @@
+"""The one module that touches PEFT internals.
+
+PEFT keeps its methods in a closed ``PeftType`` enum and ``register_peft_method`` refuses a name that has no member
+there. To register methods from outside PEFT we add enum members at import time, then call PEFT's own public
+``register_peft_method``. Everything else in this package uses PEFT's public API (``PeftConfig``, ``BaseTuner``,
+``BaseTunerLayer``, ``get_peft_model``, ...), so a change of PEFT internals breaks this file and nothing else.
+
+The supported PEFT range is the one the tests run against. A PEFT outside it raises one clear ``ImportError`` when
+this package is imported, instead of failing later in some unrelated place.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import peft
+from packaging.version import Version
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import _get_in_out_features as get_in_out_features
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    PeftType,
+    register_peft_method,
+    resolve_quantization_backend,
+)
+
+__all__ = [
+    "BaseTuner",
+    "BaseTunerLayer",
+    "BufferDict",
+    "DEFAULT_TARGET_MODULES",
+    "add_peft_type",
+    "check_adapters_to_merge",
+    "check_peft_version",
+    "get_in_out_features",
+    "register_method",
+    "resolve_quantization_backend",
+]
+
+#: Default target modules per transformers model type (LoRA's: attention query/value), used when a config sets none.
+DEFAULT_TARGET_MODULES = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+#: The PEFT versions this package is tested against: [min, max).
+PEFT_MIN_VERSION = "0.21.0"
+PEFT_MAX_VERSION = "0.22.0"
+
+
+def check_peft_version(version: str | None = None) -> None:
+    """Raise ``ImportError`` if ``version`` (default: the installed PEFT) is outside the tested range."""
+    version = peft.__version__ if version is None else version
+    v = Version(version)
+    if not (Version(PEFT_MIN_VERSION) <= v < Version(PEFT_MAX_VERSION)):
+        raise ImportError(
+            f"sparse_lowrank_peft needs peft>={PEFT_MIN_VERSION},<{PEFT_MAX_VERSION} but peft {version} is installed. "
+            "It registers its methods through PEFT internals that change between minor releases. "
+            f"Fix: pip install 'peft>={PEFT_MIN_VERSION},<{PEFT_MAX_VERSION}'."
+        )
+
+
+def add_peft_type(name: str) -> PeftType:
+    """Add ``name`` (upper case) as a member of PEFT's closed ``PeftType`` enum; idempotent.
+
+    ``PeftType`` is a ``str`` enum, so a member is a ``str`` instance whose value is its own name. The enum machinery
+    keeps three lookup tables (by name, by value, and the ordered name list); all three must know the member, or
+    ``PeftType("X")`` (used when a saved config is read back) and ``list(PeftType)`` (used by
+    ``register_peft_method``) would not find it.
+    """
+    name = name.upper()
+    existing = PeftType.__members__.get(name)
+    if existing is not None:
+        return existing
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    assert isinstance(PeftType(name), enum.Enum)
+    return member
+
+
+def register_method(name: str, config_cls, model_cls, prefix: str) -> PeftType:
+    """Register a tuner with PEFT under ``name`` (lower case); idempotent across repeated imports."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    peft_type = add_peft_type(name)
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
+        return peft_type
+    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    return peft_type
+
+
+check_peft_version()

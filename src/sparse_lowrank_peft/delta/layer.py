@@ -1,0 +1,262 @@
+"""DeltaLayer: the one tuner-layer base every method of this package builds on.
+
+A wrapped layer computes, for the active adapters ``a``::
+
+    y = base(x) + Σ_a [ lowrank_a(dropout_a(x)) + x · S_aᵀ ]
+
+where ``lowrank_a`` is the method's own parametrisation (SLTrain's ``(α/r)·B·A``, SoRA's gated factors, ...) and
+``S_a`` is an optional sparse term on a fixed support, applied by :func:`sparse_delta` without ever building an
+``(out, in)`` matrix. This class owns everything that is the same for every method: forward composition, merge and
+unmerge (through PEFT's quantization backend for quantized bases), ``get_delta_weight``, the sparse term's storage
+and its support cache, dtype handling and Conv1D's transposed weight. A method subclass provides:
+
+* ``adapter_layer_names`` / ``other_param_names`` (every name starts with the method's prefix),
+* ``update_layer(adapter_name, config, key)`` to create the adapter's tensors,
+* ``lowrank_forward(x, adapter_name)`` (scaled low-rank output, or ``None``) and
+  ``lowrank_delta(adapter_name)`` (the dense ``(out, in)`` fp32 low-rank delta, for merge only, or ``None``),
+* ``sparse_values_attr`` / ``support_attr`` (names of the sparse containers) if it has a sparse term.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .._peft_compat import (
+    BaseTunerLayer,
+    BufferDict,
+    check_adapters_to_merge,
+    get_in_out_features,
+    resolve_quantization_backend,
+)
+from .ops import sparse_delta
+from .support import SparseSupport, layer_seed, support_nnz
+
+__all__ = ["DeltaLayer", "is_supported_base_layer"]
+
+
+def is_supported_base_layer(module: nn.Module) -> bool:
+    """Whether ``module`` can be wrapped: ``nn.Linear``, transformers' ``Conv1D``, or a quantized linear PEFT knows."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return True
+    backend = resolve_quantization_backend(module)
+    return backend is not None and getattr(backend, "layer_type", None) == "linear"
+
+
+class DeltaLayer(nn.Module, BaseTunerLayer):
+    """Shared base of the tuner layers: ``y = base(x) + Σ_a [lowrank_a(dropout(x)) + x·S_aᵀ]`` (see module doc)."""
+
+    #: name of the ParameterDict holding the sparse values (``(nnz,)`` per adapter), or None for no sparse term
+    sparse_values_attr: str | None = None
+    #: name of the BufferDict holding the support (``(2, nnz)`` int32 per adapter), saved in the checkpoint
+    support_attr: str | None = None
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not is_supported_base_layer(base):
+            raise TypeError(
+                f"{type(self).__name__} cannot wrap a {type(base).__name__}: only torch.nn.Linear, "
+                "transformers' Conv1D and bitsandbytes/PEFT-quantized linear layers are supported. "
+                "Fix: narrow `target_modules` to the linear layers (e.g. ['query', 'value'])."
+            )
+        self.quantization_backend = resolve_quantization_backend(base)
+        in_features, out_features = get_in_out_features(base)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        # Conv1D stores its weight as (in, out); the deltas are (out, in) and are transposed when merged.
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+        self.lora_dropout_modules = None  # subclasses that use dropout keep their own ModuleDict
+        if self.sparse_values_attr is not None:
+            setattr(self, self.sparse_values_attr, nn.ParameterDict({}))
+            setattr(self, self.support_attr, BufferDict({}, persistent=True))
+        self._support_cache: dict[str, tuple[tuple, SparseSupport]] = {}
+
+    # ------------------------------------------------------------------ method hooks
+    def update_layer(self, adapter_name: str, config, key: str = "", **kwargs) -> None:  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} must implement update_layer")
+
+    def lowrank_forward(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        """The method's low-rank term for input ``x`` (``(..., in)`` -> ``(..., out)``), scaled; None if it has none."""
+        return None
+
+    def lowrank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The method's low-rank delta as a dense ``(out, in)`` fp32 matrix (merge only); None if it has none."""
+        return None
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def _main_container(self) -> nn.Module:
+        return getattr(self, self.adapter_layer_names[0])
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self._main_container
+
+    def _base_weight_shape_ok(self) -> None:
+        if self.in_features <= 0 or self.out_features <= 0:
+            raise ValueError(f"{type(self).__name__}: base layer has no features ({self.out_features}x{self.in_features}).")
+
+    def _finish_update(self, adapter_name: str, config) -> None:
+        """Move the new adapter's tensors to the base layer's device and (re)activate adapters; call at the end of
+        ``update_layer``."""
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=getattr(config, "inference_mode", False))
+
+    # ------------------------------------------------------------------ sparse term
+    def init_sparse(self, adapter_name: str, density: float, seed: int, key: str, init_zero: bool) -> None:
+        """Draw the adapter's support (seeded per layer from ``seed`` and the module name ``key``) and its values.
+
+        Values start at zero (``init_zero``: the wrapped model equals the base at step 0) or, for tests, small normal
+        values from the same seed.
+        """
+        shape = (self.out_features, self.in_features)
+        support = SparseSupport.random(shape, density, layer_seed(seed, key))
+        if init_zero:
+            values = torch.zeros(support.nnz)
+        else:
+            gen = torch.Generator().manual_seed(layer_seed(seed + 1, key))
+            values = torch.randn(support.nnz, generator=gen) * 0.1
+        getattr(self, self.support_attr)[adapter_name] = support.indices
+        getattr(self, self.sparse_values_attr)[adapter_name] = nn.Parameter(values)
+        self._support_cache.pop(adapter_name, None)
+
+    def has_sparse(self, adapter_name: str) -> bool:
+        return self.sparse_values_attr is not None and adapter_name in getattr(self, self.sparse_values_attr)
+
+    def get_support(self, adapter_name: str) -> SparseSupport:
+        """The adapter's support, its derived layouts cached until the buffer is moved or overwritten (e.g. loaded)."""
+        buf = getattr(self, self.support_attr)[adapter_name]
+        key = (buf.data_ptr(), buf._version, buf.device, tuple(buf.shape))
+        cached = self._support_cache.get(adapter_name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        support = SparseSupport(buf, (self.out_features, self.in_features), validate=False)
+        self._support_cache[adapter_name] = (key, support)
+        return support
+
+    def expected_nnz(self, density: float) -> int:
+        return support_nnz((self.out_features, self.in_features), density)
+
+    # ------------------------------------------------------------------ forward
+    def adapter_dtype(self, adapter_name: str) -> torch.dtype:
+        container = self._main_container[adapter_name]
+        if isinstance(container, torch.Tensor):
+            return container.dtype
+        return next(container.parameters()).dtype
+
+    def adapter_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's whole contribution ``lowrank(dropout(x)) + x·Sᵀ`` for ``x`` of shape ``(..., in)``."""
+        x = self._cast_input_dtype(x, self.adapter_dtype(adapter_name))
+        out = self.lowrank_forward(x, adapter_name)
+        if self.has_sparse(adapter_name):
+            values = getattr(self, self.sparse_values_attr)[adapter_name]
+            sparse_out = sparse_delta(x.to(values.dtype), self.get_support(adapter_name), values)
+            out = sparse_out if out is None else out + sparse_out
+        return out
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``x``: ``(..., in_features)`` -> ``(..., out_features)`` in the base layer's output dtype."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name in self.active_adapters:
+            if not self.has_adapter(adapter_name):
+                continue
+            delta = self.adapter_forward(x, adapter_name)
+            if delta is not None:
+                result = result + delta.to(result.dtype)
+        return result
+
+    # ------------------------------------------------------------------ merge
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ΔW of ``adapter_name`` in the base weight's layout and dtype (``(in, out)`` for Conv1D).
+
+        Computed in fp32 (exact up to fp32 rounding), then cast. This and merge are the only places that build
+        an ``(out, in)`` matrix.
+        """
+        device = self._main_device(adapter_name)
+        delta = self.lowrank_delta(adapter_name)
+        if delta is None:
+            delta = torch.zeros(self.out_features, self.in_features, device=device, dtype=torch.float32)
+        else:
+            delta = delta.to(torch.float32)
+        if self.has_sparse(adapter_name):
+            support = self.get_support(adapter_name)
+            values = getattr(self, self.sparse_values_attr)[adapter_name].to(torch.float32)
+            delta = delta.index_put((support.rows(delta.device), support.cols(delta.device)), values, accumulate=True)
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return delta.to(self._base_dtype())
+
+    def _main_device(self, adapter_name: str) -> torch.device:
+        container = self._main_container[adapter_name]
+        if isinstance(container, torch.Tensor):
+            return container.device
+        return next(container.parameters()).device
+
+    def _base_dtype(self) -> torch.dtype:
+        base = self.get_base_layer()
+        if self.quantization_backend is not None:
+            return getattr(base, "compute_dtype", None) or torch.float32
+        return base.weight.dtype
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the adapters' ΔW into the base weight: ``W ← W + ΔW`` (quantized bases: dequantize, add, requantize).
+
+        Args:
+            safe_merge: compute the merged weight in a copy and refuse (``ValueError``) if it is not finite.
+            adapter_names: adapters to merge (default: the active ones).
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        for adapter_name in adapter_names:
+            if not self.has_adapter(adapter_name):
+                continue
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(adapter_name)
+            merged = (weight.to(torch.float32) + delta.to(torch.float32).to(weight.device)).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs or infs detected in the merged weight of adapter '{adapter_name}' "
+                    f"({type(self).__name__} on a {self.out_features}x{self.in_features} layer): the adapter "
+                    "weights are broken (diverged training?). The base weight was left unchanged."
+                )
+            self._set_merged_weight(merged)
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`, newest adapter first: ``W ← W − ΔW``."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            if not self.has_adapter(adapter_name):
+                continue
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(adapter_name)
+            self._set_merged_weight((weight.to(torch.float32) - delta.to(torch.float32).to(weight.device)).to(weight.dtype))
+
+    def _set_merged_weight(self, weight: torch.Tensor) -> None:
+        if self.quantization_backend is None:
+            self.get_base_layer().weight.data = weight
+        else:
+            self.set_base_weight(weight)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__.lower().replace('layer', '')}.{super().__repr__()}"

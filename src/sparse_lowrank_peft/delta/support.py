@@ -1,0 +1,203 @@
+"""SparseSupport: the fixed sparsity pattern of a sparse delta S (out_features x in_features).
+
+The support is a set of ``nnz`` distinct (row, col) positions, stored as one ``(2, nnz)`` int32 tensor sorted
+row-major (by row, then by column). That one tensor is what an adapter checkpoint holds; every other layout the ops
+need (CSR row pointers, the column-major permutation for the transposed product) is derived from it once per device
+and cached on the object, never per step.
+
+Drawing is seeded through a CPU ``torch.Generator`` so CPU and CUDA get the same support, and uses O(nnz) memory:
+a 4096 x 4096 layer at density 0.01 never materialises a 16M-entry permutation.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SparseSupport", "support_nnz", "layer_seed"]
+
+
+def support_nnz(shape: tuple[int, int], density: float) -> int:
+    """Number of nonzeros for a ``shape`` matrix at ``density``: ``round(density * out * in)``, at least 1."""
+    out_features, in_features = shape
+    return max(1, int(round(density * out_features * in_features)))
+
+
+def layer_seed(seed: int, key: str) -> int:
+    """A per-layer seed from the config's seed and the module's name (stable across processes and Python runs).
+
+    Python's ``hash`` is salted per process, so ``crc32`` of the name is used instead.
+    """
+    return (int(seed) * 1_000_003 + zlib.crc32(key.encode("utf-8"))) % (2**63 - 1)
+
+
+@dataclass
+class _CSR:
+    crow: torch.Tensor  # (rows + 1,) int64
+    col: torch.Tensor  # (nnz,) int64
+    perm: torch.Tensor | None  # position in the row-major order of each entry of this layout (None: identity)
+
+
+class SparseSupport:
+    """A fixed, validated sparsity pattern of an ``(out_features, in_features)`` matrix.
+
+    Args:
+        indices (`torch.Tensor`): ``(2, nnz)`` integer tensor, row 0 the output (row) indices, row 1 the input
+            (column) indices, sorted row-major and without duplicates.
+        shape (`tuple[int, int]`): ``(out_features, in_features)``.
+        validate (`bool`, defaults to `True`): check range, order and duplicates (raises ``ValueError``).
+    """
+
+    def __init__(self, indices: torch.Tensor, shape: tuple[int, int], validate: bool = True, name: str = "support"):
+        if validate:
+            self.check(indices, shape, name=name)
+        self.indices = indices
+        self.shape = (int(shape[0]), int(shape[1]))
+        self._layouts: dict[tuple, tuple[_CSR, _CSR]] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def random(
+        cls, shape: tuple[int, int], density: float, seed: int, device: torch.device | str | None = None
+    ) -> "SparseSupport":
+        """Draw ``support_nnz(shape, density)`` distinct positions uniformly at random from ``seed``.
+
+        Sampling draws candidate flat positions with replacement from a CPU generator until enough distinct ones
+        exist, then keeps a uniformly random subset of exactly ``nnz`` of them. A set of distinct i.i.d. uniform
+        draws is a uniform random subset of its size, and a uniform subset of it is again uniform, so the result
+        is an unbiased uniform sample without replacement, in O(nnz) memory. Above density 0.5 the complement is
+        drawn instead, which keeps the expected number of rounds small.
+        """
+        out_features, in_features = int(shape[0]), int(shape[1])
+        if out_features <= 0 or in_features <= 0:
+            raise ValueError(f"SparseSupport.random: shape must be positive, got {shape}.")
+        if not (0.0 < density <= 1.0):
+            raise ValueError(f"SparseSupport.random: density must be in (0, 1], got {density}.")
+        total = out_features * in_features
+        nnz = support_nnz((out_features, in_features), density)
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        complement = nnz > total // 2
+        k = total - nnz if complement else nnz
+        flat = _sample_distinct(total, k, gen)
+        if complement:
+            keep = torch.ones(total, dtype=torch.bool)  # only reached at density > 0.5, where nnz ~ total anyway
+            keep[flat] = False
+            flat = keep.nonzero().squeeze(1)
+        flat = flat.sort().values
+        indices = torch.stack([flat // in_features, flat % in_features]).to(torch.int32)
+        return cls(indices.to(device) if device is not None else indices, (out_features, in_features), validate=False)
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def check(indices: torch.Tensor, shape: tuple[int, int], expected_nnz: int | None = None, name: str = "support"):
+        """Raise ``ValueError`` unless ``indices`` is a valid support of ``shape`` (and has ``expected_nnz`` entries)."""
+        out_features, in_features = int(shape[0]), int(shape[1])
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != 2:
+            got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+            raise ValueError(
+                f"{name}: expected a (2, nnz) index tensor of (row, col) pairs, got shape {got}. "
+                "The checkpoint was not written by this version of sparse_lowrank_peft or is corrupted."
+            )
+        if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            raise ValueError(f"{name}: support indices must be integers, got dtype {indices.dtype}.")
+        nnz = indices.shape[1]
+        if expected_nnz is not None and nnz != expected_nnz:
+            raise ValueError(
+                f"{name}: the support has {nnz} entries but the config implies {expected_nnz} for a layer of shape "
+                f"{out_features}x{in_features}. The checkpoint's adapter_config.json and weights disagree (edited "
+                "sparsity, or a checkpoint from another model): load it with the config it was saved with."
+            )
+        if nnz == 0:
+            return
+        idx = indices.detach().to("cpu", torch.int64)
+        rows, cols = idx[0], idx[1]
+        if int(rows.min()) < 0 or int(rows.max()) >= out_features or int(cols.min()) < 0 or int(cols.max()) >= in_features:
+            raise ValueError(
+                f"{name}: support indices out of range for a layer of shape {out_features}x{in_features} "
+                f"(rows span [{int(rows.min())}, {int(rows.max())}], cols span [{int(cols.min())}, {int(cols.max())}]). "
+                "The adapter was saved for a base model with other layer shapes: load it on the base it was trained on."
+            )
+        flat = rows * in_features + cols
+        if nnz > 1:
+            steps = flat[1:] - flat[:-1]
+            unsorted = bool((steps < 0).any())
+            ordered = flat.sort().values if unsorted else flat
+            if bool((ordered[1:] == ordered[:-1]).any()):
+                raise ValueError(
+                    f"{name}: the support has duplicated (row, col) positions; a valid support lists each position "
+                    "once. The checkpoint is corrupted: re-save it from the trained model."
+                )
+            if unsorted:
+                raise ValueError(
+                    f"{name}: the support is not sorted row-major. A valid checkpoint always is; the file was "
+                    "modified outside sparse_lowrank_peft. Re-save it from the trained model."
+                )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.shape[0] * self.shape[1])
+
+    def rows(self, device=None) -> torch.Tensor:
+        return self.indices[0].to(device or self.device, torch.int64)
+
+    def cols(self, device=None) -> torch.Tensor:
+        return self.indices[1].to(device or self.device, torch.int64)
+
+    def layouts(self, device: torch.device | None = None) -> tuple[_CSR, _CSR]:
+        """Row-major CSR of S and CSR of Sᵀ (= column-major order of S), built once per device and cached.
+
+        ``csr_t.perm[j]`` is the row-major position of the j-th entry in column-major order, so
+        ``values[csr_t.perm]`` are the values of Sᵀ in its CSR order.
+        """
+        device = torch.device(device) if device is not None else self.device
+        key = (device.type, device.index)
+        cached = self._layouts.get(key)
+        if cached is not None:
+            return cached
+        out_features, in_features = self.shape
+        rows = self.indices[0].to(device, torch.int64)
+        cols = self.indices[1].to(device, torch.int64)
+        crow = torch.zeros(out_features + 1, dtype=torch.int64, device=device)
+        crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
+        perm = torch.sort(cols * out_features + rows).indices
+        ccol = torch.zeros(in_features + 1, dtype=torch.int64, device=device)
+        ccol[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
+        layouts = (_CSR(crow, cols, None), _CSR(ccol, rows[perm].contiguous(), perm))
+        self._layouts[key] = layouts
+        return layouts
+
+    def to_dense(self, values: torch.Tensor) -> torch.Tensor:
+        """The dense ``(out, in)`` matrix S. Only for merge / get_delta_weight and test oracles."""
+        dense = torch.zeros(self.shape, dtype=values.dtype, device=values.device)
+        dense[self.rows(values.device), self.cols(values.device)] = values
+        return dense
+
+    def __repr__(self) -> str:
+        return f"SparseSupport(shape={self.shape}, nnz={self.nnz}, density={self.density:.4g}, device={self.device})"
+
+
+def _sample_distinct(total: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``k`` distinct uniform integers in ``[0, total)`` (unsorted), O(k) memory, from a CPU generator."""
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64)
+    found = torch.empty(0, dtype=torch.int64)
+    while found.numel() < k:
+        need = k - found.numel()
+        # Oversample by the expected collision rate plus a margin, so one round almost always suffices.
+        draw = int(math.ceil(need * (1.0 + 2.0 * (found.numel() + need) / total))) + 16
+        cand = torch.randint(0, total, (draw,), generator=gen, dtype=torch.int64)
+        found = torch.unique(torch.cat([found, cand]))
+    pick = torch.randperm(found.numel(), generator=gen)[:k]
+    return found[pick]

@@ -1,0 +1,156 @@
+"""DeltaModel: the shared ``BaseTuner`` of this package's methods (injection, validation, checkpoint checks).
+
+A method's ``model.py`` subclasses it and sets ``prefix``, ``tuner_layer_cls`` (a :class:`DeltaLayer`) and,
+optionally, ``config_checks`` for its own load-time checks. This class adds to PEFT's ``BaseTuner``:
+
+* validation before anything is changed: every module the config targets is checked to be a supported layer type,
+  so a bad ``target_modules`` raises with the model untouched (PEFT itself would wrap layers until it hits the bad
+  one);
+* checkpoint validation when an adapter is loaded, before any tensor is copied: tensor shapes against the model's,
+  and every sparse support (shape, index range, duplicates, order, count implied by the config).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._peft_compat import DEFAULT_TARGET_MODULES, BaseTuner, BaseTunerLayer
+from .layer import DeltaLayer, is_supported_base_layer
+from .support import SparseSupport
+
+__all__ = ["DeltaModel"]
+
+
+class DeltaModel(BaseTuner):
+    """Shared ``BaseTuner`` for :class:`DeltaLayer` methods. Subclasses set ``prefix`` and ``tuner_layer_cls``."""
+
+    prefix: str = ""
+    tuner_layer_cls: type[DeltaLayer] = DeltaLayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    # ------------------------------------------------------------------ injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        self._validate_targets(model, adapter_name)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _validate_targets(self, model: nn.Module, adapter_name: str) -> None:
+        """Raise before any module is replaced if a targeted module cannot be wrapped."""
+        config = self.peft_config[adapter_name]
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        if not isinstance(config.target_modules, (list, set, str)):
+            return
+        inside_tuner_layers: list[str] = []
+        bad: list[str] = []
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(p) for p in inside_tuner_layers):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                inside_tuner_layers.append(key + ".")
+            if not self._check_target_module_exists(config, key):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not is_supported_base_layer(base):
+                bad.append(f"{key} ({type(base).__name__})")
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise TypeError(
+                f"{type(config).__name__}.target_modules={config.target_modules!r} matches modules this method cannot "
+                f"wrap: {shown}. Only torch.nn.Linear, transformers' Conv1D and quantized linear layers are supported. "
+                "Fix: target the linear layers only (a list of their names or a regex). The model was not changed."
+            )
+
+    def _create_and_replace(
+        self, config, adapter_name, target, target_name, parent, current_key=None, parameter_name=None, **kwargs
+    ) -> None:
+        if current_key is None:
+            raise ValueError("current_key must be given")
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config, key=current_key)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise TypeError(
+                f"Module {current_key} is already wrapped by {type(target).__name__}; a {self.tuner_layer_cls.__name__} "
+                "cannot be stacked on another PEFT method's layer. Fix: unload the other adapter first."
+            )
+        new_module = self.tuner_layer_cls(target, adapter_name, config, key=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        cls._validate_checkpoint(model, config, adapter_name, remapped)
+        return remapped
+
+    @classmethod
+    def _validate_checkpoint(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> None:
+        """Check a remapped checkpoint against ``model`` before anything is loaded; raise ``ValueError`` if it does
+        not fit (other base shapes, or a corrupted / edited support)."""
+        model_state = model.state_dict()
+        sparse_attrs = tuple(f".{a}." for a in (cls.tuner_layer_cls.sparse_values_attr, cls.tuner_layer_cls.support_attr) if a)
+        mismatched = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
+            for k, v in state_dict.items()
+            if k in model_state
+            and isinstance(v, torch.Tensor)
+            and tuple(v.shape) != tuple(model_state[k].shape)
+            and not any(a in k for a in sparse_attrs)  # supports and values get the precise checks below
+        ]
+        if mismatched:
+            shown = "; ".join(mismatched[:4]) + (f"; and {len(mismatched) - 4} more" if len(mismatched) > 4 else "")
+            raise ValueError(
+                f"The adapter checkpoint does not fit this model: {shown}. It was saved for a base model with other "
+                "layer shapes (or another rank r). Fix: load it on the base model it was trained on, with its own "
+                "adapter_config.json."
+            )
+        for name, module in model.named_modules():
+            if not isinstance(module, cls.tuner_layer_cls) or module.support_attr is None:
+                continue
+            if adapter_name not in getattr(module, module.support_attr):
+                continue
+            prefix = f"{name}." if name else ""
+            support_key = f"{prefix}{module.support_attr}.{adapter_name}"
+            values_key = f"{prefix}{module.sparse_values_attr}.{adapter_name}"
+            if support_key not in state_dict:
+                raise ValueError(
+                    f"The adapter checkpoint has no sparse support for layer '{name}' (expected a tensor named like "
+                    f"'{cls._remove_adapter_name_from_key(support_key, adapter_name)}'). It was saved by another method "
+                    "or for another set of target modules: load it with the config it was saved with."
+                )
+            density = getattr(config, "sparsity", None)
+            expected = module.expected_nnz(density) if density is not None else None
+            SparseSupport.check(
+                state_dict[support_key],
+                (module.out_features, module.in_features),
+                expected_nnz=expected,
+                name=f"layer '{name}' support",
+            )
+            values = state_dict.get(values_key)
+            nnz = state_dict[support_key].shape[1]
+            if values is not None and tuple(values.shape) != (nnz,):
+                raise ValueError(
+                    f"layer '{name}': the checkpoint has {tuple(values.shape)} sparse values for a support of {nnz} "
+                    "entries. The checkpoint is corrupted: re-save it from the trained model."
+                )
+
+    # ------------------------------------------------------------------ misc
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if peft_config.target_modules is None and not getattr(peft_config, "target_parameters", None):
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    f"{type(peft_config).__name__}.target_modules is None and there is no default for model type "
+                    f"{model_type!r}. Fix: pass target_modules, e.g. target_modules=['query', 'value'], naming the "
+                    "nn.Linear layers to adapt."
+                )
+        return super()._prepare_adapter_config(peft_config, model_config)
+
+    def get_support(self, module_name: str, adapter_name: Optional[str] = None) -> SparseSupport:
+        """The sparse support of the layer ``module_name`` (e.g. ``'roberta.encoder.layer.0.attention.self.query'``)."""
+        module = self.model.get_submodule(module_name)
+        return module.get_support(adapter_name or self.active_adapters[0])

@@ -1,0 +1,5 @@
+from .config import SLTrainConfig
+from .layer import SLTrainLayer
+from .model import SLTrainModel
+
+__all__ = ["SLTrainConfig", "SLTrainLayer", "SLTrainModel"]
