@@ -80,6 +80,26 @@ class DeltaModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        """Put ``new_module`` in place of ``child`` and move new adapter tensors to the base weight's device.
+
+        Unlike ``BaseTuner._replace_module`` this never copies ``weight``/``bias`` onto ``new_module``: our layers keep
+        the original as ``base_layer``, and on unload the new module is a head (``modules_to_save``) that may have
+        no ``weight`` at all (RoBERTa's classification head). PEFT's LoRA overrides it the same way.
+        """
+        setattr(parent, child_name, new_module)
+        if not isinstance(new_module, self.tuner_layer_cls):
+            return
+        base = new_module.get_base_layer()
+        ref = getattr(base, "weight", None)
+        if ref is None:
+            ref = next(base.parameters(), None)
+        if ref is None or ref.device.type == "meta":
+            return
+        for name, module in new_module.named_children():
+            if name.startswith(self.prefix) and not any(p.device.type == "meta" for p in module.parameters()):
+                module.to(ref.device)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

@@ -1,0 +1,94 @@
+"""Tiny models built from configs (real transformers code, random weights, no hub) and their inputs.
+
+Every builder returns ``(model, make_inputs)`` where ``make_inputs(seed)`` returns the kwargs of a forward call, and
+``task_type`` for PEFT (``None`` for the plain MLP). Sizes are deliberately odd (not multiples of any block size).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB = 97
+
+
+class MLP(nn.Module):
+    """A toy MLP: the plain-PyTorch model family of PEFT's own custom-model tests."""
+
+    def __init__(self, in_features: int = 11, hidden: int = 23, out: int = 3):
+        super().__init__()
+        self.lin0 = nn.Linear(in_features, hidden)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(hidden, hidden, bias=False)
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, X):
+        return self.head(self.relu(self.lin1(self.relu(self.lin0(X)))))
+
+
+def _ids(seed: int, batch: int = 3, length: int = 7) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def build_mlp():
+    torch.manual_seed(0)
+    model = MLP()
+
+    def make_inputs(seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        return {"X": torch.randn(5, 11, generator=g)}
+
+    return model, make_inputs, None
+
+
+def build_roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        vocab_size=VOCAB, hidden_size=36, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2,
+    )
+    return RobertaForSequenceClassification(cfg).eval(), _ids, "SEQ_CLS"
+
+
+def build_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=36, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+    )
+    return BertForSequenceClassification(cfg).eval(), _ids, "SEQ_CLS"
+
+
+def build_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_embd=36, n_layer=2, n_head=4, n_positions=40, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg).eval(), _ids, "CAUSAL_LM"
+
+
+BUILDERS = {"mlp": build_mlp, "roberta": build_roberta, "bert": build_bert, "gpt2": build_gpt2}
+
+#: per model family: target modules and modules_to_save (the trainable head, where the family has one)
+TARGETS = {
+    "mlp": {"target_modules": ["lin0", "lin1"], "modules_to_save": ["head"]},
+    "roberta": {"target_modules": ["query", "value", "intermediate.dense"], "modules_to_save": ["classifier"]},
+    "bert": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
+    "gpt2": {"target_modules": ["c_attn", "c_proj"], "modules_to_save": None},
+}
+
+
+def output_of(model, inputs) -> torch.Tensor:
+    out = model(**inputs)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits

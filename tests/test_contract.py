@@ -1,0 +1,262 @@
+"""The contract every tuner of this package keeps, checked on every model family.
+
+One TEST_CASES table (config class, kwargs, model family) × shared checks, in the manner of PEFT's
+``test_custom_models.py``. Later tuners add rows to TEST_CASES; the checks do not change.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from _builders import BUILDERS, TARGETS, output_of
+from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from sparse_lowrank_peft import SLTrainConfig
+
+FAMILIES = ["mlp", "roberta", "bert", "gpt2"]
+
+# (id, config class, kwargs) — kwargs exclude targeting, which comes from the model family
+TUNER_CASES = [
+    ("sltrain-r4-s0.05", SLTrainConfig, {"r": 4, "lora_alpha": 8, "sparsity": 0.05}),
+    ("sltrain-r1-s0.3-dropout", SLTrainConfig, {"r": 1, "lora_alpha": 3, "sparsity": 0.3, "lora_dropout": 0.1}),
+]
+
+TEST_CASES = [
+    pytest.param(cfg_cls, kwargs, family, id=f"{case_id}-{family}")
+    for case_id, cfg_cls, kwargs in TUNER_CASES
+    for family in FAMILIES
+]
+
+ATOL = 1e-5  # fp32 throughout: merged vs unmerged differs only by summation order
+
+
+def make_config(cfg_cls, kwargs, family, task_type, **overrides):
+    fields = {**kwargs, **TARGETS[family], **overrides}
+    if task_type is not None:
+        fields["task_type"] = task_type
+    return cfg_cls(**fields)
+
+
+def build(family):
+    model, make_inputs, task_type = BUILDERS[family]()
+    return model, make_inputs, task_type
+
+
+def peft_model(cfg_cls, kwargs, family, **overrides):
+    model, make_inputs, task_type = build(family)
+    config = make_config(cfg_cls, kwargs, family, task_type, **overrides)
+    return get_peft_model(model, config), make_inputs, task_type
+
+
+def train_steps(model, make_inputs, steps=3, lr=1e-2):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        out = output_of(model, make_inputs(100 + step))
+        loss = (out.float() ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs,family", TEST_CASES)
+class TestContract:
+    def test_init_equals_base(self, cfg_cls, kwargs, family):
+        model, make_inputs, task_type = build(family)
+        inputs = make_inputs(0)
+        with torch.no_grad():
+            expected = output_of(model, inputs).clone()
+        pm = get_peft_model(model, make_config(cfg_cls, kwargs, family, task_type))
+        pm.eval()
+        with torch.no_grad():
+            got = output_of(pm, inputs)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+    def test_training_changes_only_adapter_params(self, cfg_cls, kwargs, family):
+        pm, make_inputs, _ = peft_model(cfg_cls, kwargs, family)
+        before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+        trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+        prefix = pm.base_model.prefix
+        saved = TARGETS[family]["modules_to_save"] or []
+        for n in trainable:
+            assert prefix in n or any(f".{m}." in n for m in saved) or "modules_to_save" in n, n
+        train_steps(pm, make_inputs)
+        changed = {n for n, p in pm.named_parameters() if not torch.equal(p.detach(), before[n])}
+        assert changed, "three optimizer steps changed nothing"
+        assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
+        adapter_changed = {n for n in changed if prefix in n}
+        assert adapter_changed, "no adapter parameter changed"
+        # every kind of adapter tensor received a gradient and moved (B starts at 0, so A moves from step 2 on)
+        kinds = {n.split(prefix)[1].split(".")[0] for n in adapter_changed}
+        expected_kinds = {n.removeprefix(prefix) for n in type(pm.base_model).tuner_layer_cls.adapter_layer_names}
+        assert kinds == expected_kinds, (kinds, expected_kinds)
+
+    def test_save_load_roundtrip(self, cfg_cls, kwargs, family, tmp_path):
+        pm, make_inputs, task_type = peft_model(cfg_cls, kwargs, family, init_weights=False)
+        train_steps(pm, make_inputs, steps=2)
+        inputs = make_inputs(1)
+        with torch.no_grad():
+            expected = output_of(pm, inputs)
+        pm.save_pretrained(tmp_path)
+        fresh, _, _ = build(family)
+        loaded = PeftModel.from_pretrained(fresh, tmp_path)
+        loaded.eval()
+        with torch.no_grad():
+            got = output_of(loaded, inputs)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        cfg = PeftConfig.from_pretrained(tmp_path)
+        assert type(cfg) is cfg_cls
+        # load_adapter under a second name gives the same outputs
+        fresh2, _, _ = build(family)
+        base_only = get_peft_model(fresh2, make_config(cfg_cls, kwargs, family, task_type))
+        base_only.load_adapter(tmp_path, adapter_name="loaded")
+        base_only.set_adapter("loaded")
+        base_only.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(output_of(base_only, inputs), expected, atol=0, rtol=0)
+
+    def test_merge_unmerge(self, cfg_cls, kwargs, family):
+        pm, make_inputs, _ = peft_model(cfg_cls, kwargs, family, init_weights=False)
+        pm.eval()
+        inputs = make_inputs(2)
+        base_weights = {
+            n: m.get_base_layer().weight.detach().clone()
+            for n, m in pm.named_modules()
+            if isinstance(m, BaseTunerLayer)
+        }
+        with torch.no_grad():
+            unmerged = output_of(pm, inputs).clone()
+            pm.base_model.merge_adapter()
+            merged = output_of(pm, inputs).clone()
+            pm.base_model.unmerge_adapter()
+            after = output_of(pm, inputs)
+        assert not torch.allclose(unmerged, output_of(build(family)[0], inputs)), "adapter has no effect"
+        torch.testing.assert_close(merged, unmerged, atol=ATOL, rtol=0)
+        torch.testing.assert_close(after, unmerged, atol=ATOL, rtol=0)
+        for n, m in pm.named_modules():
+            if isinstance(m, BaseTunerLayer):
+                torch.testing.assert_close(m.get_base_layer().weight, base_weights[n], atol=1e-6, rtol=0)
+
+    def test_merge_and_unload(self, cfg_cls, kwargs, family):
+        pm, make_inputs, _ = peft_model(cfg_cls, kwargs, family, init_weights=False)
+        pm.eval()
+        inputs = make_inputs(3)
+        with torch.no_grad():
+            expected = output_of(pm, inputs).clone()
+        merged = pm.merge_and_unload(safe_merge=True)
+        assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(output_of(merged, inputs), expected, atol=ATOL, rtol=0)
+
+    def test_unload_restores_base(self, cfg_cls, kwargs, family):
+        base, make_inputs, _ = build(family)
+        inputs = make_inputs(3)
+        with torch.no_grad():
+            expected = output_of(base, inputs).clone()
+        pm = get_peft_model(base, make_config(cfg_cls, kwargs, family, build(family)[2], init_weights=False))
+        unloaded = pm.unload()
+        assert not any(isinstance(m, BaseTunerLayer) for m in unloaded.modules())
+        unloaded.eval()
+        with torch.no_grad():
+            out = output_of(unloaded, inputs)
+        if TARGETS[family]["modules_to_save"] is None:
+            torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        else:  # the trained head copies are unloaded too; at init they equal the original head
+            torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+    def test_disable_adapter(self, cfg_cls, kwargs, family):
+        base, make_inputs, task_type = build(family)
+        inputs = make_inputs(4)
+        with torch.no_grad():
+            expected = output_of(base, inputs).clone()
+        pm = get_peft_model(base, make_config(cfg_cls, kwargs, family, task_type, init_weights=False))
+        pm.eval()
+        with torch.no_grad():
+            with_adapter = output_of(pm, inputs).clone()
+            with pm.disable_adapter():
+                disabled = output_of(pm, inputs).clone()
+            again = output_of(pm, inputs)
+        assert not torch.allclose(with_adapter, expected)
+        torch.testing.assert_close(disabled, expected, atol=0, rtol=0)
+        torch.testing.assert_close(again, with_adapter, atol=0, rtol=0)
+
+    def test_two_adapters(self, cfg_cls, kwargs, family):
+        pm, make_inputs, task_type = peft_model(cfg_cls, kwargs, family, init_weights=False)
+        pm.eval()
+        inputs = make_inputs(5)
+        other = make_config(cfg_cls, kwargs, family, task_type, init_weights=False)
+        if hasattr(other, "support_seed"):
+            other.support_seed = 123
+        other.r = kwargs["r"] + 1
+        pm.add_adapter("other", other)
+        with torch.no_grad():
+            out_default = output_of(pm, inputs).clone()
+            pm.set_adapter("other")
+            out_other = output_of(pm, inputs).clone()
+            pm.set_adapter("default")
+            out_back = output_of(pm, inputs).clone()
+        assert not torch.allclose(out_default, out_other)
+        torch.testing.assert_close(out_back, out_default, atol=0, rtol=0)
+        # only the active adapter trains
+        trainable = [n for n, p in pm.named_parameters() if p.requires_grad and pm.base_model.prefix in n]
+        assert trainable and all(n.endswith(".default") for n in trainable)
+        pm.delete_adapter("other")
+        for m in pm.modules():
+            if isinstance(m, BaseTunerLayer):
+                assert "other" not in m._all_available_adapter_names()
+        with torch.no_grad():
+            torch.testing.assert_close(output_of(pm, inputs), out_default, atol=0, rtol=0)
+
+    def test_safe_merge_refuses_nan(self, cfg_cls, kwargs, family):
+        pm, _, _ = peft_model(cfg_cls, kwargs, family, init_weights=False)
+        layer = next(m for m in pm.modules() if isinstance(m, BaseTunerLayer))
+        name = layer.adapter_layer_names[0]
+        with torch.no_grad():
+            getattr(layer, name)["default"].data.fill_(float("nan"))
+        before = layer.get_base_layer().weight.detach().clone()
+        with pytest.raises(ValueError, match="NaN"):
+            pm.merge_and_unload(safe_merge=True)
+        torch.testing.assert_close(layer.get_base_layer().weight, before, atol=0, rtol=0)
+
+    def test_config_json_roundtrip(self, cfg_cls, kwargs, family, tmp_path):
+        model, _, task_type = build(family)
+        config = make_config(cfg_cls, kwargs, family, task_type)
+        config.save_pretrained(tmp_path)
+        loaded = PeftConfig.from_pretrained(tmp_path)
+        assert type(loaded) is cfg_cls
+        assert loaded.to_dict() == config.to_dict()
+        raw = json.loads((tmp_path / "adapter_config.json").read_text())
+        assert raw["peft_type"] == config.peft_type.value
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", [pytest.param(c, k, id=i) for i, c, k in TUNER_CASES[:1]])
+@pytest.mark.parametrize("family", ["roberta", "gpt2"])
+def test_auto_peft_model(cfg_cls, kwargs, family, tmp_path):
+    """AutoPeftModel* loads the base from base_model_name_or_path and our adapter on top."""
+    base, make_inputs, task_type = build(family)
+    base.save_pretrained(tmp_path / "base")
+    base = type(base).from_pretrained(tmp_path / "base").eval()
+    pm = get_peft_model(base, make_config(cfg_cls, kwargs, family, task_type, init_weights=False))
+    pm.eval()
+    inputs = make_inputs(6)
+    with torch.no_grad():
+        expected = output_of(pm, inputs)
+    pm.save_pretrained(tmp_path / "adapter")
+    auto_cls = AutoPeftModelForSequenceClassification if task_type == "SEQ_CLS" else AutoPeftModelForCausalLM
+    loaded = auto_cls.from_pretrained(tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(loaded, inputs), expected, atol=0, rtol=0)
+
+
+def test_deepcopy_and_repr():
+    pm, make_inputs, _ = peft_model(SLTrainConfig, {"r": 2}, "mlp", init_weights=False)
+    clone = copy.deepcopy(pm)
+    inputs = make_inputs(0)
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(clone, inputs), output_of(pm, inputs))
+    assert "sltrain" in repr(pm)

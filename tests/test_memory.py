@@ -1,0 +1,96 @@
+"""Peak memory of an SLTrain training step on a 4096x4096 layer: the sparse term must not densify.
+
+Measured as the process's peak resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) in a fresh
+subprocess, so nothing else in the test session pollutes it. A densifying implementation (PEFT's approach: scatter
+the values into a dense copy of W, then F.linear; autograd then builds a dense weight gradient too) runs through the
+same measurement as a positive control, so the test shows the probe can see an out×in buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+MiB = 2**20
+D = 4096
+TOKENS = 64  # small, so the O(tokens·(in+out)) temporaries (1 MiB each) do not blur the signal
+DENSE_BUFFER = D * D * 4  # one out×in fp32 buffer: 64 MiB
+
+PROBE = textwrap.dedent(
+    r"""
+    import json, sys, torch
+    torch.set_num_threads(2)
+    from peft import get_peft_model
+    from sparse_lowrank_peft import SLTrainConfig
+
+    D, T, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(field)
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(D, D, bias=False)
+        def forward(self, x):
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(One(), SLTrainConfig(r=8, sparsity=0.01, target_modules=["lin"], init_weights=False))
+    layer = model.base_model.model.lin
+    if mode == "densify":
+        support = layer.get_support("default")
+        values = layer.sltrain_values["default"]
+        W = layer.base_layer.weight
+        rows, cols = support.rows(), support.cols()
+        def step(x):
+            dense = W.index_put((rows, cols), values, accumulate=True)  # PEFT-style: densify, then one matmul
+            return torch.nn.functional.linear(x, dense) + layer.lowrank_forward(x, "default")
+    else:
+        step = model
+    x = torch.randn(T, D, requires_grad=True)
+    # warm-up step: allocator pools, lazily built layouts, autograd graph code paths
+    step(x).square().mean().backward()
+    for p in model.parameters():
+        p.grad = None
+    x.grad = None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter to the current RSS
+    base_rss = status("VmRSS")
+    y = step(x)
+    y.square().mean().backward()
+    peak = status("VmHWM")
+    unavoidable = 4 * (x.numel() * 3 + y.numel() * 2)  # x, grad_x, saved x in autograd; y and grad_y
+    unavoidable += sum(4 * p.numel() for p in model.parameters() if p.requires_grad)  # gradients
+    print(json.dumps({"peak_above_base": peak - base_rss, "unavoidable": unavoidable}))
+    """
+)
+
+
+def measure(mode: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(D), str(TOKENS), mode],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS accounting")
+def test_sltrain_step_does_not_densify():
+    ours = measure("sltrain")
+    extra = ours["peak_above_base"] - ours["unavoidable"]
+    densify = measure("densify")
+    densify_extra = densify["peak_above_base"] - densify["unavoidable"]
+    # Positive control: the densifying step holds at least one out×in buffer above the unavoidable tensors.
+    assert densify_extra > DENSE_BUFFER * 0.9, densify
+    # Ours stays well under one out×in buffer: a quarter of it (16 MiB) leaves room for allocator slack.
+    assert extra < DENSE_BUFFER / 4, f"{extra / MiB:.1f} MiB above unavoidable (densify: {densify_extra / MiB:.1f} MiB)"

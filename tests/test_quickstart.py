@@ -1,0 +1,25 @@
+"""The README's quickstart (examples/quickstart.py) runs as written."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_runs(tmp_path):
+    script = ROOT / "examples" / "quickstart.py"
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "reloaded == merged: True" in out.stdout, out.stdout
+    losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out.stdout)]
+    assert len(losses) == 5 and losses[-1] < losses[0], losses
+    assert (tmp_path / "quickstart-adapter" / "adapter_model.safetensors").exists()
+
+
+def test_readme_quickstart_is_the_example():
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "examples" / "quickstart.py").read_text()
+    body = example.split('"""', 2)[2].strip()
+    assert body in readme, "README's quickstart block differs from examples/quickstart.py"
