@@ -590,7 +590,7 @@ def load_init_adapter(peft_model, path: str, head_modules: Sequence[str]) -> dic
         GlueError: a missing folder, another adapter type, or tensors that do not fit (names or shapes).
     """
     from peft import PeftConfig
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
     folder = Path(path)
     if not (folder / "adapter_config.json").is_file():
@@ -607,21 +607,34 @@ def load_init_adapter(peft_model, path: str, head_modules: Sequence[str]) -> dic
         )
     weights = load_peft_weights(str(folder))
     head = set(head_modules) | {"modules_to_save"}
-    kept = {k: v for k, v in weights.items() if not (set(k.split(".")) & head)}
-    if not kept:
-        raise GlueError(f"init_adapter '{path}' holds no adapter tensors outside the classification head.")
-    try:
-        result = set_peft_model_state_dict(peft_model, kept, adapter_name="default")
-    except RuntimeError as e:
+
+    def is_head(key: str) -> bool:
+        return bool(set(key.split(".")) & head)
+
+    # Start from this model's own adapter state (its freshly initialised head included) and replace the body.
+    current = get_peft_model_state_dict(peft_model)
+    kept = {k: v for k, v in weights.items() if not is_head(k)}
+    unexpected = sorted(set(kept) - set(current))
+    missing = sorted(k for k in current if not is_head(k) and k not in kept)
+    if unexpected or missing:
+        example = (unexpected or missing)[0]
         raise GlueError(
-            f"init_adapter '{path}' does not fit this model/adapter (different rank, targets or base model?): {e}"
-        ) from e
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise GlueError(
-            f"init_adapter '{path}' has {len(unexpected)} tensors this adapter lacks (e.g. {unexpected[0]}): it was "
-            "trained with other target modules or another base model."
+            f"init_adapter '{path}' does not fit this adapter: {len(unexpected)} tensors it has are not in this "
+            f"adapter and {len(missing)} tensors of this adapter are not in it (e.g. {example}). It was trained with "
+            "other target modules, another rank pattern or another base model."
         )
+    for key, value in kept.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise GlueError(
+                f"init_adapter '{path}' does not fit this adapter: {key} has shape {tuple(value.shape)} there and "
+                f"{tuple(current[key].shape)} here (different rank or base model?). Use the same peft fields as the "
+                "run that produced it."
+            )
+    merged = {**current, **kept}
+    try:
+        set_peft_model_state_dict(peft_model, merged, adapter_name="default")
+    except (RuntimeError, KeyError) as e:
+        raise GlueError(f"init_adapter '{path}' could not be loaded into this adapter: {type(e).__name__}: {e}") from e
     return {"loaded_tensors": len(kept), "skipped_head_tensors": len(weights) - len(kept)}
 
 

@@ -1,0 +1,295 @@
+"""The GLUE runner end to end on a tiny BERT built from a config: real RTE files, resume, output folder rules,
+errors before training, the command line."""
+
+import json
+import string
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from glue import run as grun  # noqa: E402
+from glue.errors import GlueError  # noqa: E402
+
+SHARED_GLUE = (REPO_ROOT / ".." / "shared" / "glue").resolve()
+needs_rte = pytest.mark.skipif(
+    not (SHARED_GLUE / "RTE" / "train.tsv").is_file(),
+    reason=f"real GLUE files not found at {SHARED_GLUE} (CI provides them at ../shared/glue)",
+)
+
+WORDS = (
+    "the a an of to in is was and that it for on with as by at from not are be this which or have has had were "
+    "he she they we you his her their its who said will would can could one two new more most also after than "
+    "been into no there people about out year years but all up other some time only first over when what"
+).split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide BERT with a WordPiece vocabulary written here (no hub), saved as a folder."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + pieces + ["##" + p for p in pieces] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(str(folder))
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture
+def toy_task(tmp_path) -> dict:
+    """A small custom sentence-pair task whose label is learnable (does text_b repeat text_a's first word?)."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(64):
+        a = " ".join(rng.choice(WORDS) for _ in range(6))
+        same = rng.random() < 0.5
+        b = (a.split()[0] if same else rng.choice(WORDS)) + " " + " ".join(rng.choice(WORDS) for _ in range(4))
+        rows.append(f"{a}\t{b}\t{'yes' if same else 'no'}")
+    (tmp_path / "train.tsv").write_text("a\tb\tlabel\n" + "\n".join(rows[:48]) + "\n")
+    (tmp_path / "dev.tsv").write_text("a\tb\tlabel\n" + "\n".join(rows[48:]) + "\n")
+    return {"name": "toy", "train_file": str(tmp_path / "train.tsv"), "eval_file": str(tmp_path / "dev.tsv"),
+            "text_columns": ["a", "b"], "label_column": "label", "problem": "classification",
+            "labels": ["no", "yes"], "metrics": ["accuracy", "f1"]}
+
+
+def cfg(**values) -> grun.RunConfig:
+    base = {"max_seq_len": 32, "train_batch_size": 8, "eval_batch_size": 16, "logging_steps": 2, "num_threads": 1}
+    base.update(values)
+    return grun.config_from_mapping(base)
+
+
+class NoTraining:
+    """Fails the test if training starts: errors must come before it."""
+
+    def __getattr__(self, name):
+        if name == "on_train_begin":
+            def fail(*a, **k):
+                raise AssertionError("training started although the configuration is invalid")
+            return fail
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfterSave:
+    """Simulates a crash right after the checkpoint of ``step`` is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupt(f"killed after checkpoint-{self.step}")
+
+
+@needs_rte
+def test_tiny_end_to_end_on_real_rte(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    res = grun.run(cfg(
+        task="rte", data_dir=str(SHARED_GLUE), model=tiny_model, method="lora",
+        peft={"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
+        max_train_samples=64, max_eval_samples=32, max_steps=6, eval_strategy="steps", eval_steps=3,
+        save_steps=3, output_dir=str(out), results_path=str(tmp_path / "copy.json"),
+    ))
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads((tmp_path / "copy.json").read_text())
+    assert on_disk["task"] == "rte" and on_disk["method"] == "lora" and on_disk["schema"] == grun.RESULTS_SCHEMA
+    assert [e["step"] for e in on_disk["evals"]] == [3, 6]
+    acc = on_disk["final"]["validation"]["accuracy"]
+    assert 0.0 <= acc <= 1.0 and res["final"]["validation"]["accuracy"] == acc
+    assert on_disk["eval_examples"] == {"validation": 32} and on_disk["train"]["examples"] == 64
+    # BERT's head is pooler + classifier: both train for a PEFT method, next to the LoRA factors.
+    assert on_disk["head_modules"] == ["pooler", "classifier"]
+    lora = 2 * 2 * 4 * (32 + 32)  # 2 layers x (query, value) x r x (in + out)
+    pooler, classifier = 32 * 32 + 32, 32 * 2 + 2
+    assert on_disk["params"]["trainable"] == lora + pooler + classifier
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size == on_disk["adapter"]["weights_bytes"]
+    assert on_disk["wall_time_s"] > 0 and on_disk["peak_memory"]["rss_bytes"] > 0
+    assert on_disk["config"]["task"] == "rte" and on_disk["git"]["commit"]
+    assert on_disk["data_source"].endswith("RTE")
+
+
+def test_resume_after_a_kill_ends_with_the_same_metrics(tiny_model, toy_task, tmp_path):
+    import safetensors.torch
+
+    # 48 examples / batch 8 = 6 steps per epoch; 12 steps = 2 epochs; killed mid-way through epoch 2, with dropout on.
+    common = dict(task="custom", custom=toy_task, model=tiny_model, method="lora",
+                  peft={"r": 4, "lora_alpha": 8, "lora_dropout": 0.1}, max_steps=12, eval_strategy="steps",
+                  eval_steps=4, save_steps=4, learning_rate=1e-3)
+    straight = grun.run(cfg(**common, output_dir=str(tmp_path / "a")))
+
+    interrupted = cfg(**common, output_dir=str(tmp_path / "b"))
+    with pytest.raises(Interrupt):
+        grun.run(interrupted, callbacks=[StopAfterSave(8)])
+    assert not (tmp_path / "b" / "results.json").exists()
+    resumed = grun.run(interrupted, resume=True)
+
+    assert resumed["resumed_from"].endswith("checkpoint-8")
+    assert resumed["evals"] == straight["evals"]  # every evaluation, bit for bit, including those before the kill
+    assert resumed["train"]["global_step"] == straight["train"]["global_step"] == 12
+    a = safetensors.torch.load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_resume_refuses_a_changed_recipe_or_a_run_without_checkpoints(tiny_model, toy_task, tmp_path):
+    common = dict(task="custom", custom=toy_task, model=tiny_model, max_steps=2, save_steps=2,
+                  output_dir=str(tmp_path / "r"))
+    with pytest.raises(GlueError, match="no complete checkpoint"):
+        grun.run(cfg(**common), resume=True)
+    grun.run(cfg(**common))
+    with pytest.raises(GlueError, match=r"different recipe .*learning_rate"):
+        grun.run(cfg(**common, learning_rate=1e-2), resume=True)
+
+
+def test_never_overwrites_an_output_dir_unless_asked(tiny_model, toy_task, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    common = dict(task="custom", custom=toy_task, model=tiny_model, max_steps=1, save_steps=0, output_dir=str(out))
+    with pytest.raises(GlueError, match="already exists and is not empty"):
+        grun.run(cfg(**common), callbacks=[NoTraining()])
+    assert (out / "precious.txt").read_text() == "keep me"
+    res = grun.run(cfg(**common, overwrite_output_dir=True))
+    assert not (out / "precious.txt").exists() and (out / "results.json").is_file()
+    assert res["train"]["global_step"] == 1
+
+
+def test_full_fine_tuning_trains_everything_and_saves_the_model(tiny_model, toy_task, tmp_path):
+    res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, method="full", max_steps=2, save_steps=0,
+                       output_dir=str(tmp_path / "f")))
+    assert res["params"]["trainable"] == res["params"]["total"]
+    assert (tmp_path / "f" / "model" / "model.safetensors").is_file()
+
+
+def test_library_tuner_by_name(tiny_model, toy_task, tmp_path):
+    slpeft = pytest.importorskip("sparse_lowrank_peft", reason="the library's tuners are not importable")
+    name = sorted(slpeft.TUNERS)[0]
+    res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, method=name,
+                       peft={"target_modules": ["query", "value"]}, max_steps=2, save_steps=0,
+                       output_dir=str(tmp_path / "t")))
+    assert res["method"] == name and res["peft_config"]["task_type"] == "SEQ_CLS"
+    assert {"pooler", "classifier"} <= set(res["peft_config"]["modules_to_save"])  # PEFT may add "score"
+    assert (tmp_path / "t" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_init_adapter_loads_the_body_but_not_the_head(tiny_model, toy_task, tmp_path):
+    import safetensors.torch
+
+    first = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, peft={"r": 4}, max_steps=3,
+                         save_steps=0, output_dir=str(tmp_path / "src"), learning_rate=1e-2))
+    three_class = dict(toy_task, labels=["no", "yes", "maybe"])  # another head shape, as MNLI -> RTE
+    second = grun.run(cfg(task="custom", custom=three_class, model=tiny_model, peft={"r": 4}, max_steps=1,
+                          learning_rate=1e-9, warmup_ratio=0.0, save_steps=0, output_dir=str(tmp_path / "dst"),
+                          init_adapter=first["adapter"]["path"]))
+    assert second["init_adapter"]["loaded_tensors"] == 8 and second["init_adapter"]["skipped_head_tensors"] > 0
+    src = safetensors.torch.load_file(str(tmp_path / "src" / "adapter" / "adapter_model.safetensors"))
+    dst = safetensors.torch.load_file(str(tmp_path / "dst" / "adapter" / "adapter_model.safetensors"))
+    lora_keys = [k for k in src if "lora_B" in k]
+    assert lora_keys and all(float(src[k].abs().max()) > 0 for k in lora_keys)  # trained, so not the zero init
+    assert all(float((src[k] - dst[k]).abs().max()) < 1e-6 for k in lora_keys)
+    with pytest.raises(GlueError, match="does not fit"):
+        grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, peft={"r": 2}, max_steps=1, save_steps=0,
+                     output_dir=str(tmp_path / "bad"), init_adapter=first["adapter"]["path"]),
+                 callbacks=[NoTraining()])
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"task": "sst3"}, "Unknown task 'sst3'"),
+        ({"task": "rte", "learning_rat": 1e-3}, "Unknown recipe field 'learning_rat'.*Did you mean 'learning_rate'"),
+        ({"task": "rte", "method": "sltrian"}, "Unknown method 'sltrian'"),
+        ({"task": "rte", "peft": {"rank": 8}}, r"peft.rank is not a field of LoraConfig"),
+        ({"task": "rte", "peft": {"r": 8, "task_type": "CAUSAL_LM"}}, "task_type is set by the harness"),
+        ({"task": "rte", "method": "full", "peft": {"r": 8}}, "full fine-tuning trains every weight"),
+        ({"task": "rte", "max_seq_len": "long"}, "'max_seq_len' is 'long'"),
+        ({"task": "rte", "eval_strategy": "sometimes"}, "must be one of"),
+        ({"task": "rte", "warmup_ratio": 6}, "must be in \\[0, 1\\)"),
+        ({"task": "custom"}, "no 'custom:' mapping"),
+        ({}, "sets no 'task'"),
+    ],
+)
+def test_bad_recipes_fail_with_clear_messages(values, message):
+    with pytest.raises(GlueError, match=message):
+        grun.config_from_mapping(values)
+
+
+def test_data_errors_come_before_training(tiny_model, toy_task, tmp_path):
+    bad_label = dict(toy_task, labels=["no", "maybe"])
+    with pytest.raises(GlueError, match="label 'yes' is not in"):
+        grun.run(cfg(task="custom", custom=bad_label, model=tiny_model, output_dir=str(tmp_path / "x")),
+                 callbacks=[NoTraining()])
+    bad_col = dict(toy_task, text_columns=["a", "sentence2"])
+    with pytest.raises(GlueError, match=r"Column\(s\) \['sentence2'\] not found"):
+        grun.run(cfg(task="custom", custom=bad_col, model=tiny_model, output_dir=str(tmp_path / "x")),
+                 callbacks=[NoTraining()])
+    with pytest.raises(GlueError, match="does not exist"):
+        grun.run(cfg(task="rte", data_dir=str(tmp_path / "no-glue"), model=tiny_model,
+                     output_dir=str(tmp_path / "x")), callbacks=[NoTraining()])
+    assert not (tmp_path / "x").exists()
+
+
+def test_command_line(tiny_model, toy_task, tmp_path, capsys):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# python -m glue.run r.yaml\n" + yaml.safe_dump(
+        {"task": "custom", "custom": toy_task, "model": tiny_model, "max_steps": 1, "max_seq_len": 16}))
+    assert grun.main([str(recipe), "--dry-run", "peft.r=2", "--max-train-samples", "10"]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads(out[out.index("\n{") + 1:])
+    assert plan["dry_run"] and plan["train_examples"] == 10 and plan["head_modules"] == ["pooler", "classifier"]
+    assert not Path(plan["output_dir"]).exists()  # a dry run writes nothing
+    cfg_ = grun.build_config(str(recipe), ["peft.r=2", "learning_rate=1e-3", "max_train_samples=10"])
+    assert cfg_.peft == {"r": 2} and cfg_.learning_rate == 1e-3 and cfg_.max_train_samples == 10
+    assert grun.main([str(recipe), "lerning_rate=1"]) == 2
+    assert "Unknown recipe field 'lerning_rate'" in capsys.readouterr().err
+    assert grun.main([str(recipe), "--no-such-flag", "1"]) == 2
+    assert grun.main([str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert grun.main(["--list-fields"]) == 0 and "learning_rate" in capsys.readouterr().out
+    recipe_, overrides, flags = grun.parse_cli(["x.yaml", "--data-dir", "/d", "--overwrite-output-dir", "--resume"])
+    assert overrides == ["data_dir=/d", "overwrite_output_dir=true"] and flags["resume"] and recipe_ == "x.yaml"
+
+
+def test_console_script_points_at_main():
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["slpeft-glue"].partition(":")
+    assert (module, func) == ("glue.run", "main") and callable(getattr(grun, func))
+
+
+def test_head_modules_are_derived_from_the_model_structure(tiny_model):
+    from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    assert grun.head_module_names(bert) == ["pooler", "classifier"]
+    roberta = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    assert grun.head_module_names(roberta) == ["classifier"]
