@@ -7,7 +7,9 @@ One TEST_CASES table (config class, kwargs, model family) × shared checks, in t
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +21,14 @@ from sparse_lowrank_peft import SLTrainConfig
 
 FAMILIES = ["mlp", "roberta", "bert", "gpt2"]
 
-# (id, config class, kwargs) — kwargs exclude targeting, which comes from the model family
+# (id, config class, kwargs) — kwargs exclude targeting, which comes from the model family. Each tuner adds its rows
+# in a module tests/_cases_<tuner>.py defining CASES; they are all collected here.
 TUNER_CASES = [
     ("sltrain-r4-s0.05", SLTrainConfig, {"r": 4, "lora_alpha": 8, "sparsity": 0.05}),
     ("sltrain-r1-s0.3-dropout", SLTrainConfig, {"r": 1, "lora_alpha": 3, "sparsity": 0.3, "lora_dropout": 0.1}),
 ]
+for _path in sorted(Path(__file__).parent.glob("_cases_*.py")):
+    TUNER_CASES += importlib.import_module(_path.stem).CASES
 
 TEST_CASES = [
     pytest.param(cfg_cls, kwargs, family, id=f"{case_id}-{family}")

@@ -10,16 +10,9 @@ from .tuners.sltrain import SLTrainConfig, SLTrainLayer, SLTrainModel
 
 __version__ = "0.1.0"
 
-#: method name -> config class, for every tuner of this package (used by the GLUE harness and the CLI)
-TUNERS = {
-    "sltrain": SLTrainConfig,
-}
-
-_REGISTRY = [
-    ("sltrain", SLTrainConfig, SLTrainModel),
-]
-for _name, _config_cls, _model_cls in _REGISTRY:
-    _peft_compat.register_method(_name, _config_cls, _model_cls, prefix=_model_cls.prefix)
+#: method name -> config class of every tuner of this package (used by the GLUE harness and the CLI). Each tuner
+#: package registers itself with PEFT when imported, as PEFT's own tuners do.
+TUNERS = _peft_compat.REGISTERED
 
 __all__ = [
     "TUNERS",

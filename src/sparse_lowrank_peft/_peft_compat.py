@@ -29,6 +29,7 @@ __all__ = [
     "BaseTuner",
     "BaseTunerLayer",
     "BufferDict",
+    "REGISTERED",
     "DEFAULT_TARGET_MODULES",
     "add_peft_type",
     "check_adapters_to_merge",
@@ -82,14 +83,21 @@ def add_peft_type(name: str) -> PeftType:
     return member
 
 
-def register_method(name: str, config_cls, model_cls, prefix: str) -> PeftType:
-    """Register a tuner with PEFT under ``name`` (lower case); idempotent across repeated imports."""
+#: method name -> config class of every tuner registered through :func:`register_method` (in import order)
+REGISTERED: dict[str, type] = {}
+
+
+def register_method(name: str, config_cls, model_cls) -> PeftType:
+    """Register a tuner with PEFT under ``name`` (lower case, prefix ``model_cls.prefix``); idempotent.
+
+    Each tuner package calls this from its ``__init__.py``, as PEFT's own tuners call ``register_peft_method``.
+    """
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
     peft_type = add_peft_type(name)
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
-        return peft_type
-    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is not model_cls:
+        register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
+    REGISTERED[name] = config_cls
     return peft_type
 
 
