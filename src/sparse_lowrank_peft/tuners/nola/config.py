@@ -1,0 +1,101 @@
+"""Configuration of NOLA: LoRA factors mixed from frozen random bases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ..._peft_compat import add_peft_type
+from ...common import check_positive_int, check_target_options
+
+PEFT_TYPE = add_peft_type("nola")
+
+
+@dataclass
+class NolaConfig(PeftConfig):
+    """Configuration of a :class:`NolaModel`: ``ΔW = (lora_alpha / r) · B · A`` with ``A = Σᵢ αᵢ·Aᵢ``, ``B = Σⱼ βⱼ·Bⱼ``.
+
+    NOLA (Koohpayegani et al., ICLR 2024, "NOLA: Compressing LoRA using Linear Combination of Random Basis") writes
+    LoRA's factors as linear combinations of frozen random matrices and trains only the mixing coefficients, so the
+    number of trainable parameters (``num_basis_A + num_basis_B`` per layer) no longer depends on the rank or the layer
+    width, and an adapter is a handful of numbers plus a seed.
+
+    The bases ``Aᵢ`` (``r × in``) and ``Bⱼ`` (``out × r``) have i.i.d. entries uniform in ``[-1, 1]`` scaled by
+    ``1/√k`` (as in the paper's code). They are drawn from ``basis_seed`` with a CPU ``torch.Generator``, so they are
+    the same on every device and in every process, generated once per (seed, shape, device, dtype) and shared by all
+    layers of the same shape, and they are not saved in the checkpoint unless ``save_basis=True``.
+
+    Args:
+        r (`int`, defaults to `8`):
+            Rank of ``A`` and ``B`` (of every basis matrix). Costs no trainable parameters; it sets the rank of ΔW and
+            the size of the frozen bases (``k·r·(in + out)`` numbers per layer shape).
+        num_basis_A (`int`, defaults to `256`):
+            ``k_A``: number of random bases mixed into ``A``; the trainable ``α`` has this many entries per layer.
+        num_basis_B (`int`, defaults to `256`):
+            ``k_B``: number of random bases mixed into ``B``; the trainable ``β`` has this many entries per layer.
+        lora_alpha (`float`, defaults to `16`):
+            Scale numerator: ``ΔW = (lora_alpha / r) · B · A``.
+        basis_seed (`int`, defaults to `0`):
+            Seed of the random bases. Each basis tensor is drawn from ``(basis_seed, its shape)`` with a CPU generator:
+            layers of the same shape share their bases, and a checkpoint reloads exactly from the seed alone.
+        save_basis (`bool`, defaults to `False`):
+            Also store the bases in the checkpoint (``k·r·(in + out)`` floats per layer), for archives that must load
+            even if a future torch draws other numbers from the same seed. The loaded bases are then used as they are.
+        lora_dropout (`float`, defaults to `0.0`):
+            Dropout on the input of the adapter term, in [0, 1).
+        target_modules (`list[str] | str`, *optional*):
+            Names (suffix match) or a regex of the modules to adapt; ``nn.Linear`` and transformers ``Conv1D`` only.
+            Defaults to PEFT's LoRA defaults for the model type (query/value for BERT and RoBERTa).
+        exclude_modules (`list[str] | str`, *optional*):
+            Names or a regex of modules not to adapt, even if ``target_modules`` matches them.
+        layers_to_transform (`list[int] | int`, *optional*):
+            Only adapt the layers with these indices.
+        layers_pattern (`list[str] | str`, *optional*):
+            Name of the layer list ``layers_to_transform`` indexes into (e.g. ``"layer"`` for BERT).
+        modules_to_save (`list[str]`, *optional*):
+            Modules other than the adapter layers to train and save in full (a classification head).
+        bias (`str`, defaults to `"none"`):
+            Which biases to train: ``"none"``, ``"all"``, or ``"nola_only"`` (biases of adapted layers).
+        init_weights (`bool`, defaults to `True`):
+            ``True``: ``β = 0`` (so ``B = 0`` and the adapted model equals the base at step 0) and ``α`` random with
+            standard deviation ``1/√in``, which gives ``A`` the entry variance of LoRA's Kaiming-uniform ``A``. The
+            paper's code instead sets both coefficient vectors to zero and adds a frozen Kaiming-uniform matrix to
+            ``A`` (so ``A ≠ 0`` while ``B = 0``); random ``α`` gives the same start without an extra frozen matrix per
+            layer. ``False``: ``β`` random too (for tests of merge/save; never for training).
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of the factors (and of every basis matrix)."})
+    num_basis_A: int = field(default=256, metadata={"help": "k_A: number of random bases mixed into A."})
+    num_basis_B: int = field(default=256, metadata={"help": "k_B: number of random bases mixed into B."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scale numerator (scale = lora_alpha / r)."})
+    basis_seed: int = field(default=0, metadata={"help": "Seed of the frozen random bases."})
+    save_basis: bool = field(default=False, metadata={"help": "Store the bases in the checkpoint too."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter term's input."})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules not to adapt."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
+    bias: Literal["none", "all", "nola_only"] = field(default="none", metadata={"help": "Biases to train."})
+    init_weights: bool = field(default=True, metadata={"help": "β = 0 (identity at step 0), α random."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        check_positive_int(self, "r", hint="a typical value is 8")
+        check_positive_int(self, "num_basis_A", hint="the number of random bases mixed into A; NOLA uses 64-1024")
+        check_positive_int(self, "num_basis_B", hint="the number of random bases mixed into B; NOLA uses 64-1024")
+        if isinstance(self.basis_seed, bool) or not isinstance(self.basis_seed, int) or self.basis_seed < 0:
+            raise ValueError(
+                f"NolaConfig.basis_seed={self.basis_seed!r} must be a non-negative integer (it seeds a CPU "
+                "torch.Generator). Fix: e.g. basis_seed=0."
+            )
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise ValueError(f"NolaConfig.lora_alpha={self.lora_alpha!r} must be a number. Fix: e.g. lora_alpha=16.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"NolaConfig.lora_dropout={self.lora_dropout!r} must be in [0, 1). Fix: e.g. 0.0 or 0.1.")
+        if self.bias not in ("none", "all", "nola_only"):
+            raise ValueError(f"NolaConfig.bias={self.bias!r} is not one of 'none', 'all', 'nola_only'. Fix: bias='none'.")
+        check_target_options(self)

@@ -1,0 +1,111 @@
+"""NolaModel: injects :class:`NolaLayer` into the targeted linear layers and checks NOLA checkpoints when loaded."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+
+from ...delta.tuner import DeltaModel
+from .layer import KEY_FIELDS, NolaLayer
+
+
+class NolaModel(DeltaModel):
+    """NOLA adapters for a transformers or plain PyTorch model.
+
+    Use through PEFT::
+
+        from peft import get_peft_model
+        import sparse_lowrank_peft  # registers the method
+        from sparse_lowrank_peft.tuners.nola import NolaConfig
+        model = get_peft_model(base, NolaConfig(r=8, num_basis_A=256, num_basis_B=256, target_modules=["query", "value"]))
+    """
+
+    prefix: str = "nola_"
+    tuner_layer_cls = NolaLayer
+
+    @classmethod
+    def _validate_checkpoint(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> None:
+        """Before anything is loaded: the checkpoint's coefficients must fit the config, and the bases the config
+        regenerates must be the ones the coefficients were trained with (seed, rank, layer shape, checksum)."""
+        for name, module in model.named_modules():
+            if not isinstance(module, NolaLayer) or not module.has_adapter(adapter_name):
+                continue
+            prefix = f"{name}." if name else ""
+            layer = name.removeprefix("base_model.model.")
+            for attr, field_name, k in (
+                ("nola_alpha", "num_basis_A", config.num_basis_A),
+                ("nola_beta", "num_basis_B", config.num_basis_B),
+            ):
+                coef = state_dict.get(f"{prefix}{attr}.{adapter_name}")
+                if coef is not None and tuple(coef.shape) != (k,):
+                    raise ValueError(
+                        f"layer '{layer}': the checkpoint has {tuple(coef.shape)} {attr} coefficients but "
+                        f"NolaConfig.{field_name}={k} in the adapter's config. The config and the weights come from "
+                        f"different adapters (or {field_name} was edited). Fix: load it with the adapter_config.json it "
+                        f"was saved with ({field_name}={coef.shape[0] if coef.dim() == 1 else '?'})."
+                    )
+            saved = state_dict.get(f"{prefix}nola_basis_key.{adapter_name}")
+            if saved is None:
+                raise ValueError(
+                    f"layer '{layer}': the NOLA checkpoint has no basis record 'nola_basis_key' (seed, rank, shape and "
+                    "checksum of the random bases its coefficients were trained on), so it cannot be checked against "
+                    "the bases this config regenerates. It was not written by this version of sparse_lowrank_peft or "
+                    "was edited. Fix: re-save it from the trained model."
+                )
+            expected = module.expected_basis_key(adapter_name)
+            if tuple(saved.shape) != (len(KEY_FIELDS),) or saved.dtype.is_floating_point:
+                raise ValueError(
+                    f"layer '{layer}': the checkpoint's nola_basis_key has shape {tuple(saved.shape)} and dtype "
+                    f"{saved.dtype}; expected {len(KEY_FIELDS)} integers {KEY_FIELDS}. The checkpoint is corrupted: "
+                    "re-save it from the trained model."
+                )
+            cls._compare_keys(layer, saved.to(torch.int64), expected, config, state_dict, prefix, adapter_name)
+        super()._validate_checkpoint(model, config, adapter_name, state_dict)
+
+    @staticmethod
+    def _compare_keys(layer, saved, expected, config, state_dict, prefix, adapter_name) -> None:
+        got = dict(zip(KEY_FIELDS, (int(v) for v in saved)))
+        want = dict(zip(KEY_FIELDS, (int(v) for v in expected)))
+        for field_name in ("basis_seed", "r", "num_basis_A", "num_basis_B"):
+            if got[field_name] != want[field_name]:
+                raise ValueError(
+                    f"layer '{layer}': the checkpoint's coefficients were trained on the random bases of "
+                    f"{field_name}={got[field_name]}, but its config says NolaConfig.{field_name}={want[field_name]}: "
+                    "the coefficients would be mixed with other bases and give wrong outputs. Fix: set "
+                    f"{field_name}={got[field_name]} in adapter_config.json (or load it with the config it was saved "
+                    "with)."
+                )
+        if (got["out_features"], got["in_features"]) != (want["out_features"], want["in_features"]):
+            raise ValueError(
+                f"layer '{layer}': the checkpoint was trained on a {got['out_features']}x{got['in_features']} layer, "
+                f"but this model's layer is {want['out_features']}x{want['in_features']}: NOLA coefficients only mean "
+                "something with the bases of the shape they were trained on. Fix: load the adapter on the base model "
+                "it was trained on."
+            )
+        if got["checksum"] == want["checksum"]:
+            return
+        stored_A = state_dict.get(f"{prefix}nola_basis_A.{adapter_name}")
+        stored_B = state_dict.get(f"{prefix}nola_basis_B.{adapter_name}")
+        if config.save_basis and stored_A is not None and stored_B is not None:
+            # The checkpoint carries its own bases; they are used as saved. Check they are the ones recorded (the
+            # record is of float32 bases; bases saved from a model cast to another dtype cannot be checked).
+            if stored_A.dtype != torch.float32 or stored_B.dtype != torch.float32:
+                return
+            checksum = zlib.crc32(
+                zlib.crc32(stored_B.to("cpu", torch.float32).contiguous().numpy()).to_bytes(4, "little"),
+                zlib.crc32(stored_A.to("cpu", torch.float32).contiguous().numpy()),
+            )
+            if checksum == got["checksum"]:
+                return
+            raise ValueError(
+                f"layer '{layer}': the bases stored in the checkpoint do not match its basis record (checksum "
+                f"{checksum} vs {got['checksum']}). The checkpoint is corrupted: re-save it from the trained model."
+            )
+        raise ValueError(
+            f"layer '{layer}': the random bases regenerated from basis_seed={want['basis_seed']} differ from the ones "
+            f"the adapter was trained with (checksum {want['checksum']} vs {got['checksum']}): this torch draws other "
+            "numbers from the same seed, or the checkpoint was edited. Fix: load it with the torch it was trained "
+            "with and re-save it with save_basis=True, which stores the bases in the checkpoint."
+        )
