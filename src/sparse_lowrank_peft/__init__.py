@@ -6,7 +6,17 @@ Importing the package registers every tuner with PEFT, so ``peft.get_peft_model(
 
 from . import _peft_compat  # noqa: F401  (checks the PEFT version first)
 from .delta import SparseSupport, sparse_delta
+from .tuners.dylora import DyLoraConfig, DyLoraLayer, DyLoraModel
 from .tuners.sltrain import SLTrainConfig, SLTrainLayer, SLTrainModel
+from .tuners.sora import SoraConfig, SoraLayer, SoraModel
+from .callbacks import (  # noqa: E402  (after the tuners it hooks into)
+    DyLoraCallback,
+    SoraCallback,
+    adapter_param_groups,
+    dylora_sample_rank,
+    sora_prox_step,
+)
+from .export import export_to_lora
 
 __version__ = "0.1.0"
 
@@ -16,6 +26,18 @@ TUNERS = _peft_compat.REGISTERED
 
 __all__ = [
     "TUNERS",
+    "DyLoraCallback",
+    "DyLoraConfig",
+    "DyLoraLayer",
+    "DyLoraModel",
+    "SoraCallback",
+    "SoraConfig",
+    "SoraLayer",
+    "SoraModel",
+    "adapter_param_groups",
+    "dylora_sample_rank",
+    "export_to_lora",
+    "sora_prox_step",
     "SLTrainConfig",
     "SLTrainLayer",
     "SLTrainModel",

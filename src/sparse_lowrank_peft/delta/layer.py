@@ -91,6 +91,13 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         """The method's low-rank delta as a dense ``(out, in)`` fp32 matrix (merge only); None if it has none."""
         return None
 
+    def lowrank_factors(
+        self, adapter_name: str, rank: Optional[int] = None, **kwargs
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(B, A)`` with the low-rank delta exactly ``B @ A`` (``(out, k)``, ``(k, in)``, scale folded in), for
+        export to plain LoRA; None if the method's low-rank term is not such a product (then export needs a rank)."""
+        return None
+
     # ------------------------------------------------------------------ bookkeeping
     @property
     def _main_container(self) -> nn.Module:

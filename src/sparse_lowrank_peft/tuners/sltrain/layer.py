@@ -59,6 +59,10 @@ class SLTrainLayer(DeltaLayer):
         h = self.sltrain_dropout[adapter_name](x) @ A.t()
         return (h @ B.t()) * self.sltrain_scaling[adapter_name]
 
+    def lowrank_factors(self, adapter_name: str, rank: Optional[int] = None, **kwargs):
+        """``((α/r)·B, A)``: the low-rank term alone (export also needs the sparse term: it refuses SLTrain)."""
+        return self.sltrain_B[adapter_name] * self.sltrain_scaling[adapter_name], self.sltrain_A[adapter_name]
+
     def lowrank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
         A = self.sltrain_A[adapter_name].to(torch.float32)
         B = self.sltrain_B[adapter_name].to(torch.float32)

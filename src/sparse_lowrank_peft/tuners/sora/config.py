@@ -1,0 +1,115 @@
+"""Configuration of SoRA: sparse low-rank adaptation with a gate per rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ..._peft_compat import add_peft_type
+from ...common import check_positive_int, check_target_options
+
+PEFT_TYPE = add_peft_type("sora")
+
+LAMBDA_SCHEDULES = ("linear", "log_linear", "exp_linear")
+
+
+@dataclass
+class SoraConfig(PeftConfig):
+    """Configuration of a :class:`SoraModel`: ``ΔW = (lora_alpha / r) · B · diag(g) · A``.
+
+    SoRA (Ding et al., EMNLP 2023, "Sparse Low-rank Adaptation of Pre-trained Language Models") trains a gate
+    ``g ∈ R^r`` per layer with a proximal (soft-threshold) step after each optimizer step, which drives gates to exact
+    zeros; ranks whose gate is zero are then pruned away (``SoraModel.prune``), so each layer keeps its own rank.
+
+    Args:
+        r (`int`, defaults to `8`):
+            Maximum rank ``r_max`` per layer. The gates decide how many of these survive.
+        lora_alpha (`float`, defaults to `16`):
+            Scale numerator: the update is multiplied by ``lora_alpha / r``.
+        sparse_lambda (`float`, defaults to `1e-3`):
+            Strength λ of the L1 penalty on the gates. After each optimizer step every gate is soft-thresholded by
+            ``sparse_lambda × lr`` (the proximal step of gradient descent with step ``lr``). Larger prunes more ranks,
+            faster; 0 disables pruning (SoRA becomes a gated LoRA). Note: the official code thresholds by λ without
+            the learning rate (its λ is our ``sparse_lambda × lr``): with lr = 1e-3 its ``1e-4`` is our ``0.1``.
+        lambda_schedule (`str`, *optional*):
+            The sparsifying scheduler of the paper's Algorithm 1: λ rises from ``sparse_lambda`` to ``max_lambda`` in
+            ``lambda_num`` equal stages over training (``"linear"``, ``"log_linear"`` or ``"exp_linear"`` spacing).
+            ``None``: λ is constant.
+        max_lambda (`float`, *optional*): Final λ of the schedule (needed with ``lambda_schedule``).
+        lambda_num (`int`, *optional*): Number of λ stages of the schedule (needed with ``lambda_schedule``).
+        gate_init (`str`, defaults to `"normal"`):
+            Initial gate values: ``"normal"`` draws ``g ~ N(0, 1)`` like the official code (``torch.randn(1, r)``);
+            ``"ones"`` starts every rank fully open (then SoRA starts as plain LoRA). ``B = 0`` either way, so the
+            adapted model equals the base at step 0.
+        lora_dropout (`float`, defaults to `0.0`): Dropout on the adapter's input, in [0, 1).
+        rank_pattern (`dict[str, int]`, defaults to `{}`):
+            Per-layer ranks after pruning, keyed by module name; written by ``SoraModel.prune`` so a pruned adapter
+            saves and reloads with its own shapes. Leave empty when creating an adapter.
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save, bias:
+            As in PEFT's ``LoraConfig`` (``bias`` takes ``"none"``, ``"all"`` or ``"sora_only"``).
+        init_weights (`bool`, defaults to `True`):
+            ``True``: ``B = 0`` (identity at step 0). ``False``: random ``B`` (tests only).
+    """
+
+    r: int = field(default=8, metadata={"help": "Maximum rank per layer."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scale numerator (scale = lora_alpha / r)."})
+    sparse_lambda: float = field(default=1e-3, metadata={"help": "L1 strength on the gates (threshold λ·lr)."})
+    lambda_schedule: Optional[Literal["linear", "log_linear", "exp_linear"]] = field(
+        default=None, metadata={"help": "Sparsifying schedule of λ (Algorithm 1)."}
+    )
+    max_lambda: Optional[float] = field(default=None, metadata={"help": "Final λ of the schedule."})
+    lambda_num: Optional[int] = field(default=None, metadata={"help": "Number of λ stages."})
+    gate_init: Literal["normal", "ones"] = field(default="normal", metadata={"help": "Initial gate values."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-layer ranks after pruning."})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules not to adapt."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
+    bias: Literal["none", "all", "sora_only"] = field(default="none", metadata={"help": "Biases to train."})
+    init_weights: bool = field(default=True, metadata={"help": "Zero-init B (identity at step 0)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        check_positive_int(self, "r", hint="the maximum rank; a typical value is 8")
+        if not isinstance(self.sparse_lambda, (int, float)) or self.sparse_lambda < 0:
+            raise ValueError(
+                f"SoraConfig.sparse_lambda={self.sparse_lambda!r} must be >= 0 (the L1 strength on the gates). "
+                "Fix: e.g. sparse_lambda=1e-3, or 0 to disable pruning."
+            )
+        if self.lambda_schedule is not None:
+            if self.lambda_schedule not in LAMBDA_SCHEDULES:
+                raise ValueError(
+                    f"SoraConfig.lambda_schedule={self.lambda_schedule!r} is not one of {LAMBDA_SCHEDULES}. "
+                    "Fix: lambda_schedule='linear' (or None for a constant λ)."
+                )
+            if self.max_lambda is None or self.lambda_num is None:
+                raise ValueError(
+                    "SoraConfig.lambda_schedule needs max_lambda and lambda_num. Fix: e.g. "
+                    "lambda_schedule='linear', max_lambda=7e-3, lambda_num=7."
+                )
+            if self.max_lambda < 0:
+                raise ValueError(f"SoraConfig.max_lambda={self.max_lambda!r} must be >= 0.")
+            if self.lambda_schedule != "linear" and (self.sparse_lambda <= 0 or self.max_lambda <= 0):
+                raise ValueError(
+                    f"SoraConfig.lambda_schedule={self.lambda_schedule!r} spaces λ logarithmically and needs "
+                    "sparse_lambda > 0 and max_lambda > 0. Fix: use 'linear' or positive values."
+                )
+            check_positive_int(self, "lambda_num")
+        if self.gate_init not in ("normal", "ones"):
+            raise ValueError(f"SoraConfig.gate_init={self.gate_init!r} must be 'normal' or 'ones'.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"SoraConfig.lora_dropout={self.lora_dropout!r} must be in [0, 1).")
+        if self.bias not in ("none", "all", "sora_only"):
+            raise ValueError(f"SoraConfig.bias={self.bias!r} is not one of 'none', 'all', 'sora_only'.")
+        for name, k in (self.rank_pattern or {}).items():
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.r:
+                raise ValueError(
+                    f"SoraConfig.rank_pattern[{name!r}]={k!r} must be an int in [0, r={self.r}] (ranks kept after "
+                    "pruning). The adapter_config.json was edited by hand: restore it from the saved adapter."
+                )
+        check_target_options(self)
