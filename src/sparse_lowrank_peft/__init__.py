@@ -15,6 +15,7 @@ from .callbacks import (  # noqa: E402  (after the tuners it hooks into)
     adapter_param_groups,
     dylora_sample_rank,
     sora_prox_step,
+    training_callbacks,
 )
 from .export import export_to_lora
 
@@ -38,6 +39,7 @@ __all__ = [
     "dylora_sample_rank",
     "export_to_lora",
     "sora_prox_step",
+    "training_callbacks",
     "SLTrainConfig",
     "SLTrainLayer",
     "SLTrainModel",

@@ -32,6 +32,7 @@ __all__ = [
     "dylora_sample_rank",
     "sora_lambda_at",
     "sora_prox_step",
+    "training_callbacks",
 ]
 
 
@@ -204,3 +205,12 @@ def adapter_param_groups(model: nn.Module, weight_decay: float, extra_no_decay: 
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
+def training_callbacks(model) -> list:
+    """The ``transformers`` callbacks that ``model``'s adapters need while training (SoRA's proximal step, DyLoRA's
+    rank sampling); an empty list for methods that need none. A Trainer-based runner adds these for every method."""
+    found = []
+    if _tuner(model, SoraModel) is not None:
+        found.append(SoraCallback())
+    if _tuner(model, DyLoraModel) is not None:
+        found.append(DyLoraCallback())
+    return found
