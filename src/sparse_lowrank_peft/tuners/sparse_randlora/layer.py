@@ -1,0 +1,161 @@
+"""Sparse RandLoRA layer: ``y = base(x) + (α/r) · Σ_b B_b·diag(λ_b)·A·diag(γ_b) · dropout(x)`` (see ``bases``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..._peft_compat import BufferDict
+from ...delta.layer import DeltaLayer
+from ...delta.ops import sparse_delta
+from . import bases as basis_cache
+
+#: fields of the per-layer basis record ``sparse_randlora_basis_key`` saved in every checkpoint (int64)
+KEY_FIELDS = ("basis_seed", "r", "basis_density_ppm", "out_features", "in_features", "checksum")
+
+
+class SparseRandLoraLayer(DeltaLayer):
+    """RandLoRA adapter on a frozen linear layer, with sparse bases executed sparsely.
+
+    Trainable per layer: ``λ`` (``r × N``) and ``γ`` (``N × min(out, in)``), PEFT RandLoRA's parameters and
+    initialisation. Frozen: the bases of :mod:`.bases` (shared by layers of the same shape, not saved). Saved besides
+    the trainable tensors: ``sparse_randlora_basis_key``, six int64 numbers (seed, r, density in ppm, out, in,
+    checksum of the bases) that loading compares with what the config regenerates.
+
+    ``basis_density == 1``: dense bases and PEFT's computation (build ``T`` (``N·r × min``), two dense matmuls).
+    ``basis_density < 1``: ``T``'s values on its fixed support are gathered from ``λ`` and ``γ`` (an ``nnz``-sized
+    vector, differentiable), and ``x`` goes through two ``sparse_delta`` products (``T`` and the frozen ``B``), whose
+    backward gives ``∂x`` and the values' gradient (only for ``T``) without forming any dense basis matrix.
+    """
+
+    adapter_layer_names = ("sparse_randlora_lambda", "sparse_randlora_gamma")
+    other_param_names = (
+        "sparse_randlora_basis_key", "sparse_randlora_basis_refs", "sparse_randlora_r", "sparse_randlora_density",
+        "sparse_randlora_seed", "sparse_randlora_alpha", "sparse_randlora_scaling", "sparse_randlora_dropout",
+    )
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, key: str = "", **kwargs) -> None:
+        super().__init__(base_layer, **kwargs)
+        self.sparse_randlora_lambda = nn.ParameterDict({})
+        self.sparse_randlora_gamma = nn.ParameterDict({})
+        self.sparse_randlora_basis_key = BufferDict({}, persistent=True)
+        self.sparse_randlora_basis_refs: dict[str, basis_cache.RandBasis] = {}  # keeps the shared bases alive
+        self.sparse_randlora_dropout = nn.ModuleDict({})
+        self.sparse_randlora_r: dict[str, int] = {}
+        self.sparse_randlora_density: dict[str, float] = {}
+        self.sparse_randlora_seed: dict[str, int] = {}
+        self.sparse_randlora_alpha: dict[str, float] = {}
+        self.sparse_randlora_scaling: dict[str, float] = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, key=key)
+
+    @property
+    def min_dim(self) -> int:
+        return min(self.in_features, self.out_features)
+
+    @property
+    def max_dim(self) -> int:
+        return max(self.in_features, self.out_features)
+
+    @property
+    def transposed(self) -> bool:
+        """``True`` when the scaled (smaller) side is the output side (``out < in``), as in PEFT's layer."""
+        return self.min_dim != self.in_features
+
+    # ------------------------------------------------------------------ creation
+    def update_layer(self, adapter_name: str, config, key: str = "", **kwargs) -> None:
+        r = config.r
+        self.sparse_randlora_r[adapter_name] = r
+        self.sparse_randlora_density[adapter_name] = float(config.basis_density)
+        self.sparse_randlora_seed[adapter_name] = int(config.basis_seed)
+        self.sparse_randlora_alpha[adapter_name] = float(config.randlora_alpha)
+        self.sparse_randlora_scaling[adapter_name] = float(config.randlora_alpha) / r
+        self.sparse_randlora_dropout[adapter_name] = (
+            nn.Dropout(config.randlora_dropout) if config.randlora_dropout > 0 else nn.Identity()
+        )
+        basis = self.get_basis(adapter_name)
+        N = basis.N
+        if config.init_weights:  # PEFT RandLoRA's reset_randlora_parameters
+            lam = torch.zeros(r, N)
+            gamma = torch.full((N, self.min_dim), 1.0 / max(N, self.min_dim))
+        else:  # PEFT RandLoRA's construction before the reset
+            lam = torch.randn(r, N)
+            gamma = torch.ones(N, self.min_dim) / self.max_dim
+        self.sparse_randlora_lambda[adapter_name] = nn.Parameter(lam)
+        self.sparse_randlora_gamma[adapter_name] = nn.Parameter(gamma)
+        self.sparse_randlora_basis_key[adapter_name] = self.expected_basis_key(adapter_name)
+        self._finish_update(adapter_name, config)
+
+    def get_basis(self, adapter_name: str) -> basis_cache.RandBasis:
+        """The adapter's shared bases (drawn on first use, then a lookup)."""
+        basis = self.sparse_randlora_basis_refs.get(adapter_name)
+        if basis is None:
+            basis = basis_cache.get_basis(
+                self.sparse_randlora_seed[adapter_name], self.sparse_randlora_r[adapter_name], self.min_dim,
+                self.max_dim, self.sparse_randlora_density[adapter_name],
+            )
+            self.sparse_randlora_basis_refs[adapter_name] = basis
+        return basis
+
+    def expected_basis_key(self, adapter_name: str) -> torch.Tensor:
+        """The basis record this layer's config implies (what a checkpoint's basis key must equal)."""
+        values = [
+            self.sparse_randlora_seed[adapter_name],
+            self.sparse_randlora_r[adapter_name],
+            round(self.sparse_randlora_density[adapter_name] * 1_000_000),
+            self.out_features,
+            self.in_features,
+            self.get_basis(adapter_name).checksum,
+        ]
+        return torch.tensor(values, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ math
+    def scaled_T(self, adapter_name: str, A: torch.Tensor) -> torch.Tensor:
+        """Dense ``T`` (``N·r × min``): row ``k·N + b`` is ``λ[k, b] · A[k] ⊙ γ[b]`` (PEFT's ``UniqueBaseGrad``)."""
+        lam = self.sparse_randlora_lambda[adapter_name]
+        gamma = self.sparse_randlora_gamma[adapter_name]
+        lam, gamma = lam.to(A.dtype), gamma.to(A.dtype)
+        # (λ ⊗ γ) first, then × A: autograd saves only λ, γ and the frozen A, not an (r, N, min) product
+        T = (lam[:, :, None] * gamma[None, :, :]) * A[:, None, :]
+        return T.reshape(-1, A.shape[1])
+
+    def sparse_T_values(self, adapter_name: str, ops: basis_cache.SparseOperands) -> torch.Tensor:
+        """The values of ``T`` on its support: ``λ[k, b] · γ[b, j] · A[k, j]`` (``nnz``-sized, differentiable)."""
+        lam = self.sparse_randlora_lambda[adapter_name].reshape(-1)
+        gamma = self.sparse_randlora_gamma[adapter_name].reshape(-1)
+        lam, gamma = lam.to(ops.a_values.dtype), gamma.to(ops.a_values.dtype)
+        return lam.index_select(0, ops.lam_idx) * gamma.index_select(0, ops.gam_idx) * ops.a_values
+
+    def lowrank_forward(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        """``(α/r) · ΔW·dropout(x)`` without building ΔW: ``(..., in)`` -> ``(..., out)``."""
+        x = self.sparse_randlora_dropout[adapter_name](x)
+        basis = self.get_basis(adapter_name)
+        lam = self.sparse_randlora_lambda[adapter_name]
+        scale = self.sparse_randlora_scaling[adapter_name]
+        if basis.dense:
+            A, B = basis.dense_bases(lam.device, lam.dtype)
+            T = self.scaled_T(adapter_name, A)
+            if not self.transposed:
+                return ((x @ T.t()) @ B.t()) * scale
+            return ((x @ B) @ T) * scale
+        ops = basis.operands(self.transposed, lam.device, lam.dtype)
+        t_values = self.sparse_T_values(adapter_name, ops)
+        first_values, second_values = (t_values, ops.frozen_values) if ops.trainable_first else (ops.frozen_values, t_values)
+        h = sparse_delta(x, ops.first, first_values)
+        return sparse_delta(h, ops.second, second_values) * scale
+
+    def lowrank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """Dense ΔW (``out × in``, fp32): ``scale·B·T`` or ``scale·Tᵀ·Bᵀ``. Merge only."""
+        basis = self.get_basis(adapter_name)
+        device = self.sparse_randlora_lambda[adapter_name].device
+        A, B = basis.dense_bases(device, torch.float32)
+        T = self.scaled_T(adapter_name, A)
+        delta = B @ T if not self.transposed else T.t() @ B.t()
+        return delta * self.sparse_randlora_scaling[adapter_name]
+
+    def lowrank_factors(self, adapter_name: str, **kwargs):
+        """None: RandLoRA's ΔW has full rank, so plain LoRA can only hold a rank-capped approximation of it, which
+        goes through LoRA-Squeeze (randomized SVD of ΔW) once that exists; export refuses it until then."""
+        return None
