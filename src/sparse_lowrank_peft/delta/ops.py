@@ -67,7 +67,7 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 
 def get_ops(device: torch.device, backend: str | None = None) -> ModuleType:
-    """The module (``reference`` or ``triton``) providing ``spmm``, ``sddmm`` and ``spmm_t`` for ``device``."""
+    """The module (``reference`` or ``triton``) providing ``spmm``, ``sddmm``, ``spmm_t`` and ``backward`` for ``device``."""
     return reference if resolve_backend(device, backend) == "reference" else _triton_module()
 
 
@@ -85,12 +85,18 @@ class SparseDeltaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x2d, values = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_x = grad_v = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ctx.ops.spmm_t(grad_out, ctx.support, values).to(x2d.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_v = ctx.ops.sddmm(grad_out, x2d, ctx.support, out_dtype=values.dtype)
+        need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # One call for both gradients: each backend reads g once for the two products (see ``backward`` there).
+        grad_x, grad_v = ctx.ops.backward(
+            grad_out,
+            x2d,
+            ctx.support,
+            values,
+            need_x=need_x,
+            need_values=need_values,
+            x_dtype=x2d.dtype,
+            values_dtype=values.dtype,
+        )
         return grad_x, grad_v, None, None
 
 

@@ -7,14 +7,24 @@ For 2-D activations ``x`` of shape ``(tokens, in)`` and output gradients ``g`` o
 * ``sddmm(g, x, S)``    ``∂v[k] = Σ_t g[t, row_k] · x[t, col_k]``   -> ``(nnz,)``  (values gradient: ``gᵀx`` sampled
   at the support, never forming the ``(out, in)`` product)
 * ``spmm_t(g, S, v)``   ``∂x = g · S``                          -> ``(tokens, in)``    (input gradient)
+* ``backward(g, x, S, v)``  ``spmm_t`` and ``sddmm`` in one pass over ``g`` (what the autograd Function calls)
 
-All three run through PyTorch's sparse CSR kernels (MKL on CPU, cuSPARSE on CUDA) on layouts cached by the support,
-so memory is O(tokens·(in + out) + nnz): no ``(out, in)`` tensor, and no ``(tokens, nnz)`` gather either.
-Every op accumulates in fp32 and returns the input's dtype, the same contract as the Triton kernels.
+All of them run through PyTorch's sparse CSR kernels (MKL on CPU, cuSPARSE on CUDA) on layouts cached by the
+support, so memory is O(tokens·(in + out) + nnz): no ``(out, in)`` tensor, and no ``(tokens, nnz)`` gather either.
+Every op accumulates in fp32 (fp64 for fp64 inputs) and returns a contiguous result in the input's dtype, the same
+contract as the Triton kernels.
 
-Measured on this project's 2-core CPU (d = 1024, tokens = 4096, density 0.01): CSR·dense 16 ms with a contiguous
-right-hand side vs 30 ms strided; ``sampled_addmm`` 20 ms vs 340 ms for a gather-multiply-sum over (tokens, nnz). So
-the right-hand sides are made contiguous first (a 10 ms transpose that pays for itself).
+How it is made fast on CPU (the project's 2-core machine, d = 1024, tokens = 4096, density 0.01, fp32):
+
+* MKL's CSR·dense wants its dense operand *feature-major* (``(features, tokens)`` row-major: 28 ms, against 137 ms
+  for the column-major call that would read ``x`` as it lies), so activations are transposed. A whole-tensor
+  transpose is a 16 MB copy (10-25 ms) and a 16 MB temporary, so the ops walk the tokens in chunks of about
+  ``_CHUNK_ELEMS / features`` tokens: each chunk is transposed into a small cache-resident buffer, multiplied, and
+  transposed back into its rows of the result. Temporaries stay O(chunk·(in + out)).
+* ``torch.addmm(buf, S, dense, beta=0, out=buf)`` instead of ``S @ dense``: the latter zero-fills a fresh result
+  and then copies it (fill 12 ms + copy 23 ms around a 26 ms product).
+* Results are contiguous: adding a transposed view to the base output costs 85 ms, a transposing copy 10 ms.
+* The backward transposes each chunk of ``g`` once and feeds both of its products from it.
 """
 
 from __future__ import annotations
@@ -25,11 +35,16 @@ import torch
 
 from .support import SparseSupport
 
-__all__ = ["spmm", "sddmm", "spmm_t"]
+__all__ = ["spmm", "sddmm", "spmm_t", "backward"]
 
 # Only float32/float64 reach the sparse kernels: MKL's CSR routines on CPU take no half types, and fp32 is the
 # accumulation precision the contract promises anyway.
 _ACC = torch.float32
+
+# Token chunk on CPU: about this many elements per transposed (features, chunk) buffer (1 MiB in fp32), so the
+# buffers stay in cache and the temporaries are small. On CUDA the whole token range goes in one product.
+_CHUNK_ELEMS = 1 << 18
+_MIN_CHUNK = 128
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -43,45 +58,110 @@ def _csr(crow, col, values, shape) -> torch.Tensor:
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+def _chunks(tokens: int, features: int, device: torch.device):
+    """``(t0, t1)`` token ranges: ~``_CHUNK_ELEMS / features`` tokens each on CPU, one range elsewhere."""
+    size = max(_MIN_CHUNK, _CHUNK_ELEMS // max(features, 1)) if device.type == "cpu" else max(tokens, 1)
+    for t0 in range(0, tokens, size):
+        yield t0, min(tokens, t0 + size)
+
+
+def _buffer(cache: dict, key: str, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous ``(rows, n)`` buffer, reused by the chunks of the same width."""
+    buf = cache.get(key)
+    if buf is None or buf.shape[1] != n:
+        buf = cache[key] = torch.empty(rows, n, dtype=dtype, device=device)
+    return buf
+
+
+def _transposed(src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``src.t()`` as a contiguous tensor of ``buf``'s dtype: ``src.t()`` itself if it already is one, else ``buf``."""
+    st = src.t()
+    if st.is_contiguous() and st.dtype == buf.dtype:
+        return st
+    buf.copy_(st)
+    return buf
+
+
 def spmm(x: torch.Tensor, support: SparseSupport, values: torch.Tensor) -> torch.Tensor:
-    """``y = x · Sᵀ`` for ``x`` of shape ``(tokens, in)``; returns ``(tokens, out)`` in ``x.dtype``."""
+    """``y = x · Sᵀ`` for ``x`` of shape ``(tokens, in)``; returns a contiguous ``(tokens, out)`` in ``x.dtype``."""
     tokens = x.shape[0]
     out_features, in_features = support.shape
     acc = _acc_dtype(x, values)
     if support.nnz == 0 or tokens == 0:
         return x.new_zeros(tokens, out_features)
-    csr, _ = support.layouts(x.device)
+    device = x.device
+    csr, _ = support.layouts(device)
     S = _csr(csr.crow, csr.col, values.to(acc), (out_features, in_features))
-    xt = x.to(acc).t().contiguous()  # (in, tokens)
-    return (S @ xt).t().to(x.dtype)
+    y = torch.empty(tokens, out_features, dtype=x.dtype, device=device)
+    bufs: dict = {}
+    for t0, t1 in _chunks(tokens, max(in_features, out_features), device):
+        n = t1 - t0
+        xt = _transposed(x[t0:t1], _buffer(bufs, "x", in_features, n, acc, device))  # (in, n)
+        yt = _buffer(bufs, "y", out_features, n, acc, device)  # (out, n)
+        torch.addmm(yt, S, xt, beta=0.0, alpha=1.0, out=yt)
+        y[t0:t1].copy_(yt.t())
+    return y
+
+
+def backward(
+    g: torch.Tensor,
+    x: torch.Tensor | None,
+    support: SparseSupport,
+    values: torch.Tensor | None,
+    need_x: bool = True,
+    need_values: bool = True,
+    x_dtype: torch.dtype | None = None,
+    values_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(spmm_t(g, S, v), sddmm(g, x, S))`` in one pass over ``g``; a gradient not asked for is ``None``.
+
+    ``x`` is only read for the values gradient and ``values`` only for the input gradient (either may be ``None``
+    when its gradient is not asked for). ``∂x`` has ``x_dtype`` (default ``g.dtype``), ``∂v`` has ``values_dtype``
+    (default ``g.dtype``).
+    """
+    tokens = g.shape[0]
+    out_features, in_features = support.shape
+    x_dtype = x_dtype or g.dtype
+    values_dtype = values_dtype or g.dtype
+    if support.nnz == 0 or tokens == 0:
+        grad_x = g.new_zeros(tokens, in_features, dtype=x_dtype) if need_x else None
+        grad_v = g.new_zeros(support.nnz, dtype=values_dtype) if need_values else None
+        return grad_x, grad_v
+    grad_x = grad_v = None
+    if not (need_x or need_values):
+        return grad_x, grad_v
+    device = g.device
+    acc = _acc_dtype(g, *[t for t in (x if need_values else None, values if need_x else None) if t is not None])
+    csr, csr_t = support.layouts(device)
+    if need_x:
+        St = _csr(csr_t.crow, csr_t.col, values.to(acc)[csr_t.perm], (in_features, out_features))
+        grad_x = torch.empty(tokens, in_features, dtype=x_dtype, device=device)
+    if need_values:
+        pattern = _csr(csr.crow, csr.col, torch.zeros(support.nnz, dtype=acc, device=device), support.shape)
+        grad_v = torch.zeros(support.nnz, dtype=acc, device=device)
+    bufs: dict = {}
+    for t0, t1 in _chunks(tokens, max(in_features, out_features), device):
+        n = t1 - t0
+        gt = _transposed(g[t0:t1], _buffer(bufs, "g", out_features, n, acc, device))  # (out, n)
+        if need_x:
+            dxt = _buffer(bufs, "dx", in_features, n, acc, device)  # (in, n)
+            torch.addmm(dxt, St, gt, beta=0.0, alpha=1.0, out=dxt)
+            grad_x[t0:t1].copy_(dxt.t())
+        if need_values:
+            grad_v += torch.sparse.sampled_addmm(pattern, gt, x[t0:t1].to(acc), beta=0.0, alpha=1.0).values()
+    if need_values:
+        grad_v = grad_v.to(values_dtype)
+    return grad_x, grad_v
 
 
 def spmm_t(g: torch.Tensor, support: SparseSupport, values: torch.Tensor) -> torch.Tensor:
-    """``∂x = g · S`` for ``g`` of shape ``(tokens, out)``; returns ``(tokens, in)`` in ``g.dtype``."""
-    tokens = g.shape[0]
-    out_features, in_features = support.shape
-    acc = _acc_dtype(g, values)
-    if support.nnz == 0 or tokens == 0:
-        return g.new_zeros(tokens, in_features)
-    _, csr_t = support.layouts(g.device)
-    St = _csr(csr_t.crow, csr_t.col, values.to(acc)[csr_t.perm], (in_features, out_features))
-    gt = g.to(acc).t().contiguous()  # (out, tokens)
-    return (St @ gt).t().to(g.dtype)
+    """``∂x = g · S`` for ``g`` of shape ``(tokens, out)``; returns a contiguous ``(tokens, in)`` in ``g.dtype``."""
+    return backward(g, None, support, values, need_values=False)[0]
 
 
 def sddmm(g: torch.Tensor, x: torch.Tensor, support: SparseSupport, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``∂v = (gᵀ · x)[support]`` for ``g`` ``(tokens, out)`` and ``x`` ``(tokens, in)``; returns ``(nnz,)``.
 
-    The result has ``out_dtype`` (default: ``g.dtype``), accumulated in fp32.
+    The result has ``out_dtype`` (default: ``g.dtype``), accumulated in fp32 (fp64 for fp64 inputs).
     """
-    out_dtype = out_dtype or g.dtype
-    acc = _acc_dtype(g, x)
-    if support.nnz == 0:
-        return g.new_zeros(0, dtype=out_dtype)
-    if g.shape[0] == 0:
-        return g.new_zeros(support.nnz, dtype=out_dtype)
-    csr, _ = support.layouts(g.device)
-    pattern = _csr(csr.crow, csr.col, torch.zeros(support.nnz, dtype=acc, device=g.device), support.shape)
-    gt = g.to(acc).t().contiguous()  # (out, tokens)
-    sampled = torch.sparse.sampled_addmm(pattern, gt, x.to(acc).contiguous(), beta=0.0, alpha=1.0)
-    return sampled.values().to(out_dtype)
+    return backward(g, x, support, None, need_x=False, values_dtype=out_dtype or g.dtype)[1]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SparseSupport", "support_nnz", "layer_seed"]
+__all__ = ["SparseSupport", "KernelLayouts", "support_nnz", "layer_seed"]
 
 
 def support_nnz(shape: tuple[int, int], density: float) -> int:
@@ -41,6 +41,24 @@ class _CSR:
     perm: torch.Tensor | None  # position in the row-major order of each entry of this layout (None: identity)
 
 
+@dataclass
+class KernelLayouts:
+    """The int32 index arrays the Triton kernels read (one device), derived from the support once and cached.
+
+    * ``row``, ``col``: ``(nnz,)`` row and column of each entry in row-major order (the sddmm's entry list);
+    * ``crow``: ``(out + 1,)`` CSR row pointers of S (spmm walks ``col[crow[i]:crow[i+1]]``);
+    * ``ccol``, ``t_row``, ``t_perm``: CSR of Sᵀ (= CSC of S): ``(in + 1,)`` column pointers, the row of each entry
+      in column-major order, and its position in row-major order (spmm_t reads ``values[t_perm[j]]``).
+    """
+
+    row: torch.Tensor
+    col: torch.Tensor
+    crow: torch.Tensor
+    ccol: torch.Tensor
+    t_row: torch.Tensor
+    t_perm: torch.Tensor
+
+
 class SparseSupport:
     """A fixed, validated sparsity pattern of an ``(out_features, in_features)`` matrix.
 
@@ -57,6 +75,7 @@ class SparseSupport:
         self.indices = indices
         self.shape = (int(shape[0]), int(shape[1]))
         self._layouts: dict[tuple, tuple[_CSR, _CSR]] = {}
+        self._kernel_layouts: dict[tuple, KernelLayouts] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -176,6 +195,32 @@ class SparseSupport:
         ccol[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
         layouts = (_CSR(crow, cols, None), _CSR(ccol, rows[perm].contiguous(), perm))
         self._layouts[key] = layouts
+        return layouts
+
+    def kernel_layouts(self, device: torch.device | None = None) -> KernelLayouts:
+        """The int32 layouts of :class:`KernelLayouts` for ``device``, built once per device and cached.
+
+        Built from :meth:`layouts` (same order, same permutation); int32 because every index fits (``nnz``, ``in`` and
+        ``out`` are below 2**31 for any layer a support can be drawn for) and halves the index traffic of the kernels.
+        """
+        device = torch.device(device) if device is not None else self.device
+        key = (device.type, device.index)
+        cached = self._kernel_layouts.get(key)
+        if cached is not None:
+            return cached
+        if self.nnz >= 2**31:
+            raise ValueError(f"{self!r}: more than 2**31 - 1 nonzeros cannot be indexed with int32.")
+        csr, csr_t = self.layouts(device)
+        i32 = torch.int32
+        layouts = KernelLayouts(
+            row=self.indices[0].to(device, i32).contiguous(),
+            col=self.indices[1].to(device, i32).contiguous(),
+            crow=csr.crow.to(i32).contiguous(),
+            ccol=csr_t.crow.to(i32).contiguous(),
+            t_row=csr_t.col.to(i32).contiguous(),
+            t_perm=csr_t.perm.to(i32).contiguous(),
+        )
+        self._kernel_layouts[key] = layouts
         return layouts
 
     def to_dense(self, values: torch.Tensor) -> torch.Tensor:

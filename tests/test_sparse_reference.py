@@ -1,0 +1,278 @@
+"""The pure-PyTorch sparse-delta path (delta/reference.py) and the support it runs on (delta/support.py).
+
+The reference is the specification the Triton kernels are tested against, so it is itself checked against a dense
+oracle (``torch.zeros(out, in)`` with the values scattered in: fine in a test, never in the library), against
+``torch.autograd.gradcheck`` in float64, and for memory: a 4096 x 4096 layer's forward + backward must not allocate
+anything of the size of an ``out x in`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_lowrank_peft.delta import reference as ref
+from sparse_lowrank_peft.delta.ops import SparseDeltaFunction, sparse_delta
+from sparse_lowrank_peft.delta.support import SparseSupport, layer_seed, support_nnz
+
+# Odd sizes (no multiple of any block or chunk size) and densities from 1e-4 to 0.1.
+SHAPES = [(1, 1), (7, 5), (37, 53), (64, 130), (300, 201)]
+DENSITIES = [1e-4, 1e-3, 0.01, 0.1]
+
+
+def dense(support: SparseSupport, values: torch.Tensor) -> torch.Tensor:
+    """The oracle: S as a dense (out, in) matrix (test-only)."""
+    S = torch.zeros(support.shape, dtype=values.dtype)
+    S[support.rows(), support.cols()] = values
+    return S
+
+
+def make(shape, density, tokens, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    support = SparseSupport.random(shape, density, seed=seed)
+    values = torch.randn(support.nnz, generator=gen, dtype=torch.float64).to(dtype)
+    x = torch.randn(tokens, shape[1], generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(tokens, shape[0], generator=gen, dtype=torch.float64).to(dtype)
+    return support, values, x, g
+
+
+def oracle(support, values, x, g):
+    S = dense(support, values.double())
+    xd, gd = x.double(), g.double()
+    return xd @ S.T, gd @ S, (gd.T @ xd)[support.rows(), support.cols()]
+
+
+# ------------------------------------------------------------------------------------------------ ops vs dense oracle
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_ops_match_dense_oracle(shape, density):
+    support, values, x, g = make(shape, density, tokens=29, seed=len(shape) + int(1 / density))
+    y, dx, dv = oracle(support, values, x, g)
+    torch.testing.assert_close(ref.spmm(x, support, values).double(), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.spmm_t(g, support, values).double(), dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.sddmm(g, x, support).double(), dv, rtol=1e-5, atol=1e-5)
+
+
+def test_many_token_chunks_and_a_ragged_tail(monkeypatch):
+    # Force tiny chunks so one call walks many of them, the last one shorter.
+    monkeypatch.setattr(ref, "_CHUNK_ELEMS", 1)
+    monkeypatch.setattr(ref, "_MIN_CHUNK", 7)
+    support, values, x, g = make((19, 23), 0.2, tokens=45)
+    y, dx, dv = oracle(support, values, x, g)
+    torch.testing.assert_close(ref.spmm(x, support, values).double(), y, rtol=1e-5, atol=1e-5)
+    gx, gv = ref.backward(g, x, support, values)
+    torch.testing.assert_close(gx.double(), dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gv.double(), dv, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_rows_and_columns():
+    # Only rows 0 and 5 and columns 1, 2 and 9 have entries; everything else of y / dx must be exactly zero.
+    indices = torch.tensor([[0, 0, 5, 5], [1, 9, 2, 9]], dtype=torch.int32)
+    support = SparseSupport(indices, (8, 11))
+    values = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    x, g = torch.randn(6, 11), torch.randn(6, 8)
+    y, dx, dv = oracle(support, values, x, g)
+    out = ref.spmm(x, support, values)
+    torch.testing.assert_close(out.double(), y)
+    assert out[:, [1, 2, 3, 4, 6, 7]].abs().max() == 0
+    gx = ref.spmm_t(g, support, values)
+    torch.testing.assert_close(gx.double(), dx)
+    assert gx[:, [0, 3, 4, 5, 6, 7, 8, 10]].abs().max() == 0
+    torch.testing.assert_close(ref.sddmm(g, x, support).double(), dv)
+
+
+def test_no_nonzeros_and_no_tokens():
+    empty = SparseSupport(torch.zeros(2, 0, dtype=torch.int32), (4, 3))
+    x, g = torch.randn(5, 3), torch.randn(5, 4)
+    assert torch.equal(ref.spmm(x, empty, torch.zeros(0)), torch.zeros(5, 4))
+    assert torch.equal(ref.spmm_t(g, empty, torch.zeros(0)), torch.zeros(5, 3))
+    assert ref.sddmm(g, x, empty).shape == (0,)
+    support, values, _, _ = make((4, 3), 0.5, tokens=1)
+    assert ref.spmm(torch.zeros(0, 3), support, values).shape == (0, 4)
+    assert ref.spmm_t(torch.zeros(0, 4), support, values).shape == (0, 3)
+    assert torch.equal(ref.sddmm(torch.zeros(0, 4), torch.zeros(0, 3), support), torch.zeros(support.nnz))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes_and_contiguous_results(dtype):
+    support, values, x, g = make((37, 53), 0.05, tokens=31, dtype=dtype)
+    y, dx, dv = oracle(support, values, x, g)
+    # fp32 accumulation, one rounding to the output dtype at the end: 2 ulps of the output dtype at most.
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2 * 2**-11, torch.bfloat16: 2 * 2**-8}[dtype]
+    for got, want in ((ref.spmm(x, support, values), y), (ref.spmm_t(g, support, values), dx)):
+        assert got.dtype == dtype and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    got = ref.sddmm(g, x, support, out_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), dv, rtol=max(tol, 1e-5), atol=1e-5 * dv.abs().max().item())
+    assert ref.sddmm(g, x, support).dtype == dtype
+
+
+def test_strided_inputs():
+    support, values, x, g = make((21, 34), 0.1, tokens=40)
+    y, dx, dv = oracle(support, values, x, g)
+    x_fm = x.t().contiguous().t()  # feature-major view
+    g_strided = torch.randn(40, 2 * 21)[:, ::2]
+    g_strided.copy_(g)
+    torch.testing.assert_close(ref.spmm(x_fm, support, values).double(), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.spmm_t(g_strided, support, values).double(), dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.sddmm(g_strided, x_fm, support).double(), dv, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_backward_asks_only_for_what_is_needed():
+    support, values, x, g = make((13, 17), 0.2, tokens=9)
+    _, dx, dv = oracle(support, values, x, g)
+    gx, gv = ref.backward(g, None, support, values, need_values=False)
+    assert gv is None
+    torch.testing.assert_close(gx.double(), dx, rtol=1e-5, atol=1e-5)
+    gx, gv = ref.backward(g, x, support, None, need_x=False, values_dtype=torch.float64)
+    assert gx is None and gv.dtype == torch.float64
+    torch.testing.assert_close(gv, dv, rtol=1e-5, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------- autograd (gradcheck)
+@pytest.mark.parametrize("shape,density", [((5, 7), 0.3), ((11, 4), 0.5), ((9, 13), 0.05)])
+def test_gradcheck_float64(shape, density):
+    support = SparseSupport.random(shape, density, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, shape[1], dtype=torch.float64, generator=gen, requires_grad=True)
+    values = torch.randn(support.nnz, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, v: sparse_delta(a, support, v, backend="reference"), (x, values))
+
+
+def test_autograd_batched_3d_matches_dense():
+    support, values, _, _ = make((10, 12), 0.2, tokens=1, dtype=torch.float64)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    v = values.clone().requires_grad_(True)
+    y = sparse_delta(x, support, v, backend="reference")
+    assert y.shape == (2, 5, 10)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    x2 = x.detach().clone().requires_grad_(True)
+    v2 = values.clone().requires_grad_(True)
+    S = torch.zeros(10, 12, dtype=torch.float64).index_put((support.rows(), support.cols()), v2)
+    (F.linear(x2, S) * gy).sum().backward()
+    torch.testing.assert_close(y, F.linear(x2, S).detach())
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(v.grad, v2.grad)
+
+
+def test_only_values_or_only_input_need_grad():
+    support, values, x, _ = make((8, 9), 0.3, tokens=4, dtype=torch.float64)
+    v = values.clone().requires_grad_(True)
+    sparse_delta(x, support, v, backend="reference").sum().backward()
+    assert v.grad is not None and x.grad is None
+    xr = x.clone().requires_grad_(True)
+    sparse_delta(xr, support, values, backend="reference").sum().backward()
+    assert xr.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------- support sampling
+def test_support_is_sorted_distinct_and_has_nnz():
+    for shape, density in [((37, 53), 0.01), ((64, 64), 0.3), ((20, 30), 0.9), ((1, 1), 1.0), ((1000, 999), 1e-4)]:
+        s = SparseSupport.random(shape, density, seed=7)
+        assert s.nnz == support_nnz(shape, density)
+        assert s.indices.dtype == torch.int32 and s.indices.shape == (2, s.nnz)
+        flat = s.rows() * shape[1] + s.cols()
+        assert bool((flat[1:] > flat[:-1]).all()), "row-major sorted and distinct"
+        SparseSupport.check(s.indices, shape)  # valid by the loader's own check
+
+
+def test_support_is_deterministic_per_seed_and_device_independent():
+    a = SparseSupport.random((300, 200), 0.01, seed=11)
+    b = SparseSupport.random((300, 200), 0.01, seed=11)
+    c = SparseSupport.random((300, 200), 0.01, seed=12)
+    assert torch.equal(a.indices, b.indices)
+    assert not torch.equal(a.indices, c.indices)
+    # drawn on the CPU generator whatever the target device: the copy on a device has the same entries
+    on_cpu = SparseSupport.random((300, 200), 0.01, seed=11, device="cpu")
+    assert torch.equal(on_cpu.indices, a.indices)
+    if torch.cuda.is_available():
+        on_gpu = SparseSupport.random((300, 200), 0.01, seed=11, device="cuda")
+        assert torch.equal(on_gpu.indices.cpu(), a.indices)
+    # the per-layer seed is stable across processes (crc32, not Python's salted hash)
+    assert layer_seed(0, "model.layer.0.query") == layer_seed(0, "model.layer.0.query")
+    assert layer_seed(0, "a") != layer_seed(0, "b")
+
+
+def test_support_is_uniform():
+    # 400 draws of 16 out of 8 x 8 = 64 positions: each position is picked with p = 1/4. Count per position ~
+    # Binomial(400, 1/4) (mean 100, sd 8.7); a chi-square over the 64 cells must look like chi2(63).
+    shape, density, draws = (8, 8), 0.25, 400
+    counts = torch.zeros(64)
+    for seed in range(draws):
+        s = SparseSupport.random(shape, density, seed=seed)
+        counts[s.rows() * 8 + s.cols()] += 1
+    expected = draws * density
+    chi2 = float(((counts - expected) ** 2 / (expected * (1 - density))).sum())
+    assert 63 - 5 * math.sqrt(2 * 63) < chi2 < 63 + 5 * math.sqrt(2 * 63), chi2
+    # and within one large draw rows and columns are evenly covered
+    big = SparseSupport.random((100, 100), 0.1, seed=5)
+    per_row = torch.bincount(big.rows(), minlength=100).float()
+    per_col = torch.bincount(big.cols(), minlength=100).float()
+    assert per_row.mean() == 10 and per_row.std() < 5 and per_col.std() < 5
+
+
+def test_support_layouts_are_consistent_and_cached():
+    s = SparseSupport.random((37, 53), 0.1, seed=1)
+    csr, csr_t = s.layouts()
+    assert s.layouts() is s._layouts[("cpu", None)]
+    rows, cols = s.rows(), s.cols()
+    # CSR of S: rows expand back to the row indices
+    assert torch.equal(torch.repeat_interleave(torch.arange(37), csr.crow.diff()), rows)
+    assert torch.equal(csr.col, cols)
+    # CSR of S^T: column-major order through perm
+    assert torch.equal(torch.repeat_interleave(torch.arange(53), csr_t.crow.diff()), cols[csr_t.perm])
+    assert torch.equal(csr_t.col, rows[csr_t.perm])
+    kl = s.kernel_layouts()
+    assert kl is s.kernel_layouts()
+    for t in (kl.row, kl.col, kl.crow, kl.ccol, kl.t_row, kl.t_perm):
+        assert t.dtype == torch.int32 and t.is_contiguous()
+    assert torch.equal(kl.crow.long(), csr.crow) and torch.equal(kl.ccol.long(), csr_t.crow)
+    assert torch.equal(kl.t_row.long(), csr_t.col) and torch.equal(kl.t_perm.long(), csr_t.perm)
+    assert torch.equal(kl.row.long(), rows) and torch.equal(kl.col.long(), cols)
+
+
+# ---------------------------------------------------------------------------------------------------------- memory
+def _largest_allocation(fn) -> int:
+    """The largest number of bytes any single op allocated itself while ``fn`` ran (torch profiler, CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+
+
+def test_reference_never_allocates_an_out_by_in_buffer():
+    out_features = in_features = 4096
+    dense_bytes = out_features * in_features * 4  # 64 MiB
+    tokens = 256  # activations are 4 MiB: anything near 64 MiB can only be an (out, in) matrix
+    support = SparseSupport.random((out_features, in_features), 0.01, seed=0)
+    values = torch.zeros(support.nnz, requires_grad=True)
+    x = torch.randn(tokens, in_features, requires_grad=True)
+    gy = torch.randn(tokens, out_features)
+
+    def sparse_step():
+        sparse_delta(x, support, values, backend="reference").backward(gy)
+
+    def densify_step():  # PEFT's approach, as the positive control of the measurement
+        W = torch.zeros(out_features, in_features).index_put((support.rows(), support.cols()), values)
+        F.linear(x, W).backward(gy)
+
+    sparse_step()  # warm the layout cache (its O(nnz) arrays are built once, not per step)
+    assert _largest_allocation(densify_step) >= dense_bytes
+    largest = _largest_allocation(sparse_step)
+    assert largest < dense_bytes / 8, f"largest single allocation {largest / 2**20:.1f} MiB"
+    assert values.grad is not None and x.grad is not None
+
+
+def test_autograd_function_saves_no_dense_tensor():
+    support = SparseSupport.random((512, 256), 0.01, seed=0)
+    x = torch.randn(3, 256)
+    values = torch.zeros(support.nnz, requires_grad=True)
+    y = SparseDeltaFunction.apply(x, values, support, "reference")
+    saved = y.grad_fn.saved_tensors
+    assert sum(t.numel() for t in saved) == x.numel() + values.numel()
