@@ -29,27 +29,26 @@ against ``nnz/in`` gathered passes. The kernels take any strides, so an operand 
 copied again (the backward converts ``g`` once for both of its kernels).
 
 Running without a GPU: with ``TRITON_INTERPRET=1`` in the environment the same kernels run on CPU tensors in
-Triton's interpreter (slow; for tests). The kernels are wrapped with ``triton.jit`` lazily, per interpreter setting,
-so setting the variable after this module was imported still takes effect.
+Triton's interpreter (slow; for tests). Triton reads the variable when it is first imported (it wraps its own
+``tl.max``/``tl.sum`` then, compiled or interpreted), so it must be set before that: ``peft`` imports triton, so in
+practice before anything is imported. A mismatch is reported as a clear error rather than an obscure one from inside
+a kernel. This module imports triton only when a kernel is first launched, and wraps the kernels with
+``triton.jit`` then, per interpreter setting.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
 from .support import SparseSupport
 
-try:  # Triton is an optional dependency (the `triton` extra); without it this module still imports.
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR: Exception | None = None
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _IMPORT_ERROR = exc
+# Triton is an optional dependency (the `triton` extra), imported on the first launch (see _load); the kernels below
+# refer to `tl` through these module globals, which triton.jit resolves when it compiles or interprets them.
+triton = None
+tl = None
 
 __all__ = ["is_available", "interpreting", "spmm", "sddmm", "spmm_t", "backward", "feature_major"]
 
@@ -63,8 +62,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def is_available() -> bool:
-    """Whether ``triton`` imports (whether it can run on given tensors is :mod:`.ops`'s check)."""
-    return triton is not None
+    """Whether ``triton`` is installed (whether it can run on given tensors is :mod:`.ops`'s check)."""
+    return triton is not None or importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
@@ -174,11 +173,25 @@ def _kernel(fn):
 
 # --------------------------------------------------------------------------------------------------------- launchers
 def _require_triton() -> None:
+    """Import triton (once) into this module's globals; a clear error if it is missing."""
+    global triton, tl
     if triton is None:
-        raise RuntimeError(
-            f"Triton is not installed ({_IMPORT_ERROR}). Install it with `pip install 'sparse-lowrank-peft[triton]'`, "
-            "or set SLPEFT_SPARSE_BACKEND=auto to use the reference path."
-        )
+        try:
+            import triton as triton_module
+            import triton.language as tl_module
+        except ImportError as exc:
+            raise RuntimeError(
+                f"Triton is not installed ({exc}). Install it with `pip install 'sparse-lowrank-peft[triton]'`, "
+                "or set SLPEFT_SPARSE_BACKEND=auto to use the reference path."
+            ) from exc
+        triton, tl = triton_module, tl_module
+
+
+def _stdlib_interpreted() -> bool:
+    """Whether triton was imported in interpreter mode (its standard library is wrapped for the interpreter)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.max, InterpretedFunction)
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -189,8 +202,16 @@ def _check_device(*tensors: torch.Tensor) -> None:
     if device.type != "cuda" and not interpreting():
         raise RuntimeError(
             f"sparse-delta Triton kernels got tensors on {device}; they run on CUDA, or on CPU only in Triton's "
-            "interpreter (set TRITON_INTERPRET=1 before the first kernel call; slow, for tests). "
+            "interpreter (TRITON_INTERPRET=1 in the environment before triton is imported; slow, for tests). "
             "Use SLPEFT_SPARSE_BACKEND=auto for the reference path on CPU."
+        )
+    if interpreting() != _stdlib_interpreted():
+        state = "set" if interpreting() else "unset"
+        raise RuntimeError(
+            f"TRITON_INTERPRET is {state} now but was not when triton was first imported in this process, and "
+            "triton fixes the mode of its own library at import. Set TRITON_INTERPRET=1 in the environment before "
+            "the process imports anything (peft imports triton), e.g. `TRITON_INTERPRET=1 python ...`, "
+            "or leave it unset to run on CUDA."
         )
 
 
