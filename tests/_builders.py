@@ -76,13 +76,23 @@ def build_gpt2():
     return GPT2LMHeadModel(cfg).eval(), _ids, "CAUSAL_LM"
 
 
-BUILDERS = {"mlp": build_mlp, "roberta": build_roberta, "bert": build_bert, "gpt2": build_gpt2}
+def build_bert_nf4():
+    """Tiny BERT whose query/value layers are quantized to NF4 after loading (bitsandbytes runs 4-bit on CPU)."""
+    from sparse_lowrank_peft.delta.quant import quantize_linears
+
+    model, make_inputs, task_type = build_bert()
+    quantize_linears(model, ["query", "value"], quant_type="nf4")
+    return model, make_inputs, task_type
+
+
+BUILDERS = {"mlp": build_mlp, "roberta": build_roberta, "bert": build_bert, "gpt2": build_gpt2, "bert-nf4": build_bert_nf4}
 
 #: per model family: target modules and modules_to_save (the trainable head, where the family has one)
 TARGETS = {
     "mlp": {"target_modules": ["lin0", "lin1"], "modules_to_save": ["head"]},
     "roberta": {"target_modules": ["query", "value", "intermediate.dense"], "modules_to_save": ["classifier"]},
     "bert": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
+    "bert-nf4": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
     "gpt2": {"target_modules": ["c_attn", "c_proj"], "modules_to_save": None},
 }
 

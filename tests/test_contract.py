@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from sparse_lowrank_peft import SLTrainConfig
 
-FAMILIES = ["mlp", "roberta", "bert", "gpt2"]
+FAMILIES = ["mlp", "roberta", "bert", "gpt2", "bert-nf4"]
 
 # (id, config class, kwargs[, families]) — kwargs exclude targeting, which comes from the model family; a row runs on
 # every family unless it names some (variants of a tuner run on two families to keep the suite fast). Each tuner adds
@@ -39,6 +39,14 @@ TEST_CASES = [
 ]
 
 ATOL = 1e-5  # fp32 throughout: merged vs unmerged differs only by summation order
+# A 4-bit base re-quantizes W + ΔW on merge (the layer warns with the measured error, ~9e-2 relative on the changed
+# weights): merged outputs and the weights restored by unmerge move by about one NF4 step. Measured on the tiny BERT
+# (logits of magnitude ~1.4e-2) for SLTrain/SoRA/DyLoRA: output differences <= 1.3e-4 (about 1% of the logits),
+# merge+unmerge moves the weights by ‖W' − W‖ / (‖W‖ + ‖ΔW‖) <= 0.11 (NF4's ~9% relative error of each
+# re-quantized W + ΔW; the test adapters are random with ‖ΔW‖ up to 18x ‖W‖, so relative to ‖W‖ alone it is large).
+# Bounds: ~8x headroom on outputs, 0.25 (two re-quantizations) on weights.
+MERGE_ATOL = {"bert-nf4": 1e-3}
+UNMERGE_WEIGHT_REL = {"bert-nf4": 0.25}
 
 
 def make_config(cfg_cls, kwargs, family, task_type, **overrides):
@@ -132,7 +140,12 @@ class TestContract:
         pm.eval()
         inputs = make_inputs(2)
         base_weights = {
-            n: m.get_base_layer().weight.detach().clone()
+            n: m.get_base_weight().float().clone()
+            for n, m in pm.named_modules()
+            if isinstance(m, BaseTunerLayer)
+        }
+        delta_norms = {
+            n: float(m.get_delta_weight("default").float().norm())
             for n, m in pm.named_modules()
             if isinstance(m, BaseTunerLayer)
         }
@@ -143,11 +156,17 @@ class TestContract:
             pm.base_model.unmerge_adapter()
             after = output_of(pm, inputs)
         assert not torch.allclose(unmerged, output_of(build(family)[0], inputs)), "adapter has no effect"
-        torch.testing.assert_close(merged, unmerged, atol=ATOL, rtol=0)
-        torch.testing.assert_close(after, unmerged, atol=ATOL, rtol=0)
+        atol = MERGE_ATOL.get(family, ATOL)
+        torch.testing.assert_close(merged, unmerged, atol=atol, rtol=0)
+        torch.testing.assert_close(after, unmerged, atol=atol, rtol=0)
         for n, m in pm.named_modules():
             if isinstance(m, BaseTunerLayer):
-                torch.testing.assert_close(m.get_base_layer().weight, base_weights[n], atol=1e-6, rtol=0)
+                restored = m.get_base_weight().float()
+                if family in UNMERGE_WEIGHT_REL:
+                    rel = float((restored - base_weights[n]).norm() / (base_weights[n].norm() + delta_norms[n]))
+                    assert rel < UNMERGE_WEIGHT_REL[family], (n, rel)
+                else:
+                    torch.testing.assert_close(restored, base_weights[n], atol=1e-6, rtol=0)
 
     def test_merge_and_unload(self, cfg_cls, kwargs, family):
         pm, make_inputs, _ = peft_model(cfg_cls, kwargs, family, init_weights=False)
@@ -155,7 +174,8 @@ class TestContract:
         inputs = make_inputs(3)
         with torch.no_grad():
             expected = output_of(pm, inputs).clone()
-        merged = pm.merge_and_unload(safe_merge=True)
+        # dequantize=True (a no-op for full-precision bases) makes the merge exact on 4-bit bases too
+        merged = pm.merge_and_unload(safe_merge=True, dequantize=True)
         assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
         with torch.no_grad():
             torch.testing.assert_close(output_of(merged, inputs), expected, atol=ATOL, rtol=0)
@@ -225,10 +245,10 @@ class TestContract:
         name = layer.adapter_layer_names[0]
         with torch.no_grad():
             getattr(layer, name)["default"].data.fill_(float("nan"))
-        before = layer.get_base_layer().weight.detach().clone()
+        before = layer.get_base_weight().clone()
         with pytest.raises(ValueError, match="NaN"):
             pm.merge_and_unload(safe_merge=True)
-        torch.testing.assert_close(layer.get_base_layer().weight, before, atol=0, rtol=0)
+        torch.testing.assert_close(layer.get_base_weight(), before, atol=0, rtol=0)
 
     def test_config_json_roundtrip(self, cfg_cls, kwargs, family, tmp_path):
         model, _, task_type = build(family)

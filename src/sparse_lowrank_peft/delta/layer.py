@@ -98,6 +98,40 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         export to plain LoRA; None if the method's low-rank term is not such a product (then export needs a rank)."""
         return None
 
+    # ------------------------------------------------------------------ LQ-LoRA initialisation
+    def lq_init(self, adapter_name: str, config, rank: int, scaling: float, key: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """LQ-LoRA: decompose the full-precision base weight ``W ≈ Q + L`` (``delta.quant.lq_decompose``), replace the
+        base layer by a 4-bit ``Linear4bit`` holding ``Q``, and return ``(B, A)`` with ``scaling · B · A = L``.
+
+        Needs a full-precision ``nn.Linear`` base (LQ quantizes it itself); the Fisher weights of ``use_fisher`` are
+        used if set.
+        """
+        from . import quant
+
+        base = self.get_base_layer()
+        if self.quantization_backend is not None or not isinstance(base, nn.Linear):
+            raise ValueError(
+                f"init_weights='lq' needs a full-precision nn.Linear base, but '{key}' is a {type(base).__name__}"
+                + (" (already quantized)" if self.quantization_backend is not None else "")
+                + ". LQ-LoRA computes the quantized base itself from the full-precision weights. Fix: load the model "
+                "without BitsAndBytesConfig and target only nn.Linear layers, or use init_weights=True."
+            )
+        if self.merged_adapters or len(self._main_container) > 0:
+            raise ValueError(
+                f"init_weights='lq' replaces the base weight of '{key}' by its quantized part, so it can only be used "
+                "for the first adapter of a layer. Fix: add further adapters with init_weights=True."
+            )
+        result = quant.lq_decompose(
+            base.weight, rank, quant_type=config.lq_quant_type, max_iter=config.lq_max_iter,
+            fisher=quant.fisher_for(key),
+        )
+        compute_dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
+        self.base_layer = quant.to_linear4bit(base, result.source, config.lq_quant_type, compute_dtype=compute_dtype)
+        self.quantization_backend = resolve_quantization_backend(self.base_layer)
+        self.lq_errors = {"quant_only": result.quant_only_error, "loftq": result.errors[0], "lq": result.error}
+        root = scaling**0.5
+        return result.B / root, result.A / root
+
     # ------------------------------------------------------------------ bookkeeping
     @property
     def _main_container(self) -> nn.Module:
@@ -242,6 +276,16 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
                 )
             self._set_merged_weight(merged)
             self.merged_adapters.append(adapter_name)
+            if self.quantization_backend is not None:
+                stored = self.get_base_weight().to(torch.float32)
+                err = float((stored - merged.to(torch.float32)).norm() / merged.to(torch.float32).norm().clamp_min(1e-30))
+                warnings.warn(
+                    f"Merging adapter '{adapter_name}' into a quantized base ({type(self.get_base_layer()).__name__}) "
+                    f"re-quantizes the weight: measured relative rounding error {err:.2e} (‖W_q − (W + ΔW)‖/‖W + ΔW‖), "
+                    "so merged outputs differ from unmerged ones by about that much. For an exact full-precision "
+                    "merge use merge_and_unload(dequantize=True).",
+                    stacklevel=2,
+                )
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`, newest adapter first: ``W ← W − ΔW``."""
@@ -255,6 +299,24 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             weight = self.get_base_weight()
             delta = self.get_delta_weight(adapter_name)
             self._set_merged_weight((weight.to(torch.float32) - delta.to(torch.float32).to(weight.device)).to(weight.dtype))
+
+    def dequantize_base(self) -> None:
+        """Replace a quantized base layer by an ``nn.Linear`` holding its dequantized weight (its compute dtype)."""
+        if self.quantization_backend is None:
+            return
+        from .quant import dequantize_weight
+
+        base = self.get_base_layer()
+        dtype = getattr(base, "compute_dtype", None) or torch.float32
+        weight = dequantize_weight(base).to(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if base.bias is not None:
+                linear.bias.copy_(base.bias.to(dtype))
+        linear.requires_grad_(False)
+        self.base_layer = linear
+        self.quantization_backend = None
 
     def _set_merged_weight(self, weight: torch.Tensor) -> None:
         if self.quantization_backend is None:

@@ -158,6 +158,24 @@ class DeltaModel(BaseTuner):
                     "entries. The checkpoint is corrupted: re-save it from the trained model."
                 )
 
+    # ------------------------------------------------------------------ quantized bases
+    def dequantize_base_layers(self) -> int:
+        """Replace every quantized base layer under an adapter by a full-precision ``nn.Linear`` (dequantized);
+        returns how many were replaced."""
+        count = 0
+        for module in self.model.modules():
+            if isinstance(module, DeltaLayer) and module.quantization_backend is not None:
+                module.dequantize_base()
+                count += 1
+        return count
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None, dequantize: bool = False):
+        """PEFT's ``merge_and_unload``; with ``dequantize=True`` quantized bases are first dequantized, so the merge is
+        exact and the result is a full-precision model (QLoRA-style deployment)."""
+        if dequantize:
+            self.dequantize_base_layers()
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
     # ------------------------------------------------------------------ misc
     def _prepare_adapter_config(self, peft_config, model_config):
         if peft_config.target_modules is None and not getattr(peft_config, "target_parameters", None):

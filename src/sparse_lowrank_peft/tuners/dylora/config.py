@@ -8,7 +8,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ..._peft_compat import add_peft_type
-from ...common import check_positive_int, check_target_options
+from ...common import LQInitFields, check_init_weights, check_positive_int, check_target_options
 
 PEFT_TYPE = add_peft_type("dylora")
 
@@ -16,7 +16,7 @@ RANK_DISTRIBUTIONS = ("uniform", "geometric", "max")
 
 
 @dataclass
-class DyLoraConfig(PeftConfig):
+class DyLoraConfig(LQInitFields, PeftConfig):
     """Configuration of a :class:`DyLoraModel`: ``ΔW_b = (lora_alpha / b) · B[:, :b] · A[:b, :]``.
 
     DyLoRA (Valipour et al., EACL 2023, "DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic
@@ -39,8 +39,13 @@ class DyLoraConfig(PeftConfig):
         lora_dropout (`float`, defaults to `0.0`): Dropout on the adapter's input, in [0, 1).
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save, bias:
             As in PEFT's ``LoraConfig`` (``bias`` takes ``"none"``, ``"all"`` or ``"dylora_only"``).
-        init_weights (`bool`, defaults to `True`):
+        init_weights (`bool | str`, defaults to `True`):
             ``True``: ``B = 0`` (identity at step 0); ``False``: random ``B`` (tests only).
+            ``"lq"``: LQ-LoRA (Guo et al., ICLR 2024): the base weight ``W`` is split into ``Q + L`` with ``Q`` 4-bit
+            (``lq_quant_type``) and ``L`` rank ``r``; the base layer becomes a ``Linear4bit`` holding ``Q`` and the
+            factors start at ``L`` at full rank ``r`` (a truncation to ``b < r`` then starts at ``(r/b)·L_b``), so the adapted model starts at ``Q + L ≈ W`` with the quantization error
+            partly absorbed. Needs full-precision ``nn.Linear`` targets (see ``delta.quant`` for Fisher weighting).
+        lq_quant_type, lq_max_iter: see ``sparse_lowrank_peft.common.LQInitFields``.
     """
 
     r: int = field(default=8, metadata={"help": "Maximum rank."})
@@ -57,7 +62,7 @@ class DyLoraConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
     bias: Literal["none", "all", "dylora_only"] = field(default="none", metadata={"help": "Biases to train."})
-    init_weights: bool = field(default=True, metadata={"help": "Zero-init B (identity at step 0)."})
+    init_weights: Union[bool, Literal["lq"]] = field(default=True, metadata={"help": "Zero-init B (identity at step 0); 'lq': LQ-LoRA init."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -72,4 +77,5 @@ class DyLoraConfig(PeftConfig):
             raise ValueError(f"DyLoraConfig.lora_dropout={self.lora_dropout!r} must be in [0, 1).")
         if self.bias not in ("none", "all", "dylora_only"):
             raise ValueError(f"DyLoraConfig.bias={self.bias!r} is not one of 'none', 'all', 'dylora_only'.")
+        check_init_weights(self)
         check_target_options(self)

@@ -47,6 +47,8 @@ class DyLoraLayer(DeltaLayer):
         B = torch.zeros(self.out_features, r)
         if not config.init_weights:
             nn.init.normal_(B, std=0.1)
+        if config.init_weights == "lq":
+            B, A = self.lq_init(adapter_name, config, r, self.dylora_alpha[adapter_name] / r, key)
         self.dylora_A[adapter_name] = nn.Parameter(A)
         self.dylora_B[adapter_name] = nn.Parameter(B)
         self._finish_update(adapter_name, config)

@@ -65,8 +65,10 @@ class DyLoraModel(DeltaModel):
         self.set_rank(b, name)
         return b
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None, rank=None):
-        """Merge at ``rank`` (default: the current rank) and unload."""
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None, rank=None,
+                         dequantize: bool = False):
+        """Merge at ``rank`` (default: the current rank) and unload (``dequantize``: see ``DeltaModel``)."""
         if rank is not None:
             self.set_rank(rank)
-        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names,
+                                        dequantize=dequantize)

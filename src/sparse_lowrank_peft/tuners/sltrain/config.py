@@ -8,13 +8,13 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ..._peft_compat import add_peft_type
-from ...common import check_positive_int, check_target_options
+from ...common import LQInitFields, check_init_weights, check_positive_int, check_target_options
 
 PEFT_TYPE = add_peft_type("sltrain")
 
 
 @dataclass
-class SLTrainConfig(PeftConfig):
+class SLTrainConfig(LQInitFields, PeftConfig):
     """Configuration of an :class:`SLTrainModel`: ``ΔW = (lora_alpha / r) · B · A + S``.
 
     SLTrain (Han et al., 2024, "SLTrain: a sparse plus low-rank approach for parameter and memory efficient
@@ -50,9 +50,14 @@ class SLTrainConfig(PeftConfig):
             ``["pooler", "classifier"]``).
         bias (`str`, defaults to `"none"`):
             Which biases to train: ``"none"``, ``"all"``, or ``"sltrain_only"`` (biases of adapted layers).
-        init_weights (`bool`, defaults to `True`):
+        init_weights (`bool | str`, defaults to `True`):
             ``True``: ``B = 0`` and ``S = 0`` so the adapted model equals the base at step 0 (``A`` is Kaiming-uniform
             as in LoRA). ``False``: random ``B`` and ``S`` (for tests of merge/save; never for training).
+            ``"lq"``: LQ-LoRA (Guo et al., ICLR 2024): the base weight ``W`` is split into ``Q + L`` with ``Q`` 4-bit
+            (``lq_quant_type``) and ``L`` rank ``r``; the base layer becomes a ``Linear4bit`` holding ``Q`` and the
+            factors start at ``L`` (``S = 0``), so the adapted model starts at ``Q + L ≈ W`` with the quantization error
+            partly absorbed. Needs full-precision ``nn.Linear`` targets (see ``delta.quant`` for Fisher weighting).
+        lq_quant_type, lq_max_iter: see ``sparse_lowrank_peft.common.LQInitFields``.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the low-rank term."})
@@ -66,7 +71,7 @@ class SLTrainConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
     bias: Literal["none", "all", "sltrain_only"] = field(default="none", metadata={"help": "Biases to train."})
-    init_weights: bool = field(default=True, metadata={"help": "Zero-init B and S (identity at step 0)."})
+    init_weights: Union[bool, Literal["lq"]] = field(default=True, metadata={"help": "Zero-init B and S (identity at step 0); 'lq': LQ-LoRA init."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,4 +88,5 @@ class SLTrainConfig(PeftConfig):
             raise ValueError(
                 f"SLTrainConfig.bias={self.bias!r} is not one of 'none', 'all', 'sltrain_only'. Fix: bias='none'."
             )
+        check_init_weights(self)
         check_target_options(self)

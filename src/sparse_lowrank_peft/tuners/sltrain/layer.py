@@ -47,9 +47,11 @@ class SLTrainLayer(DeltaLayer):
         B = torch.zeros(self.out_features, r)
         if not config.init_weights:
             nn.init.normal_(B, std=0.1)
+        if config.init_weights == "lq":
+            B, A = self.lq_init(adapter_name, config, r, self.sltrain_scaling[adapter_name], key)
         self.sltrain_A[adapter_name] = nn.Parameter(A)
         self.sltrain_B[adapter_name] = nn.Parameter(B)
-        self.init_sparse(adapter_name, config.sparsity, config.support_seed, key, init_zero=config.init_weights)
+        self.init_sparse(adapter_name, config.sparsity, config.support_seed, key, init_zero=bool(config.init_weights))
         self._finish_update(adapter_name, config)
 
     def lowrank_forward(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:

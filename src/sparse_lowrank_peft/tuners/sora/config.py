@@ -8,7 +8,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ..._peft_compat import add_peft_type
-from ...common import check_positive_int, check_target_options
+from ...common import LQInitFields, check_init_weights, check_positive_int, check_target_options
 
 PEFT_TYPE = add_peft_type("sora")
 
@@ -16,7 +16,7 @@ LAMBDA_SCHEDULES = ("linear", "log_linear", "exp_linear")
 
 
 @dataclass
-class SoraConfig(PeftConfig):
+class SoraConfig(LQInitFields, PeftConfig):
     """Configuration of a :class:`SoraModel`: ``ΔW = (lora_alpha / r) · B · diag(g) · A``.
 
     SoRA (Ding et al., EMNLP 2023, "Sparse Low-rank Adaptation of Pre-trained Language Models") trains a gate
@@ -49,8 +49,13 @@ class SoraConfig(PeftConfig):
             saves and reloads with its own shapes. Leave empty when creating an adapter.
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save, bias:
             As in PEFT's ``LoraConfig`` (``bias`` takes ``"none"``, ``"all"`` or ``"sora_only"``).
-        init_weights (`bool`, defaults to `True`):
+        init_weights (`bool | str`, defaults to `True`):
             ``True``: ``B = 0`` (identity at step 0). ``False``: random ``B`` (tests only).
+            ``"lq"``: LQ-LoRA (Guo et al., ICLR 2024): the base weight ``W`` is split into ``Q + L`` with ``Q`` 4-bit
+            (``lq_quant_type``) and ``L`` rank ``r``; the base layer becomes a ``Linear4bit`` holding ``Q`` and the
+            factors start at ``L`` with every gate at 1, so the adapted model starts at ``Q + L ≈ W`` with the quantization error
+            partly absorbed. Needs full-precision ``nn.Linear`` targets (see ``delta.quant`` for Fisher weighting).
+        lq_quant_type, lq_max_iter: see ``sparse_lowrank_peft.common.LQInitFields``.
     """
 
     r: int = field(default=8, metadata={"help": "Maximum rank per layer."})
@@ -70,7 +75,7 @@ class SoraConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
     bias: Literal["none", "all", "sora_only"] = field(default="none", metadata={"help": "Biases to train."})
-    init_weights: bool = field(default=True, metadata={"help": "Zero-init B (identity at step 0)."})
+    init_weights: Union[bool, Literal["lq"]] = field(default=True, metadata={"help": "Zero-init B (identity at step 0); 'lq': LQ-LoRA init."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -112,4 +117,5 @@ class SoraConfig(PeftConfig):
                     f"SoraConfig.rank_pattern[{name!r}]={k!r} must be an int in [0, r={self.r}] (ranks kept after "
                     "pruning). The adapter_config.json was edited by hand: restore it from the saved adapter."
                 )
+        check_init_weights(self)
         check_target_options(self)

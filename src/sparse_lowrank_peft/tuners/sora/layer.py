@@ -50,6 +50,9 @@ class SoraLayer(DeltaLayer):
         if not config.init_weights:
             nn.init.normal_(B, std=0.1)
         gate = torch.randn(kept) if config.gate_init == "normal" else torch.ones(kept)
+        if config.init_weights == "lq" and kept:
+            B, A = self.lq_init(adapter_name, config, kept, self.sora_scaling[adapter_name], key)
+            gate = torch.ones(kept)
         self.sora_A[adapter_name] = nn.Parameter(A)
         self.sora_B[adapter_name] = nn.Parameter(B)
         self.sora_gate[adapter_name] = nn.Parameter(gate)

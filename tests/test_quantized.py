@@ -1,0 +1,170 @@
+"""Quantized bases: 4-bit helpers, the LQ-LoRA decomposition and init_weights="lq" for the factored tuners."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _builders import BUILDERS, output_of
+from peft import PeftModel, get_peft_model
+
+from sparse_lowrank_peft import DyLoraConfig, SLTrainConfig, SoraConfig
+from sparse_lowrank_peft.delta.quant import (
+    dequantize_weight,
+    fisher_row_col_weights,
+    lq_decompose,
+    quantize_dequantize,
+    quantize_linears,
+    to_linear4bit,
+    use_fisher,
+)
+
+bnb = pytest.importorskip("bitsandbytes", reason="4-bit bases need bitsandbytes (the bnb extra)")
+
+
+def structured_weight(out=96, inp=80, seed=0):
+    """A weight with a decaying spectrum plus outliers, like pretrained layers (random Gaussian has a flat one)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(out, out, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(inp, inp, generator=g))[0]
+    s = torch.logspace(0, -2, min(out, inp))
+    W = (U[:, : s.numel()] * s) @ V[:, : s.numel()].T
+    W[torch.randint(0, out, (8,), generator=g), torch.randint(0, inp, (8,), generator=g)] += 0.5
+    return W
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_lq_beats_quantization_and_loftq(quant_type):
+    W = structured_weight()
+    res = lq_decompose(W, rank=8, quant_type=quant_type)
+    quant_only = float((W - quantize_dequantize(W, quant_type)).norm() / W.norm())
+    assert res.quant_only_error == pytest.approx(quant_only)
+    # iterate 0 is LoftQ's single pass: Q = quant(W), L = SVD_8(W - Q)
+    Q0 = quantize_dequantize(W, quant_type)
+    U, S, Vh = torch.linalg.svd(W - Q0, full_matrices=False)
+    loftq = float((W - Q0 - (U[:, :8] * S[:8]) @ Vh[:8]).norm() / W.norm())
+    assert res.errors[0] == pytest.approx(loftq, rel=1e-4)
+    assert res.error == min(res.errors) < loftq < quant_only
+    # the reported error is the error of the returned factors
+    assert float((W - res.Q - res.B @ res.A).norm() / W.norm()) == pytest.approx(res.error, rel=1e-4)
+
+
+def test_source_quantizes_to_q_exactly():
+    W = structured_weight(seed=1)
+    res = lq_decompose(W, rank=4, max_iter=5)
+    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    q = to_linear4bit(lin, res.source)
+    assert torch.equal(dequantize_weight(q), res.Q)
+
+
+def test_fisher_weighting_lowers_the_weighted_error():
+    W = structured_weight(seed=2)
+    g = torch.Generator().manual_seed(3)
+    d_row, d_col = torch.rand(W.shape[0], generator=g) ** 4 * 100 + 0.01, torch.rand(W.shape[1], generator=g) + 0.5
+    weighted = lq_decompose(W, 4, fisher=(d_row, d_col), max_iter=8)
+    plain = lq_decompose(W, 4, max_iter=8)
+    r, c = d_row.sqrt()[:, None], d_col.sqrt()[None, :]
+
+    def werr(res):
+        return float((r * (W - res.Q - res.B @ res.A) * c).norm())
+
+    assert werr(weighted) < werr(plain)
+
+
+def test_bad_lq_arguments():
+    W = structured_weight()
+    with pytest.raises(ValueError, match="rank"):
+        lq_decompose(W, 0)
+    with pytest.raises(ValueError, match="quant_type"):
+        lq_decompose(W, 2, quant_type="int3")
+    with pytest.raises(ValueError, match="init_weights"):
+        SLTrainConfig(init_weights="pissa", target_modules=["q"])
+
+
+@pytest.mark.parametrize("cfg_cls,extra", [(SLTrainConfig, {"sparsity": 0.05}), (SoraConfig, {}), (DyLoraConfig, {})])
+def test_lq_init(cfg_cls, extra, tmp_path):
+    model, make_inputs, task_type = BUILDERS["bert"]()
+    inputs = make_inputs(0)
+    with torch.no_grad():
+        expected = output_of(model, inputs).clone()
+    cfg = cfg_cls(r=4, target_modules=["query", "value"], init_weights="lq", task_type=task_type,
+                  modules_to_save=["pooler", "classifier"], **extra)
+    pm = get_peft_model(model, cfg).eval()
+    layer = pm.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert isinstance(layer.get_base_layer(), bnb.nn.Linear4bit)
+    assert layer.lq_errors["lq"] < layer.lq_errors["loftq"] < layer.lq_errors["quant_only"]
+    with torch.no_grad():
+        out = output_of(pm, inputs)
+        nf4_model = BUILDERS["bert"]()[0]
+        quantize_linears(nf4_model, ["query", "value"])
+        nf4_only = output_of(nf4_model, inputs)
+    # Q + L reconstructs W better than Q alone, so the LQ-initialised model is closer to the full-precision one
+    assert (out - expected).abs().max() < (nf4_only - expected).abs().max()
+    # reload recomputes the same Q from the same full-precision base and loads the trained factors
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(BUILDERS["bert"]()[0], tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(loaded, inputs), out, atol=1e-6, rtol=0)
+    merged = pm.merge_and_unload(dequantize=True)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(merged, inputs), out, atol=1e-5, rtol=0)
+
+
+def test_lq_init_refuses_quantized_base_and_second_adapter():
+    model, _, task_type = BUILDERS["bert-nf4"]()
+    state = {k: v.clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+    with pytest.raises(ValueError, match="full-precision nn.Linear"):
+        get_peft_model(model, SLTrainConfig(target_modules=["query"], init_weights="lq", task_type=task_type))
+    model, _, task_type = BUILDERS["bert"]()
+    pm = get_peft_model(model, SLTrainConfig(r=2, target_modules=["query"], init_weights="lq", task_type=task_type))
+    with pytest.raises(ValueError, match="full-precision|first adapter"):
+        pm.add_adapter("second", SLTrainConfig(r=2, target_modules=["query"], init_weights="lq", task_type=task_type))
+
+
+def test_merge_on_4bit_base_warns_with_measured_error():
+    model, make_inputs, task_type = BUILDERS["bert-nf4"]()
+    pm = get_peft_model(model, SoraConfig(r=3, target_modules=["query", "value"], init_weights=False, task_type=task_type))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm.base_model.merge_adapter()
+    messages = [str(w.message) for w in caught if "re-quantizes" in str(w.message)]
+    assert messages and "measured relative rounding error" in messages[0]
+    err = float(messages[0].split("rounding error ")[1].split()[0])
+    assert 0 < err < 0.2
+
+
+def test_training_on_4bit_base_moves_only_adapters():
+    model, make_inputs, task_type = BUILDERS["bert-nf4"]()
+    pm = get_peft_model(model, SLTrainConfig(r=4, target_modules=["query", "value"], task_type=task_type))
+    packed = {n: p.detach().clone() for n, p in pm.named_parameters() if p.dtype == torch.uint8}
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        loss = output_of(pm, make_inputs(step)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert packed and all(torch.equal(p, packed[n]) for n, p in pm.named_parameters() if n in packed)
+    layer = pm.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert layer.sltrain_B["default"].abs().sum() > 0 and layer.sltrain_values["default"].abs().sum() > 0
+
+
+def test_fisher_weights_and_context():
+    model, make_inputs, task_type = BUILDERS["bert"]()
+    batches = [{**make_inputs(i), "labels": torch.tensor([0, 1, 2])} for i in range(2)]
+    fisher = fisher_row_col_weights(model, batches, module_names=["bert.encoder.layer.0.attention.self.query"])
+    (d_row, d_col), = fisher.values()
+    assert d_row.shape == (36,) and d_col.shape == (36,) and (d_row > 0).all()
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+    with use_fisher(fisher):
+        pm = get_peft_model(model, SLTrainConfig(r=2, target_modules=["query"], init_weights="lq", task_type=task_type))
+    layer0 = pm.base_model.model.bert.encoder.layer[0].attention.self.query
+    layer1 = pm.base_model.model.bert.encoder.layer[1].attention.self.query
+    assert layer0.lq_errors != layer1.lq_errors
+
+
+def test_quantize_linears_errors():
+    model, _, _ = BUILDERS["bert"]()
+    with pytest.raises(ValueError, match="no nn.Linear matches"):
+        quantize_linears(model, ["nothing_here"])
