@@ -276,3 +276,43 @@ def test_autograd_function_saves_no_dense_tensor():
     y = SparseDeltaFunction.apply(x, values, support, "reference")
     saved = y.grad_fn.saved_tensors
     assert sum(t.numel() for t in saved) == x.numel() + values.numel()
+
+
+# ---------------------------------------------------------------------------------------------------- bench smoke
+def _load_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "sparse_delta.py"
+    spec = importlib.util.spec_from_file_location("bench_sparse_delta", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quick_runs_and_writes_results(tmp_path, monkeypatch):
+    import json
+    import os
+
+    monkeypatch.delenv("SLPEFT_SPARSE_BACKEND", raising=False)
+    bench = _load_bench()
+    out = tmp_path / "sparse_delta-cpu.json"
+    result = bench.main(["--quick", "--no-memory", "--device", "cpu", "--repeats", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["device"]["type"] == "cpu" and saved["versions"]["torch"] == torch.__version__
+    assert "commit" in saved and "triton" in saved["versions"]
+    variants = {r["variant"] for r in saved["results"]}
+    assert {"lora", "densify_lora", "sparse_reference", "sltrain"} <= variants
+    for row in saved["results"]:
+        assert row["fwd_ms"] > 0 and row["bwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+    assert "| tokens |" in bench.markdown(result)
+    assert "SLPEFT_SPARSE_BACKEND" not in os.environ  # the bench restores the caller's environment
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_bench_cpu_peak_memory_measurement():
+    bench = _load_bench()
+    step = bench.Step("sltrain", (64, 48, 40, 0.05), 4, torch.device("cpu"), torch.float32)
+    step.run()
+    peak = bench.peak_memory_in_process(step)
+    assert peak is not None and peak >= 0

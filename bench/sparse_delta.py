@@ -1,0 +1,554 @@
+"""Benchmark of the shared sparse-delta layer against PEFT's densifying approach and against plain LoRA.
+
+For each shape (tokens, in_features, out_features, density) and one ``nn.Linear`` (frozen, with bias) it times the
+forward, the backward (with the input gradient, as inside a network) and forward + backward, and records the peak
+memory of one forward + backward, for:
+
+* ``base``              the frozen Linear alone (for scale)
+* ``lora``              (d) PEFT's LoRA layer, rank r
+* ``densify_sparse``    (a) PEFT's Super-Tuning layer, sparse only: scatters the values into a dense copy of W every
+                        forward, then F.linear (autograd builds the dense weight gradient to read nnz entries back)
+* ``densify_lora``      (a) PEFT's Super-Tuning "Supra" layer: the same sparse term + LoRA rank r
+* ``sparse_reference``  (b) the Linear + our ``sparse_delta`` on the reference path (torch.sparse CSR)
+* ``sparse_triton``     (c) the Linear + ``sparse_delta`` with the Triton kernels (CUDA only)
+* ``sltrain``           (e) our SLTrain layer (sparse + LoRA rank r) through ``get_peft_model``; backend ``auto``:
+                        reference on CPU, Triton on CUDA
+* ``sltrain_reference`` (e) the SLTrain layer forced onto the reference path (CUDA only, for comparison)
+
+Timing: the variants run interleaved, one step each per round (so a change of machine load hits all of them), after
+warm-up rounds; the figures are medians over the timed rounds. Ratios against LoRA are given both as ratios of
+medians and as the median of the per-round ratios (more robust on a shared machine).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one step, minus what was allocated before it. On CPU
+(no allocator statistics) a child process with ``MALLOC_MMAP_THRESHOLD_=65536`` (every large buffer its own mmap, so
+freed memory really leaves the process) resets the kernel's high-water mark (``/proc/self/clear_refs``) before a step
+and reads ``VmHWM`` after it: the peak resident memory of the step above the resident memory before it.
+
+Usage::
+
+    python bench/sparse_delta.py            # default grid for the device (CPU: a few minutes)
+    python bench/sparse_delta.py --quick    # tiny smoke run (CI)
+    python bench/sparse_delta.py --shape 4096,1024,1024,0.01 --repeats 15
+
+Writes ``bench/results/sparse_delta-<device>.json`` (``--out`` to change) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND_ENV = "SLPEFT_SPARSE_BACKEND"
+
+LABELS = OrderedDict(
+    [
+        ("base", "frozen Linear alone"),
+        ("lora", "(d) PEFT LoRA"),
+        ("densify_sparse", "(a) PEFT Super-Tuning sparse (densify)"),
+        ("densify_lora", "(a) PEFT Super-Tuning sparse + LoRA (densify)"),
+        ("sparse_reference", "(b) Linear + sparse_delta, reference"),
+        ("sparse_triton", "(c) Linear + sparse_delta, Triton"),
+        ("sltrain", "(e) SLTrain sparse + LoRA"),
+        ("sltrain_reference", "(e) SLTrain sparse + LoRA, reference"),
+    ]
+)
+
+# (tokens, in_features, out_features, density)
+CPU_TARGET = (4096, 1024, 1024, 0.01)
+GPU_TARGET = (8192, 4096, 4096, 0.01)
+QUICK_SHAPES = [(256, 96, 80, 0.05)]
+CPU_SHAPES = [
+    CPU_TARGET,
+    (4096, 1024, 1024, 0.001),
+    (4096, 1024, 1024, 0.05),
+    (2048, 768, 768, 0.01),
+    (16384, 768, 768, 0.01),
+    (2048, 1024, 4096, 0.01),
+    (2048, 4096, 1024, 0.01),
+]
+GPU_SHAPES = [
+    (t, d, d, p) for t in (2048, 8192, 16384) for d in (768, 1024, 4096) for p in (0.001, 0.01, 0.05)
+] + [(8192, 1024, 4096, 0.01), (8192, 4096, 1024, 0.01)]
+
+
+# ------------------------------------------------------------------------------------------------------ environment
+def git_commit() -> tuple[str | None, bool | None]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src", "bench/sparse_delta.py"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        )
+        return sha.stdout.strip(), bool(dirty.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(device),
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+        }
+    return {"type": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def device_slug(info: dict) -> str:
+    if info["type"] == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    import sparse_lowrank_peft
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "sparse_lowrank_peft": sparse_lowrank_peft.__version__,
+        "triton": None,
+    }
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------- variants
+class SparseOnly(nn.Module):
+    """A frozen Linear plus our sparse term (the (b)/(c) rows): ``base(x) + sparse_delta(x, S, v)``."""
+
+    def __init__(self, base: nn.Linear, density: float, backend: str):
+        super().__init__()
+        from sparse_lowrank_peft.delta import SparseSupport
+
+        self.base = base
+        self.support = SparseSupport.random((base.out_features, base.in_features), density, seed=0)
+        self.values = nn.Parameter(torch.zeros(self.support.nnz))
+        self.backend = backend
+
+    def forward(self, x):
+        from sparse_lowrank_peft.delta import sparse_delta
+
+        return self.base(x) + sparse_delta(x, self.support, self.values, backend=self.backend)
+
+
+def one_linear(in_features: int, out_features: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("lin", nn.Linear(in_features, out_features))
+    return model
+
+
+def build(variant: str, shape, rank: int, device: torch.device, dtype: torch.dtype):
+    """``(model, backend)``: the model of ``variant`` for ``shape`` and the SLPEFT_SPARSE_BACKEND it runs under."""
+    from peft import LoraConfig, SupertuningConfig, get_peft_model
+
+    from sparse_lowrank_peft import SLTrainConfig
+
+    _, in_features, out_features, density = shape
+    model = one_linear(in_features, out_features)
+    backend = "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if variant == "base":
+            model.requires_grad_(False)
+        elif variant == "lora":
+            model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["lin"]))
+        elif variant in ("densify_sparse", "densify_lora"):
+            # Super-Tuning's `sparsity` is the frozen fraction: density d trains round-down((1 - s) * numel) entries.
+            cfg = SupertuningConfig(
+                sparsity=1.0 - density, target_modules=["lin"], r=rank if variant == "densify_lora" else None
+            )
+            model = get_peft_model(model, cfg)
+        elif variant in ("sparse_reference", "sparse_triton"):
+            model.requires_grad_(False)
+            backend = variant.split("_")[1]
+            model = SparseOnly(model.lin, density, backend)
+        elif variant in ("sltrain", "sltrain_reference"):
+            backend = "reference" if variant == "sltrain_reference" else "auto"
+            model = get_peft_model(
+                model, SLTrainConfig(r=rank, lora_alpha=2 * rank, sparsity=density, target_modules=["lin"])
+            )
+        else:
+            raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(LABELS)}")
+    return model.to(device=device, dtype=dtype), backend
+
+
+def variants_for(device: torch.device, only: list[str] | None) -> list[str]:
+    names = list(LABELS)
+    if device.type != "cuda":
+        names = [n for n in names if n not in ("sparse_triton", "sltrain_reference")]
+    if only:
+        unknown = sorted(set(only) - set(LABELS))
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(LABELS)}")
+        names = [n for n in names if n in only]
+    return names
+
+
+class Step:
+    """One variant's model, input and output gradient, and a timed forward / backward."""
+
+    def __init__(self, variant, shape, rank, device, dtype):
+        self.variant = variant
+        self.model, self.backend = build(variant, shape, rank, device, dtype)
+        tokens, in_features, out_features, _ = shape
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        self.x = torch.randn(tokens, in_features, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+        self.gy = torch.randn(tokens, out_features, generator=gen).to(device=device, dtype=dtype)
+        self.device = device
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def zero_grad(self):
+        self.x.grad = None
+        for p in self.params:
+            p.grad = None
+
+    def run(self) -> tuple[float, float]:
+        """One forward + backward; returns (forward seconds, backward seconds)."""
+        os.environ[BACKEND_ENV] = self.backend
+        self.zero_grad()
+        self._sync()
+        t0 = time.perf_counter()
+        y = self.model(self.x)
+        self._sync()
+        t1 = time.perf_counter()
+        y.backward(self.gy)
+        self._sync()
+        t2 = time.perf_counter()
+        del y
+        return t1 - t0, t2 - t1
+
+
+# ------------------------------------------------------------------------------------------------------------ timing
+def time_shape(shape, names, rank, device, dtype, warmup, repeats) -> dict:
+    steps = [Step(n, shape, rank, device, dtype) for n in names]
+    samples = {n: [] for n in names}
+    for rnd in range(warmup + repeats):
+        for step in steps:
+            fwd, bwd = step.run()
+            if rnd >= warmup:
+                samples[step.variant].append((fwd, bwd))
+    out = {}
+    for name, runs in samples.items():
+        fwd = [f for f, _ in runs]
+        bwd = [b for _, b in runs]
+        both = [f + b for f, b in runs]
+        out[name] = {
+            "fwd_ms": statistics.median(fwd) * 1e3,
+            "bwd_ms": statistics.median(bwd) * 1e3,
+            "fwd_bwd_ms": statistics.median(both) * 1e3,
+            "fwd_bwd_ms_min": min(both) * 1e3,
+            "fwd_bwd_samples_ms": [round(v * 1e3, 2) for v in both],
+        }
+    if "lora" in samples:
+        lora = [f + b for f, b in samples["lora"]]
+        for name, runs in samples.items():
+            paired = [(f + b) / ref for (f, b), ref in zip(runs, lora)]
+            out[name]["vs_lora_paired"] = statistics.median(paired)
+            out[name]["vs_lora"] = out[name]["fwd_bwd_ms"] / out["lora"]["fwd_bwd_ms"]
+    del steps
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ memory
+def _proc_status() -> tuple[int, int]:
+    text = Path("/proc/self/status").read_text()
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) * 1024
+    rss = int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) * 1024
+    return hwm, rss
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_memory_in_process(step: Step) -> float | None:
+    """Peak bytes of one forward + backward above what was allocated before it."""
+    if step.device.type == "cuda":
+        step.zero_grad()
+        torch.cuda.synchronize(step.device)
+        torch.cuda.reset_peak_memory_stats(step.device)
+        before = torch.cuda.memory_allocated(step.device)
+        step.run()
+        torch.cuda.synchronize(step.device)
+        return float(torch.cuda.max_memory_allocated(step.device) - before)
+    peaks = []
+    for _ in range(2):
+        step.zero_grad()
+        _reset_hwm()
+        _, before = _proc_status()
+        step.run()
+        hwm, _ = _proc_status()
+        peaks.append(hwm - before)
+    return float(min(peaks))
+
+
+def memory_worker(args) -> None:
+    """Child process (CPU): peak memory of each variant at one shape, printed as JSON."""
+    shape = parse_shape(args.memory_worker)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    out = {}
+    for name in variants_for(device, args.variants):
+        step = Step(name, shape, args.rank, device, dtype)
+        step.run()  # warm-up: caches, lazily built layouts, allocator state
+        out[name] = peak_memory_in_process(step)
+        del step
+    print("MEMORY-JSON " + json.dumps(out))
+
+
+def memory_shape(shape, names, args, device, dtype) -> dict:
+    if device.type == "cuda":
+        out = {}
+        for name in names:
+            step = Step(name, shape, args.rank, device, dtype)
+            step.run()
+            out[name] = peak_memory_in_process(step)
+            del step
+            torch.cuda.empty_cache()
+        return out
+    if not (Path("/proc/self/clear_refs").exists() and Path("/proc/self/status").exists()):
+        return {name: None for name in names}
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--memory-worker", ",".join(map(str, shape)),
+        "--device", "cpu", "--dtype", args.dtype, "--rank", str(args.rank), "--variants", *names,
+    ]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("MEMORY-JSON "):
+            return json.loads(line[len("MEMORY-JSON "):])
+    print(f"memory worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+    return {name: None for name in names}
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+def parse_shape(text: str):
+    parts = text.split(",")
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"--shape wants tokens,in,out,density; got {text!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2]), float(parts[3])
+
+
+def shape_key(row) -> tuple:
+    return row["tokens"], row["in_features"], row["out_features"], row["density"]
+
+
+def evaluate_targets(rows: list[dict], device_type: str, dtype: str) -> list[dict]:
+    by = {}
+    for r in rows:
+        by.setdefault(shape_key(r), {})[r["variant"]] = r
+    targets = []
+    if device_type == "cpu" and CPU_TARGET in by and dtype == "float32":
+        v = by[CPU_TARGET]
+        if {"sltrain", "lora"} <= v.keys():
+            ratio = v["sltrain"]["fwd_bwd_ms"] / v["lora"]["fwd_bwd_ms"]
+            targets.append({
+                "name": "CPU: SLTrain fwd+bwd <= 1.10x LoRA (d=1024, tokens=4096, density 0.01, r=8)",
+                "value": round(ratio, 3), "paired": round(v["sltrain"]["vs_lora_paired"], 3), "bound": "<= 1.10",
+                "met": ratio <= 1.10,
+            })
+        if {"sltrain", "densify_lora"} <= v.keys():
+            speedup = v["densify_lora"]["fwd_bwd_ms"] / v["sltrain"]["fwd_bwd_ms"]
+            paired = v["densify_lora"]["vs_lora_paired"] / v["sltrain"]["vs_lora_paired"]
+            targets.append({
+                "name": "CPU: SLTrain >= 1.3x faster than the densify layer (Super-Tuning sparse + LoRA)",
+                "value": round(speedup, 3), "paired": round(paired, 3), "bound": ">= 1.30", "met": speedup >= 1.3,
+            })
+        mem = [v.get(n, {}).get("peak_mb") for n in ("sltrain", "lora", "densify_lora")]
+        if all(m is not None for m in mem):
+            ours, lora, dens = mem[0] - mem[1], mem[1], mem[2] - mem[1]
+            targets.append({
+                "name": "CPU: SLTrain peak memory above LoRA <= 1/4 of the densify layer's",
+                "value": round(ours, 2), "bound": f"<= {dens / 4:.2f} MB (densify: {dens:.2f} MB above LoRA)",
+                "met": ours <= dens / 4,
+            })
+    if device_type == "cuda" and GPU_TARGET in by and dtype == "bfloat16":
+        v = by[GPU_TARGET]
+        if {"sltrain", "lora"} <= v.keys():
+            ratio = v["sltrain"]["fwd_bwd_ms"] / v["lora"]["fwd_bwd_ms"]
+            targets.append({
+                "name": "GPU: Triton SLTrain fwd+bwd <= 1.10x LoRA (d=4096, tokens=8192, density 0.01, r=8, bf16)",
+                "value": round(ratio, 3), "paired": round(v["sltrain"]["vs_lora_paired"], 3), "bound": "<= 1.10",
+                "met": ratio <= 1.10,
+            })
+    return targets
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    dev = result["device"]
+    lines.append(
+        f"Device: {dev['name']} ({dev['type']}), dtype {result['settings']['dtype']}, LoRA rank "
+        f"{result['settings']['rank']}, torch {result['versions']['torch']}, triton {result['versions']['triton']}, "
+        f"peft {result['versions']['peft']}, commit {(result['commit'] or '?')[:10]}"
+        f"{' (dirty)' if result['dirty'] else ''}, load average {result['conditions']['loadavg_start']} -> "
+        f"{result['conditions']['loadavg_end']}, {result['settings']['repeats']} timed rounds after "
+        f"{result['settings']['warmup']} warm-up."
+    )
+    lines.append("")
+    lines.append(
+        "| tokens | in×out | density | variant | fwd ms | bwd ms | fwd+bwd ms | ×LoRA (paired) | peak MB | peak−LoRA MB |"
+    )
+    lines.append("|---:|:---:|---:|:---|---:|---:|---:|---:|---:|---:|")
+    by = OrderedDict()
+    for r in result["results"]:
+        by.setdefault(shape_key(r), []).append(r)
+    for key, rows in by.items():
+        lora_peak = next((r["peak_mb"] for r in rows if r["variant"] == "lora"), None)
+        for r in rows:
+            ratio = f"{r['vs_lora']:.2f} ({r['vs_lora_paired']:.2f})" if "vs_lora" in r else "–"
+            peak = "–" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
+            over = "–" if r["peak_mb"] is None or lora_peak is None else f"{r['peak_mb'] - lora_peak:+.1f}"
+            lines.append(
+                f"| {key[0]} | {key[1]}×{key[2]} | {key[3]:g} | {LABELS[r['variant']]} | {r['fwd_ms']:.1f} | "
+                f"{r['bwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {ratio} | {peak} | {over} |"
+            )
+    if result["targets"]:
+        lines.append("")
+        lines.append("| target | measured | paired | bound | met |")
+        lines.append("|:---|---:|---:|:---|:---:|")
+        for t in result["targets"]:
+            lines.append(
+                f"| {t['name']} | {t['value']} | {t.get('paired', '–')} | {t['bound']} | {'yes' if t['met'] else 'NO'} |"
+            )
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one tiny shape, 1 warm-up + 2 rounds (CI smoke)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 CUDA)")
+    parser.add_argument("--shape", action="append", type=parse_shape, help="tokens,in,out,density (repeatable)")
+    parser.add_argument("--variants", nargs="+", default=None, help=f"subset of: {', '.join(LABELS)}")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; quick 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; quick 2)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--out", default=None, help="results JSON path (default bench/results/sparse_delta-<device>.json)")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = getattr(torch, args.dtype)
+    if args.memory_worker:
+        memory_worker(args)
+        return {}
+
+    import sparse_lowrank_peft  # noqa: F401  (registers the tuners with PEFT)
+
+    shapes = args.shape or (QUICK_SHAPES if args.quick else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
+    names = variants_for(device, args.variants)
+    info = device_info(device)
+    commit, dirty = git_commit()
+    result = {
+        "bench": "sparse_delta",
+        "schema": 1,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "device": info,
+        "versions": versions(),
+        "commit": commit,
+        "dirty": dirty,
+        "settings": {"dtype": args.dtype, "rank": args.rank, "warmup": warmup, "repeats": repeats,
+                     "variants": names, "quick": args.quick},
+        "conditions": {"loadavg_start": loadavg(), "torch_threads": torch.get_num_threads()},
+        "results": [],
+    }
+    saved_backend = os.environ.get(BACKEND_ENV)
+    try:
+        run_shapes(shapes, names, args, device, dtype, warmup, repeats, result)
+    finally:  # Step.run sets the backend variable per variant; leave the caller's environment as it was
+        if saved_backend is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = saved_backend
+    result["conditions"]["loadavg_end"] = loadavg()
+    result["targets"] = evaluate_targets(result["results"], info["type"], args.dtype)
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"sparse_delta-{device_slug(info)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    print(f"\nwrote {out}", file=sys.stderr)
+    return result
+
+
+def run_shapes(shapes, names, args, device, dtype, warmup, repeats, result) -> None:
+    from sparse_lowrank_peft.delta.support import support_nnz
+
+    for shape in shapes:
+        t0 = time.time()
+        timing = time_shape(shape, names, args.rank, device, dtype, warmup, repeats)
+        memory = {n: None for n in names} if args.no_memory else memory_shape(shape, names, args, device, dtype)
+        tokens, in_features, out_features, density = shape
+        for name in names:
+            peak = memory.get(name)
+            result["results"].append({
+                "tokens": tokens, "in_features": in_features, "out_features": out_features, "density": density,
+                "nnz": support_nnz((out_features, in_features), density), "variant": name, "label": LABELS[name],
+                **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing[name].items()},
+                "peak_mb": None if peak is None else round(peak / 1e6, 2),
+            })
+        print(f"[{time.time() - t0:6.1f}s] {shape} load {loadavg()}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
