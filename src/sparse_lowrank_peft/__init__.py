@@ -7,8 +7,10 @@ Importing the package registers every tuner with PEFT, so ``peft.get_peft_model(
 from . import _peft_compat  # noqa: F401  (checks the PEFT version first)
 from .delta import SparseSupport, sparse_delta
 from .tuners.dylora import DyLoraConfig, DyLoraLayer, DyLoraModel
+from .tuners.nola import NolaConfig, NolaLayer, NolaModel
 from .tuners.sltrain import SLTrainConfig, SLTrainLayer, SLTrainModel
 from .tuners.sora import SoraConfig, SoraLayer, SoraModel
+from .tuners.sparse_randlora import SparseRandLoraConfig, SparseRandLoraLayer, SparseRandLoraModel
 from .callbacks import (  # noqa: E402  (after the tuners it hooks into)
     DyLoraCallback,
     SoraCallback,
@@ -31,6 +33,9 @@ __all__ = [
     "DyLoraConfig",
     "DyLoraLayer",
     "DyLoraModel",
+    "NolaConfig",
+    "NolaLayer",
+    "NolaModel",
     "SoraCallback",
     "SoraConfig",
     "SoraLayer",
@@ -43,6 +48,9 @@ __all__ = [
     "SLTrainConfig",
     "SLTrainLayer",
     "SLTrainModel",
+    "SparseRandLoraConfig",
+    "SparseRandLoraLayer",
+    "SparseRandLoraModel",
     "SparseSupport",
     "sparse_delta",
     "__version__",
