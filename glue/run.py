@@ -825,6 +825,61 @@ def _tokenize(dataset, tokenizer, max_len: int, desc: str):
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=desc)
 
 
+def _longest_first(dataset):
+    """The same examples ordered longest first: evaluation batches then pad little (metrics do not depend on order)."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)))
+
+
+def training_callbacks(model) -> list:
+    from sparse_lowrank_peft.callbacks import training_callbacks as callbacks_for
+
+    return callbacks_for(model)
+
+
+def _trainer_class():
+    """``transformers.Trainer`` that also keeps the tuners' no-decay parameters (SoRA's gates, whose only
+    regulariser is the L1 proximal step) out of weight decay."""
+    from transformers import Trainer
+
+    from sparse_lowrank_peft.callbacks import no_decay_parameter_names
+
+    class GlueTrainer(Trainer):
+        def get_decay_parameter_names(self, model) -> list[str]:
+            skip = no_decay_parameter_names(model)
+            return [n for n in super().get_decay_parameter_names(model) if n not in skip]
+
+    return GlueTrainer
+
+
+def _method_results(method: str, trainer, model, out: Path) -> dict | None:
+    """Per-method extras after training: DyLoRA evaluated at ranks 1, 2, 4, ..., r from the one adapter; SoRA's kept
+    ranks (plot in ``kept_ranks.png``) and the adapter pruned to them before it is saved."""
+    if method == "dylora":
+        tuner = model.base_model
+        name = tuner.active_adapters[0]
+        r = tuner.peft_config[name].r
+        ranks = sorted({1 << i for i in range(r.bit_length()) if (1 << i) <= r} | {r})
+        evals = {}
+        for b in ranks:
+            tuner.set_rank(b)
+            metrics = trainer.evaluate(metric_key_prefix=f"rank{b}")
+            evals[str(b)] = {k.removeprefix(f"rank{b}_"): v for k, v in metrics.items() if is_finite(v)}
+            print(f"[glue] DyLoRA rank {b}: " + ", ".join(f"{k}={v:.4f}" for k, v in evals[str(b)].items()
+                                                           if not k.endswith(("runtime", "per_second", "loss"))), flush=True)
+        tuner.set_rank(r)
+        return {"rank_evals": evals}
+    if method == "sora":
+        tuner = model.base_model
+        name = tuner.active_adapters[0]
+        r = tuner.peft_config[name].r
+        tuner.plot_kept_ranks(out / "kept_ranks.png", adapter_name=name)
+        kept = tuner.prune(name)
+        return {"kept_ranks": kept, "kept_total": sum(kept.values()), "max_total": r * len(kept),
+                "kept_ranks_plot": str(out / "kept_ranks.png")}
+    return None
+
+
 def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: Sequence | None = None) -> dict:
     """Train and evaluate as ``cfg`` says; return the results (also written to ``<output_dir>/results.json``).
 
@@ -879,6 +934,8 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         model = get_peft_model(model, peft_config)
         if cfg.init_adapter:
             init_info = load_init_adapter(model, cfg.init_adapter, head)
+    # what the adapter's method needs while training (SoRA's proximal gate step, DyLoRA's per-step rank)
+    method_callbacks = training_callbacks(model) if cfg.method != "full" else []
     trainable, total = count_parameters(model)
     print(
         f"[glue] model {cfg.model} ({type(model).__name__}), method {cfg.method}, head {head}: "
@@ -898,7 +955,9 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         write_json(out / CONFIG_FILE, cfg.to_dict())
 
     train_ds = _tokenize(data.train, tokenizer, cfg.max_seq_len, "tokenize train")
-    eval_ds = {k: _tokenize(v, tokenizer, cfg.max_seq_len, f"tokenize {k}") for k, v in data.evals.items()}
+    eval_ds = {
+        k: _longest_first(_tokenize(v, tokenizer, cfg.max_seq_len, f"tokenize {k}")) for k, v in data.evals.items()
+    }
 
     def compute(eval_pred):
         preds = predictions_from_logits(task, eval_pred.predictions)
@@ -952,7 +1011,7 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         dataloader_pin_memory=use_cuda,
         label_names=["labels"],
     )
-    trainer = Trainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -960,7 +1019,7 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute,
-        callbacks=[ProgressFile(), *(callbacks or [])],
+        callbacks=[ProgressFile(), *method_callbacks, *(callbacks or [])],
     )
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -976,6 +1035,8 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
     final = {e["split"]: e["metrics"] for e in evals if e["step"] == final_step}
     scored = [e for e in evals if is_finite(e["metrics"].get(task.main_metric))]
     best = max(scored, key=lambda e: e["metrics"][task.main_metric]) if scored else None
+
+    method_results = _method_results(cfg.method, trainer, model, out)
 
     if cfg.method == "full":
         save_dir = out / "model"
@@ -1023,6 +1084,7 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         "config": cfg.to_dict(),
         "peft_config": peft_config.to_dict() if peft_config is not None else None,
         "init_adapter": init_info,
+        "method_results": method_results,
         "data_source": data.source,
         "skipped_rows": data.skipped_rows,
         "git": git_info(),

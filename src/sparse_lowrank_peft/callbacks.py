@@ -30,6 +30,7 @@ __all__ = [
     "SoraCallback",
     "adapter_param_groups",
     "dylora_sample_rank",
+    "no_decay_parameter_names",
     "sora_lambda_at",
     "sora_prox_step",
     "training_callbacks",
@@ -214,3 +215,17 @@ def training_callbacks(model) -> list:
     if _tuner(model, DyLoraModel) is not None:
         found.append(DyLoraCallback())
     return found
+
+
+def no_decay_parameter_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that tuner layers declare ``no_decay_names`` (SoRA's gates), for a Trainer's
+    ``get_decay_parameter_names`` to leave out."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for attr in getattr(module, "no_decay_names", ()):
+            container = getattr(module, attr, None)
+            if container is None:
+                continue
+            for pname, _ in container.named_parameters():
+                names.add(f"{module_name}.{attr}.{pname}" if module_name else f"{attr}.{pname}")
+    return names
