@@ -3,8 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional, Union
 
-__all__ = ["LQInitFields", "check_init_weights", "check_positive_int", "check_target_options"]
+__all__ = ["LQInitFields", "TargetFields", "check_init_weights", "check_positive_int", "check_target_options"]
+
+
+@dataclass
+class TargetFields:
+    """Config fields choosing which modules an adapter wraps, shared by every tuner (PEFT's LoRA semantics).
+
+    Args:
+        target_modules (`list[str] | str`, *optional*):
+            Names (a module matches if its name equals one or ends with ``"." + name``) or one regex (full match) of
+            the modules to adapt: ``nn.Linear``, transformers ``Conv1D`` or 4-bit linear layers. Default: PEFT's LoRA
+            defaults for the model type (query/value for BERT and RoBERTa); a model without defaults must name them.
+        exclude_modules (`list[str] | str`, *optional*):
+            Names or a regex of modules not to adapt even if ``target_modules`` matches them.
+        layers_to_transform (`list[int] | int`, *optional*):
+            Only adapt the layers with these indices (for a regex ``target_modules``, put the indices in the regex).
+        layers_pattern (`list[str] | str`, *optional*):
+            Name of the layer list ``layers_to_transform`` indexes into (e.g. ``"layer"`` for BERT); only with it.
+        modules_to_save (`list[str]`, *optional*):
+            Modules other than the adapter layers to train and save in full: the classification head (BERT-family
+            models: ``["pooler", "classifier"]``, as MiniLM's pooler is untrained; RoBERTa: ``["classifier"]``).
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules not to adapt."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
 
 
 @dataclass

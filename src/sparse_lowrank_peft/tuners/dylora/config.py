@@ -8,7 +8,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ..._peft_compat import add_peft_type
-from ...common import LQInitFields, check_init_weights, check_positive_int, check_target_options
+from ...common import LQInitFields, TargetFields, check_init_weights, check_positive_int, check_target_options
 
 PEFT_TYPE = add_peft_type("dylora")
 
@@ -16,7 +16,7 @@ RANK_DISTRIBUTIONS = ("uniform", "geometric", "max")
 
 
 @dataclass
-class DyLoraConfig(LQInitFields, PeftConfig):
+class DyLoraConfig(LQInitFields, TargetFields, PeftConfig):
     """Configuration of a :class:`DyLoraModel`: ``ΔW_b = (lora_alpha / b) · B[:, :b] · A[:b, :]``.
 
     DyLoRA (Valipour et al., EACL 2023, "DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic
@@ -37,8 +37,9 @@ class DyLoraConfig(LQInitFields, PeftConfig):
             Seed of the rank sampler; ``b`` at step ``t`` is a pure function of ``(rank_seed, t)``, so every process
             of a distributed run draws the same ``b``.
         lora_dropout (`float`, defaults to `0.0`): Dropout on the adapter's input, in [0, 1).
-        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save, bias:
-            As in PEFT's ``LoraConfig`` (``bias`` takes ``"none"``, ``"all"`` or ``"dylora_only"``).
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
+            Which modules to adapt and which to train in full: see ``sparse_lowrank_peft.common.TargetFields``.
+        bias (`str`, defaults to `"none"`): Biases to train: ``"none"``, ``"all"`` or ``"dylora_only"``.
         init_weights (`bool | str`, defaults to `True`):
             ``True``: ``B = 0`` (identity at step 0); ``False``: random ``B`` (tests only).
             ``"lq"``: LQ-LoRA (Guo et al., ICLR 2024): the base weight ``W`` is split into ``Q + L`` with ``Q`` 4-bit
@@ -56,11 +57,6 @@ class DyLoraConfig(LQInitFields, PeftConfig):
     frozen: bool = field(default=False, metadata={"help": "Train only the b-th rank at a step."})
     rank_seed: int = field(default=0, metadata={"help": "Seed of the per-step rank sampler."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules not to adapt."})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
     bias: Literal["none", "all", "dylora_only"] = field(default="none", metadata={"help": "Biases to train."})
     init_weights: Union[bool, Literal["lq"]] = field(default=True, metadata={"help": "Zero-init B (identity at step 0); 'lq': LQ-LoRA init."})
 

@@ -8,13 +8,13 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ..._peft_compat import add_peft_type
-from ...common import LQInitFields, check_init_weights, check_positive_int, check_target_options
+from ...common import LQInitFields, TargetFields, check_init_weights, check_positive_int, check_target_options
 
 PEFT_TYPE = add_peft_type("sltrain")
 
 
 @dataclass
-class SLTrainConfig(LQInitFields, PeftConfig):
+class SLTrainConfig(LQInitFields, TargetFields, PeftConfig):
     """Configuration of an :class:`SLTrainModel`: ``ΔW = (lora_alpha / r) · B · A + S``.
 
     SLTrain (Han et al., 2024, "SLTrain: a sparse plus low-rank approach for parameter and memory efficient
@@ -36,18 +36,8 @@ class SLTrainConfig(LQInitFields, PeftConfig):
             so the support is the same on every device and run. The support is also saved in the checkpoint.
         lora_dropout (`float`, defaults to `0.0`):
             Dropout on the input of the low-rank term (not of the sparse term), in [0, 1).
-        target_modules (`list[str] | str`, *optional*):
-            Names (suffix match) or a regex of the modules to adapt; ``nn.Linear`` and transformers ``Conv1D`` only.
-            Defaults to PEFT's LoRA defaults for the model type (query/value for BERT and RoBERTa).
-        exclude_modules (`list[str] | str`, *optional*):
-            Names or a regex of modules not to adapt, even if ``target_modules`` matches them.
-        layers_to_transform (`list[int] | int`, *optional*):
-            Only adapt the layers with these indices (needs ``layers_pattern`` for non-standard layer lists).
-        layers_pattern (`list[str] | str`, *optional*):
-            Name of the layer list ``layers_to_transform`` indexes into (e.g. ``"layer"`` for BERT).
-        modules_to_save (`list[str]`, *optional*):
-            Modules other than the adapter layers to train and save in full (a classification head: for BERT models
-            ``["pooler", "classifier"]``).
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
+            Which modules to adapt and which to train in full: see ``sparse_lowrank_peft.common.TargetFields``.
         bias (`str`, defaults to `"none"`):
             Which biases to train: ``"none"``, ``"all"``, or ``"sltrain_only"`` (biases of adapted layers).
         init_weights (`bool | str`, defaults to `True`):
@@ -65,11 +55,6 @@ class SLTrainConfig(LQInitFields, PeftConfig):
     sparsity: float = field(default=0.01, metadata={"help": "Density of the sparse term S, in (0, 1)."})
     support_seed: int = field(default=0, metadata={"help": "Seed of the random sparse support."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the low-rank term's input."})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules not to adapt."})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
     bias: Literal["none", "all", "sltrain_only"] = field(default="none", metadata={"help": "Biases to train."})
     init_weights: Union[bool, Literal["lq"]] = field(default=True, metadata={"help": "Zero-init B and S (identity at step 0); 'lq': LQ-LoRA init."})
 

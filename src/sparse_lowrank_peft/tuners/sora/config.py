@@ -8,7 +8,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ..._peft_compat import add_peft_type
-from ...common import LQInitFields, check_init_weights, check_positive_int, check_target_options
+from ...common import LQInitFields, TargetFields, check_init_weights, check_positive_int, check_target_options
 
 PEFT_TYPE = add_peft_type("sora")
 
@@ -16,7 +16,7 @@ LAMBDA_SCHEDULES = ("linear", "log_linear", "exp_linear")
 
 
 @dataclass
-class SoraConfig(LQInitFields, PeftConfig):
+class SoraConfig(LQInitFields, TargetFields, PeftConfig):
     """Configuration of a :class:`SoraModel`: ``ΔW = (lora_alpha / r) · B · diag(g) · A``.
 
     SoRA (Ding et al., EMNLP 2023, "Sparse Low-rank Adaptation of Pre-trained Language Models") trains a gate
@@ -47,8 +47,9 @@ class SoraConfig(LQInitFields, PeftConfig):
         rank_pattern (`dict[str, int]`, defaults to `{}`):
             Per-layer ranks after pruning, keyed by module name; written by ``SoraModel.prune`` so a pruned adapter
             saves and reloads with its own shapes. Leave empty when creating an adapter.
-        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save, bias:
-            As in PEFT's ``LoraConfig`` (``bias`` takes ``"none"``, ``"all"`` or ``"sora_only"``).
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
+            Which modules to adapt and which to train in full: see ``sparse_lowrank_peft.common.TargetFields``.
+        bias (`str`, defaults to `"none"`): Biases to train: ``"none"``, ``"all"`` or ``"sora_only"``.
         init_weights (`bool | str`, defaults to `True`):
             ``True``: ``B = 0`` (identity at step 0). ``False``: random ``B`` (tests only).
             ``"lq"``: LQ-LoRA (Guo et al., ICLR 2024): the base weight ``W`` is split into ``Q + L`` with ``Q`` 4-bit
@@ -69,11 +70,6 @@ class SoraConfig(LQInitFields, PeftConfig):
     gate_init: Literal["normal", "ones"] = field(default="normal", metadata={"help": "Initial gate values."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-layer ranks after pruning."})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules not to adapt."})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
     bias: Literal["none", "all", "sora_only"] = field(default="none", metadata={"help": "Biases to train."})
     init_weights: Union[bool, Literal["lq"]] = field(default=True, metadata={"help": "Zero-init B (identity at step 0); 'lq': LQ-LoRA init."})
 
