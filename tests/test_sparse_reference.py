@@ -133,6 +133,22 @@ def test_fused_backward_asks_only_for_what_is_needed():
     torch.testing.assert_close(gv, dv, rtol=1e-5, atol=1e-5)
 
 
+def test_spmm_adds_into_a_given_tensor_and_backward_writes_into_a_given_buffer():
+    support, values, x, g = make((21, 34), 0.1, tokens=40)
+    y, dx, _ = oracle(support, values, x, g)
+    for dtype in (torch.float32, torch.float64):
+        base = torch.randn(40, 21, dtype=dtype)
+        out = base.clone()
+        assert ref.spmm(x, support, values, add_to=out) is out
+        torch.testing.assert_close(out.double(), base.double() + y, rtol=1e-5, atol=1e-5)
+    buf = torch.full((40, 34), float("nan"))
+    gx, _ = ref.backward(g, None, support, values, need_values=False, grad_x_into=buf)
+    assert gx is buf
+    torch.testing.assert_close(buf.double(), dx, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="add_to"):
+        ref.spmm(x, support, values, add_to=torch.zeros(40, 20))
+
+
 # -------------------------------------------------------------------------------------------- autograd (gradcheck)
 @pytest.mark.parametrize("shape,density", [((5, 7), 0.3), ((11, 4), 0.5), ((9, 13), 0.05)])
 def test_gradcheck_float64(shape, density):
@@ -141,6 +157,45 @@ def test_gradcheck_float64(shape, density):
     x = torch.randn(6, shape[1], dtype=torch.float64, generator=gen, requires_grad=True)
     values = torch.randn(support.nnz, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, v: sparse_delta(a, support, v, backend="reference"), (x, values))
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+def test_gradcheck_add_to_in_place(lead):
+    """``sparse_delta(x, S, v, add_to=t)``: t += x·Sᵀ in place; gradients of t (passed through), x and v."""
+    support = SparseSupport.random((5, 7), 0.3, seed=4)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*lead, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    values = torch.randn(support.nnz, dtype=torch.float64, generator=gen, requires_grad=True)
+    A = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def fn(x, values, A):
+        lowrank = (x @ A) * 0.5  # a product scaled by a number: its backward does not need its output
+        return sparse_delta(x, support, values, backend="reference", add_to=lowrank)
+
+    assert torch.autograd.gradcheck(fn, (x, values, A))
+    want = (x @ A) * 0.5 + sparse_delta(x, support, values, backend="reference")
+    torch.testing.assert_close(fn(x, values, A), want)
+
+
+def test_add_to_checks_and_non_contiguous_fallback():
+    support, values, x, _ = make((6, 5), 0.4, tokens=4)
+    with pytest.raises(ValueError, match="add_to"):
+        sparse_delta(x, support, values, add_to=torch.zeros(4, 5))
+    strided = torch.zeros(6, 4).t()  # not contiguous: the out-of-place sum is returned, the tensor is untouched
+    got = sparse_delta(x, support, values, add_to=strided)
+    torch.testing.assert_close(got, ref.spmm(x, support, values))
+    assert strided.abs().max() == 0
+
+
+def test_input_gradient_is_not_a_view():
+    # Autograd accumulates the other gradients of x into the first one in place only if it is no view; a view
+    # costs one more activation-sized buffer at the backward's peak.
+    support, values, _, _ = make((6, 5), 0.4, tokens=1)
+    for shape in ((4, 5), (2, 3, 5)):
+        x = torch.randn(*shape, requires_grad=True)
+        y = sparse_delta(x, support, values.clone().requires_grad_(True), backend="reference")
+        (grad_x,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert grad_x.shape == x.shape and grad_x._base is None
 
 
 def test_autograd_batched_3d_matches_dense():

@@ -165,6 +165,24 @@ def test_mixed_dtypes_follow_the_reference():
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_to_and_into(dtype):
+    support, values, x, g = make((29, 22), 0.1, 19, dtype, seed=5)
+    base = torch.randn(19, 29).to(dtype)
+    want = ref.spmm(x, support, values, add_to=base.clone())
+    got = base.clone()
+    assert tk.spmm(x, support, values, add_to=got) is got
+    close(got, want, dtype, "spmm add_to")
+    buf = torch.full((19, 22), float("nan"), dtype=dtype)
+    assert tk.spmm_t(g, support, values, into=buf) is buf
+    close(buf, ref.spmm_t(g, support, values), dtype, "spmm_t into")
+    # an fp32 accumulator for bf16/fp16 activations
+    acc32 = base.float()
+    close(tk.spmm(x, support, values, add_to=acc32.clone()), ref.spmm(x, support, values, add_to=acc32.clone()),
+          torch.float32 if dtype == torch.float32 else dtype, "spmm add_to fp32")
+
+
+@interpreted
 def test_launcher_checks():
     support, values, x, g = make((9, 8), 0.3, 4)
     with pytest.raises(ValueError, match="in_features=8"):
@@ -181,20 +199,26 @@ def test_launcher_checks():
 
 # ------------------------------------------------------------------------------------------------ through autograd
 @interpreted
+@pytest.mark.parametrize("add", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sparse_delta_forward_and_gradients_batched(dtype, monkeypatch):
+def test_sparse_delta_forward_and_gradients_batched(dtype, add, monkeypatch):
     support, values, _, _ = make((23, 19), 0.1, 1, dtype)
     x = torch.randn(3, 11, 19).to(dtype)
     gy = torch.randn(3, 11, 23).to(dtype)
+    A = torch.randn(19, 23).to(dtype)
     results = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv(BACKEND_ENV, backend)
         xr = x.clone().requires_grad_(True)
         vr = values.clone().requires_grad_(True)
-        y = sparse_delta(xr, support, vr)
+        Ar = A.clone().requires_grad_(True)
+        if add:  # in place into another term, as a layer adds the sparse term into the low-rank one
+            y = sparse_delta(xr, support, vr, add_to=(xr @ Ar) * 0.5)
+        else:
+            y = sparse_delta(xr, support, vr)
         y.backward(gy)
-        results[backend] = (y, xr.grad, vr.grad)
-    for name, got, want in zip(("y", "dx", "dv"), results["triton"], results["reference"]):
+        results[backend] = (y, xr.grad, vr.grad) + ((Ar.grad,) if add else ())
+    for name, got, want in zip(("y", "dx", "dv", "dA"), results["triton"], results["reference"]):
         close(got, want, dtype, name)
     assert results["triton"][0].shape == (3, 11, 23)
 
@@ -302,9 +326,10 @@ def test_kernels_compile_for_a_gpu(ty):
             tk._csr_spmm_kernel,
             {"crow_ptr": "*i32", "col_ptr": "*i32", "val_ptr": f"*{ty}", "perm_ptr": "*i32", "b_ptr": f"*{ty}",
              "out_ptr": f"*{ty}", "n_rows": "i32", "n_tok": "i32", "stride_b_tok": "i64", "stride_b_feat": "i64",
-             "stride_o_tok": "i64", "stride_o_feat": "i64", "HAS_PERM": None, "ACC_DTYPE": None, "BLOCK_R": None,
-             "BLOCK_T": None},
-            {"HAS_PERM": True, "ACC_DTYPE": tl.float32, "BLOCK_R": tk.SPMM_BLOCK_R, "BLOCK_T": tk.SPMM_BLOCK_T},
+             "stride_o_tok": "i64", "stride_o_feat": "i64", "HAS_PERM": None, "ACCUMULATE": None, "ACC_DTYPE": None,
+             "BLOCK_R": None, "BLOCK_T": None},
+            {"HAS_PERM": True, "ACCUMULATE": True, "ACC_DTYPE": tl.float32, "BLOCK_R": tk.SPMM_BLOCK_R,
+             "BLOCK_T": tk.SPMM_BLOCK_T},
         )
     except (FileNotFoundError, RuntimeError) as exc:  # pragma: no cover - no CUDA toolchain in this triton build
         if "ptxas" in str(exc) or "not found" in str(exc).lower():

@@ -68,7 +68,7 @@ def _chunks(tokens: int, features: int, device: torch.device):
 def _buffer(cache: dict, key: str, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A contiguous ``(rows, n)`` buffer, reused by the chunks of the same width."""
     buf = cache.get(key)
-    if buf is None or buf.shape[1] != n:
+    if buf is None or tuple(buf.shape) != (rows, n):
         buf = cache[key] = torch.empty(rows, n, dtype=dtype, device=device)
     return buf
 
@@ -82,24 +82,36 @@ def _transposed(src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-def spmm(x: torch.Tensor, support: SparseSupport, values: torch.Tensor) -> torch.Tensor:
-    """``y = x · Sᵀ`` for ``x`` of shape ``(tokens, in)``; returns a contiguous ``(tokens, out)`` in ``x.dtype``."""
+def spmm(
+    x: torch.Tensor, support: SparseSupport, values: torch.Tensor, add_to: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y = x · Sᵀ`` for ``x`` of shape ``(tokens, in)``; returns a contiguous ``(tokens, out)`` in ``x.dtype``.
+
+    With ``add_to`` (a ``(tokens, out_features)`` tensor of any float dtype), adds ``x · Sᵀ`` into it in place
+    instead and returns it: no result-sized temporary, and no separate pass to add the term to another one.
+    """
     tokens = x.shape[0]
     out_features, in_features = support.shape
     acc = _acc_dtype(x, values)
+    out = add_to
+    if out is not None and (out.dim() != 2 or tuple(out.shape) != (tokens, out_features)):
+        raise ValueError(f"spmm: add_to has shape {tuple(out.shape)}, expected {(tokens, out_features)}.")
     if support.nnz == 0 or tokens == 0:
-        return x.new_zeros(tokens, out_features)
+        return x.new_zeros(tokens, out_features) if out is None else out
     device = x.device
     csr, _ = support.layouts(device)
     S = _csr(csr.crow, csr.col, values.to(acc), (out_features, in_features))
-    y = torch.empty(tokens, out_features, dtype=x.dtype, device=device)
+    y = torch.empty(tokens, out_features, dtype=x.dtype, device=device) if out is None else out
     bufs: dict = {}
     for t0, t1 in _chunks(tokens, max(in_features, out_features), device):
         n = t1 - t0
         xt = _transposed(x[t0:t1], _buffer(bufs, "x", in_features, n, acc, device))  # (in, n)
         yt = _buffer(bufs, "y", out_features, n, acc, device)  # (out, n)
         torch.addmm(yt, S, xt, beta=0.0, alpha=1.0, out=yt)
-        y[t0:t1].copy_(yt.t())
+        if out is None:
+            y[t0:t1].copy_(yt.t())
+        else:  # transposing into a small contiguous buffer first makes the add a plain contiguous one
+            y[t0:t1].add_(_buffer(bufs, "rows", n, out_features, acc, device).copy_(yt.t()))
     return y
 
 
@@ -112,19 +124,24 @@ def backward(
     need_values: bool = True,
     x_dtype: torch.dtype | None = None,
     values_dtype: torch.dtype | None = None,
+    grad_x_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(spmm_t(g, S, v), sddmm(g, x, S))`` in one pass over ``g``; a gradient not asked for is ``None``.
 
     ``x`` is only read for the values gradient and ``values`` only for the input gradient (either may be ``None``
     when its gradient is not asked for). ``∂x`` has ``x_dtype`` (default ``g.dtype``), ``∂v`` has ``values_dtype``
-    (default ``g.dtype``).
+    (default ``g.dtype``). ``grad_x_into``: a ``(tokens, in)`` tensor to write ``∂x`` into (the autograd Function
+    passes a 2-D view of a tensor of the input's shape, so that the gradient it returns is no view: autograd can
+    then accumulate the other input gradients into it in place instead of allocating their sum).
     """
     tokens = g.shape[0]
     out_features, in_features = support.shape
     x_dtype = x_dtype or g.dtype
     values_dtype = values_dtype or g.dtype
     if support.nnz == 0 or tokens == 0:
-        grad_x = g.new_zeros(tokens, in_features, dtype=x_dtype) if need_x else None
+        grad_x = None
+        if need_x:
+            grad_x = g.new_zeros(tokens, in_features, dtype=x_dtype) if grad_x_into is None else grad_x_into.zero_()
         grad_v = g.new_zeros(support.nnz, dtype=values_dtype) if need_values else None
         return grad_x, grad_v
     grad_x = grad_v = None
@@ -135,7 +152,7 @@ def backward(
     csr, csr_t = support.layouts(device)
     if need_x:
         St = _csr(csr_t.crow, csr_t.col, values.to(acc)[csr_t.perm], (in_features, out_features))
-        grad_x = torch.empty(tokens, in_features, dtype=x_dtype, device=device)
+        grad_x = torch.empty(tokens, in_features, dtype=x_dtype, device=device) if grad_x_into is None else grad_x_into
     if need_values:
         pattern = _csr(csr.crow, csr.col, torch.zeros(support.nnz, dtype=acc, device=device), support.shape)
         grad_v = torch.zeros(support.nnz, dtype=acc, device=device)

@@ -89,6 +89,7 @@ def _csr_spmm_kernel(
     stride_o_tok,
     stride_o_feat,
     HAS_PERM: tl.constexpr,
+    ACCUMULATE: tl.constexpr,  # out += result instead of out = result
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -119,7 +120,10 @@ def _csr_spmm_kernel(
         ).to(ACC_DTYPE)
         acc += v[:, None] * b
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_o_feat + (toks * stride_o_tok)[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & tok_mask[None, :])
+    out_mask = row_mask[:, None] & tok_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(ACC_DTYPE)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _sddmm_kernel(
@@ -255,9 +259,12 @@ def _spmm_launch(
     out_dtype: torch.dtype,
     block_r: int,
     block_t: int,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> torch.Tensor:
     n_tok = b.shape[0]
-    out = torch.empty((n_tok, n_rows), dtype=out_dtype, device=b.device)
+    if out is None:
+        out = torch.empty((n_tok, n_rows), dtype=out_dtype, device=b.device)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_tok, block_t))
     _kernel(_csr_spmm_kernel)[grid](
         crow,
@@ -273,6 +280,7 @@ def _spmm_launch(
         out.stride(0),
         out.stride(1),
         HAS_PERM=perm is not None,
+        ACCUMULATE=accumulate,
         ACC_DTYPE=_acc(b, values),
         BLOCK_R=block_r,
         BLOCK_T=block_t,
@@ -284,6 +292,7 @@ def spmm(
     x: torch.Tensor,
     support: SparseSupport,
     values: torch.Tensor,
+    add_to: torch.Tensor | None = None,
     *,
     coalesce: bool = True,
     block_r: int = SPMM_BLOCK_R,
@@ -291,8 +300,9 @@ def spmm(
 ) -> torch.Tensor:
     """``y = x · Sᵀ`` for ``x`` of shape ``(tokens, in)``; returns ``(tokens, out)`` in ``x.dtype``.
 
-    ``coalesce``: read ``x`` through a feature-major copy (default; see the module docstring). The block sizes are
-    keyword-only knobs for tests and tuning.
+    With ``add_to`` (``(tokens, out_features)``, any float dtype and strides), adds ``x · Sᵀ`` into it in place (in
+    the kernel: read, add in fp32, store) and returns it. ``coalesce``: read ``x`` through a feature-major copy
+    (default; see the module docstring). The block sizes are keyword-only knobs for tests and tuning.
     """
     _require_triton()
     out_features, in_features = support.shape
@@ -302,11 +312,19 @@ def spmm(
     _check_device(x, values)
     if values.shape != (support.nnz,):
         raise ValueError(f"spmm: values have shape {tuple(values.shape)}, the support has {support.nnz} entries.")
+    if add_to is not None:
+        if tuple(add_to.shape) != (x.shape[0], out_features):
+            raise ValueError(f"spmm: add_to has shape {tuple(add_to.shape)}, expected {(x.shape[0], out_features)}.")
+        _check_float("add_to", add_to)
+        _check_device(x, add_to)
     if support.nnz == 0 or x.shape[0] == 0:
-        return x.new_zeros(x.shape[0], out_features)
+        return x.new_zeros(x.shape[0], out_features) if add_to is None else add_to
     lay = support.kernel_layouts(x.device)
     b = feature_major(x) if coalesce else x
-    return _spmm_launch(b, lay.crow, lay.col, values.contiguous(), None, out_features, x.dtype, block_r, block_t)
+    return _spmm_launch(
+        b, lay.crow, lay.col, values.contiguous(), None, out_features, x.dtype, block_r, block_t,
+        out=add_to, accumulate=add_to is not None,
+    )
 
 
 def spmm_t(
@@ -315,12 +333,13 @@ def spmm_t(
     values: torch.Tensor,
     *,
     out_dtype: torch.dtype | None = None,
+    into: torch.Tensor | None = None,
     coalesce: bool = True,
     block_r: int = SPMM_BLOCK_R,
     block_t: int = SPMM_BLOCK_T,
 ) -> torch.Tensor:
     """``∂x = g · S`` for ``g`` of shape ``(tokens, out)``; returns ``(tokens, in)`` in ``out_dtype`` (default
-    ``g.dtype``).
+    ``g.dtype``), written into ``into`` if given (then its dtype wins).
 
     Walks the CSR of Sᵀ (columns of S), reading each value through the cached column-major permutation.
     """
@@ -333,11 +352,18 @@ def spmm_t(
     if values.shape != (support.nnz,):
         raise ValueError(f"spmm_t: values have shape {tuple(values.shape)}, the support has {support.nnz} entries.")
     out_dtype = out_dtype or g.dtype
+    if into is not None:
+        if tuple(into.shape) != (g.shape[0], in_features):
+            raise ValueError(f"spmm_t: into has shape {tuple(into.shape)}, expected {(g.shape[0], in_features)}.")
+        _check_float("into", into)
+        _check_device(g, into)
     if support.nnz == 0 or g.shape[0] == 0:
-        return g.new_zeros(g.shape[0], in_features, dtype=out_dtype)
+        return g.new_zeros(g.shape[0], in_features, dtype=out_dtype) if into is None else into.zero_()
     lay = support.kernel_layouts(g.device)
     b = feature_major(g) if coalesce else g
-    return _spmm_launch(b, lay.ccol, lay.t_row, values.contiguous(), lay.t_perm, in_features, out_dtype, block_r, block_t)
+    return _spmm_launch(
+        b, lay.ccol, lay.t_row, values.contiguous(), lay.t_perm, in_features, out_dtype, block_r, block_t, out=into
+    )
 
 
 def _sddmm_split(n_blocks: int, n_tok: int, block_t: int, device: torch.device) -> int:
@@ -418,14 +444,16 @@ def backward(
     need_values: bool = True,
     x_dtype: torch.dtype | None = None,
     values_dtype: torch.dtype | None = None,
+    grad_x_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(spmm_t(g, S, v), sddmm(g, x, S))``, with ``g`` made feature-major once for both kernels.
 
     Same contract as :func:`sparse_lowrank_peft.delta.reference.backward`: ``x`` is read only for the values
-    gradient, ``values`` only for the input gradient; a gradient not asked for is ``None``.
+    gradient, ``values`` only for the input gradient; a gradient not asked for is ``None``; ``∂x`` is written into
+    ``grad_x_into`` when given.
     """
     if need_x or need_values:
         g = feature_major(g)
-    grad_x = spmm_t(g, support, values, out_dtype=x_dtype or g.dtype) if need_x else None
+    grad_x = spmm_t(g, support, values, out_dtype=x_dtype or g.dtype, into=grad_x_into) if need_x else None
     grad_v = sddmm(g, x, support, out_dtype=values_dtype or g.dtype) if need_values else None
     return grad_x, grad_v
