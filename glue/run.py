@@ -831,6 +831,11 @@ def _longest_first(dataset):
     return dataset.select(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)))
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (their RANK variable), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def training_callbacks(model) -> list:
     from sparse_lowrank_peft.callbacks import training_callbacks as callbacks_for
 
@@ -873,7 +878,8 @@ def _method_results(method: str, trainer, model, out: Path) -> dict | None:
         tuner = model.base_model
         name = tuner.active_adapters[0]
         r = tuner.peft_config[name].r
-        tuner.plot_kept_ranks(out / "kept_ranks.png", adapter_name=name)
+        if trainer.is_world_process_zero():
+            tuner.plot_kept_ranks(out / "kept_ranks.png", adapter_name=name)
         kept = tuner.prune(name)
         return {"kept_ranks": kept, "kept_total": sum(kept.values()), "max_total": r * len(kept),
                 "kept_ranks_plot": str(out / "kept_ranks.png")}
@@ -897,10 +903,11 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
     custom = str(cfg.task).lower() == "custom"
     task_name = (cfg.custom or {}).get("name", "custom") if custom else get_task(cfg.task).name
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg, task_name)
-    if dry_run:
+    if dry_run or not _is_main_process():
         checkpoint = None
     else:
-        # Check (not yet change) the output folder before the slow steps.
+        # Check (not yet change) the output folder before the slow steps. Main process only: under torchrun another
+        # rank may already have created it.
         probe = dataclasses.replace(cfg, overwrite_output_dir=False)
         if not resume and not cfg.overwrite_output_dir:
             prepare_output_dir(probe, out, resume=False)
@@ -949,37 +956,6 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
             "eval_examples": {k: len(v) for k, v in data.evals.items()}, "data_source": data.source,
         }
 
-    checkpoint = prepare_output_dir(cfg, out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_json(out / CONFIG_FILE, cfg.to_dict())
-
-    train_ds = _tokenize(data.train, tokenizer, cfg.max_seq_len, "tokenize train")
-    eval_ds = {
-        k: _longest_first(_tokenize(v, tokenizer, cfg.max_seq_len, f"tokenize {k}")) for k, v in data.evals.items()
-    }
-
-    def compute(eval_pred):
-        preds = predictions_from_logits(task, eval_pred.predictions)
-        return task.compute_metrics(preds, eval_pred.label_ids)
-
-    elapsed_before = 0.0
-    if checkpoint is not None:
-        elapsed_before = float(json.loads((checkpoint / PROGRESS_FILE).read_text()).get("train_wall_s", 0.0))
-        print(f"[glue] resuming from {checkpoint} (after {elapsed_before:.1f} s of training)", flush=True)
-    segment_start = time.time()
-
-    class ProgressFile(TrainerCallback):
-        """Marks each checkpoint complete and records the training wall time up to it (for --resume)."""
-
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                write_json(
-                    ckpt / PROGRESS_FILE,
-                    {"global_step": state.global_step, "train_wall_s": elapsed_before + time.time() - segment_start},
-                )
-
     use_cuda = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(out),
@@ -1010,7 +986,49 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_pin_memory=use_cuda,
         label_names=["labels"],
+        # every trainable parameter of every method takes part in every step (tests/test_distributed.py), so DDP
+        # need not search the graph for unused ones
+        ddp_find_unused_parameters=False,
     )
+    # Under torchrun / accelerate launch the main process checks, clears and creates the output folder while the
+    # others wait (otherwise a slower rank finds the folder the main process just made and refuses to overwrite it).
+    with args.main_process_first(local=False, desc="prepare the output folder"):
+        if args.process_index == 0:
+            checkpoint = prepare_output_dir(cfg, out, resume)
+            out.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                write_json(out / CONFIG_FILE, cfg.to_dict())
+        else:
+            checkpoint = complete_checkpoints(out)[-1] if resume else None
+
+    train_ds = _tokenize(data.train, tokenizer, cfg.max_seq_len, "tokenize train")
+    eval_ds = {
+        k: _longest_first(_tokenize(v, tokenizer, cfg.max_seq_len, f"tokenize {k}")) for k, v in data.evals.items()
+    }
+
+    def compute(eval_pred):
+        preds = predictions_from_logits(task, eval_pred.predictions)
+        return task.compute_metrics(preds, eval_pred.label_ids)
+
+    elapsed_before = 0.0
+    if checkpoint is not None:
+        elapsed_before = float(json.loads((checkpoint / PROGRESS_FILE).read_text()).get("train_wall_s", 0.0))
+        print(f"[glue] resuming from {checkpoint} (after {elapsed_before:.1f} s of training)", flush=True)
+    segment_start = time.time()
+
+    class ProgressFile(TrainerCallback):
+        """Marks each checkpoint complete and records the training wall time up to it (for --resume)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # the checkpoint is the main process's (and one writer per file)
+                return
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                write_json(
+                    ckpt / PROGRESS_FILE,
+                    {"global_step": state.global_step, "train_wall_s": elapsed_before + time.time() - segment_start},
+                )
+
     trainer = _trainer_class()(
         model=model,
         args=args,
@@ -1040,11 +1058,15 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
 
     if cfg.method == "full":
         save_dir = out / "model"
-        trainer.save_model(str(save_dir))
-        weights = _file_bytes(save_dir, ["model.safetensors", "pytorch_model.bin"])
+        trainer.save_model(str(save_dir))  # writes on the main process only
     else:
         save_dir = out / "adapter"
-        model.save_pretrained(str(save_dir))
+        if trainer.is_world_process_zero():
+            model.save_pretrained(str(save_dir))
+    trainer.accelerator.wait_for_everyone()  # the other processes read the saved folder's sizes below
+    if cfg.method == "full":
+        weights = _file_bytes(save_dir, ["model.safetensors", "pytorch_model.bin"])
+    else:
         weights = _file_bytes(save_dir, ["adapter_model.safetensors", "adapter_model.bin"])
 
     results = {
@@ -1091,6 +1113,8 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         "versions": versions(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if not trainer.is_world_process_zero():
+        return results  # the main process writes the results and prints the summary
     write_json(out / RESULTS_FILE, results)
     if cfg.results_path:
         write_json(Path(cfg.results_path), results)

@@ -354,13 +354,6 @@ needs_rte = pytest.mark.skipif(
     not (SHARED_GLUE / "RTE" / "train.tsv").is_file(),
     reason=f"real GLUE files not found at {SHARED_GLUE} (CI provides them at ../shared/glue)",
 )
-GLUE_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="glue/run.py is not yet safe under torchrun: every rank checks and creates the output folder (a slower "
-    "rank finds the one the main process made and exits with 'already exists and is not empty'), and every rank "
-    "writes glue_progress.json, kept_ranks.png, the adapter and results.json. Fix: docs/distributed.md, 'Runner "
-    "fix'; remove this mark when it is applied.",
-)
 
 #: Installed into the launched processes through PYTHONPATH: logs every file a training process (one with RANK
 #: set) opens for writing under $SLPEFT_TEST_WRITE_ROOT, to $SLPEFT_TEST_WRITE_LOG.rank<r>. It sees Python-level
@@ -466,7 +459,6 @@ def crash_then_resume(tmp_path: Path, model: str) -> dict:
 
 
 @needs_rte
-@GLUE_XFAIL
 def test_glue_runner_under_torchrun_checkpoints_crashes_and_resumes(tiny_bert, tmp_path):
     run = crash_then_resume(tmp_path, tiny_bert)
     out, res = run["out"], run["results"]
@@ -491,7 +483,6 @@ def test_glue_runner_under_torchrun_checkpoints_crashes_and_resumes(tiny_bert, t
 
 @pytest.mark.slow
 @needs_rte
-@GLUE_XFAIL
 def test_glue_runner_under_torchrun_resume_equals_uninterrupted(tiny_bert, tmp_path, request):
     """Three more launches (about a minute): the crashed-and-resumed run ends bit for bit where an uninterrupted
     one does. Runs only when asked for with ``-m slow``."""
