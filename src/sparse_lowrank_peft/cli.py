@@ -1,0 +1,201 @@
+"""``slpeft``: squeeze, export and inspect adapters from the command line.
+
+::
+
+    slpeft squeeze IN OUT --rank 4            # any adapter folder -> plain LoRA of rank 4 (optimal truncation)
+    slpeft squeeze IN OUT --energy 0.9        # per-layer ranks keeping 90% of each ‖ΔW‖_F² (rank_pattern)
+    slpeft export IN OUT [--rank K]           # exact plain LoRA where the delta is low-rank; K needed where not
+    slpeft inspect IN [--plot spectra.png]    # per-layer ranks, singular values, energy ranks, sparsity, bytes
+
+A LoRA folder needs no base model. Other adapters (SLTrain, SoRA, DyLoRA, NOLA, sparse RandLoRA) are loaded onto
+their base model: ``--base PATH``, else the config's ``base_model_name_or_path``. Errors (a missing or non-adapter
+folder, a rank above what the adapter has, an energy outside (0, 1], an existing output folder) print one message
+naming the path and the fix and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user error: printed as ``slpeft: error: ...`` with exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"rank {text!r} is not an integer. Fix: e.g. --rank 4 (for a fraction of the energy use --energy 0.9)."
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"rank {value} must be >= 1. Fix: e.g. --rank 4.")
+    return value
+
+
+def _energy(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"energy {text!r} is not a number. Fix: e.g. --energy 0.9.") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"energy {value} is outside (0, 1]: it is the fraction of each layer's ‖ΔW‖_F² to keep. "
+            "Fix: e.g. --energy 0.9."
+        )
+    return value
+
+
+def _add_randomized(p: argparse.ArgumentParser) -> None:
+    from .squeeze import DEFAULT_OVERSAMPLING, DEFAULT_POWER_ITERS, DEFAULT_SEED
+
+    g = p.add_argument_group("randomized SVD (sparse / full-rank deltas only)")
+    g.add_argument("--oversampling", type=int, default=DEFAULT_OVERSAMPLING, help="extra sketch columns p")
+    g.add_argument("--power-iters", type=int, default=DEFAULT_POWER_ITERS, help="power iterations q")
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the Gaussian probes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slpeft", description="Squeeze, export and inspect PEFT adapters (sparse_lowrank_peft).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{squeeze,export,inspect}")
+
+    sq = sub.add_parser("squeeze", help="compress an adapter folder to a plain LoRA of a lower rank",
+                        description="Compress an adapter folder to a plain PEFT LoRA folder (LoRA-Squeeze).")
+    sq.add_argument("input", metavar="IN", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    sq.add_argument("output", metavar="OUT", help="folder to write the LoRA adapter to")
+    target = sq.add_mutually_exclusive_group(required=True)
+    target.add_argument("--rank", type=_positive_int, help="target rank (layers of lower rank keep theirs)")
+    target.add_argument("--energy", type=_energy, help="keep this fraction of each layer's ‖ΔW‖_F², in (0, 1]")
+    sq.add_argument("--base", help="base model folder (non-LoRA adapters only; default: base_model_name_or_path)")
+    sq.add_argument("--lora-alpha", type=float, help="lora_alpha of the output (default: r per layer, scale 1)")
+    sq.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty OUT")
+    _add_randomized(sq)
+
+    ex = sub.add_parser("export", help="write any adapter as a plain LoRA folder (exact where low-rank)",
+                        description="Write an adapter folder as a plain PEFT LoRA folder: exact for low-rank deltas "
+                                    "(SoRA, DyLoRA, NOLA, LoRA); sparse / full-rank ones (SLTrain, RandLoRA) need "
+                                    "--rank and are truncated by randomized SVD.")
+    ex.add_argument("input", metavar="IN", help="adapter folder")
+    ex.add_argument("output", metavar="OUT", help="folder to write the LoRA adapter to")
+    ex.add_argument("--rank", type=_positive_int, help="LoRA rank (required for sparse / full-rank deltas; "
+                                                       "DyLoRA: its nested rank b)")
+    ex.add_argument("--base", help="base model folder (default: the config's base_model_name_or_path)")
+    ex.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty OUT")
+    _add_randomized(ex)
+
+    ins = sub.add_parser("inspect", help="per-layer ranks, singular values, sparsity and bytes of an adapter",
+                         description="Per-layer report of an adapter folder.")
+    ins.add_argument("input", metavar="IN", help="adapter folder")
+    ins.add_argument("--base", help="base model folder (non-LoRA adapters only)")
+    ins.add_argument("--top", type=_positive_int, default=32, help="singular values per layer (default 32)")
+    ins.add_argument("--plot", metavar="PNG", help="save a plot of the singular value spectra")
+    ins.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    _add_randomized(ins)
+    return parser
+
+
+def _check_output(out: str, overwrite: bool) -> Path:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"output '{path}' is a file. Fix: give a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise CliError(f"output folder '{path}' exists and is not empty. Fix: choose a new folder or pass --overwrite.")
+    return path
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _print_summary(folder: Path) -> None:
+    info_path = folder / "export_info.json"
+    if not info_path.is_file():
+        return
+    info = json.loads(info_path.read_text())
+    ranks = info.get("ranks", {})
+    methods = sorted({layer["method"] for layer in info.get("layers", {}).values()})
+    distinct = sorted(set(ranks.values()))
+    print(f"wrote {folder}: plain LoRA from {info.get('exported_from')}, {len(ranks)} layers, "
+          f"ranks {distinct}, method {', '.join(methods)}")
+
+
+def _format_report(report: dict, top: int) -> str:
+    lines = [
+        f"{report['folder']}: {report['peft_type']} adapter, {len(report['layers'])} layers, "
+        f"adapter_model.safetensors {_fmt_bytes(report['file_bytes'])}",
+        "",
+        f"{'layer':<52} {'shape':>11} {'kind':>8} {'rank':>5} {'r@0.9':>6} {'r@0.99':>6} {'density':>8} "
+        f"{'bytes':>10}  leading singular values",
+    ]
+    for name, e in report["layers"].items():
+        shape = "x".join(str(d) for d in e["shape"])
+        rank = "-" if e["rank"] is None else str(e["rank"])
+        r90 = e["energy_ranks"].get("0.9")
+        r99 = e["energy_ranks"].get("0.99")
+        r90 = f">{top}" if r90 is None else str(r90)
+        r99 = f">{top}" if r99 is None else str(r99)
+        dens = "-" if e["sparse_density"] is None else f"{e['sparse_density']:.4f}"
+        sv = " ".join(f"{v:.3g}" for v in e["singular_values"][:6])
+        short = name if len(name) <= 52 else "…" + name[-51:]
+        lines.append(f"{short:<52} {shape:>11} {e['kind']:>8} {rank:>5} {r90:>6} {r99:>6} {dens:>8} "
+                     f"{_fmt_bytes(e['bytes']):>10}  {sv}")
+    lines.append("")
+    lines.append("rank: factor rank (operator deltas: -); r@τ: smallest k keeping τ of ‖ΔW‖_F²; density: sparse term")
+    return "\n".join(lines)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .squeeze import adapter_folder_to_lora, inspect_adapter, plot_spectra
+
+    randomized = {"oversampling": args.oversampling, "power_iters": args.power_iters, "seed": args.seed}
+    if args.command == "squeeze":
+        out = _check_output(args.output, args.overwrite)
+        rank = args.rank if args.rank is not None else args.energy
+        folder = adapter_folder_to_lora(args.input, out, rank, base=args.base, lora_alpha=args.lora_alpha,
+                                        **randomized)
+        _print_summary(folder)
+    elif args.command == "export":
+        out = _check_output(args.output, args.overwrite)
+        folder = adapter_folder_to_lora(args.input, out, args.rank, base=args.base, **randomized)
+        _print_summary(folder)
+    else:
+        report = inspect_adapter(args.input, base=args.base, top=args.top, **randomized)
+        print(_format_report(report, args.top))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+            print(f"report written to {args.json}")
+        if args.plot:
+            print(f"spectra plotted to {plot_spectra(report, args.plot)}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point: returns the exit status (0 ok, 2 user error)."""
+    from .squeeze import SqueezeError
+
+    try:
+        return run(argv)
+    except (CliError, SqueezeError) as e:
+        print(f"slpeft: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as e:  # a tuner's own validation (e.g. a DyLoRA rank outside 1..r)
+        print(f"slpeft: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

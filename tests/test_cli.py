@@ -1,0 +1,154 @@
+"""``slpeft`` CLI: squeeze / export / inspect, and its error paths (exit status 2, a message naming the path and the
+fix). Run in-process through ``cli.main``; one subprocess checks the module entry point end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from _builders import BUILDERS
+from peft import LoraConfig, get_peft_model
+from test_squeeze import lora_deltas, optimal_truncation, rel
+
+from sparse_lowrank_peft import SLTrainConfig, SoraConfig
+from sparse_lowrank_peft.cli import main
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A base model, a LoRA r=8 folder, an SLTrain folder and a SoRA folder (no base path in their configs)."""
+    root = tmp_path_factory.mktemp("cli")
+    model, _, task_type = BUILDERS["bert"]()
+    model.save_pretrained(root / "base")
+    targets = {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"],
+               "task_type": task_type}
+    lora = get_peft_model(BUILDERS["bert"]()[0], LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, **targets))
+    lora.save_pretrained(root / "lora")
+    sl = get_peft_model(BUILDERS["bert"]()[0], SLTrainConfig(r=4, sparsity=0.1, init_weights=False, **targets))
+    sl.save_pretrained(root / "sltrain")
+    sora = get_peft_model(BUILDERS["bert"]()[0], SoraConfig(r=6, init_weights=False, **targets))
+    sora.save_pretrained(root / "sora")
+    return root, lora_deltas(lora)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_squeeze_rank(folders, capsys, tmp_path):
+    root, deltas = folders
+    code, out, err = run(capsys, "squeeze", root / "lora", tmp_path / "r2", "--rank", 2)
+    assert code == 0, err
+    assert "ranks [2]" in out and "method exact" in out
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(BUILDERS["bert"]()[0], tmp_path / "r2")
+    for name, W in lora_deltas(loaded).items():
+        assert rel(W, optimal_truncation(deltas[name], 2)) < 1e-5
+
+
+def test_squeeze_energy_writes_rank_pattern(folders, capsys, tmp_path):
+    root, _ = folders
+    code, out, err = run(capsys, "squeeze", root / "lora", tmp_path / "e", "--energy", 0.6)
+    assert code == 0, err
+    info = json.loads((tmp_path / "e" / "export_info.json").read_text())
+    assert all(layer["energy_kept"] >= 0.6 - 1e-9 for layer in info["layers"].values())
+    cfg = json.loads((tmp_path / "e" / "adapter_config.json").read_text())
+    assert cfg["r"] == max(info["ranks"].values())
+    assert len(cfg["rank_pattern"]) == sum(1 for k in info["ranks"].values() if k != cfg["r"])
+
+
+def test_export_sparse_adapter_with_base(folders, capsys, tmp_path):
+    root, _ = folders
+    code, out, err = run(capsys, "export", root / "sltrain", tmp_path / "x", "--base", root / "base", "--rank", 36)
+    assert code == 0, err
+    assert "method randomized" in out
+    code, out, err = run(capsys, "export", root / "sora", tmp_path / "s", "--base", root / "base")
+    assert code == 0, err
+    assert "method as-is" in out
+
+
+def test_inspect_with_plot(folders, capsys, tmp_path):
+    root, _ = folders
+    code, out, err = run(capsys, "inspect", root / "lora", "--plot", tmp_path / "spectra.png", "--json",
+                         tmp_path / "r.json")
+    assert code == 0, err
+    assert "bert.encoder.layer.0.attention.self.query" in out and "factored" in out
+    assert (tmp_path / "spectra.png").stat().st_size > 1000
+    report = json.loads((tmp_path / "r.json").read_text())
+    layer = report["layers"]["bert.encoder.layer.0.attention.self.query"]
+    assert layer["rank"] == 8 and len(layer["singular_values"]) == 8
+    code, out, err = run(capsys, "inspect", root / "sltrain", "--base", root / "base", "--top", 8)
+    assert code == 0, err
+    assert "operator" in out and " 0.100" in out  # the sparse term's density (nnz rounded)
+
+
+# ------------------------------------------------------------------------------------------------- error paths
+
+
+def test_missing_folder(capsys, tmp_path):
+    code, out, err = run(capsys, "squeeze", tmp_path / "nope", tmp_path / "out", "--rank", 4)
+    assert code == 2 and str(tmp_path / "nope") in err and "does not exist" in err
+
+
+def test_not_an_adapter_folder(capsys, tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.safetensors").write_bytes(b"")
+    code, out, err = run(capsys, "inspect", tmp_path / "plain")
+    assert code == 2 and "no adapter_config.json" in err and "save_pretrained" in err
+    code, out, err = run(capsys, "export", tmp_path / "plain" / "model.safetensors", tmp_path / "o")
+    assert code == 2 and "is a file" in err
+
+
+def test_rank_above_the_adapter(folders, capsys, tmp_path):
+    root, _ = folders
+    code, out, err = run(capsys, "squeeze", root / "lora", tmp_path / "o", "--rank", 9)
+    assert code == 2 and "above what the adapter has" in err and "rank <= 8" in err
+    code, out, err = run(capsys, "export", root / "sltrain", tmp_path / "o2", "--base", root / "base", "--rank", 40)
+    assert code == 2 and "at most 36" in err
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2", "abc"])
+def test_energy_outside_unit_interval(capsys, tmp_path, value):
+    with pytest.raises(SystemExit) as e:
+        main(["squeeze", str(tmp_path), str(tmp_path / "o"), "--energy", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "energy" in err and ("outside (0, 1]" in err or "not a number" in err)
+
+
+def test_rank_must_be_a_positive_int(capsys, tmp_path):
+    for value in ("0", "2.5"):
+        with pytest.raises(SystemExit) as e:
+            main(["squeeze", str(tmp_path), str(tmp_path / "o"), "--rank", value])
+        assert e.value.code == 2
+    assert "--energy" in capsys.readouterr().err
+
+
+def test_sparse_export_without_rank_and_missing_base(folders, capsys, tmp_path):
+    root, _ = folders
+    code, out, err = run(capsys, "export", root / "sltrain", tmp_path / "o", "--base", root / "base")
+    assert code == 2 and "--rank 16" in err
+    code, out, err = run(capsys, "export", root / "sltrain", tmp_path / "o", "--rank", 4)
+    assert code == 2 and "--base PATH" in err and str(root / "sltrain") in err
+
+
+def test_existing_output_needs_overwrite(folders, capsys, tmp_path):
+    root, _ = folders
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    code, out, err = run(capsys, "squeeze", root / "lora", tmp_path / "taken", "--rank", 2)
+    assert code == 2 and "--overwrite" in err
+    code, out, err = run(capsys, "squeeze", root / "lora", tmp_path / "taken", "--rank", 2, "--overwrite")
+    assert code == 0, err
+
+
+def test_module_entry_point_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sparse_lowrank_peft.cli", "squeeze", str(tmp_path / "missing"),
+                           str(tmp_path / "o"), "--rank", "4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("slpeft: error:") and "does not exist" in proc.stderr
