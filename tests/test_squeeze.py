@@ -29,7 +29,6 @@ from sparse_lowrank_peft.squeeze import (
     squeeze_adapter,
     squeeze_factors,
     squeeze_state,
-    svd_of_product,
 )
 from sparse_lowrank_peft.tuners.sparse_randlora import SparseRandLoraConfig
 
@@ -412,6 +411,37 @@ def test_post_squeeze_writes_the_folder_and_returns_the_model(tmp_path):
     for name, W in before.items():
         assert rel(after[name], optimal_truncation(W, 4)) < 1e-5
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_cont_squeeze_trains_the_squeezed_adapter_further(tmp_path):
+    """Cont-Squeeze = Post-Squeeze with the recipe's alpha/r kept, then more steps at the squeezed rank."""
+    model, make_inputs, task_type = BUILDERS["bert"]()
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False,
+                                          modules_to_save=["pooler", "classifier"], task_type=task_type))
+    spec = SqueezeSpec.from_mapping({"mode": "cont", "rank": 2, "cont_steps": 5})
+    alpha = spec.output_alpha({"r": 8, "lora_alpha": 16})
+    inputs = make_inputs(4)
+    before = lora_deltas(pm)
+    squeezed, folder = post_squeeze(pm, spec.rank, tmp_path / "sq", lora_alpha=alpha)
+    layer = next(m for m in squeezed.modules() if hasattr(m, "scaling") and "default" in getattr(m, "r", {}))
+    assert layer.r["default"] == 2 and layer.scaling["default"] == pytest.approx(2.0)  # the recipe's alpha/r
+    for name, W in lora_deltas(squeezed).items():
+        assert rel(W, optimal_truncation(before[name], 2)) < 1e-5
+    opt = torch.optim.AdamW([p for p in squeezed.parameters() if p.requires_grad], lr=1e-2)
+    squeezed.train()
+    start = {n: p.detach().clone() for n, p in squeezed.named_parameters() if "lora_" in n}
+    for step in range(spec.cont_steps):
+        batch = make_inputs(step)
+        labels = torch.tensor([0, 1, 2])
+        loss = squeezed(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = [n for n, p in squeezed.named_parameters() if "lora_" in n and not torch.equal(p, start[n])]
+    assert moved and all(p.shape[0] == 2 or p.shape[1] == 2 for n, p in squeezed.named_parameters() if "lora_" in n)
+    squeezed.eval()
+    with torch.no_grad():
+        assert torch.isfinite(output_of(squeezed, inputs)).all()
 
 
 def test_squeeze_spec():

@@ -34,7 +34,6 @@ folder), :class:`InSqueezeCallback` (rank annealing during training), :func:`pos
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import re
