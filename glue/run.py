@@ -53,7 +53,9 @@ MODEL_ALIASES = ("minilm",)
 PROGRESS_FILE = "glue_progress.json"  # written into each checkpoint once it is complete
 CONFIG_FILE = "run_config.json"
 RESULTS_FILE = "results.json"
-PEFT_METHODS = ("lora",)
+PEFT_BASELINES = ("lora", "loha", "lokr", "ia3", "vera", "randlora", "boft", "oft", "hra", "fourierft", "vblora")
+"""PEFT's own methods offered as baselines (those that train with a plain Trainer loop; AdaLoRA, which needs a
+per-step budget update, and the prompt-learning methods are not among them)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,7 +80,8 @@ class RunConfig:
                                    "label_column, problem, [labels, metrics, main_metric, label_range, name, quoting]")
     model: str = _f("minilm", "sequence-classification checkpoint: a folder, a hub id, or 'minilm' (bundled, offline)")
     tokenizer: str | None = _f(None, "tokenizer folder or hub id (default: the model's)")
-    method: str = _f("lora", "'full', 'lora' (PEFT LoraConfig), or a tuner of sparse_lowrank_peft by name")
+    method: str = _f("lora", "'full', 'lora' (PEFT LoraConfig) or another PEFT baseline (randlora, vera, ...), or a "
+                             "tuner of sparse_lowrank_peft by name (see --list-methods)")
     peft: dict = _fm(dict, "config fields of the method's PeftConfig (r, lora_alpha, target_modules, ...); "
                            "task_type is set to SEQ_CLS and modules_to_save to the model's head unless given")
     head_modules: list | None = _f(None, "modules trained in full besides the adapter (default: derived from the "
@@ -300,11 +303,24 @@ def library_tuners() -> tuple[dict[str, type], str | None]:
     return dict(getattr(sparse_lowrank_peft, "TUNERS", {})), None
 
 
-def available_methods() -> dict[str, type | None]:
-    """Method name -> PeftConfig class (``None`` for ``full``): full, lora, and every tuner of the library."""
-    from peft import LoraConfig
+def peft_baselines() -> dict[str, type]:
+    """PEFT's own config classes for :data:`PEFT_BASELINES` that the installed PEFT has, by method name."""
+    from peft import LoraConfig, PeftType
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    methods: dict[str, type | None] = {"full": None, "lora": LoraConfig}
+    out: dict[str, type] = {"lora": LoraConfig}
+    for name in PEFT_BASELINES:
+        try:
+            out[name] = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(name.upper())]
+        except (ValueError, KeyError):
+            continue
+    return out
+
+
+def available_methods() -> dict[str, type | None]:
+    """Method name -> PeftConfig class (``None`` for ``full``): full, PEFT's LoRA and other baselines
+    (:data:`PEFT_BASELINES`), and every tuner of this library (``sparse_lowrank_peft.TUNERS``)."""
+    methods: dict[str, type | None] = {"full": None, **peft_baselines()}
     tuners, _ = library_tuners()
     for name, cls in tuners.items():
         methods.setdefault(name, cls)
@@ -351,7 +367,8 @@ def make_peft_config(method: str, fields: Mapping[str, Any], head_modules: Seque
             f"peft.{unknown[0]} is not a field of {cls.__name__} (method '{method}').{hint} "
             f"Its fields: {', '.join(known)}."
         )
-    fields.setdefault("modules_to_save", list(head_modules))
+    if "modules_to_save" in names:
+        fields.setdefault("modules_to_save", list(head_modules))
     try:
         return cls(**fields, task_type="SEQ_CLS")
     except (TypeError, ValueError) as e:
@@ -728,6 +745,13 @@ def peak_memory() -> dict[str, int | None]:
     return {"rss_bytes": int(rss_bytes), "cuda_max_allocated_bytes": cuda}
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def versions() -> dict[str, str | None]:
     """Versions of the packages that decide the numbers."""
     out: dict[str, str | None] = {"python": platform.python_version()}
@@ -837,8 +861,12 @@ def _is_main_process() -> bool:
 
 
 def training_callbacks(model) -> list:
-    from sparse_lowrank_peft.callbacks import training_callbacks as callbacks_for
-
+    """The Trainer callbacks the model's adapters need (``sparse_lowrank_peft.callbacks.training_callbacks``); none
+    when the library cannot be imported (then only ``full`` and PEFT's own methods are available anyway)."""
+    try:
+        from sparse_lowrank_peft.callbacks import training_callbacks as callbacks_for
+    except ImportError:
+        return []
     return callbacks_for(model)
 
 
@@ -847,7 +875,10 @@ def _trainer_class():
     regulariser is the L1 proximal step) out of weight decay."""
     from transformers import Trainer
 
-    from sparse_lowrank_peft.callbacks import no_decay_parameter_names
+    try:
+        from sparse_lowrank_peft.callbacks import no_decay_parameter_names
+    except ImportError:
+        return Trainer
 
     class GlueTrainer(Trainer):
         def get_decay_parameter_names(self, model) -> list[str]:
@@ -900,6 +931,7 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
     """
     validate_config(cfg)
     started = time.time()
+    load_at_start = _load_average()
     custom = str(cfg.task).lower() == "custom"
     task_name = (cfg.custom or {}).get("name", "custom") if custom else get_task(cfg.task).name
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg, task_name)
@@ -1103,6 +1135,8 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         "resumed_from": str(checkpoint) if checkpoint else None,
         "peak_memory": peak_memory(),
         "device": device_description(),
+        # 1-minute load averages at start and end: on a shared machine, wall time depends on what else ran.
+        "load_average": {"start": load_at_start, "end": _load_average(), "cpu_count": os.cpu_count()},
         "config": cfg.to_dict(),
         "peft_config": peft_config.to_dict() if peft_config is not None else None,
         "init_adapter": init_info,
@@ -1144,7 +1178,9 @@ def _list_fields() -> str:
 
 def _list_methods() -> str:
     tuners, why = library_tuners()
-    lines = ["full                  every weight trains", "lora                  peft.LoraConfig"]
+    lines = ["full                  every weight trains"]
+    for name, cls in peft_baselines().items():
+        lines.append(f"{name:21s} peft {cls.__name__}")
     for name, cls in tuners.items():
         lines.append(f"{name:21s} sparse_lowrank_peft {cls.__name__}")
     if why:

@@ -133,6 +133,12 @@ def test_tiny_end_to_end_on_real_rte(tiny_model, tmp_path):
     assert on_disk["wall_time_s"] > 0 and on_disk["peak_memory"]["rss_bytes"] > 0
     assert on_disk["config"]["task"] == "rte" and on_disk["git"]["commit"]
     assert on_disk["data_source"].endswith("RTE")
+    # The report reads what the runner writes.
+    from glue import report
+
+    table = report.write_report([out / "results.json"], None, tmp_path / "plots")
+    assert "| RTE | " in table and f"{acc:.4f}" in table
+    assert (tmp_path / "plots" / "rte_metric_over_steps.png").is_file()
 
 
 def test_resume_after_a_kill_ends_with_the_same_metrics(tiny_model, toy_task, tmp_path):
