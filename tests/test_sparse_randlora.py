@@ -192,7 +192,7 @@ def test_sparse_training_step_builds_no_dense_basis(transposed):
         def forward(self, x):
             return self.lin(x)
 
-    largest = {}
+    largest, saved = {}, {}
     for density in (0.05, 1.0):
         pm = get_peft_model(One(), SparseRandLoraConfig(r=r, basis_density=density, target_modules=["lin"],
                                                         init_weights=False))
@@ -202,9 +202,25 @@ def test_sparse_training_step_builds_no_dense_basis(transposed):
             pm(x).square().sum().backward()
         assert pm.base_model.model.lin.sparse_randlora_gamma["default"].grad is not None
         largest[density] = probe.largest
+        # what autograd keeps until the backward, besides the input and the parameters
+        keep = {t.untyped_storage().data_ptr() for t in (x, *pm.parameters())}
+        kept = {}
+
+        def pack(t):
+            if t.layout == torch.strided and t.untyped_storage().data_ptr() not in keep:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            pm(x)
+        saved[density] = kept
     basis_size = 96 * 96  # T: N·r × min with N·r = 96
     assert largest[1.0] >= basis_size
     assert largest[0.05] < basis_size / 4, largest
+    # sparse: the activation T or Bᵀ reads (tokens × 96 at most), T's nnz values and the cached frozen values;
+    # dense: T itself (96 × 96) besides the activation
+    assert max(saved[0.05].values()) < basis_size / 4 and max(saved[1.0].values()) >= basis_size
+    assert sum(saved[0.05].values()) < sum(saved[1.0].values())
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

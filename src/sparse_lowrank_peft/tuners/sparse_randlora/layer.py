@@ -9,11 +9,80 @@ from torch import nn
 
 from ..._peft_compat import BufferDict
 from ...delta.layer import DeltaLayer
-from ...delta.ops import sparse_delta
+from ...delta.ops import get_ops, sparse_delta
+from ...delta.support import SparseSupport
 from . import bases as basis_cache
 
 #: fields of the per-layer basis record ``sparse_randlora_basis_key`` saved in every checkpoint (int64)
 KEY_FIELDS = ("basis_seed", "r", "basis_density_ppm", "out_features", "in_features", "checksum")
+
+
+class _FrozenSparseProduct(torch.autograd.Function):
+    """``x·Sᵀ`` with *frozen* values through the shared sparse-delta ops (reference on CPU, Triton on CUDA).
+
+    ``sparse_delta`` saves ``x`` for the values' gradient even when the values need none; for the frozen ``B`` factor
+    that would keep one more ``(tokens, N·r)`` activation per layer alive until the backward (PEFT's ``F.linear`` with
+    a frozen weight keeps none). This saves only the values and asks the backend for ``∂x`` alone.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, support: SparseSupport):
+        ops = get_ops(x2d.device)
+        ctx.ops, ctx.support, ctx.x_dtype = ops, support, x2d.dtype
+        ctx.save_for_backward(values)
+        return ops.spmm(x2d, support, values)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        (values,) = ctx.saved_tensors
+        grad_x, _ = ctx.ops.backward(
+            grad_out.contiguous(), None, ctx.support, values, need_x=True, need_values=False, x_dtype=ctx.x_dtype,
+            values_dtype=values.dtype,
+        )
+        return grad_x, None, None
+
+
+class _GatherScaled(torch.autograd.Function):
+    """``T``'s values ``λ.flat[lam_idx] · γ.flat[gam_idx] · a`` (``nnz``-sized), saving only ``λ`` and ``γ``.
+
+    Autograd of the plain expression would keep the two gathered vectors and their product (three ``nnz``-sized
+    tensors per layer) until the backward; the backward here gathers again instead (``O(nnz)``, cheap) and
+    scatter-adds: ``∂λ.flat[lam_idx] += g·γ.flat[gam_idx]·a``, ``∂γ.flat[gam_idx] += g·λ.flat[lam_idx]·a``.
+    """
+
+    @staticmethod
+    def forward(ctx, lam, gamma, lam_idx, gam_idx, a_values):
+        lam_flat, gamma_flat = lam.reshape(-1), gamma.reshape(-1)
+        ctx.save_for_backward(lam, gamma)
+        ctx.indices = (lam_idx, gam_idx, a_values)
+        return lam_flat.index_select(0, lam_idx) * gamma_flat.index_select(0, gam_idx) * a_values
+
+    @staticmethod
+    def backward(ctx, grad):
+        lam, gamma = ctx.saved_tensors
+        lam_idx, gam_idx, a_values = ctx.indices
+        lam_flat, gamma_flat = lam.reshape(-1), gamma.reshape(-1)
+        grad_a = grad * a_values
+        grad_lam = grad_gamma = None
+        if ctx.needs_input_grad[0]:
+            contrib = grad_a * gamma_flat.index_select(0, gam_idx)
+            grad_lam = torch.zeros_like(lam_flat).index_add_(0, lam_idx, contrib).view_as(lam)
+        if ctx.needs_input_grad[1]:
+            contrib = grad_a * lam_flat.index_select(0, lam_idx)
+            grad_gamma = torch.zeros_like(gamma_flat).index_add_(0, gam_idx, contrib).view_as(gamma)
+        return grad_lam, grad_gamma, None, None, None
+
+
+def frozen_sparse_product(x: torch.Tensor, support: SparseSupport, values: torch.Tensor) -> torch.Tensor:
+    """``x·Sᵀ`` for ``x`` of shape ``(..., in)`` and frozen ``values`` (no gradient for them, ``x`` not saved)."""
+    out_features, in_features = support.shape
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features)
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    return _FrozenSparseProduct.apply(x2d, values.detach(), support).reshape(*lead, out_features)
 
 
 class SparseRandLoraLayer(DeltaLayer):
@@ -123,10 +192,9 @@ class SparseRandLoraLayer(DeltaLayer):
 
     def sparse_T_values(self, adapter_name: str, ops: basis_cache.SparseOperands) -> torch.Tensor:
         """The values of ``T`` on its support: ``λ[k, b] · γ[b, j] · A[k, j]`` (``nnz``-sized, differentiable)."""
-        lam = self.sparse_randlora_lambda[adapter_name].reshape(-1)
-        gamma = self.sparse_randlora_gamma[adapter_name].reshape(-1)
-        lam, gamma = lam.to(ops.a_values.dtype), gamma.to(ops.a_values.dtype)
-        return lam.index_select(0, ops.lam_idx) * gamma.index_select(0, ops.gam_idx) * ops.a_values
+        lam = self.sparse_randlora_lambda[adapter_name].to(ops.a_values.dtype)
+        gamma = self.sparse_randlora_gamma[adapter_name].to(ops.a_values.dtype)
+        return _GatherScaled.apply(lam, gamma, ops.lam_idx, ops.gam_idx, ops.a_values)
 
     def lowrank_forward(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         """``(α/r) · ΔW·dropout(x)`` without building ΔW: ``(..., in)`` -> ``(..., out)``."""
@@ -142,9 +210,11 @@ class SparseRandLoraLayer(DeltaLayer):
             return ((x @ B) @ T) * scale
         ops = basis.operands(self.transposed, lam.device, lam.dtype)
         t_values = self.sparse_T_values(adapter_name, ops)
-        first_values, second_values = (t_values, ops.frozen_values) if ops.trainable_first else (ops.frozen_values, t_values)
-        h = sparse_delta(x, ops.first, first_values)
-        return sparse_delta(h, ops.second, second_values) * scale
+        if ops.trainable_first:  # T on x (saves x for T's values gradient), then the frozen B (saves nothing more)
+            h = sparse_delta(x, ops.first, t_values)
+            return frozen_sparse_product(h, ops.second, ops.frozen_values) * scale
+        h = frozen_sparse_product(x, ops.first, ops.frozen_values)  # frozen Bᵀ, then Tᵀ (saves h)
+        return sparse_delta(h, ops.second, t_values) * scale
 
     def lowrank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
         """Dense ΔW (``out × in``, fp32): ``scale·B·T`` or ``scale·Tᵀ·Bᵀ``. Merge only."""
