@@ -516,8 +516,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--shape", action="append", type=parse_shape, help="tokens,in,out,density (repeatable)")
     parser.add_argument("--variants", nargs="+", default=None, help=f"subset of: {', '.join(LABELS)}")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; quick 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; quick 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
@@ -526,8 +526,13 @@ def main(argv=None) -> dict:
         "done, much less sensitive to other jobs on a shared machine than elapsed time)",
     )
     parser.add_argument("--out", default=None, help="results JSON path (default bench/results/sparse_delta-<device>.json)")
+    parser.add_argument("--print", dest="print_json", default=None, help="print the markdown of a results file, exit")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.print_json:
+        saved = json.loads(Path(args.print_json).read_text())
+        print(markdown(saved))
+        return saved
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -548,8 +553,8 @@ def main(argv=None) -> dict:
     import sparse_lowrank_peft  # noqa: F401  (registers the tuners with PEFT)
 
     shapes = args.shape or (QUICK_SHAPES if args.quick else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
+    warmup = args.warmup if args.warmup is not None else 1
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     names = variants_for(device, args.variants)
     info = device_info(device)
     commit, dirty = git_commit()
@@ -567,9 +572,12 @@ def main(argv=None) -> dict:
         "conditions": {"loadavg_start": loadavg(), "torch_threads": torch.get_num_threads()},
         "results": [],
     }
+    suffix = "" if args.clock == "wall" else "-cputime"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"sparse_delta-{device_slug(info)}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     saved_backend = os.environ.get(BACKEND_ENV)
     try:
-        run_shapes(shapes, names, args, device, dtype, warmup, repeats, result)
+        run_shapes(shapes, names, args, device, dtype, warmup, repeats, result, out)
     finally:  # Step.run sets the backend variable per variant; leave the caller's environment as it was
         if saved_backend is None:
             os.environ.pop(BACKEND_ENV, None)
@@ -577,16 +585,15 @@ def main(argv=None) -> dict:
             os.environ[BACKEND_ENV] = saved_backend
     result["conditions"]["loadavg_end"] = loadavg()
     result["targets"] = evaluate_targets(result["results"], info["type"], args.dtype)
-    suffix = "" if args.clock == "wall" else "-cputime"
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"sparse_delta-{device_slug(info)}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    result["complete"] = True
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
     print(f"\nwrote {out}", file=sys.stderr)
     return result
 
 
-def run_shapes(shapes, names, args, device, dtype, warmup, repeats, result) -> None:
+def run_shapes(shapes, names, args, device, dtype, warmup, repeats, result, out: Path) -> None:
+    """Time (and measure) every shape; the results file is rewritten after each one (``complete: false``)."""
     from sparse_lowrank_peft.delta.support import support_nnz
 
     for shape in shapes:
@@ -603,6 +610,7 @@ def run_shapes(shapes, names, args, device, dtype, warmup, repeats, result) -> N
                 "peak_mb": None if peak is None else round(peak / 1e6, 2),
             })
         print(f"[{time.time() - t0:6.1f}s] {shape} load {loadavg()}", file=sys.stderr, flush=True)
+        out.write_text(json.dumps({**result, "complete": False}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
