@@ -6,8 +6,9 @@ Usage::
 
 Folders are searched recursively for ``*.json`` files written by ``glue.run`` (other JSON files are skipped).
 The table has one row per run: task, model, method, the task's main metric at the end of training and at its best
-evaluation, every metric at the end, trainable parameters, adapter bytes on disk, training budget, wall time (with
-the machine's 1-minute load average at start/end, since a shared machine stretches it) and peak memory. The plots are ``<task>_metric_over_steps.png`` (dev metric at every evaluation, one line per
+evaluation, every metric at the end, trainable parameters, adapter bytes on disk, training budget, wall time (with the
+process's CPU time and the machine's 1-minute load average at start/end, since a shared machine stretches the wall
+time) and peak memory. The plots are ``<task>_metric_over_steps.png`` (dev metric at every evaluation, one line per
 model/method) and ``metric_vs_params.png`` (final main metric against trainable parameters, one panel per task).
 """
 
@@ -128,6 +129,9 @@ def markdown_table(results: Sequence[dict]) -> str:
         load_note = ""
         if isinstance(load.get("start"), (int, float)) and isinstance(load.get("end"), (int, float)):
             load_note = f" (load {load['start']:.1f}/{load['end']:.1f} on {load.get('cpu_count', '?')} CPUs)"
+        cpu = r.get("cpu_time_this_run_s")
+        if isinstance(cpu, (int, float)):
+            load_note = f", CPU {cpu:.0f} s" + load_note
         rss = (r.get("peak_memory") or {}).get("rss_bytes")
         rows.append(
             f"| {r.get('task_display', r.get('task'))} | {r.get('model')} | {r.get('method')} | {r.get('main_metric')} "

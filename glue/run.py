@@ -745,6 +745,11 @@ def peak_memory() -> dict[str, int | None]:
     return {"rss_bytes": int(rss_bytes), "cuda_max_allocated_bytes": cuda}
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -1132,6 +1137,9 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         # interrupted invocation's setup time is not recorded anywhere and is not included).
         "wall_time_s": elapsed_before + time.time() - started,
         "wall_time_this_run_s": time.time() - started,
+        # CPU seconds this process used (user + system, all threads): on a shared machine the wall time depends on
+        # the load, the CPU time much less. Not summed over an interrupted segment.
+        "cpu_time_this_run_s": _cpu_seconds(),
         "resumed_from": str(checkpoint) if checkpoint else None,
         "peak_memory": peak_memory(),
         "device": device_description(),

@@ -25,7 +25,8 @@ def fake_result(task, method, main_metric, values, trainable, final_extra=None, 
         "model": "minilm", "main_metric": main_metric, "final": final, "evals": evals,
         "best": {"step": 10 * (values.index(max(values)) + 1), "value": max(values), "split": split},
         "train": {"examples": 100, "epochs": 2.0, "global_step": 20}, "params": {"trainable": trainable},
-        "adapter": {"weights_bytes": 4 * trainable}, "wall_time_s": 12.3, "peak_memory": {"rss_bytes": 2**30},
+        "adapter": {"weights_bytes": 4 * trainable}, "wall_time_s": 12.3, "cpu_time_this_run_s": 7.0,
+        "load_average": {"start": 1.5, "end": 2.25, "cpu_count": 2}, "peak_memory": {"rss_bytes": 2**30},
     }
 
 
@@ -49,7 +50,8 @@ def test_markdown_table_has_one_row_per_run_in_glue_order(results_dir):
     assert "| MRPC | minilm | lora | accuracy | 0.7000 | 0.7000 (10) | accuracy 0.7000, f1 0.8125 | 222.3K |" in table
     # final and best differ when the last evaluation is not the best one
     assert "| RTE | minilm | full | accuracy | 0.5500 | 0.6000 (10) |" in table
-    assert "22.70M" in table and "868.5 KB" in table and "12 s" in table and "1.0 GB" in table
+    assert "22.70M" in table and "868.5 KB" in table and "1.0 GB" in table
+    assert "| 12 s, CPU 7 s (load 1.5/2.2 on 2 CPUs) |" in table
 
 
 def test_plots_are_written_as_png(results_dir, tmp_path):

@@ -130,7 +130,7 @@ def test_tiny_end_to_end_on_real_rte(tiny_model, tmp_path):
     pooler, classifier = 32 * 32 + 32, 32 * 2 + 2
     assert on_disk["params"]["trainable"] == lora + pooler + classifier
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size == on_disk["adapter"]["weights_bytes"]
-    assert on_disk["wall_time_s"] > 0 and on_disk["peak_memory"]["rss_bytes"] > 0
+    assert on_disk["wall_time_s"] > 0 and on_disk["cpu_time_this_run_s"] > 0 and on_disk["peak_memory"]["rss_bytes"] > 0
     assert on_disk["config"]["task"] == "rte" and on_disk["git"]["commit"]
     assert on_disk["data_source"].endswith("RTE")
     # The report reads what the runner writes.
