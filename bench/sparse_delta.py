@@ -473,7 +473,7 @@ def markdown(result: dict) -> str:
         f"{result['settings']['rank']}, torch {result['versions']['torch']}, triton {result['versions']['triton']}, "
         f"peft {result['versions']['peft']}, commit {(result['commit'] or '?')[:10]}"
         f"{' (dirty)' if result['dirty'] else ''}, load average {result['conditions']['loadavg_start']} -> "
-        f"{result['conditions']['loadavg_end']}, {result['settings']['repeats']} timed rounds after "
+        f"{result['conditions'].get('loadavg_end', '(running)')}, {result['settings']['repeats']} timed rounds after "
         f"{result['settings']['warmup']} warm-up, {result['settings']['clock']} clock, "
         f"{result['conditions']['torch_threads']} torch threads."
     )
@@ -495,7 +495,7 @@ def markdown(result: dict) -> str:
                 f"| {key[0]} | {key[1]}×{key[2]} | {key[3]:g} | {LABELS[r['variant']]} | {r['fwd_ms']:.1f} | "
                 f"{r['bwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {ratio} | {peak} | {over} |"
             )
-    if result["targets"]:
+    if result.get("targets"):
         lines.append("")
         lines.append("| target | measured | paired | bound | met |")
         lines.append("|:---|---:|---:|:---|:---:|")
