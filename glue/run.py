@@ -88,6 +88,15 @@ class RunConfig:
                                          "model: BERT ['pooler', 'classifier'], RoBERTa ['classifier'])")
     init_adapter: str | None = _f(None, "adapter folder to start from (e.g. the MNLI adapter for MRPC/RTE/STS-B); "
                                         "its head is not loaded")
+    quantize: str | None = _f(None, "4-bit base (QLoRA style): nf4 or fp4 quantizes every nn.Linear of the encoder "
+                                    "except the trained head with bitsandbytes after loading (null: full precision)",
+                              choices=(None, "nf4", "fp4"))
+    init: str = _f("default", "adapter initialisation: default (the method's own) or lq (LQ-LoRA: W = Q + L, the "
+                              "adapter's low-rank factors start from L; tuners with init_weights='lq'; needs quantize)",
+                   choices=("default", "lq"))
+    squeeze: dict | None = _f(None, "LoRA-Squeeze after (post, cont) or during (in) training: mapping with mode, rank "
+                                    "or energy, [lora_alpha, cont_steps, cont_learning_rate, in_start, in_end, "
+                                    "in_stages] (sparse_lowrank_peft.squeeze.SqueezeSpec)")
     # data
     data_dir: str | None = _f(None, "local GLUE folder in the glue_data layout (default: $GLUE_DIR, else the hub)")
     max_seq_len: int = _f(128, "maximum tokens per example (longer pairs are truncated longest-first)")
@@ -277,6 +286,7 @@ def validate_config(cfg: RunConfig) -> None:
             f"Recipe field 'lr_scheduler_type' is '{cfg.lr_scheduler_type}'; known schedulers: "
             f"{', '.join(s.value for s in SchedulerType)}."
         ) from None
+    _validate_quantize_and_squeeze(cfg)
     if cfg.method == "full":
         if cfg.peft:
             raise GlueError(
@@ -287,7 +297,53 @@ def validate_config(cfg: RunConfig) -> None:
             raise GlueError("init_adapter needs an adapter method (lora or a tuner), not 'full'.")
     else:
         # Builds the method's config once now, so a bad field or value fails before any data or model is loaded.
-        make_peft_config(cfg.method, cfg.peft, head_modules=cfg.head_modules or ["classifier"])
+        make_peft_config(cfg.method, effective_peft_fields(cfg), head_modules=cfg.head_modules or ["classifier"])
+
+
+def effective_peft_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The method's config fields with what ``init: lq`` implies (``init_weights: lq`` in the quantize format)."""
+    fields = dict(cfg.peft)
+    if cfg.init == "lq":
+        fields["init_weights"] = "lq"
+        fields["lq_quant_type"] = cfg.quantize
+    return fields
+
+
+def _validate_quantize_and_squeeze(cfg: RunConfig) -> None:
+    if cfg.quantize and cfg.method == "full":
+        raise GlueError(
+            f"quantize: {cfg.quantize} with method 'full': a 4-bit weight cannot be trained. Quantized bases are for "
+            "adapter methods (QLoRA style); use e.g. method: lora or sltrain, or drop quantize."
+        )
+    if cfg.init == "lq":
+        if not cfg.quantize:
+            raise GlueError(
+                "init: lq (LQ-LoRA) splits each target weight into a 4-bit part and the adapter's low-rank part, so it "
+                "needs quantize: nf4 (or fp4). Add quantize: nf4, or use init: default."
+            )
+        methods = available_methods()
+        cls = methods.get(cfg.method)
+        if cfg.method in methods and (cls is None or "lq_quant_type" not in {f.name for f in dataclasses.fields(cls)}):
+            raise GlueError(
+                f"init: lq is implemented by this library's factored tuners (sltrain, sora, dylora), not by "
+                f"'{cfg.method}'. PEFT's own LoftQ for LoRA needs a GPU. Use one of those methods or init: default."
+            )
+    if cfg.squeeze is not None:
+        try:
+            from sparse_lowrank_peft.squeeze import SqueezeSpec
+        except ImportError as e:
+            raise GlueError(f"squeeze needs sparse_lowrank_peft, which could not be imported: {e}") from e
+        try:
+            spec = SqueezeSpec.from_mapping(cfg.squeeze)
+        except (ValueError, TypeError) as e:
+            raise GlueError(f"Recipe field 'squeeze': {e}") from None
+        if cfg.method == "full":
+            raise GlueError("squeeze compresses an adapter; method 'full' has none. Pick an adapter method.")
+        if spec.mode == "in" and cfg.method != "lora":
+            raise GlueError(
+                f"squeeze mode 'in' anneals a PEFT LoRA's rank in place; method is '{cfg.method}'. Use method: lora "
+                "for In-Squeeze, or mode: post / cont for this method."
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -893,6 +949,105 @@ def _trainer_class():
     return GlueTrainer
 
 
+def quantizable_linears(model, head: Sequence[str]) -> list[str]:
+    """Names of the ``nn.Linear`` layers a 4-bit base quantizes: every one except the trained head's."""
+    import torch.nn as nn
+
+    head_set = set(head)
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and not set(n.split(".")) & head_set]
+
+
+def quantize_base(model, names: Sequence[str], quant_type: str, lq: bool = False) -> dict[str, Any]:
+    """Quantize the ``nn.Linear`` layers ``names`` (suffixes of module names) of ``model`` to 4-bit in place;
+    layers already quantized (LQ-LoRA's targets) are skipped. Returns what was done, with LQ-LoRA's reconstruction
+    errors (mean over the target layers) when ``lq``."""
+    import torch.nn as nn
+
+    from sparse_lowrank_peft.delta.quant import quantize_linears
+
+    present = [n for n in names if any(type(m) is nn.Linear and (k == n or k.endswith("." + n))
+                                       for k, m in model.named_modules())]
+    replaced = quantize_linears(model, present, quant_type=quant_type) if present else []
+    info: dict[str, Any] = {"quant_type": quant_type, "init": "lq" if lq else "default",
+                            "plain_4bit_layers": len(replaced)}
+    if lq:
+        errors = [m.lq_errors for m in model.modules() if getattr(m, "lq_errors", None)]
+        info["lq_layers"] = len(errors)
+        if errors:
+            info["lq_relative_error_mean"] = {k: sum(e[k] for e in errors) / len(errors) for k in errors[0]}
+    print(f"[glue] 4-bit base ({quant_type}): {info}", flush=True)
+    return info
+
+
+def _squeeze_after_training(cfg: RunConfig, spec, trainer, model, out: Path, final: dict, task: TaskSpec) -> dict:
+    """LoRA-Squeeze after training: squeeze the trained adapter to plain LoRA (``spec.rank`` or ``spec.energy``),
+    evaluate it, and for ``cont`` train it ``cont_steps`` more steps; the squeezed adapter is saved in
+    ``<out>/adapter-squeezed`` (with ``export_info.json``), the continued one in ``<out>/adapter-cont``. Returns the metrics before and after, the per-layer ranks and sizes."""
+    import torch
+    from transformers import TrainingArguments
+
+    from sparse_lowrank_peft.squeeze import post_squeeze
+
+    name = model.active_adapters[0] if hasattr(model, "active_adapters") else "default"
+    alpha = spec.output_alpha(cfg.peft)
+    before_params, _ = count_parameters(model)
+    folder = out / "adapter-squeezed"
+    if trainer.is_world_process_zero() and folder.exists():
+        shutil.rmtree(folder)
+    started = time.time()
+    squeezed, _ = post_squeeze(model, spec.target, folder, adapter_name=name, lora_alpha=alpha)
+    squeeze_s = time.time() - started
+    trainer.model = trainer.model_wrapped = squeezed
+    after = trainer.evaluate()
+    info: dict[str, Any] = {
+        "mode": spec.mode, "target": spec.target, "lora_alpha": alpha, "squeeze_s": squeeze_s,
+        "before": final, "after": _split_metrics(after, task, list(trainer.eval_dataset)),
+        "trainable_after": count_parameters(squeezed)[0], "trainable_before": before_params,
+    }
+    cuts = [c.done for c in trainer.callback_handler.callbacks if hasattr(c, "final_rank") and hasattr(c, "done")]
+    if cuts:
+        info["in_squeeze_cuts"] = [{"step": step, "rank": rank} for step, rank in cuts[0]]
+    export_info = folder / "export_info.json"
+    if export_info.is_file():
+        layers = json.loads(export_info.read_text()).get("layers", {})
+        info["ranks"] = {k: v.get("rank") for k, v in layers.items()} if isinstance(layers, dict) else None
+    if spec.mode == "cont":
+        cont_args = TrainingArguments(
+            output_dir=str(out / "cont"), learning_rate=spec.cont_learning_rate or cfg.learning_rate,
+            max_steps=spec.cont_steps, per_device_train_batch_size=cfg.train_batch_size,
+            per_device_eval_batch_size=cfg.eval_batch_size, warmup_steps=cfg.warmup_ratio,
+            weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler_type, max_grad_norm=cfg.max_grad_norm,
+            optim=cfg.optim, seed=cfg.seed, save_strategy="no", eval_strategy="no", logging_steps=cfg.logging_steps,
+            report_to="none", use_cpu=not torch.cuda.is_available(), label_names=["labels"],
+        )
+        cont = type(trainer)(
+            model=squeezed, args=cont_args, train_dataset=trainer.train_dataset, eval_dataset=trainer.eval_dataset,
+            data_collator=trainer.data_collator, processing_class=trainer.processing_class,
+            compute_metrics=trainer.compute_metrics,
+        )
+        started = time.time()
+        cont.train()
+        info["cont_train_s"] = time.time() - started
+        info["after_cont"] = _split_metrics(cont.evaluate(), task, list(trainer.eval_dataset))
+        folder = out / "adapter-cont"
+        if trainer.is_world_process_zero():
+            if folder.exists():
+                shutil.rmtree(folder)
+            squeezed.save_pretrained(str(folder))
+    info["adapter"] = {"path": str(folder),
+                       "weights_bytes": _file_bytes(folder, ["adapter_model.safetensors", "adapter_model.bin"])}
+    shown = info.get("after_cont", info["after"])
+    print(f"[glue] squeeze ({spec.mode}, {spec.target}): " + "; ".join(
+        f"{split} " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if k == task.main_metric)
+        for split, m in shown.items()), flush=True)
+    return info
+
+
+def _split_metrics(metrics: Mapping[str, Any], task: TaskSpec, splits: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``trainer.evaluate()``'s ``{"eval_validation_accuracy": x, ...}`` -> ``{"validation": {"accuracy": x}}``."""
+    return {e["split"]: e["metrics"] for e in evals_from_log_history([metrics], task, splits)}
+
+
 def _method_results(method: str, trainer, model, out: Path) -> dict | None:
     """Per-method extras after training: DyLoRA evaluated at ranks 1, 2, 4, ..., r from the one adapter; SoRA's kept
     ranks (plot in ``kept_ranks.png``) and the adapter pruned to them before it is saved."""
@@ -971,13 +1126,31 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
     head = list(cfg.head_modules) if cfg.head_modules else head_module_names(model)
     peft_config = None
     init_info = None
+    quant_info = None
+    to_quantize = quantizable_linears(model, head) if cfg.quantize else []
+    if cfg.quantize and cfg.init != "lq":
+        quant_info = quantize_base(model, to_quantize, cfg.quantize)
     if cfg.method != "full":
         from peft import get_peft_model
 
-        peft_config = make_peft_config(cfg.method, cfg.peft, head)
+        peft_config = make_peft_config(cfg.method, effective_peft_fields(cfg), head)
         model = get_peft_model(model, peft_config)
+        if cfg.quantize and cfg.init == "lq":
+            # LQ-LoRA quantized the target layers itself (W = Q + L); the other encoder linears get plain 4-bit
+            quant_info = quantize_base(model, to_quantize, cfg.quantize, lq=True)
         if cfg.init_adapter:
             init_info = load_init_adapter(model, cfg.init_adapter, head)
+    squeeze_spec = None
+    if cfg.squeeze is not None:
+        from sparse_lowrank_peft.squeeze import SqueezeSpec
+
+        squeeze_spec = SqueezeSpec.from_mapping(cfg.squeeze)
+        if squeeze_spec.mode == "in":
+            from sparse_lowrank_peft.squeeze import InSqueezeCallback
+
+            in_squeeze = InSqueezeCallback(squeeze_spec.rank, squeeze_spec.in_start, squeeze_spec.in_end,
+                                           squeeze_spec.in_stages)
+            callbacks = [*(callbacks or []), in_squeeze]
     # what the adapter's method needs while training (SoRA's proximal gate step, DyLoRA's per-step rank)
     method_callbacks = training_callbacks(model) if cfg.method != "full" else []
     trainable, total = count_parameters(model)
@@ -1092,6 +1265,8 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
     best = max(scored, key=lambda e: e["metrics"][task.main_metric]) if scored else None
 
     method_results = _method_results(cfg.method, trainer, model, out)
+    if quant_info is not None:
+        method_results = {**(method_results or {}), "quantization": quant_info}
 
     if cfg.method == "full":
         save_dir = out / "model"
@@ -1105,6 +1280,9 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         weights = _file_bytes(save_dir, ["model.safetensors", "pytorch_model.bin"])
     else:
         weights = _file_bytes(save_dir, ["adapter_model.safetensors", "adapter_model.bin"])
+    if squeeze_spec is not None:  # after the trained adapter is saved: squeezing consumes the model
+        squeeze_info = _squeeze_after_training(cfg, squeeze_spec, trainer, model, out, final, task)
+        method_results = {**(method_results or {}), "squeeze": squeeze_info}
 
     results = {
         "schema": RESULTS_SCHEMA,

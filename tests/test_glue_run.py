@@ -372,3 +372,81 @@ def test_minilm_lora_sst2_recipe_reaches_080(slow_selected, tmp_path):
     assert res["final"]["validation"]["accuracy"] >= 0.80, res["final"]
     print(f"SST-2 dev accuracy {res['final']['validation']['accuracy']:.4f} in {res['wall_time_s']:.0f} s "
           f"(load average {res['load_average']})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4-bit bases (quantize / init: lq) and LoRA-Squeeze from a recipe
+
+
+def test_nf4_base_with_lq_init_quantizes_the_encoder_but_not_the_head(tiny_model, toy_task, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, method="sltrain", quantize="nf4", init="lq",
+                       peft={"r": 4, "target_modules": ["query", "value"]}, max_steps=2, save_steps=0,
+                       output_dir=str(tmp_path / "q")))
+    q = res["method_results"]["quantization"]
+    # 2 layers x (query, value) by LQ-LoRA; key, attention output, intermediate, output dense by plain NF4
+    assert q["lq_layers"] == 4 and q["plain_4bit_layers"] == 8, q
+    err = q["lq_relative_error_mean"]
+    assert err["lq"] <= err["loftq"] <= err["quant_only"] + 1e-6, err
+    assert res["peft_config"]["init_weights"] == "lq" and res["peft_config"]["lq_quant_type"] == "nf4"
+    assert is_finite_metric(res)
+
+
+def test_nf4_base_for_peft_lora(tiny_model, toy_task, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, quantize="nf4", peft={"r": 2}, max_steps=2,
+                       save_steps=0, output_dir=str(tmp_path / "q")))
+    # 2 layers x 6 encoder linears (query and value are wrapped by LoRA around their 4-bit base)
+    assert res["method_results"]["quantization"]["plain_4bit_layers"] == 12
+    assert is_finite_metric(res)
+
+
+def is_finite_metric(res) -> bool:
+    import math
+
+    return all(math.isfinite(v) for m in res["final"].values() for v in m.values())
+
+
+@pytest.mark.parametrize("mode", ["post", "cont", "in"])
+def test_squeeze_from_a_recipe(tiny_model, toy_task, tmp_path, mode):
+    extra = {"cont_steps": 2} if mode == "cont" else {}
+    res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, peft={"r": 4, "lora_alpha": 8},
+                       max_steps=4, save_steps=0, learning_rate=1e-2, output_dir=str(tmp_path / mode),
+                       squeeze={"mode": mode, "rank": 2, **extra}))
+    sq = res["method_results"]["squeeze"]
+    assert sq["mode"] == mode and set(sq["ranks"].values()) == {2}
+    assert sq["trainable_after"] < sq["trainable_before"]
+    folder = Path(sq["adapter"]["path"])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2
+    assert (tmp_path / mode / "adapter" / "adapter_model.safetensors").is_file()  # the trained r=4 adapter too
+    if mode == "cont":
+        assert "after_cont" in sq and folder.name == "adapter-cont"
+    if mode == "in":
+        # annealed 4 -> 2 during training, so squeezing at the end is exact: same metrics before and after
+        assert [c["rank"] for c in sq["in_squeeze_cuts"]][-1] == 2
+        for split, metrics in sq["before"].items():
+            for k, v in metrics.items():
+                if k != "loss":
+                    assert abs(sq["after"][split][k] - v) < 1e-6, (k, v, sq["after"])
+    if mode == "post":
+        assert config["lora_alpha"] == 2  # scale 1 unless the recipe sets lora_alpha
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"method": "sltrain", "init": "lq"}, "needs quantize: nf4"),
+        ({"method": "full", "quantize": "nf4"}, "cannot be trained"),
+        ({"method": "nola", "quantize": "nf4", "init": "lq"}, "init: lq is implemented by"),
+        ({"method": "lora", "quantize": "nf4", "init": "lq"}, "LoftQ for LoRA needs a GPU"),
+        ({"quantize": "int3"}, "must be one of"),
+        ({"method": "sltrain", "squeeze": {"mode": "in", "rank": 2}}, "In-Squeeze"),
+        ({"squeeze": {"mode": "post"}}, "exactly one of rank"),
+        ({"squeeze": {"mode": "post", "rank": 2, "rnak": 3}}, "unknown squeeze field"),
+        ({"method": "full", "squeeze": {"rank": 2}}, "has none"),
+    ],
+)
+def test_quantize_and_squeeze_errors(values, message):
+    with pytest.raises(GlueError, match=message):
+        grun.config_from_mapping({"task": "rte", **values})
