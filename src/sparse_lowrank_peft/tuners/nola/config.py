@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
 from ..._peft_compat import add_peft_type
-from ...common import check_positive_int, check_target_options
+from ...common import TargetFields, check_positive_int, check_target_options
 
 PEFT_TYPE = add_peft_type("nola")
 
 
 @dataclass
-class NolaConfig(PeftConfig):
+class NolaConfig(TargetFields, PeftConfig):
     """Configuration of a :class:`NolaModel`: ``ΔW = (lora_alpha / r) · B · A`` with ``A = Σᵢ αᵢ·Aᵢ``, ``B = Σⱼ βⱼ·Bⱼ``.
 
     NOLA (Koohpayegani et al., ICLR 2024, "NOLA: Compressing LoRA using Linear Combination of Random Basis") writes
@@ -45,17 +45,9 @@ class NolaConfig(PeftConfig):
             even if a future torch draws other numbers from the same seed. The loaded bases are then used as they are.
         lora_dropout (`float`, defaults to `0.0`):
             Dropout on the input of the adapter term, in [0, 1).
-        target_modules (`list[str] | str`, *optional*):
-            Names (suffix match) or a regex of the modules to adapt; ``nn.Linear`` and transformers ``Conv1D`` only.
-            Defaults to PEFT's LoRA defaults for the model type (query/value for BERT and RoBERTa).
-        exclude_modules (`list[str] | str`, *optional*):
-            Names or a regex of modules not to adapt, even if ``target_modules`` matches them.
-        layers_to_transform (`list[int] | int`, *optional*):
-            Only adapt the layers with these indices.
-        layers_pattern (`list[str] | str`, *optional*):
-            Name of the layer list ``layers_to_transform`` indexes into (e.g. ``"layer"`` for BERT).
-        modules_to_save (`list[str]`, *optional*):
-            Modules other than the adapter layers to train and save in full (a classification head).
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
+            Which modules to adapt and which to train in full: see ``sparse_lowrank_peft.common.TargetFields``
+            (NOLA adapts ``nn.Linear`` and transformers ``Conv1D`` layers).
         bias (`str`, defaults to `"none"`):
             Which biases to train: ``"none"``, ``"all"``, or ``"nola_only"`` (biases of adapted layers).
         init_weights (`bool`, defaults to `True`):
@@ -73,11 +65,6 @@ class NolaConfig(PeftConfig):
     basis_seed: int = field(default=0, metadata={"help": "Seed of the frozen random bases."})
     save_basis: bool = field(default=False, metadata={"help": "Store the bases in the checkpoint too."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter term's input."})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules not to adapt."})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
     bias: Literal["none", "all", "nola_only"] = field(default="none", metadata={"help": "Biases to train."})
     init_weights: bool = field(default=True, metadata={"help": "β = 0 (identity at step 0), α random."})
 

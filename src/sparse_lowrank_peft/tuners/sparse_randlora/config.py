@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
 from ..._peft_compat import add_peft_type
-from ...common import check_positive_int, check_target_options
+from ...common import TargetFields, check_positive_int, check_target_options
 
 PEFT_TYPE = add_peft_type("sparse_randlora")
 
 
 @dataclass
-class SparseRandLoraConfig(PeftConfig):
+class SparseRandLoraConfig(TargetFields, PeftConfig):
     """Configuration of a :class:`SparseRandLoraModel`.
 
     RandLoRA (Albert et al., ICLR 2025, "RandLoRA: full-rank parameter-efficient fine-tuning of large models") sums
@@ -47,17 +47,8 @@ class SparseRandLoraConfig(PeftConfig):
             The bases are not saved; each checkpoint records seed, shape and a checksum of its bases, checked on load.
         randlora_dropout (`float`, defaults to `0.0`):
             Dropout on the input of the adapter term, in [0, 1).
-        target_modules (`list[str] | str`, *optional*):
-            Names (suffix match) or a regex of the modules to adapt; ``nn.Linear`` and transformers ``Conv1D`` only.
-            Defaults to PEFT's LoRA defaults for the model type (query/value for BERT and RoBERTa).
-        exclude_modules (`list[str] | str`, *optional*):
-            Names or a regex of modules not to adapt, even if ``target_modules`` matches them.
-        layers_to_transform (`list[int] | int`, *optional*):
-            Only adapt the layers with these indices.
-        layers_pattern (`list[str] | str`, *optional*):
-            Name of the layer list ``layers_to_transform`` indexes into (e.g. ``"layer"`` for BERT).
-        modules_to_save (`list[str]`, *optional*):
-            Modules other than the adapter layers to train and save in full (a classification head).
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
+            Which modules to adapt and which to train in full: see ``sparse_lowrank_peft.common.TargetFields``.
         bias (`str`, defaults to `"none"`):
             Which biases to train: ``"none"``, ``"all"``, or ``"sparse_randlora_only"`` (biases of adapted layers).
         init_weights (`bool`, defaults to `True`):
@@ -70,11 +61,6 @@ class SparseRandLoraConfig(PeftConfig):
     basis_density: float = field(default=0.1, metadata={"help": "Fraction of nonzeros of the random bases, (0, 1]."})
     basis_seed: int = field(default=0, metadata={"help": "Seed of the frozen random bases."})
     randlora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter term's input."})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules not to adapt."})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
     bias: Literal["none", "all", "sparse_randlora_only"] = field(default="none", metadata={"help": "Biases to train."})
     init_weights: bool = field(default=True, metadata={"help": "λ = 0 (identity at step 0)."})
 
