@@ -198,8 +198,12 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         out = self.lowrank_forward(x, adapter_name)
         if self.has_sparse(adapter_name):
             values = getattr(self, self.sparse_values_attr)[adapter_name]
-            sparse_out = sparse_delta(x.to(values.dtype), self.get_support(adapter_name), values)
-            out = sparse_out if out is None else out + sparse_out
+            # Added in place into the low-rank output (which no autograd node saved): one activation-sized temporary
+            # less than ``out + sparse_out``. bench/sparse_delta.py, 4096 tokens x 1024 x 1024, density 0.01:
+            # 16.8 MB peak above LoRA out of place, 0.0 MB in place, same time.
+            add_to = out if out is not None and out.dtype == values.dtype else None
+            sparse_out = sparse_delta(x.to(values.dtype), self.get_support(adapter_name), values, add_to=add_to)
+            out = sparse_out if out is None or add_to is not None else out + sparse_out
         return out
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
