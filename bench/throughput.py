@@ -102,7 +102,13 @@ MEMORY_SLACK = 1.05  # peak <= LoRA's + 5%
 
 # ------------------------------------------------------------------------------------------------------ environment
 def git_commit() -> tuple[str | None, bool | None]:
-    """HEAD and whether the code that decides the numbers (src/, this script) has uncommitted changes."""
+    """HEAD and whether the code that decides the numbers (src/, this script) has uncommitted changes.
+
+    ``BENCH_GIT_COMMIT`` (``<sha>`` or ``<sha>-dirty``) overrides it, for a copy of the tree whose ``.git`` is not
+    the checkout's (a remote GPU machine that receives the working tree)."""
+    given = os.environ.get("BENCH_GIT_COMMIT")
+    if given:
+        return given.removesuffix("-dirty"), given.endswith("-dirty")
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(
@@ -168,14 +174,19 @@ def loadavg() -> list[float] | None:
 
 
 # ---------------------------------------------------------------------------------------------------------- models
-def roberta_config(quick: bool):
-    """``RobertaConfig()`` (roberta-base) with two labels; ``quick``: a tiny RoBERTa for CI smoke runs."""
+def roberta_config(quick: bool, seq: int):
+    """``RobertaConfig()`` (roberta-base) with two labels; ``quick``: a tiny RoBERTa for CI smoke runs.
+
+    ``max_position_embeddings`` is roberta-base's 514 (``RobertaConfig()``'s default is 512, but RoBERTa's positions
+    start after the padding index, so 512 tokens need 514 rows); it changes no compute.
+    """
     from transformers import RobertaConfig
 
+    positions = max(514, seq + 2)
     if quick:
         return RobertaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=128, max_position_embeddings=130, num_labels=2)
-    return RobertaConfig(num_labels=2)
+                             intermediate_size=128, max_position_embeddings=positions, num_labels=2)
+    return RobertaConfig(num_labels=2, max_position_embeddings=positions)
 
 
 def available(name: str) -> tuple[bool, str | None]:
@@ -382,7 +393,7 @@ def measure_peak(step: Step) -> dict:
 def memory_worker(args) -> None:
     """Child process: peak memory of the methods in ``--methods`` (one each, in turn), printed as JSON."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    config = roberta_config(args.quick)
+    config = roberta_config(args.quick, args.seq)
     batch = make_batch(config, args.batch, args.seq, device)
     out = {}
     for name in args.methods:
@@ -568,7 +579,7 @@ def main(argv=None) -> dict:
         (names.append(n) if ok else skipped.__setitem__(n, why))
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     dtype = getattr(torch, args.dtype)
-    config = roberta_config(args.quick)
+    config = roberta_config(args.quick, args.seq)
     info = device_info(device)
     commit, dirty = git_commit()
     result = {
@@ -581,7 +592,7 @@ def main(argv=None) -> dict:
             "repeats": repeats, "clock": args.clock, "methods": names, "targets": TARGETS, "head": HEAD,
             "adapter_dropout": 0.0, "optimizer": f"AdamW lr {LR}",
             "model": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                      "intermediate_size", "vocab_size")},
+                                                      "intermediate_size", "vocab_size", "max_position_embeddings")},
             "memory": None if args.no_memory else ("cuda max_memory_allocated" if cuda else "VmHWM (child process)"),
         },
         "conditions": {"loadavg_start": loadavg(), "torch_threads": torch.get_num_threads(),
