@@ -45,7 +45,7 @@ sparse RandLoRA, whose issue (#6) asks for less than PEFT RandLoRA's.
 Usage::
 
     OMP_NUM_THREADS=1 python bench/throughput.py --threads 1 --clock cpu     # CPU, 1 warm-up + 5 rounds
-    python bench/throughput.py                                              # CUDA when a GPU is present
+    python bench/throughput.py                                              # CUDA when present: 3 + 20 rounds
     python bench/throughput.py --quick                                      # tiny RobertaConfig, 2 rounds (CI)
     python bench/throughput.py --methods lora sltrain --repeats 3
     python bench/throughput.py --print bench/results/throughput-cpu.json
@@ -525,8 +525,8 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (CPU 16, CUDA 32, quick 2)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (CPU 128, CUDA 512, quick 16)")
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of: {', '.join(METHODS)}")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1; CUDA 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; CUDA 20; quick 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
@@ -577,7 +577,9 @@ def main(argv=None) -> dict:
     for n in wanted:
         ok, why = available(n)
         (names.append(n) if ok else skipped.__setitem__(n, why))
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 20 if cuda else 5)
+    if args.warmup is None:
+        args.warmup = 3 if cuda and not args.quick else 1
     dtype = getattr(torch, args.dtype)
     config = roberta_config(args.quick, args.seq)
     info = device_info(device)
