@@ -15,8 +15,9 @@ memory of one forward + backward, for:
                         reference on CPU, Triton on CUDA
 * ``sltrain_reference`` (e) the SLTrain layer forced onto the reference path (CUDA only, for comparison)
 * ``sltrain_add_to``    (e) the same SLTrain layer's tensors composed with the sparse term added *in place* into the
-                        low-rank output (``sparse_delta(..., add_to=lowrank)``): what ``DeltaLayer.adapter_forward``
-                        would do with the proposed one-line change; it removes one activation-sized temporary
+                        low-rank output (``sparse_delta(..., add_to=lowrank)``), composed by hand: what
+                        ``DeltaLayer.adapter_forward`` does since commit cdc9a82 (so now the same as ``sltrain``; kept
+                        as a check that the layer's composition adds nothing)
 
 Timing: the variants run interleaved, one step each per round (so a change of machine load hits all of them), after
 warm-up rounds; the figures are medians over the timed rounds. Ratios against LoRA are given both as ratios of
@@ -68,7 +69,7 @@ LABELS = OrderedDict(
         ("sparse_triton", "(c) Linear + sparse_delta, Triton"),
         ("sltrain", "(e) SLTrain sparse + LoRA"),
         ("sltrain_reference", "(e) SLTrain sparse + LoRA, reference"),
-        ("sltrain_add_to", "(e) SLTrain, sparse added in place (proposed)"),
+        ("sltrain_add_to", "(e) SLTrain, sparse added in place by hand"),
     ]
 )
 
@@ -418,12 +419,12 @@ def shape_key(row) -> tuple:
 
 
 def evaluate_targets(rows: list[dict], device_type: str, dtype: str) -> list[dict]:
-    """The issue's targets at their shapes, for the SLTrain layer as it is and with the proposed in-place add."""
+    """The issue's targets at their shapes, for the SLTrain layer and for the in-place composition by hand."""
     by = {}
     for r in rows:
         by.setdefault(shape_key(r), {})[r["variant"]] = r
     targets = []
-    ours_variants = [("sltrain", "SLTrain"), ("sltrain_add_to", "SLTrain (in-place add, proposed)")]
+    ours_variants = [("sltrain", "SLTrain"), ("sltrain_add_to", "SLTrain (in-place add by hand)")]
     if device_type == "cpu" and CPU_TARGET in by and dtype == "float32":
         v = by[CPU_TARGET]
         for ours, name in ours_variants:
