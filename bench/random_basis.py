@@ -70,7 +70,9 @@ def _env() -> dict:
 
 def _write(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"random_basis-{name}-{_device_name()}.json"
+    quick = name.endswith("-quick")
+    name = name.removesuffix("-quick")
+    path = RESULTS / f"random_basis-{name}-{_device_name()}{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
@@ -324,7 +326,7 @@ def cmd_layer(args) -> int:
         for v, s in summary.items():
             print(f"| {v} | {s['median_ms']:.1f} | {s['median_ratio_vs_randlora']:.2f} | "
                   f"{s['peak_step_bytes'] / 2**20:.1f} |", flush=True)
-    path = _write("layer", {"what": "one adapted Linear, forward + backward (input gradient included)", **_env(),
+    path = _write("layer" + ("-quick" if args.quick else ""), {"what": "one adapted Linear, forward + backward (input gradient included)", **_env(),
                              "variants": {"randlora": "PEFT RandLoRA r=32 alpha=320 (dense bases)",
                                           "srl_dX": "sparse_randlora r=32 alpha=320 basis_density=X",
                                           "lora": "PEFT LoRA r=8", "nola": "NOLA r=8 k=96",
