@@ -33,9 +33,11 @@ def test_recipe_is_valid_and_starts_with_its_command(path):
     assert cfg.task and cfg.method
     get_task(cfg.task)
     if cfg.init_adapter:
-        # The adapter to start from is the one the MNLI recipe of the same model and method writes.
-        mnli = grun.build_config(str(path.with_name(f"{cfg.method}-mnli.yaml")))
-        assert Path(cfg.init_adapter) == grun.default_output_dir(mnli, "mnli") / "adapter"
+        # The adapter to start from is the one the MNLI recipe of the same variant writes (sltrain-nf4-rte.yaml
+        # starts from what sltrain-nf4-mnli.yaml writes).
+        mnli = grun.build_config(str(path.with_name(path.name.replace(f"-{cfg.task}.yaml", "-mnli.yaml"))))
+        mnli_out = Path(mnli.output_dir) if mnli.output_dir else grun.default_output_dir(mnli, "mnli")
+        assert Path(cfg.init_adapter) == mnli_out / "adapter"
     if path.parent.name.startswith("roberta-"):
         assert cfg.model == f"FacebookAI/{path.parent.name}"
         if cfg.method == "lora":  # the LoRA paper's adapter; other methods set their own fields
