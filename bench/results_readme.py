@@ -127,9 +127,12 @@ def sparse_delta_section(results: Path, base: Path) -> list[str]:
     sparse_delta = _bench_module("sparse_delta")
     for path, data in found:
         dev, v = data.get("device", {}), data.get("versions", {})
+        command = str(data.get("command"))
+        command = command if command.startswith("python") else f"python bench/{command}"  # the script's own name
+        machine = (f"{dev.get('name')}, {dev.get('cores', '?')} cores, {dev.get('torch_threads', '?')} torch threads"
+                   if dev.get("type") == "cpu" else f"{dev.get('name')} ({dev.get('type')})")
         lines += [
-            f"Command: `python bench/{data.get('command')}`; machine: {dev.get('name')} ({dev.get('type')}), "
-            f"{dev.get('cores', '?')} cores, {dev.get('torch_threads', '?')} torch threads; torch {v.get('torch')}, "
+            f"Command: `{command}`; machine: {machine}; torch {v.get('torch')}, triton {v.get('triton')}, "
             f"peft {v.get('peft')}; commit {_commit(data.get('commit'), data.get('dirty'))}; {data.get('date')}; "
             f"file `{_link(path, base)}` (printed by "
             f"`python bench/sparse_delta.py --print {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`)"
