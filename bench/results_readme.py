@@ -183,13 +183,128 @@ def glue_section(results: Path, base: Path) -> list[str]:
     return lines + [""]
 
 
+TASK_ORDER = ("sst2", "rte", "mrpc", "cola", "stsb")
+METHOD_ORDER = ("lora", "sltrain", "sora", "dylora", "nola", "sparse_randlora", "randlora")
+
+
+def _variant(path: Path, record: dict) -> str:
+    """``minilm-<variant>-<task>[-h100].json`` -> ``<variant>`` (e.g. ``sltrain-nf4-lq``); older names as the method."""
+    stem = path.stem.removesuffix("-h100")
+    task = str(record.get("task"))
+    if stem.startswith("minilm-") and stem.endswith("-" + task):
+        return stem[len("minilm-"):-len(task) - 1]
+    return str(record.get("method"))
+
+
+def _cell(record: dict) -> str:
+    from glue.report import main_value
+
+    value = main_value(record)
+    text = "–" if value is None else f"{value:.4f}"
+    extra = record.get("method_results") or {}
+    if "kept_total" in extra:
+        text += f" ({extra['kept_total']}/{extra['max_total']} ranks kept)"
+    if "rank_evals" in extra:
+        metric = record.get("main_metric")
+        ranks = [f"{b}: {m.get(metric, m.get('validation_' + str(metric), float('nan'))):.4f}"
+                 for b, m in sorted(extra["rank_evals"].items(), key=lambda kv: int(kv[0]))]
+        text += " (b " + ", ".join(ranks) + ")"
+    return text
+
+
+def minilm_section(results: Path, base: Path) -> list[str]:
+    """Method x task tables of the MiniLM recipe runs (``bench/results/glue/minilm-*.json``), one per device."""
+    folder = results / "glue"
+    lines = ["### GLUE on MiniLM: each tuner against PEFT LoRA r=8 at the same recipe budget", ""]
+    records: dict[str, dict[tuple[str, str], tuple[Path, dict]]] = {}
+    for path in sorted(folder.glob("minilm-*.json")):
+        record = _load(path)
+        if not record or record.get("model") != "minilm":
+            continue
+        device = "H100" if path.stem.endswith("-h100") else "CPU"
+        records.setdefault(device, {})[(_variant(path, record), str(record.get("task")))] = (path, record)
+    if not records:
+        return lines + ["None yet: run `recipes/minilm/<method>-<task>.yaml` with "
+                        "`results_path=bench/results/glue/minilm-<method>-<task>.json`.", ""]
+    lines += [
+        "Dev-set figure at the end of training (accuracy; MCC for CoLA; Pearson for STS-B) of `python -m glue.run "
+        "recipes/minilm/<variant>-<task>.yaml` (results_path `bench/results/glue/minilm-<variant>-<task>.json`). "
+        "Budgets are those of `recipes/minilm/lora-<task>.yaml` (2 epochs; SST-2: 4,000 training sentences). At this "
+        "budget RTE stays at chance level (majority class 0.527) for every method, so its column says little.",
+        "",
+    ]
+    for device, cells in records.items():
+        variants = sorted({v for v, _ in cells}, key=lambda v: (METHOD_ORDER.index(v.split("-")[0])
+                                                                 if v.split("-")[0] in METHOD_ORDER else 99, v))
+        tasks = [t for t in TASK_ORDER if any(t == task for _, task in cells)]
+        sample = next(iter(cells.values()))[1]
+        lines += [f"**{device}** ({sample.get('device')}; torch {sample.get('versions', {}).get('torch')}, peft "
+                  f"{sample.get('versions', {}).get('peft')}):", ""]
+        lines += ["| recipe variant | " + " | ".join(tasks) + " |", "|:---|" + "---:|" * len(tasks)]
+        for v in variants:
+            row = [_cell(cells[(v, t)][1]) if (v, t) in cells else "not run" for t in tasks]
+            lines.append(f"| {v} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def quant_section(results: Path, base: Path) -> list[str]:
+    """LQ-LoRA reconstruction error per layer type and model bytes (``bench/quant.py``)."""
+    path = results / "quant-minilm.json"
+    data = _load(path)
+    lines = ["### 4-bit bases: LQ-LoRA reconstruction on MiniLM", ""]
+    if not data:
+        return lines + ["Not run yet: `python bench/quant.py` writes `bench/results/quant-minilm.json`.", ""]
+    lines += [
+        f"`python bench/quant.py` (rank {data.get('rank')}, {str(data.get('quant_type')).upper()}, at most "
+        f"{data.get('max_iter')} alternations; commit {_commit(data.get('commit'), None)}, torch {data.get('torch')}, "
+        f"bitsandbytes {data.get('bitsandbytes')}; file `{_link(path, base)}`): relative error "
+        "‖W − (Q + L)‖_F / ‖W‖_F, mean over the layers of each type.",
+        "",
+        "| layer type | layers | 4-bit alone | LoftQ (1 pass) | LQ-LoRA |",
+        "|:---|---:|---:|---:|---:|",
+    ]
+    for kind, row in (data.get("by_type") or {}).items():
+        lines.append(f"| {kind} | {row.get('layers')} | {row.get('quant_only'):.4f} | {row.get('loftq'):.4f} | "
+                     f"{row.get('lq'):.4f} |")
+    sizes = data.get("model_bytes") or {}
+    if sizes:
+        lines += ["", "Model bytes (base + adapter, r=16 on query/value): " + ", ".join(
+            f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()) + "."]
+    return lines + [""]
+
+
+def squeeze_section(results: Path, base: Path) -> list[str]:
+    """LoRA-Squeeze speed/memory (``bench/squeeze.py``) and the Post-Squeeze quality check (``bench/eval_adapter.py``)."""
+    lines = ["### LoRA-Squeeze", ""]
+    table = results / "squeeze-cpu.md"
+    if table.is_file():
+        lines += [f"`python bench/squeeze.py --layers 4 --threads 1` (file `{_link(results / 'squeeze-cpu.json', base)}`):",
+                  "", table.read_text(encoding="utf-8").strip(), ""]
+    quality = _load(results / "squeeze-quality-minilm.json")
+    if quality:
+        lines += ["Post-Squeeze quality (`bench/eval_adapter.py`, see docs/squeeze.md for the commands):", "",
+                  "| task | adapter | rank | dev metric | folder |", "|:---|:---|---:|---:|:---|"]
+        for task, entries in quality.items():
+            if task.startswith("_") or not isinstance(entries, dict):
+                continue
+            metric = (quality.get("_meta", {}).get(task) or {}).get("main_metric", "accuracy")
+            for label, entry in entries.items():
+                score = ((entry.get("scores") or {}).get("validation") or {}).get(metric)
+                lines.append(f"| {task} | {label} | {entry.get('r')} | "
+                             f"{'–' if score is None else f'{score:.4f}'} | `{entry.get('folder')}` |")
+        lines.append("")
+    return lines if len(lines) > 2 else lines + ["Not run yet: `python bench/squeeze.py`.", ""]
+
+
 def generate(results: Path, base: Path) -> str:
     """The whole section; links relative to ``base`` (the folder of the file it goes into)."""
     lines = [
         "<!-- generated by `python bench/results_readme.py` from the files in bench/results; do not edit by hand -->",
         "",
     ]
-    for section in (quality_section, throughput_section, sparse_delta_section, glue_section):
+    for section in (minilm_section, quality_section, throughput_section, sparse_delta_section, quant_section,
+                    squeeze_section, glue_section):
         lines += section(results, base)
     return "\n".join(lines).rstrip() + "\n"
 
