@@ -43,8 +43,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -54,7 +52,12 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
 from torch import nn
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench/_env.py, also when loaded by file path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import device_info, device_slug, git_commit, loadavg, proc_status, reset_hwm, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND_ENV = "SLPEFT_SPARSE_BACKEND"
@@ -92,77 +95,6 @@ GPU_SHAPES = [
 
 
 # ------------------------------------------------------------------------------------------------------ environment
-def git_commit() -> tuple[str | None, bool | None]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src", "bench/sparse_delta.py"],
-            cwd=ROOT, capture_output=True, text=True, check=True,
-        )
-        return sha.stdout.strip(), bool(dirty.stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return None, None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return {
-            "type": "cuda",
-            "name": torch.cuda.get_device_name(device),
-            "memory_gib": round(props.total_memory / 2**30, 1),
-            "capability": f"{props.major}.{props.minor}",
-            "cuda": torch.version.cuda,
-        }
-    return {"type": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-
-
-def device_slug(info: dict) -> str:
-    if info["type"] == "cpu":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
-
-
-def versions() -> dict:
-    import peft
-    import transformers
-
-    import sparse_lowrank_peft
-
-    out = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-        "sparse_lowrank_peft": sparse_lowrank_peft.__version__,
-        "triton": None,
-    }
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return out
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 # --------------------------------------------------------------------------------------------------------- variants
 class SparseOnly(nn.Module):
     """A frozen Linear plus our sparse term (the (b)/(c) rows): ``base(x) + sparse_delta(x, S, v)``."""
@@ -335,18 +267,6 @@ def time_shape(shape, names, rank, device, dtype, warmup, repeats) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ memory
-def _proc_status() -> tuple[int, int]:
-    text = Path("/proc/self/status").read_text()
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) * 1024
-    rss = int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) * 1024
-    return hwm, rss
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def peak_memory_in_process(step: Step) -> float | None:
     """Peak bytes of one forward + backward above what was allocated before it."""
     if step.device.type == "cuda":
@@ -360,10 +280,10 @@ def peak_memory_in_process(step: Step) -> float | None:
     peaks = []
     for _ in range(2):
         step.zero_grad()
-        _reset_hwm()
-        _, before = _proc_status()
+        reset_hwm()
+        _, before = proc_status()
         step.run()
-        hwm, _ = _proc_status()
+        hwm, _ = proc_status()
         peaks.append(hwm - before)
     return float(min(peaks))
 
@@ -558,7 +478,7 @@ def main(argv=None) -> dict:
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     names = variants_for(device, args.variants)
     info = device_info(device)
-    commit, dirty = git_commit()
+    commit, dirty = git_commit("bench/sparse_delta.py")
     result = {
         "bench": "sparse_delta",
         "schema": 1,

@@ -60,7 +60,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -71,6 +70,10 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench/_env.py, also when loaded by file path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import device_info, device_slug, git_commit, loadavg, proc_status, reset_hwm, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["query", "value"]
@@ -101,78 +104,6 @@ MEMORY_SLACK = 1.05  # peak <= LoRA's + 5%
 
 
 # ------------------------------------------------------------------------------------------------------ environment
-def git_commit() -> tuple[str | None, bool | None]:
-    """HEAD and whether the code that decides the numbers (src/, this script) has uncommitted changes.
-
-    ``BENCH_GIT_COMMIT`` (``<sha>`` or ``<sha>-dirty``) overrides it, for a copy of the tree whose ``.git`` is not
-    the checkout's (a remote GPU machine that receives the working tree)."""
-    given = os.environ.get("BENCH_GIT_COMMIT")
-    if given:
-        return given.removesuffix("-dirty"), given.endswith("-dirty")
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src", "bench/throughput.py"],
-            cwd=ROOT, capture_output=True, text=True, check=True,
-        )
-        return sha.stdout.strip(), bool(dirty.stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return None, None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return {
-            "type": "cuda", "name": torch.cuda.get_device_name(device),
-            "memory_gib": round(props.total_memory / 2**30, 1), "capability": f"{props.major}.{props.minor}",
-            "cuda": torch.version.cuda,
-        }
-    return {"type": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-
-
-def device_slug(info: dict) -> str:
-    if info["type"] == "cpu":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
-
-
-def versions() -> dict:
-    import peft
-    import transformers
-
-    import sparse_lowrank_peft
-
-    out = {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "sparse_lowrank_peft": sparse_lowrank_peft.__version__, "triton": None,
-    }
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return out
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 # ---------------------------------------------------------------------------------------------------------- models
 def roberta_config(quick: bool, seq: int):
     """``RobertaConfig()`` (roberta-base) with two labels; ``quick``: a tiny RoBERTa for CI smoke runs.
@@ -355,18 +286,6 @@ def time_methods(names, config, batch, device, dtype, warmup, repeats) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ memory
-def _proc_status() -> tuple[int, int]:
-    text = Path("/proc/self/status").read_text()
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) * 1024
-    rss = int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) * 1024
-    return hwm, rss
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def measure_peak(step: Step) -> dict:
     """Peak bytes of one training step (after a warm-up step): total, and above what was held before it."""
     if step.device.type == "cuda":
@@ -383,10 +302,10 @@ def measure_peak(step: Step) -> dict:
         step.run()
         peak = torch.cuda.max_memory_allocated(step.device)
         return {"peak_bytes": peak, "before_bytes": before, "step_bytes": peak - before}
-    _reset_hwm()
-    _, before = _proc_status()
+    reset_hwm()
+    _, before = proc_status()
     step.run()
-    hwm, _ = _proc_status()
+    hwm, _ = proc_status()
     return {"peak_bytes": hwm, "before_bytes": before, "step_bytes": hwm - before}
 
 
@@ -583,7 +502,7 @@ def main(argv=None) -> dict:
     dtype = getattr(torch, args.dtype)
     config = roberta_config(args.quick, args.seq)
     info = device_info(device)
-    commit, dirty = git_commit()
+    commit, dirty = git_commit("bench/throughput.py")
     result = {
         "bench": "throughput", "schema": 1,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
