@@ -245,6 +245,9 @@ def minilm_section(results: Path, base: Path) -> list[str]:
             row = [_cell(cells[(v, t)][1]) if (v, t) in cells else "not run" for t in tasks]
             lines.append(f"| {v} | " + " | ".join(row) + " |")
         lines.append("")
+    for png in sorted(folder.glob("minilm-sora-*-kept_ranks.png")):
+        lines += [f"SoRA's kept ranks per layer, `{png.stem.removesuffix('-kept_ranks')}`:", "",
+                  f"![SoRA kept ranks]({_link(png, base)})", ""]
     return lines
 
 

@@ -47,29 +47,33 @@ class SoraModel(DeltaModel):
 
     def plot_kept_ranks(self, path, adapter_name: str = "default"):
         """Bar chart of the kept rank per layer (of ``r``), written to ``path`` (PNG); returns the path."""
-        from pathlib import Path
+        return plot_kept_ranks(self.kept_ranks(adapter_name), self.peft_config[adapter_name].r, path)
 
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+def plot_kept_ranks(kept: dict[str, int], r: int, path):
+    """Bar chart of ``{layer: kept rank}`` against ``r`` (e.g. ``method_results.kept_ranks`` of a GLUE results
+    file), written to ``path`` (PNG); returns the path."""
+    from pathlib import Path
 
-        kept = self.kept_ranks(adapter_name)
-        r = self.peft_config[adapter_name].r
-        names = list(kept)
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
-        ax.bar(range(len(names)), [kept[n] for n in names], color="tab:blue")
-        ax.axhline(r, color="gray", linestyle="--", label=f"r = {r}")
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=7)
-        ax.set_ylabel("kept rank")
-        ax.set_title(f"SoRA kept ranks: {sum(kept.values())} of {r * len(names)}")
-        ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(kept)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+    ax.bar(range(len(names)), [kept[n] for n in names], color="tab:blue")
+    ax.axhline(r, color="gray", linestyle="--", label=f"r = {r}")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=7)
+    ax.set_ylabel("kept rank")
+    ax.set_title(f"SoRA kept ranks: {sum(kept.values())} of {r * len(names)}")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _short(name: str) -> str:
