@@ -245,6 +245,16 @@ def minilm_section(results: Path, base: Path) -> list[str]:
             row = [_cell(cells[(v, t)][1]) if (v, t) in cells else "not run" for t in tasks]
             lines.append(f"| {v} | " + " | ".join(row) + " |")
         lines.append("")
+        timed = [(v, rec) for (v, t), (_, rec) in sorted(cells.items()) if t == "sst2"]
+        if timed:
+            lines += ["Wall time of the SST-2 commands (training and evaluations, from `wall_time_s`; CPU runs list "
+                      "their torch threads and the 1-minute load average at the start, since runs shared the "
+                      "machine): " + "; ".join(
+                          f"{v} {rec.get('wall_time_s', float('nan')):.0f} s"
+                          + (f" ({rec.get('config', {}).get('num_threads')} threads, load "
+                             f"{(rec.get('load_average') or {}).get('start', float('nan')):.1f})"
+                             if device == "CPU" else "")
+                          for v, rec in timed) + ".", ""]
     for png in sorted(folder.glob("minilm-sora-*-kept_ranks.png")):
         lines += [f"SoRA's kept ranks per layer, `{png.stem.removesuffix('-kept_ranks')}`:", "",
                   f"![SoRA kept ranks]({_link(png, base)})", ""]
