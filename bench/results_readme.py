@@ -204,6 +204,10 @@ def _cell(record: dict) -> str:
     extra = record.get("method_results") or {}
     if "kept_total" in extra:
         text += f" ({extra['kept_total']}/{extra['max_total']} ranks kept)"
+    squeeze = extra.get("squeeze") or {}
+    after = (squeeze.get("after_cont") or squeeze.get("after") or {}).get("validation", {})
+    if after.get(record.get("main_metric")) is not None:
+        text += f" → {squeeze.get('mode')}-squeezed to r={squeeze.get('target')}: {after[record.get('main_metric')]:.4f}"
     if "rank_evals" in extra:
         metric = record.get("main_metric")
         ranks = [f"{b}: {m.get(metric, m.get('validation_' + str(metric), float('nan'))):.4f}"
