@@ -599,12 +599,10 @@ def _fmt_cell(s: dict) -> str:
 
 
 def _fmt_bytes(n) -> str:
-    if n is None:
-        return "–"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+    """The harness report's byte format (``glue.report``), with ``–`` for a cell that has none."""
+    from glue.report import _fmt_bytes as report_bytes
+
+    return "–" if n is None else report_bytes(n)
 
 
 def _fmt_params(n) -> str:
