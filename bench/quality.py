@@ -13,8 +13,7 @@ steps). A method's own fields (``method``, ``peft``, ``learning_rate``, ``quanti
 for a task without one from the method's first recipe (its method fields at this task's budget; SoRA's
 ``sparse_lambda`` scaled by the steps so that its total shrinkage stays the recipe's), and from the :data:`METHODS`
 table for methods without recipes (full fine-tuning, AdaLoRA, SHiRA). Where a method recipe's budget differs from
-the task's (e.g. the NOLA and RandLoRA RTE recipes use SST-2's length 64), the task's budget is used and the difference
-is recorded in the cell and shown in the notes. Only ``seed`` changes between a method's seeds.
+the task's, the task's budget is used and the difference is recorded in the cell and shown in the notes. Only ``seed`` changes between a method's seeds.
 
 Methods: full fine-tuning; PEFT LoRA r=8, AdaLoRA, RandLoRA, SHiRA; SLTrain, SoRA, DyLoRA r=8 and the same adapter
 evaluated at rank 4 (``method_results.rank_evals``, no extra training), NOLA, sparse RandLoRA, Post-Squeeze (LoRA r=16
@@ -377,18 +376,29 @@ def _run_config_defaults() -> dict:
     return grun.RunConfig().to_dict()
 
 
+def _device_kind() -> str:
+    """``cuda`` or ``cpu``: the kind of device this grid's cells run on (the first word of a results file's ``device``)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def adopt(cell: Cell, adopt_dir: Path) -> Path | None:
-    """A glue.run results file in ``adopt_dir`` whose config equals ``cell``'s (apart from runtime fields): copied into
-    the cell folder with ``adopted_from``; returns its path, or None."""
+    """A glue.run results file in ``adopt_dir`` whose config equals ``cell``'s (apart from runtime fields) and that ran
+    on this kind of device (a grid's times compare runs of one machine): copied into the cell folder with
+    ``adopted_from``; returns its path, or None."""
     if cell.seed != 0 or cell.config is None or not adopt_dir.is_dir():
         return None
     want = _comparable(validate(cell).to_dict())
+    kind = _device_kind()
     for path in sorted(adopt_dir.glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("slpeft-glue-results/"):
+            continue
+        if str(data.get("device", "")).split(":")[0] != kind:
             continue
         if _comparable({**_run_config_defaults(), **(data.get("config") or {})}) == want:
             cell.dir.mkdir(parents=True, exist_ok=True)

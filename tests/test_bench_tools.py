@@ -115,6 +115,30 @@ def test_quality_missing_cells_are_shown_missing(tmp_path):
     assert "missing" in text and "incomplete (0/2)" in text
 
 
+def test_quality_adopts_only_an_equal_config_from_this_kind_of_device(tmp_path):
+    """--adopt takes a recipe's results file as the seed-0 cell only when its config equals the cell's and it ran on
+    the grid's kind of device (a CUDA run beside CPU runs would make the time column meaningless)."""
+    quality = _bench("quality")
+    real = json.loads((ROOT / "bench" / "results" / "glue" / "minilm-lora-rte.json").read_text())
+    assert real["device"].startswith("cpu")
+    found = tmp_path / "found"
+    found.mkdir()
+    variants = {
+        "a-other-lr.json": {**real, "config": {**real["config"], "learning_rate": 5e-4}},  # another config
+        "b-cuda.json": {**real, "device": "cuda: NVIDIA H100 80GB HBM3"},  # the same config, another device kind
+        "c-cpu.json": real,
+    }
+    for name, data in variants.items():
+        (found / name).write_text(json.dumps(data))
+    argv = ["--report-only", "--methods", "lora", "--tasks", "rte", "--seeds", "1", "--adopt", str(found),
+            "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]
+    report = quality.main(argv)
+    cell = json.loads((tmp_path / "runs" / "lora" / "rte" / "seed0" / "results.json").read_text())
+    assert cell["adopted_from"].endswith("c-cpu.json")
+    assert report["counts"]["adopted"] == 1
+    assert report["cells"][0]["value"] == pytest.approx(real["final"]["validation"]["accuracy"])
+
+
 def test_results_readme_replaces_between_markers(tmp_path, quick_throughput):
     readme_mod = _bench("results_readme")
     results = tmp_path / "results"
