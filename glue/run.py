@@ -103,6 +103,9 @@ class RunConfig:
     max_train_samples: int | None = _f(None, "train on a seeded random subset of this many examples")
     max_eval_samples: int | None = _f(None, "evaluate on a seeded random subset of this many examples per split")
     subset_seed: int = _f(0, "seed of the subsets drawn by max_train_samples / max_eval_samples")
+    holdout_samples: int | None = _f(None, "evaluate on this many training examples held out of training (outside the "
+                                           "max_train_samples subset, which stays the same) instead of the dev set: "
+                                           "for choosing hyperparameters without looking at dev")
     # optimisation
     learning_rate: float = _f(5e-4, "peak learning rate (AdamW)")
     num_train_epochs: float = _f(3.0, "epochs (ignored when max_steps > 0)")
@@ -259,7 +262,8 @@ def validate_config(cfg: RunConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise GlueError(f"Recipe field '{name}' is {getattr(cfg, name)}; it must be a positive integer.")
-    for name in ("max_train_samples", "max_eval_samples", "eval_steps", "num_threads", "save_total_limit"):
+    for name in ("max_train_samples", "max_eval_samples", "holdout_samples", "eval_steps", "num_threads",
+                 "save_total_limit"):
         v = getattr(cfg, name)
         if v is not None and v <= 0:
             raise GlueError(f"Recipe field '{name}' is {v}; use a positive integer or null.")
@@ -895,9 +899,30 @@ def _load_data(cfg: RunConfig):
         data = load_custom_task(cfg.custom)
     else:
         data = load_glue(cfg.task, cfg.data_dir)
-    data.train = subsample(data.train, cfg.max_train_samples, cfg.subset_seed)
+    if cfg.holdout_samples:
+        data.train, data.evals = _hold_out(data.train, cfg)
+    else:
+        data.train = subsample(data.train, cfg.max_train_samples, cfg.subset_seed)
     data.evals = {k: subsample(v, cfg.max_eval_samples, cfg.subset_seed) for k, v in data.evals.items()}
     return data
+
+
+def _hold_out(train, cfg: RunConfig):
+    """``(training set, {"holdout": held-out set})`` from one seeded shuffle of the training file.
+
+    The training subset is the first ``max_train_samples`` of the shuffle, exactly the examples ``max_train_samples``
+    alone trains on (so a held-out run trains what the dev run trains); the held-out examples are the last
+    ``holdout_samples``, disjoint from it. Without ``max_train_samples`` the run trains on the rest of the file."""
+    n, held = len(train), int(cfg.holdout_samples)
+    n_train = cfg.max_train_samples if cfg.max_train_samples is not None else n - held
+    if n_train <= 0 or n_train + held > n:
+        raise GlueError(
+            f"holdout_samples={held} with max_train_samples={cfg.max_train_samples} needs {max(n_train, 1) + held} "
+            f"training examples, but the training file has {n}. Hold out fewer examples or train on fewer "
+            "(max_train_samples)."
+        )
+    shuffled = train.shuffle(seed=cfg.subset_seed)
+    return shuffled.select(range(n_train)), {"holdout": shuffled.select(range(n - held, n))}
 
 
 def _tokenize(dataset, tokenizer, max_len: int, desc: str):

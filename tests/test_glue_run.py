@@ -262,6 +262,28 @@ def test_data_errors_come_before_training(tiny_model, toy_task, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_holdout_trains_the_same_subset_and_evaluates_on_disjoint_training_examples(tiny_model, toy_task, tmp_path):
+    """holdout_samples: the dev set is replaced by training examples that are never trained on, and the training
+    subset is exactly the one max_train_samples alone draws (so held-out and dev runs train the same examples)."""
+    def rows(ds):
+        return [(r["text_a"], r["text_b"], r["label"]) for r in ds]
+
+    plain = grun._load_data(cfg(task="custom", custom=toy_task, max_train_samples=30))
+    held = grun._load_data(cfg(task="custom", custom=toy_task, max_train_samples=30, holdout_samples=10))
+    assert rows(held.train) == rows(plain.train)
+    assert list(held.evals) == ["holdout"] and len(held.evals["holdout"]) == 10
+    assert not set(rows(held.evals["holdout"])) & set(rows(held.train))
+    rest = grun._load_data(cfg(task="custom", custom=toy_task, holdout_samples=8))  # no max_train_samples: the rest
+    assert len(rest.train) == 40 and not set(rows(rest.evals["holdout"])) & set(rows(rest.train))
+    with pytest.raises(GlueError, match="needs 50 training examples, but the training file has 48"):
+        grun._load_data(cfg(task="custom", custom=toy_task, max_train_samples=30, holdout_samples=20))
+    with pytest.raises(GlueError, match="'holdout_samples' is 0"):
+        cfg(task="custom", custom=toy_task, holdout_samples=0)
+    res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, holdout_samples=8, max_steps=2,
+                       eval_strategy="no", output_dir=str(tmp_path / "h")))
+    assert list(res["final"]) == ["holdout"] and res["eval_examples"] == {"holdout": 8}
+
+
 def test_command_line(tiny_model, toy_task, tmp_path, capsys):
     import yaml
 
