@@ -164,6 +164,12 @@ def _coerce(name: str, value: Any) -> Any:
         if optional:
             return None
         raise GlueError(f"{where} is null but must be a {kind}; set a value or drop the line to use the default.")
+    if kind == "str" and isinstance(value, bool):
+        # YAML 1.1 reads an unquoted no/off/false as False and yes/on/true as True (`eval_strategy: no`).
+        if value is False and "no" in (FIELDS[name].metadata.get("choices") or ()):
+            return "no"
+        raise GlueError(f"{where} is {value} (YAML reads unquoted yes/no/on/off/true/false as booleans) but must be "
+                        f"a string; quote it, e.g. {name}: \"{str(value).lower()}\".")
     try:
         if kind == "bool":
             if isinstance(value, bool):

@@ -238,6 +238,7 @@ def test_init_adapter_loads_the_body_but_not_the_head(tiny_model, toy_task, tmp_
         ({"task": "rte", "max_seq_len": "long"}, "'max_seq_len' is 'long'"),
         ({"task": "rte", "eval_strategy": "sometimes"}, "must be one of"),
         ({"task": "rte", "warmup_ratio": 6}, "must be in \\[0, 1\\)"),
+        ({"task": "rte", "lr_scheduler_type": True}, "YAML reads unquoted yes/no/on/off/true/false as booleans"),
         ({"task": "custom"}, "no 'custom:' mapping"),
         ({}, "sets no 'task'"),
     ],
@@ -245,6 +246,11 @@ def test_init_adapter_loads_the_body_but_not_the_head(tiny_model, toy_task, tmp_
 def test_bad_recipes_fail_with_clear_messages(values, message):
     with pytest.raises(GlueError, match=message):
         grun.config_from_mapping(values)
+
+
+def test_unquoted_yaml_no_is_the_string_no():
+    """`eval_strategy: no` in YAML (or eval_strategy=no on the command line) parses as False; it means "no"."""
+    assert grun.config_from_mapping({"task": "rte", "eval_strategy": False}).eval_strategy == "no"
 
 
 def test_data_errors_come_before_training(tiny_model, toy_task, tmp_path):
