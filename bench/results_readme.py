@@ -259,7 +259,9 @@ def minilm_section(results: Path, base: Path) -> list[str]:
                              f"{(rec.get('load_average') or {}).get('start', float('nan')):.1f})"
                              if device == "CPU" else "")
                           for v, rec in timed) + ".", ""]
-    for png in sorted(folder.glob("minilm-sora-*-kept_ranks.png")):
+    # plain SoRA's plots only (the NF4 variants' plots lie beside their results files too)
+    for png in sorted(p for p in folder.glob("minilm-sora-*-kept_ranks.png")
+                      if p.stem.removesuffix("-kept_ranks").removesuffix("-h100").split("-")[2] in TASK_ORDER):
         lines += [f"SoRA's kept ranks per layer, `{png.stem.removesuffix('-kept_ranks')}`:", "",
                   f"![SoRA kept ranks]({_link(png, base)})", ""]
     return lines

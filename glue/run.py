@@ -1368,7 +1368,14 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         return results  # the main process writes the results and prints the summary
     write_json(out / RESULTS_FILE, results)
     if cfg.results_path:
-        write_json(Path(cfg.results_path), results)
+        dest = Path(cfg.results_path)
+        plot = (method_results or {}).get("kept_ranks_plot")
+        if plot and Path(plot).is_file():  # SoRA's kept-rank plot goes beside the results file it belongs to
+            copy = dest.with_name(dest.stem + "-kept_ranks.png")
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plot, copy)
+            results = {**results, "method_results": {**method_results, "kept_ranks_plot_copy": str(copy)}}
+        write_json(dest, results)
     summary = ", ".join(
         f"{split} " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if k != "loss" and is_finite(v))
         for split, m in final.items()

@@ -205,6 +205,19 @@ def test_library_tuner_by_name(tiny_model, toy_task, tmp_path):
     assert (tmp_path / "t" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_sora_reports_kept_ranks_and_puts_the_plot_beside_the_results_file(tiny_model, toy_task, tmp_path):
+    pytest.importorskip("sparse_lowrank_peft", reason="the library's tuners are not importable")
+    dest = tmp_path / "results" / "minilm-sora-toy.json"
+    res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, method="sora",
+                       peft={"r": 4, "target_modules": ["query", "value"], "sparse_lambda": 1.0}, max_steps=2,
+                       save_steps=0, output_dir=str(tmp_path / "s"), results_path=str(dest)))
+    extra = res["method_results"]
+    assert extra["max_total"] == 4 * len(extra["kept_ranks"]) and 0 <= extra["kept_total"] <= extra["max_total"]
+    copy = dest.with_name("minilm-sora-toy-kept_ranks.png")
+    assert copy.is_file() and copy.read_bytes() == (tmp_path / "s" / "kept_ranks.png").read_bytes()
+    assert json.loads(dest.read_text())["method_results"]["kept_ranks_plot_copy"] == str(copy)
+
+
 def test_init_adapter_loads_the_body_but_not_the_head(tiny_model, toy_task, tmp_path):
     import safetensors.torch
 
