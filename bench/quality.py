@@ -13,7 +13,8 @@ steps). A method's own fields (``method``, ``peft``, ``learning_rate``, ``quanti
 for a task without one from the method's first recipe (its method fields at this task's budget; SoRA's
 ``sparse_lambda`` scaled by the steps so that its total shrinkage stays the recipe's), and from the :data:`METHODS`
 table for methods without recipes (full fine-tuning, AdaLoRA, SHiRA). Where a method recipe's budget differs from
-the task's, the task's budget is used and the difference is recorded in the cell and shown in the notes. Only ``seed`` changes between a method's seeds.
+the task's, the task's budget is used and the difference is recorded in the cell and shown in the notes. Only
+``seed`` changes between a method's seeds.
 
 Methods: full fine-tuning; PEFT LoRA r=8, AdaLoRA, RandLoRA, SHiRA; SLTrain, SoRA, DyLoRA r=8 and the same adapter
 evaluated at rank 4 (``method_results.rank_evals``, no extra training), NOLA, sparse RandLoRA, Post-Squeeze (LoRA r=16
