@@ -26,8 +26,9 @@ per-step hook as a Trainer callback.
 Cells: ``<runs-dir>/<method>/<task>/seed<k>/`` (default ``runs/quality``): the harness's output folder with its
 ``results.json``. A cell with a ``results.json`` is finished and never rerun; an interrupted cell resumes from its
 last checkpoint (checkpoints are deleted once a cell finishes, ``--keep-checkpoints`` keeps them). ``--adopt DIR``
-takes a results file in DIR (e.g. ``bench/results/glue/minilm-lora-sst2.json``) whose config equals a seed-0 cell's
-(apart from output paths and thread counts) as that cell, copying it into the cell folder with ``adopted_from``.
+takes a results file in DIR (e.g. ``bench/results/glue/minilm-lora-sst2.json``, or ``...-seed1.json`` made with
+``seed=1``) whose config equals a cell's, seed included (apart from output paths and thread counts), as that cell,
+copying it into the cell folder with ``adopted_from``.
 
 Outputs (from finished cells only; a cell that has not run is shown as missing, never filled in):
 ``bench/results/quality-minilm.json`` (every cell, mean ± std per method × task, the average over tasks, parameters,
@@ -388,7 +389,7 @@ def adopt(cell: Cell, adopt_dir: Path) -> Path | None:
     """A glue.run results file in ``adopt_dir`` whose config equals ``cell``'s (apart from runtime fields) and that ran
     on this kind of device (a grid's times compare runs of one machine): copied into the cell folder with
     ``adopted_from``; returns its path, or None."""
-    if cell.seed != 0 or cell.config is None or not adopt_dir.is_dir():
+    if cell.config is None or not adopt_dir.is_dir():
         return None
     want = _comparable(validate(cell).to_dict())
     kind = _device_kind()
@@ -758,7 +759,7 @@ def parse_args(argv):
     p.add_argument("--smoke", action="store_true", help="tiny budget (2 steps, 32 examples) in runs/quality-smoke (CI)")
     p.add_argument("--report-only", action="store_true", help="build json/md/png from finished cells, run nothing")
     p.add_argument("--plan", action="store_true", help="print every cell's config as JSON (validated), run nothing")
-    p.add_argument("--adopt", default=None, help="folder of glue.run results to adopt as seed-0 cells (equal configs)")
+    p.add_argument("--adopt", default=None, help="folder of glue.run results to adopt as cells (equal configs, seed included)")
     p.add_argument("--runs-dir", default=None, help="cell folders (default runs/quality; smoke runs/quality-smoke)")
     p.add_argument("--out-dir", default=None, help="json/md/png folder (default bench/results; smoke: the runs dir)")
     p.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR)")

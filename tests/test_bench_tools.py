@@ -116,27 +116,32 @@ def test_quality_missing_cells_are_shown_missing(tmp_path):
 
 
 def test_quality_adopts_only_an_equal_config_from_this_kind_of_device(tmp_path):
-    """--adopt takes a recipe's results file as the seed-0 cell only when its config equals the cell's and it ran on
-    the grid's kind of device (a CUDA run beside CPU runs would make the time column meaningless)."""
+    """--adopt takes a recipe's results file as a cell only when its config, seed included, equals the cell's and it
+    ran on the grid's kind of device (a CUDA run beside CPU runs would make the time column meaningless)."""
     quality = _bench("quality")
     real = json.loads((ROOT / "bench" / "results" / "glue" / "minilm-lora-rte.json").read_text())
-    assert real["device"].startswith("cpu")
+    assert real["device"].startswith("cpu") and real["config"]["seed"] == 0
     found = tmp_path / "found"
     found.mkdir()
+    seed1 = {**real, "config": {**real["config"], "seed": 1}, "final": {"validation": {"accuracy": 0.25}}}
     variants = {
         "a-other-lr.json": {**real, "config": {**real["config"], "learning_rate": 5e-4}},  # another config
         "b-cuda.json": {**real, "device": "cuda: NVIDIA H100 80GB HBM3"},  # the same config, another device kind
         "c-cpu.json": real,
+        "d-cpu-seed1.json": seed1,  # the recipe run with seed=1: the seed-1 cell, never the seed-0 one
     }
     for name, data in variants.items():
         (found / name).write_text(json.dumps(data))
-    argv = ["--report-only", "--methods", "lora", "--tasks", "rte", "--seeds", "1", "--adopt", str(found),
+    argv = ["--report-only", "--methods", "lora", "--tasks", "rte", "--seeds", "3", "--adopt", str(found),
             "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]
     report = quality.main(argv)
-    cell = json.loads((tmp_path / "runs" / "lora" / "rte" / "seed0" / "results.json").read_text())
-    assert cell["adopted_from"].endswith("c-cpu.json")
-    assert report["counts"]["adopted"] == 1
-    assert report["cells"][0]["value"] == pytest.approx(real["final"]["validation"]["accuracy"])
+    cells = {s: tmp_path / "runs" / "lora" / "rte" / f"seed{s}" / "results.json" for s in range(3)}
+    assert json.loads(cells[0].read_text())["adopted_from"].endswith("c-cpu.json")
+    assert json.loads(cells[1].read_text())["adopted_from"].endswith("d-cpu-seed1.json")
+    assert not cells[2].exists()  # nothing ran with seed 2: the cell stays missing
+    assert report["counts"]["adopted"] == 2 and report["counts"]["missing"] == 1
+    values = {c["seed"]: c["value"] for c in report["cells"] if c.get("value") is not None}
+    assert values == {0: pytest.approx(real["final"]["validation"]["accuracy"]), 1: pytest.approx(0.25)}
 
 
 def test_results_readme_replaces_between_markers(tmp_path, quick_throughput):
