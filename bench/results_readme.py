@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -185,15 +186,32 @@ def glue_section(results: Path, base: Path) -> list[str]:
 
 TASK_ORDER = ("sst2", "rte", "mrpc", "cola", "stsb")
 METHOD_ORDER = ("lora", "sltrain", "sora", "dylora", "nola", "sparse_randlora", "randlora")
+_SEED = re.compile(r"-seed(\d+)$")
 
 
-def _variant(path: Path, record: dict) -> str:
-    """``minilm-<variant>-<task>[-h100].json`` -> ``<variant>`` (e.g. ``sltrain-nf4-lq``); older names as the method."""
+def _parse_stem(path: Path, record: dict) -> tuple[str, str, int]:
+    """``minilm-<variant>-<task>[-<budget>][-seed<k>][-h100].json`` -> (variant, column, seed).
+
+    The column is the task, or ``<task>-<budget>`` for a recipe at another budget (``rte-6ep``); the seed is the
+    config's (``-seed<k>`` names the runs made with ``seed=k``). Older names (``<method>-minilm-<task>``) give the
+    method as the variant."""
     stem = path.stem.removesuffix("-h100")
+    seed = int((record.get("config") or {}).get("seed", 0) or 0)
+    stem = _SEED.sub("", stem)
     task = str(record.get("task"))
-    if stem.startswith("minilm-") and stem.endswith("-" + task):
-        return stem[len("minilm-"):-len(task) - 1]
-    return str(record.get("method"))
+    if stem.startswith("minilm-"):
+        body = stem[len("minilm-"):]
+        if body.endswith("-" + task):
+            return body[:-len(task) - 1], task, seed
+        head, sep, budget = body.rpartition("-" + task + "-")
+        if sep and head and budget:
+            return head, f"{task}-{budget}", seed
+    return str(record.get("method")), task, seed
+
+
+def _column_order(column: str) -> tuple[int, str]:
+    task = column.split("-")[0]
+    return (TASK_ORDER.index(task) if task in TASK_ORDER else 99, column)
 
 
 def _cell(record: dict) -> str:
@@ -209,62 +227,102 @@ def _cell(record: dict) -> str:
     if after.get(record.get("main_metric")) is not None:
         text += f" → {squeeze.get('mode')}-squeezed to r={squeeze.get('target')}: {after[record.get('main_metric')]:.4f}"
     if "rank_evals" in extra:
-        metric = record.get("main_metric")
-        ranks = [f"{b}: {m.get(metric, m.get('validation_' + str(metric), float('nan'))):.4f}"
-                 for b, m in sorted(extra["rank_evals"].items(), key=lambda kv: int(kv[0]))]
+        ranks = [f"{b}: {v:.4f}" for b, v in _rank_values(record).items()]
         text += " (b " + ", ".join(ranks) + ")"
     return text
 
 
+def _rank_values(record: dict) -> dict[int, float]:
+    """DyLoRA's ``rank_evals``: rank b -> main metric at b."""
+    metric = record.get("main_metric")
+    evals = (record.get("method_results") or {}).get("rank_evals") or {}
+    return {int(b): m.get(metric, m.get("validation_" + str(metric), float("nan")))
+            for b, m in sorted(evals.items(), key=lambda kv: int(kv[0]))}
+
+
+def _mean_std(values: list[float]) -> str:
+    import statistics
+
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _seeds_cell(by_seed: dict[int, dict]) -> str:
+    """One seed: :func:`_cell`. Several: mean ± sample std of the final metric, then each seed's (SoRA's kept ranks,
+    DyLoRA's mean per rank b)."""
+    from glue.report import main_value
+
+    if len(by_seed) == 1:
+        return _cell(next(iter(by_seed.values())))
+    seeds = sorted(by_seed)
+    values = [main_value(by_seed[s]) for s in seeds]
+    if any(v is None for v in values):
+        return "; ".join(f"seed {s}: {_cell(by_seed[s])}" for s in seeds)
+    text = f"{_mean_std(values)} ({len(seeds)} seeds: " + " / ".join(f"{v:.4f}" for v in values) + ")"
+    kept = [(by_seed[s].get("method_results") or {}) for s in seeds]
+    if all("kept_total" in k for k in kept):
+        text += f"; ranks kept {' / '.join(str(k['kept_total']) for k in kept)} of {kept[0]['max_total']}"
+    ranks = [_rank_values(by_seed[s]) for s in seeds]
+    if all(ranks) and all(r.keys() == ranks[0].keys() for r in ranks):
+        text += "; mean at b " + ", ".join(f"{b}: {sum(r[b] for r in ranks) / len(ranks):.4f}" for b in ranks[0])
+    return text
+
+
 def minilm_section(results: Path, base: Path) -> list[str]:
-    """Method x task tables of the MiniLM recipe runs (``bench/results/glue/minilm-*.json``), one per device."""
+    """Method x task tables of the MiniLM recipe runs (``bench/results/glue/minilm-*.json``), one per device; the
+    runs of a recipe with several seeds (``...-seed<k>.json``) share a cell as mean ± std."""
     folder = results / "glue"
     lines = ["### GLUE on MiniLM: each tuner against PEFT LoRA r=8 at the same recipe budget", ""]
-    records: dict[str, dict[tuple[str, str], tuple[Path, dict]]] = {}
+    records: dict[str, dict[tuple[str, str], dict[int, dict]]] = {}
     for path in sorted(folder.glob("minilm-*.json")):
         record = _load(path)
         if not record or record.get("model") != "minilm":
             continue
         device = "H100" if path.stem.endswith("-h100") else "CPU"
-        records.setdefault(device, {})[(_variant(path, record), str(record.get("task")))] = (path, record)
+        variant, column, seed = _parse_stem(path, record)
+        records.setdefault(device, {}).setdefault((variant, column), {})[seed] = record
     if not records:
         return lines + ["None yet: run `recipes/minilm/<method>-<task>.yaml` with "
                         "`results_path=bench/results/glue/minilm-<method>-<task>.json`.", ""]
     lines += [
         "Dev-set figure at the end of training (accuracy; MCC for CoLA; Pearson for STS-B) of `python -m glue.run "
-        "recipes/minilm/<variant>-<task>.yaml` (results_path `bench/results/glue/minilm-<variant>-<task>.json`). "
+        "recipes/minilm/<variant>-<task>.yaml` (results_path `bench/results/glue/minilm-<variant>-<task>.json`; "
+        "with `seed=k`, `...-seed<k>.json`; several seeds are shown as mean ± sample std, then each seed's figure). "
         "Budgets are those of `recipes/minilm/lora-<task>.yaml` (2 epochs; SST-2: 4,000 training sentences). At this "
         "budget RTE stays near chance level (majority class 0.527) for every method, so its column says little: "
-        "the same LoRA recipe and seed scored 3 points apart on the CPU and on the H100.",
+        "the same LoRA recipe and seed scored 3 points apart on the CPU and on the H100."
+        + ("".join(f" The `{c}` column is `recipes/minilm/<variant>-{c}.yaml`: the {c.split('-')[0].upper()} recipe "
+                   f"at {c.split('-', 1)[1].replace('ep', ' epochs')}."
+                   for c in sorted({c for cells in records.values() for _, c in cells if "-" in c}))),
         "",
     ]
     for device, cells in records.items():
         variants = sorted({v for v, _ in cells}, key=lambda v: (METHOD_ORDER.index(v.split("-")[0])
                                                                  if v.split("-")[0] in METHOD_ORDER else 99, v))
-        tasks = [t for t in TASK_ORDER if any(t == task for _, task in cells)]
-        sample = next(iter(cells.values()))[1]
+        columns = sorted({c for _, c in cells}, key=_column_order)
+        sample = next(iter(next(iter(cells.values())).values()))
         lines += [f"**{device}** ({sample.get('device')}; torch {sample.get('versions', {}).get('torch')}, peft "
                   f"{sample.get('versions', {}).get('peft')}):", ""]
-        lines += ["| recipe variant | " + " | ".join(tasks) + " |", "|:---|" + "---:|" * len(tasks)]
+        lines += ["| recipe variant | " + " | ".join(columns) + " |", "|:---|" + "---:|" * len(columns)]
         for v in variants:
-            row = [_cell(cells[(v, t)][1]) if (v, t) in cells else "not run" for t in tasks]
+            row = [_seeds_cell(cells[(v, c)]) if (v, c) in cells else "not run" for c in columns]
             lines.append(f"| {v} | " + " | ".join(row) + " |")
         lines.append("")
-        timed = [(v, rec) for (v, t), (_, rec) in sorted(cells.items()) if t == "sst2"]
+        timed = [(v, by_seed[min(by_seed)]) for (v, c), by_seed in sorted(cells.items()) if c == "sst2"]
         if timed:
-            lines += ["Wall time of the SST-2 commands (training and evaluations, from `wall_time_s`; CPU runs list "
-                      "their torch threads and the 1-minute load average at the start, since runs shared the "
-                      "machine): " + "; ".join(
+            lines += ["Wall time of the SST-2 commands (seed 0; training and evaluations, from `wall_time_s`; CPU "
+                      "runs list their torch threads and the 1-minute load average at the start, since runs shared "
+                      "the machine): " + "; ".join(
                           f"{v} {rec.get('wall_time_s', float('nan')):.0f} s"
                           + (f" ({rec.get('config', {}).get('num_threads')} threads, load "
                              f"{(rec.get('load_average') or {}).get('start', float('nan')):.1f})"
                              if device == "CPU" else "")
                           for v, rec in timed) + ".", ""]
-    # plain SoRA's plots only (the NF4 variants' plots lie beside their results files too)
-    for png in sorted(p for p in folder.glob("minilm-sora-*-kept_ranks.png")
-                      if p.stem.removesuffix("-kept_ranks").removesuffix("-h100").split("-")[2] in TASK_ORDER):
-        lines += [f"SoRA's kept ranks per layer, `{png.stem.removesuffix('-kept_ranks')}`:", "",
-                  f"![SoRA kept ranks]({_link(png, base)})", ""]
+    # plain SoRA's seed-0 plots only (the NF4 variants' and other seeds' plots lie beside their results files too)
+    for png in sorted(folder.glob("minilm-sora-*-kept_ranks.png")):
+        name = png.stem.removesuffix("-kept_ranks").removesuffix("-h100")
+        if name.split("-")[2] in TASK_ORDER and not _SEED.search(name):
+            lines += [f"SoRA's kept ranks per layer, `{png.stem.removesuffix('-kept_ranks')}`:", "",
+                      f"![SoRA kept ranks]({_link(png, base)})", ""]
     return lines
 
 

@@ -173,3 +173,35 @@ def test_results_readme_requires_markers(tmp_path):
     readme.write_text("<!-- results:end -->\n<!-- results:begin -->\n")
     with pytest.raises(SystemExit, match="out of order"):
         readme_mod.main(["--results-dir", str(tmp_path), "--update-readme", str(readme)])
+
+
+def test_results_readme_groups_seeds_and_budgets_of_a_recipe(tmp_path):
+    """``minilm-<variant>-<task>[-<budget>][-seed<k>].json``: the seeds of one recipe share a cell (mean ± sample std,
+    then each seed), another budget gets a column of its own, and no run overwrites another's cell."""
+    readme_mod = _bench("results_readme")
+    real = json.loads((ROOT / "bench" / "results" / "glue" / "minilm-lora-sst2.json").read_text())
+    glue_dir = tmp_path / "glue"
+    glue_dir.mkdir()
+
+    def write(name, seed, acc, task="sst2", **extra):
+        data = {**real, "task": task, "config": {**real["config"], "seed": seed},
+                "final": {"validation": {"accuracy": acc}}, **extra}
+        (glue_dir / name).write_text(json.dumps(data))
+
+    write("minilm-lora-sst2.json", 0, 0.80)
+    write("minilm-lora-sst2-seed1.json", 1, 0.82)
+    write("minilm-lora-sst2-seed2.json", 2, 0.84)
+    write("minilm-lora-rte.json", 0, 0.50, task="rte")
+    write("minilm-lora-rte-6ep.json", 0, 0.60, task="rte")
+    sora = {"kept_total": 60, "max_total": 96}
+    write("minilm-sora-sst2.json", 0, 0.81, method_results=sora)
+    write("minilm-sora-sst2-seed1.json", 1, 0.83, method_results={**sora, "kept_total": 70})
+    text = "\n".join(readme_mod.minilm_section(tmp_path, tmp_path))
+    header = next(line for line in text.splitlines() if line.startswith("| recipe variant"))
+    assert header == "| recipe variant | sst2 | rte | rte-6ep |"
+    lora = next(line for line in text.splitlines() if line.startswith("| lora |"))
+    assert lora == "| lora | 0.8200 ± 0.0200 (3 seeds: 0.8000 / 0.8200 / 0.8400) | 0.5000 | 0.6000 |"
+    sora_row = next(line for line in text.splitlines() if line.startswith("| sora |"))
+    assert "0.8200 ± 0.0141 (2 seeds: 0.8100 / 0.8300); ranks kept 60 / 70 of 96" in sora_row
+    assert "| not run |" in sora_row  # SoRA has no RTE run here
+    assert "The `rte-6ep` column is `recipes/minilm/<variant>-rte-6ep.yaml`: the RTE recipe at 6 epochs." in text
