@@ -102,3 +102,22 @@ def output_of(model, inputs) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     return out.logits
+
+
+def build_roberta_other_width():
+    """A RoBERTa like ``build_roberta``'s but 40 wide: a base an adapter trained on ``build_roberta`` must refuse."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    return RobertaForSequenceClassification(
+        RobertaConfig(vocab_size=VOCAB, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=37, max_position_embeddings=40)
+    )
+
+
+def edit_adapter_config(folder, **fields) -> None:
+    """Overwrite ``fields`` in a saved adapter's ``adapter_config.json`` (tests of mismatched configs)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))

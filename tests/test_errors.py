@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _builders import BUILDERS, output_of
+from _builders import BUILDERS, build_roberta_other_width, output_of
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
@@ -99,12 +99,7 @@ def rewrite(path, fn):
 
 def test_adapter_for_other_shapes(tmp_path):
     saved_adapter(tmp_path)
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    other = RobertaForSequenceClassification(
-        RobertaConfig(vocab_size=97, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=37, max_position_embeddings=40)
-    )
+    other = build_roberta_other_width()
     with pytest.raises(ValueError, match=r"does not fit this model.*other\s+layer shapes.*Fix"):
         PeftModel.from_pretrained(other, tmp_path)
 

@@ -3,14 +3,13 @@ plain LoRA, bit-exact reload in a fresh process, and clear errors for bad config
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from _builders import BUILDERS, output_of
+from _builders import BUILDERS, build_roberta_other_width, edit_adapter_config, output_of
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -217,13 +216,6 @@ def saved_nola(tmp_path, **kwargs):
     return pm, make_inputs
 
 
-def edit_config(tmp_path, **fields):
-    path = tmp_path / "adapter_config.json"
-    cfg = json.loads(path.read_text())
-    cfg.update(fields)
-    path.write_text(json.dumps(cfg))
-
-
 @pytest.mark.parametrize(
     "field,value,match",
     [
@@ -235,19 +227,14 @@ def edit_config(tmp_path, **fields):
 )
 def test_config_not_matching_coefficients_is_refused(tmp_path, field, value, match):
     saved_nola(tmp_path)
-    edit_config(tmp_path, **{field: value})
+    edit_adapter_config(tmp_path, **{field: value})
     with pytest.raises(ValueError, match=match):
         PeftModel.from_pretrained(BUILDERS["roberta"]()[0], tmp_path)
 
 
 def test_other_base_shape_is_refused(tmp_path):
     saved_nola(tmp_path)
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    other = RobertaForSequenceClassification(
-        RobertaConfig(vocab_size=97, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=37, max_position_embeddings=40)
-    )
+    other = build_roberta_other_width()
     with pytest.raises(ValueError, match=r"trained on a 36x36 layer, but this model's layer is 40x40.*Fix"):
         PeftModel.from_pretrained(other, tmp_path)
 

@@ -5,7 +5,6 @@ training step, bit-exact reload in a fresh process (and the Triton kernels there
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _builders import BUILDERS, output_of
+from _builders import BUILDERS, edit_adapter_config, output_of
 from peft import PeftModel, RandLoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -230,13 +229,6 @@ def saved(tmp_path, **kwargs):
     return pm, make_inputs
 
 
-def edit_config(tmp_path, **fields):
-    path = tmp_path / "adapter_config.json"
-    cfg = json.loads(path.read_text())
-    cfg.update(fields)
-    path.write_text(json.dumps(cfg))
-
-
 @pytest.mark.parametrize(
     "field,value,match",
     [
@@ -247,7 +239,7 @@ def edit_config(tmp_path, **fields):
 )
 def test_config_not_matching_checkpoint_is_refused(tmp_path, field, value, match):
     saved(tmp_path)
-    edit_config(tmp_path, **{field: value})
+    edit_adapter_config(tmp_path, **{field: value})
     with pytest.raises(ValueError, match=match):
         PeftModel.from_pretrained(BUILDERS["roberta"]()[0], tmp_path)
 
