@@ -39,6 +39,7 @@ Usage::
 
     GLUE_DIR=../shared/glue python bench/quality.py                        # every method x task x 3 seeds
     GLUE_DIR=../shared/glue python bench/quality.py --methods lora sltrain --tasks rte --seeds 1
+    GLUE_DIR=../shared/glue python bench/quality.py --jobs 8              # on a GPU machine: 8 cells at a time
     python bench/quality.py --report-only                                  # json/md/png from finished cells
     python bench/quality.py --plan                                         # the cell configs, nothing run
     GLUE_DIR=../shared/glue python bench/quality.py --smoke --methods lora --tasks rte   # CI: tiny budget
@@ -49,6 +50,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import datetime as _dt
 import json
@@ -751,6 +753,24 @@ def build_report(cells: list[Cell], methods, tasks, args, command: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------- main
+def _run_reported(cell: Cell, args) -> None:
+    """Run one cell, printing its start, end and time; a failure is written to ``quality_error.txt`` in the cell
+    folder (and shown in the report) instead of stopping the grid."""
+    print(f"[quality] {cell.key()}: running ({cell.source})", file=sys.stderr, flush=True)
+    t0 = time.time()
+    err = cell.dir / "quality_error.txt"
+    try:
+        run_cell(cell, args.keep_checkpoints, args.in_process)
+        err.unlink(missing_ok=True)
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        cell.dir.mkdir(parents=True, exist_ok=True)
+        err.write_text(traceback.format_exc())
+        print(f"[quality] {cell.key()}: FAILED, see {err}", file=sys.stderr, flush=True)
+    print(f"[quality] {cell.key()}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=None, help=f"subset of: {', '.join(METHODS)}")
@@ -766,6 +786,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: a shared machine)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep a finished cell's checkpoints")
     p.add_argument("--max-cells", type=int, default=None, help="run at most this many cells, then report")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (default 1; on a "
+                   "GPU several small MiniLM cells share it well, but each cell's time then includes the others' load)")
     p.add_argument("--in-process", action="store_true", help="run the cells in this process (tests; the harness's "
                    "CPU time and peak memory then accumulate over cells)")
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
@@ -786,6 +808,9 @@ def main(argv=None) -> dict:
     tasks = [t for t in TASKS if not args.tasks or t in args.tasks]
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
+    if args.jobs < 1 or (args.jobs > 1 and args.in_process):
+        raise SystemExit(f"--jobs {args.jobs}: needs a count >= 1, and 1 with --in-process (cells in one process "
+                         "run one at a time)")
     if args.runs_dir is None:
         args.runs_dir = str(ROOT / "runs" / ("quality-smoke" if args.smoke else "quality"))
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.runs_dir) if args.smoke else ROOT / "bench" / "results")
@@ -811,27 +836,17 @@ def main(argv=None) -> dict:
                 if found:
                     print(f"[quality] {c.key()}: adopted {found}", file=sys.stderr, flush=True)
     if not args.report_only:
-        ran = 0
-        for c in cells:
-            if c.config is None or c.results_path.is_file():
-                continue
-            if args.max_cells is not None and ran >= args.max_cells:
-                break
-            validate(c)
-            print(f"[quality] {c.key()}: running ({c.source})", file=sys.stderr, flush=True)
-            t0 = time.time()
-            err = c.dir / "quality_error.txt"
-            try:
-                run_cell(c, args.keep_checkpoints, args.in_process)
-                err.unlink(missing_ok=True)
-            except KeyboardInterrupt:
-                raise
-            except Exception:
-                c.dir.mkdir(parents=True, exist_ok=True)
-                err.write_text(traceback.format_exc())
-                print(f"[quality] {c.key()}: FAILED, see {err}", file=sys.stderr, flush=True)
-            ran += 1
-            print(f"[quality] {c.key()}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        pending = [c for c in cells if c.config is not None and not c.results_path.is_file()]
+        if args.max_cells is not None:
+            pending = pending[: args.max_cells]
+        for c in pending:
+            validate(c)  # every planned cell's config is checked before the first one starts
+        if args.jobs == 1:
+            for c in pending:
+                _run_reported(c, args)
+        else:  # each cell is a child process of its own; these threads only wait on them
+            with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                list(pool.map(lambda c: _run_reported(c, args), pending))
     report = build_report(cells, methods, tasks, args, command)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "quality-minilm.json"

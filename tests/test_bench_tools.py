@@ -205,3 +205,35 @@ def test_results_readme_groups_seeds_and_budgets_of_a_recipe(tmp_path):
     assert "0.8200 ± 0.0141 (2 seeds: 0.8100 / 0.8300); ranks kept 60 / 70 of 96" in sora_row
     assert "| not run |" in sora_row  # SoRA has no RTE run here
     assert "The `rte-6ep` column is `recipes/minilm/<variant>-rte-6ep.yaml`: the RTE recipe at 6 epochs." in text
+
+
+def test_quality_jobs_runs_cells_at_once_and_reports_failures(tmp_path, monkeypatch):
+    """--jobs N keeps N cells running at a time (each a child process in real use) and a failing cell is written to
+    its folder instead of stopping the others."""
+    import threading
+    import time
+
+    quality = _bench("quality")
+    lock, active, peak, started = threading.Lock(), [0], [0], []
+
+    def fake_run_cell(cell, keep_checkpoints, in_process=False):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            started.append(cell.key())
+        time.sleep(0.3)
+        with lock:
+            active[0] -= 1
+        if cell.method == "sltrain" and cell.task == "mrpc":
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    base = ["--methods", "lora", "sltrain", "--tasks", "rte", "mrpc", "--seeds", "1",
+            "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]
+    quality.main(base + ["--jobs", "2"])
+    assert sorted(started) == ["lora/mrpc/seed0", "lora/rte/seed0", "sltrain/mrpc/seed0", "sltrain/rte/seed0"]
+    assert peak[0] == 2
+    assert "boom" in (tmp_path / "runs" / "sltrain" / "mrpc" / "seed0" / "quality_error.txt").read_text()
+    for bad in (["--jobs", "0"], ["--jobs", "2", "--in-process"]):
+        with pytest.raises(SystemExit, match="--jobs"):
+            quality.main(base + bad)
