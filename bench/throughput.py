@@ -237,7 +237,7 @@ class Step:
         if name == "adalora":  # after the optimizer step, before zero_grad (PEFT's docstring)
             self.model.base_model.update_and_allocate(self.step_index)
         if name == "sora":
-            sora_prox_step(self.model, LR)
+            sora_prox_step(self.model, LR, count_zeros=False)  # as SoraCallback: no host sync per step
         self.optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
 

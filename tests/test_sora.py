@@ -45,6 +45,51 @@ def test_prox_step_is_soft_threshold():
     torch.testing.assert_close(gate.detach(), torch.tensor([0.4, -0.4, 0.0, 0.0, 0.0, 1.9]))
 
 
+def test_prox_step_equals_the_formula_bit_for_bit():
+    """The one-kernel softshrink is ``sign(g) · max(|g| − t, 0)`` exactly, gates at ±t and at 0 included."""
+    pm, _ = sora_bert()
+    layer = next(m for m in pm.modules() if hasattr(m, "sora_gate"))
+    g = torch.randn(6, generator=torch.Generator().manual_seed(0))
+    for t in (0.0, 0.3, float(g.abs()[2])):
+        with torch.no_grad():
+            layer.sora_gate["default"].copy_(g)
+        layer.prox_step("default", t)
+        assert torch.equal(layer.sora_gate["default"].detach(), torch.sign(g) * torch.clamp(g.abs() - t, min=0.0))
+    assert layer.sora_gate["default"][2] == 0  # a gate exactly at the threshold closes
+
+
+def test_prox_step_counts_zero_gates_or_skips_the_count():
+    pm, _ = sora_bert()
+    gates = [m.sora_gate["default"] for m in pm.modules() if hasattr(m, "sora_gate")]
+    with torch.no_grad():
+        for i, g in enumerate(gates):
+            g.copy_(torch.tensor([0.5, -0.5, 0.05, -0.05, 0.0, 2.0] if i == 0 else [0.5, -0.5, 0.5, -0.5, 0.0, 2.0]))
+    # lr 1, lambda 0.1: the first layer loses 3 gates (0.05, -0.05, 0); the others only their 0 gate
+    assert sora_prox_step(pm, 1.0, sparse_lambda=0.1) == 3 + (len(gates) - 1)
+    assert sora_prox_step(pm, 1.0, sparse_lambda=0.1, count_zeros=False) is None
+    assert float(gates[0][0]) == pytest.approx(0.3)  # shrunk twice, counted or not
+
+
+def test_callback_step_reads_nothing_back_from_the_device(monkeypatch):
+    """SoraCallback's per-step work never converts a tensor to a Python value: on a GPU that would wait for the step
+    to finish on every step (a host sync) instead of letting the next step's kernels queue up."""
+    pm, _ = sora_bert(sparse_lambda=5.0)
+    optimizer = torch.optim.AdamW(adapter_param_groups(pm, 0.0), lr=1e-2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read back to the host during the proximal step")
+
+    state = type("State", (), {"global_step": 3, "max_steps": 10})()
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    gates = [m.sora_gate["default"] for m in pm.modules() if hasattr(m, "sora_gate")]
+    before = [g.detach().clone() for g in gates]
+    SoraCallback().on_optimizer_step(None, state, None, model=pm, optimizer=optimizer)
+    monkeypatch.undo()
+    for g, g0 in zip(gates, before):  # the step did act: every gate shrank by lambda x lr = 5 x 1e-2
+        torch.testing.assert_close(g.detach(), torch.nn.functional.softshrink(g0, 0.05))
+
+
 def test_gates_reach_exact_zeros_and_pruned_model_is_equal(tmp_path):
     pm, make_inputs = sora_bert(sparse_lambda=2.0)
     train_with_prox(pm, make_inputs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
+import torch
 from torch import nn
 
 from .tuners.dylora import DyLoraModel
@@ -71,7 +72,9 @@ def sora_lambda_at(config, progress: float) -> float:
     return math.log(math.exp(lo) + t * (math.exp(hi) - math.exp(lo)))
 
 
-def sora_prox_step(model, lr: float, sparse_lambda: Optional[float] = None, progress: float = 0.0) -> int:
+def sora_prox_step(
+    model, lr: float, sparse_lambda: Optional[float] = None, progress: float = 0.0, count_zeros: bool = True
+) -> Optional[int]:
     """Soft-threshold every SoRA gate by ``λ · lr`` after an optimizer step; returns the number of zero gates.
 
     Args:
@@ -79,21 +82,25 @@ def sora_prox_step(model, lr: float, sparse_lambda: Optional[float] = None, prog
         lr: the learning rate of the step just taken (the gates' parameter group).
         sparse_lambda: λ; default: the adapter config's, following its schedule at ``progress``.
         progress: fraction of training done, for the λ schedule.
+        count_zeros: count the zero gates (one device-to-host copy, which on a GPU waits for the step to finish).
+            ``False`` returns ``None`` and leaves the GPU's queue running ahead; ``SoraCallback`` does so.
     """
     if lr < 0:
         raise ValueError(f"sora_prox_step: lr={lr} must be >= 0.")
     tuner = _tuner(model, SoraModel)
     if tuner is None:
-        return 0
-    zeros = 0
+        return 0 if count_zeros else None
     for name in tuner.active_adapters:
         config = tuner.peft_config[name]
         lam = sora_lambda_at(config, progress) if sparse_lambda is None else float(sparse_lambda)
         if lam < 0:
             raise ValueError(f"sora_prox_step: sparse_lambda={lam} must be >= 0.")
         tuner.prox_step(lam * lr, adapter_name=name)
-        zeros += sum(int(layer.sora_r[name] - layer.kept_rank(name)) for _, layer in tuner._sora_layers() if layer.has_adapter(name))
-    return zeros
+    if not count_zeros:
+        return None
+    zeros = [(layer.sora_gate[name] == 0).sum() for name in tuner.active_adapters
+             for _, layer in tuner._sora_layers() if layer.has_adapter(name)]
+    return int(torch.stack(zeros).sum()) if zeros else 0  # one host sync for all layers, not one per layer
 
 
 def _gate_lr(optimizer, model) -> float:
@@ -123,7 +130,7 @@ class SoraCallback(TrainerCallback):
         if model is None or optimizer is None or _tuner(model, SoraModel) is None:
             return control
         progress = state.global_step / state.max_steps if state.max_steps else 0.0
-        sora_prox_step(model, _gate_lr(optimizer, model), self.sparse_lambda, progress)
+        sora_prox_step(model, _gate_lr(optimizer, model), self.sparse_lambda, progress, count_zeros=False)
         return control
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):

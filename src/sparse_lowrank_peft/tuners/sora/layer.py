@@ -82,9 +82,12 @@ class SoraLayer(DeltaLayer):
     # ------------------------------------------------------------------ SoRA specifics
     @torch.no_grad()
     def prox_step(self, adapter_name: str, threshold: float) -> None:
-        """Soft-threshold the gate in place: ``g ← sign(g) · max(|g| − threshold, 0)``."""
+        """Soft-threshold the gate in place: ``g ← sign(g) · max(|g| − threshold, 0)``.
+
+        ``softshrink`` is that formula bit for bit (``x ∓ t`` outside ``[−t, t]``, exactly 0 inside) in one kernel
+        instead of five; it runs after every optimizer step on every adapted layer."""
         gate = self.sora_gate[adapter_name]
-        gate.copy_(torch.sign(gate) * torch.clamp(gate.abs() - threshold, min=0.0))
+        gate.copy_(torch.nn.functional.softshrink(gate, threshold))
 
     def kept_rank(self, adapter_name: str) -> int:
         return int((self.sora_gate[adapter_name] != 0).sum())
