@@ -17,11 +17,11 @@ the task's, the task's budget is used and the difference is recorded in the cell
 ``seed`` changes between a method's seeds.
 
 Methods: full fine-tuning; PEFT LoRA r=8, AdaLoRA, RandLoRA, SHiRA; SLTrain, SoRA, DyLoRA r=8 and the same adapter
-evaluated at rank 4 (``method_results.rank_evals``, no extra training), NOLA, sparse RandLoRA, Post-Squeeze (LoRA r=16
-squeezed to r=4 after training, ``squeeze: {mode: post, rank: 4}``), SLTrain and SoRA on an NF4 base
-(``quantize: nf4``). The harness has no AdaLoRA (it needs ``update_and_allocate`` after every optimizer step) and no
-SHiRA among its PEFT baselines; this script adds both to its method table in this process and passes AdaLoRA's
-per-step hook as a Trainer callback.
+evaluated at rank 4 (``method_results.rank_evals``, no extra training), DyLoRA with the geometric rank draw, NOLA,
+sparse RandLoRA, Post-Squeeze (LoRA r=16 squeezed to r=4 after training, ``squeeze: {mode: post, rank: 4}``), SLTrain
+and SoRA on an NF4 base (``quantize: nf4``). The harness has no AdaLoRA (it needs ``update_and_allocate`` after
+every optimizer step) and no SHiRA among its PEFT baselines; this script adds both to its method table in this
+process and passes AdaLoRA's per-step hook as a Trainer callback.
 
 Cells: ``<runs-dir>/<method>/<task>/seed<k>/`` (default ``runs/quality``): the harness's output folder with its
 ``results.json``. A cell with a ``results.json`` is finished and never rerun; an interrupted cell resumes from its
@@ -142,6 +142,11 @@ METHODS: "OrderedDict[str, dict[str, Any]]" = OrderedDict(
         ("dylora", {
             "label": "DyLoRA r=8", "group": "ours", "recipe": "dylora",
             "note": "recipes/minilm/dylora-<task>.yaml.",
+        }),
+        ("dylora_geo", {
+            "label": "DyLoRA r=8, geometric draw", "group": "ours", "recipe": "dylora-geo",
+            "note": "recipes/minilm/dylora-geo-<task>.yaml: rank_distribution geometric (b = r on about half the steps) "
+                    "instead of the paper's uniform draw, under which rank r trains on 1/r of the steps.",
         }),
         ("dylora_r4", {
             "label": "DyLoRA at rank 4", "group": "ours", "derived_from": "dylora", "rank": 4,
@@ -779,7 +784,8 @@ def parse_args(argv):
     p.add_argument("--smoke", action="store_true", help="tiny budget (2 steps, 32 examples) in runs/quality-smoke (CI)")
     p.add_argument("--report-only", action="store_true", help="build json/md/png from finished cells, run nothing")
     p.add_argument("--plan", action="store_true", help="print every cell's config as JSON (validated), run nothing")
-    p.add_argument("--adopt", default=None, help="folder of glue.run results to adopt as cells (equal configs, seed included)")
+    p.add_argument("--adopt", default=None,
+                   help="folder of glue.run results to adopt as cells (equal configs, seed included)")
     p.add_argument("--runs-dir", default=None, help="cell folders (default runs/quality; smoke runs/quality-smoke)")
     p.add_argument("--out-dir", default=None, help="json/md/png folder (default bench/results; smoke: the runs dir)")
     p.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR)")
