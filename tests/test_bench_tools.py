@@ -237,3 +237,25 @@ def test_quality_jobs_runs_cells_at_once_and_reports_failures(tmp_path, monkeypa
     for bad in (["--jobs", "0"], ["--jobs", "2", "--in-process"]):
         with pytest.raises(SystemExit, match="--jobs"):
             quality.main(base + bad)
+
+
+def test_sora_gates_fates_and_total_shrinkage():
+    sora_gates = _bench("sora_gates")
+    import torch
+
+    g0 = torch.tensor([0.1, -0.2, 0.5, -0.9, 0.3, 2.0])
+    g1 = torch.tensor([0.0, 0.0, 0.2, 0.0, 0.4, 1.8])  # -0.9 closed though it started above; 0.3 stayed open
+    fates = sora_gates.gate_fates(g0, g1, 0.375)
+    assert fates["closed"] == 3 and fates["started_below_shrinkage"] == 3
+    assert fates["closed_and_started_below"] == 2 and fates["closed_but_started_above"] == 1
+    assert fates["open_but_started_below"] == 1
+    assert fates["mean_abs_initial_closed"] == pytest.approx((0.1 + 0.2 + 0.9) / 3)
+    with pytest.raises(ValueError, match="equal 1-D shapes"):
+        sora_gates.gate_fates(g0, g1[:3], 0.375)
+
+    from glue.run import config_from_mapping
+
+    cfg = config_from_mapping({"task": "sst2", "method": "sora", "peft": {"sparse_lambda": 1.5}, "learning_rate": 1e-3,
+                               "warmup_ratio": 0.06, "lr_scheduler_type": "linear"}, where="test")
+    # linear warm-up to 1e-3 and linear decay to 0 over 500 steps: the lr sums to about 1e-3 x 500 / 2
+    assert sora_gates.total_shrinkage(cfg, 500) == pytest.approx(1.5 * 0.25, rel=0.01)
