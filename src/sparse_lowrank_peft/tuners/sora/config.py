@@ -56,9 +56,10 @@ class SoraConfig(LQInitFields, TargetFields, PeftConfig):
             (``lq_quant_type``) and ``L`` rank ``r``; the base layer becomes a ``Linear4bit`` holding ``Q`` and the
             factors start at ``L`` with every gate at 1, so the adapted model starts at ``Q + L ≈ W`` with the quantization error
             partly absorbed. Needs full-precision ``nn.Linear`` targets (see ``delta.quant`` for Fisher weighting).
-            Risk: the gates then carry that correction, and the proximal step prunes few ranks or none (MiniLM
-            SST-2 at the recipe's λ: 96 of 96 kept with ``"lq"``, 64 of 96 with ``True`` on the same NF4 base),
-            since closing a rank brings its share of the quantization error back. Raise ``sparse_lambda`` to prune.
+            Risk: every gate starting at 1 (not ``N(0, 1)``), none starts below the total shrinkage
+            ``sparse_lambda × Σ lr``, so a short run prunes few ranks or none (MiniLM SST-2 at the recipe's λ, total
+            0.375: 96 of 96 kept with ``"lq"``, 64 of 96 with ``True`` on the same NF4 base). To prune, bring the total
+            shrinkage near 1.
         lq_quant_type, lq_max_iter: see ``sparse_lowrank_peft.common.LQInitFields``.
     """
 
