@@ -100,7 +100,10 @@ def sora_prox_step(
         return None
     zeros = [(layer.sora_gate[name] == 0).sum() for name in tuner.active_adapters
              for _, layer in tuner._sora_layers() if layer.has_adapter(name)]
-    return int(torch.stack(zeros).sum()) if zeros else 0  # one host sync for all layers, not one per layer
+    if not zeros:
+        return 0
+    # one host sync for all layers, not one per layer (layers spread over devices are gathered on the first's)
+    return int(torch.stack([z.to(zeros[0].device) for z in zeros]).sum())
 
 
 def _gate_lr(optimizer, model) -> float:
