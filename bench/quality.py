@@ -39,7 +39,7 @@ Usage::
 
     GLUE_DIR=../shared/glue python bench/quality.py                        # every method x task x 3 seeds
     GLUE_DIR=../shared/glue python bench/quality.py --methods lora sltrain --tasks rte --seeds 1
-    GLUE_DIR=../shared/glue python bench/quality.py --jobs 8              # on a GPU machine: 8 cells at a time
+    GLUE_DIR=../shared/glue python bench/quality.py --jobs 8              # 8 cells at a time (a GPU machine)
     python bench/quality.py --report-only                                  # json/md/png from finished cells
     python bench/quality.py --plan                                         # the cell configs, nothing run
     GLUE_DIR=../shared/glue python bench/quality.py --smoke --methods lora --tasks rte   # CI: tiny budget
@@ -792,8 +792,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: a shared machine)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep a finished cell's checkpoints")
     p.add_argument("--max-cells", type=int, default=None, help="run at most this many cells, then report")
-    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (default 1; on a "
-                   "GPU several small MiniLM cells share it well, but each cell's time then includes the others' load)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (default 1; a "
+                   "cell's time then includes the others' load)")
     p.add_argument("--in-process", action="store_true", help="run the cells in this process (tests; the harness's "
                    "CPU time and peak memory then accumulate over cells)")
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)

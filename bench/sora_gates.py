@@ -82,8 +82,9 @@ def run_report(recipe: Path, run_dir: Path, seed: int | None = None) -> dict:
     if seed is not None:
         fields["seed"] = seed
     cfg = grun.config_from_mapping(fields, where=str(recipe))
-    if cfg.method != "sora" or cfg.quantize or cfg.init != "default":
-        raise SystemExit(f"{recipe}: a plain SoRA recipe is needed (method sora, no quantize, default init)")
+    if cfg.method != "sora" or cfg.quantize or cfg.init != "default" or (cfg.peft or {}).get("lambda_schedule"):
+        raise SystemExit(f"{recipe}: a plain SoRA recipe is needed (method sora, no quantize, default init, constant "
+                         "sparse_lambda)")
     checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     if not checkpoints:
         raise SystemExit(f"{run_dir}: no checkpoint-* folder (run the recipe first; its last checkpoint holds the "
