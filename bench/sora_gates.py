@@ -5,15 +5,16 @@ total shrinkage is ``S = sparse_lambda × Σ_t lr_t``. A gate closes when its ma
 gates that close are exactly those that started below ``S`` (gates start ``N(0, 1)``, as in the official code), the
 kept ranks were decided by the initialisation, not by training: this script measures that for each run.
 
-For a run it rebuilds the adapter as ``glue.run`` does (same recipe, same seed: ``set_seed``, load the model,
-``get_peft_model``), so the initial gates are the run's own, reads the final gates from the run's last checkpoint
-(saved before pruning), and computes ``S`` from the recipe's learning-rate schedule.
+For a run it rebuilds the model with ``glue.run.build_model`` (the function the run itself used, same recipe and
+seed), so the initial gates are the run's own, reads the final gates from the run's last checkpoint (saved before
+pruning), and computes ``S`` from the recipe's learning-rate schedule.
 
     python bench/sora_gates.py recipes/minilm/sora-sst2.yaml:runs/glue/minilm/sora-sst2 \\
         recipes/minilm/sora-sst2.yaml:runs/glue/minilm/sora-sst2-seed1:1 \\
         recipes/minilm/sora-sst2.yaml:runs/glue/minilm/sora-sst2-seed2:2 \\
         recipes/minilm/sora-rte.yaml:runs/glue/minilm/sora-rte \\
-        recipes/minilm/sora-stsb.yaml:runs/glue/minilm/sora-stsb      # writes bench/results/sora-gates-minilm.json
+        recipes/minilm/sora-stsb.yaml:runs/glue/minilm/sora-stsb \\
+        recipes/minilm/sora-nf4-lq-sst2.yaml:runs/glue/minilm/sora-nf4-lq-sst2   # -> bench/results/sora-gates-minilm.json
 """
 
 from __future__ import annotations
@@ -70,9 +71,7 @@ def total_shrinkage(cfg, steps: int) -> float:
 
 def run_report(recipe: Path, run_dir: Path, seed: int | None = None) -> dict:
     import yaml
-    from peft import get_peft_model
     from safetensors.torch import load_file
-    from transformers import set_seed
 
     import glue.run as grun
     import sparse_lowrank_peft  # noqa: F401  (registers the tuners with PEFT)
@@ -82,19 +81,15 @@ def run_report(recipe: Path, run_dir: Path, seed: int | None = None) -> dict:
     if seed is not None:
         fields["seed"] = seed
     cfg = grun.config_from_mapping(fields, where=str(recipe))
-    if cfg.method != "sora" or cfg.quantize or cfg.init != "default" or (cfg.peft or {}).get("lambda_schedule"):
-        raise SystemExit(f"{recipe}: a plain SoRA recipe is needed (method sora, no quantize, default init, constant "
-                         "sparse_lambda)")
+    if cfg.method != "sora" or (cfg.peft or {}).get("lambda_schedule"):
+        raise SystemExit(f"{recipe}: a SoRA recipe with a constant sparse_lambda is needed")
     checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     if not checkpoints:
         raise SystemExit(f"{run_dir}: no checkpoint-* folder (run the recipe first; its last checkpoint holds the "
                          "unpruned gates)")
     last = checkpoints[-1]
     steps = int(last.name.split("-")[1])
-    set_seed(cfg.seed)
-    model, _, _ = grun.load_model_and_tokenizer(cfg, get_task(cfg.task))
-    peft_model = get_peft_model(model, grun.make_peft_config(cfg.method, grun.effective_peft_fields(cfg),
-                                                             grun.head_module_names(model)))
+    peft_model = grun.build_model(cfg, get_task(cfg.task)).model  # the run's own initial weights (same seed)
     initial = {n.replace(".default", ""): p.detach() for n, p in peft_model.named_parameters() if "sora_gate" in n}
     final = {k: v for k, v in load_file(last / "adapter_model.safetensors").items() if "sora_gate" in k}
     if sorted(initial) != sorted(final):

@@ -1079,6 +1079,47 @@ def _split_metrics(metrics: Mapping[str, Any], task: TaskSpec, splits: Sequence[
     return {e["split"]: e["metrics"] for e in evals_from_log_history([metrics], task, splits)}
 
 
+@dataclass
+class BuiltModel:
+    """What :func:`build_model` returns: the model to train and how it was made."""
+
+    model: Any
+    tokenizer: Any
+    model_path: str
+    head: list[str]
+    peft_config: Any = None
+    init_info: dict[str, Any] | None = None
+    quant_info: dict[str, Any] | None = None
+
+
+def build_model(cfg: RunConfig, task: TaskSpec) -> BuiltModel:
+    """The run's model before training, exactly as :func:`run` trains it: ``set_seed(cfg.seed)``, the base model,
+    its 4-bit base (``quantize``), the adapter (``method``; LQ init quantizes its own targets) and ``init_adapter``.
+
+    Everything random in it (head, adapter initialisation) comes from the seed, so a tool that rebuilds it
+    (``bench/sora_gates.py``) gets the run's own initial weights."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model, tokenizer, model_path = load_model_and_tokenizer(cfg, task)
+    head = list(cfg.head_modules) if cfg.head_modules else head_module_names(model)
+    built = BuiltModel(model, tokenizer, model_path, head)
+    to_quantize = quantizable_linears(model, head) if cfg.quantize else []
+    if cfg.quantize and cfg.init != "lq":
+        built.quant_info = quantize_base(model, to_quantize, cfg.quantize)
+    if cfg.method != "full":
+        from peft import get_peft_model
+
+        built.peft_config = make_peft_config(cfg.method, effective_peft_fields(cfg), head)
+        built.model = get_peft_model(model, built.peft_config)
+        if cfg.quantize and cfg.init == "lq":
+            # LQ-LoRA quantized the target layers itself (W = Q + L); the other encoder linears get plain 4-bit
+            built.quant_info = quantize_base(built.model, to_quantize, cfg.quantize, lq=True)
+        if cfg.init_adapter:
+            built.init_info = load_init_adapter(built.model, cfg.init_adapter, head)
+    return built
+
+
 def _method_results(method: str, trainer, model, out: Path) -> dict | None:
     """Per-method extras after training: DyLoRA evaluated at ranks 1, 2, 4, ..., r from the one adapter; SoRA's kept
     ranks (plot in ``kept_ranks.png``) and the adapter pruned to them before it is saved."""
@@ -1150,27 +1191,11 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
-    set_seed(cfg.seed)
-    model, tokenizer, model_path = load_model_and_tokenizer(cfg, task)
-    head = list(cfg.head_modules) if cfg.head_modules else head_module_names(model)
-    peft_config = None
-    init_info = None
-    quant_info = None
-    to_quantize = quantizable_linears(model, head) if cfg.quantize else []
-    if cfg.quantize and cfg.init != "lq":
-        quant_info = quantize_base(model, to_quantize, cfg.quantize)
-    if cfg.method != "full":
-        from peft import get_peft_model
-
-        peft_config = make_peft_config(cfg.method, effective_peft_fields(cfg), head)
-        model = get_peft_model(model, peft_config)
-        if cfg.quantize and cfg.init == "lq":
-            # LQ-LoRA quantized the target layers itself (W = Q + L); the other encoder linears get plain 4-bit
-            quant_info = quantize_base(model, to_quantize, cfg.quantize, lq=True)
-        if cfg.init_adapter:
-            init_info = load_init_adapter(model, cfg.init_adapter, head)
+    built = build_model(cfg, task)
+    model, tokenizer, model_path, head = built.model, built.tokenizer, built.model_path, built.head
+    peft_config, init_info, quant_info = built.peft_config, built.init_info, built.quant_info
     squeeze_spec = None
     if cfg.squeeze is not None:
         from sparse_lowrank_peft.squeeze import SqueezeSpec
