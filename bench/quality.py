@@ -760,7 +760,12 @@ def build_report(cells: list[Cell], methods, tasks, args, command: str) -> dict:
 # ------------------------------------------------------------------------------------------------------------- main
 def _run_reported(cell: Cell, args) -> None:
     """Run one cell, printing its start, end and time; a failure is written to ``quality_error.txt`` in the cell
-    folder (and shown in the report) instead of stopping the grid."""
+    folder (and shown in the report) instead of stopping the grid. Past ``args.start_deadline`` (``--stop-after``)
+    the cell is not started: it stays missing for the next invocation."""
+    if args.start_deadline is not None and time.monotonic() >= args.start_deadline:
+        print(f"[quality] {cell.key()}: not started (--stop-after {args.stop_after:g} s reached)", file=sys.stderr,
+              flush=True)
+        return
     print(f"[quality] {cell.key()}: running ({cell.source})", file=sys.stderr, flush=True)
     t0 = time.time()
     err = cell.dir / "quality_error.txt"
@@ -788,10 +793,16 @@ def parse_args(argv):
                    help="folder of glue.run results to adopt as cells (equal configs, seed included)")
     p.add_argument("--runs-dir", default=None, help="cell folders (default runs/quality; smoke runs/quality-smoke)")
     p.add_argument("--out-dir", default=None, help="json/md/png folder (default bench/results; smoke: the runs dir)")
+    p.add_argument("--name", default="quality-minilm",
+                   help="stem of the json/md/png files (default quality-minilm; e.g. quality-minilm-h100 for a "
+                        "grid run on a GPU, whose times and seeds are not the CPU grid's)")
     p.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: a shared machine)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep a finished cell's checkpoints")
     p.add_argument("--max-cells", type=int, default=None, help="run at most this many cells, then report")
+    p.add_argument("--stop-after", type=float, default=None,
+                   help="start no cell after this many seconds; running cells finish, the rest stay missing for the "
+                        "next invocation (a leased machine with a time limit)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (default 1; a "
                    "cell's time then includes the others' load)")
     p.add_argument("--in-process", action="store_true", help="run the cells in this process (tests; the harness's "
@@ -817,6 +828,11 @@ def main(argv=None) -> dict:
     if args.jobs < 1 or (args.jobs > 1 and args.in_process):
         raise SystemExit(f"--jobs {args.jobs}: needs a count >= 1, and 1 with --in-process (cells in one process "
                          "run one at a time)")
+    if args.stop_after is not None and not args.stop_after > 0:
+        raise SystemExit(f"--stop-after {args.stop_after}: give a number of seconds > 0")
+    args.start_deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
+    if not args.name or "/" in args.name or args.name.startswith("."):
+        raise SystemExit(f"--name {args.name!r}: give a plain file stem such as quality-minilm-h100")
     if args.runs_dir is None:
         args.runs_dir = str(ROOT / "runs" / ("quality-smoke" if args.smoke else "quality"))
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.runs_dir) if args.smoke else ROOT / "bench" / "results")
@@ -855,15 +871,15 @@ def main(argv=None) -> dict:
                 list(pool.map(lambda c: _run_reported(c, args), pending))
     report = build_report(cells, methods, tasks, args, command)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "quality-minilm.json"
+    json_path = out_dir / f"{args.name}.json"
     tmp = json_path.with_name(json_path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, json_path)
     md = markdown(report)
-    (out_dir / "quality-minilm.md").write_text(md + "\n")
-    plot(report, out_dir / "quality-minilm.png")
+    (out_dir / f"{args.name}.md").write_text(md + "\n")
+    plot(report, out_dir / f"{args.name}.png")
     print(md)
-    print(f"\nwrote {json_path}, quality-minilm.md, quality-minilm.png ({report['counts']})", file=sys.stderr)
+    print(f"\nwrote {json_path}, {args.name}.md, {args.name}.png ({report['counts']})", file=sys.stderr)
     return report
 
 

@@ -239,6 +239,31 @@ def test_quality_jobs_runs_cells_at_once_and_reports_failures(tmp_path, monkeypa
             quality.main(base + bad)
 
 
+def test_quality_stop_after_starts_no_cell_past_the_deadline_and_name_sets_the_files(tmp_path, monkeypatch):
+    """--stop-after: cells already running finish, none starts after the deadline (they stay missing for the next
+    invocation); --name is the stem of the written json/md/png, and a path is refused."""
+    import time
+
+    quality = _bench("quality")
+    started = []
+
+    def fake_run_cell(cell, keep_checkpoints, in_process=False):
+        started.append(cell.key())
+        time.sleep(0.6)  # past the 0.5 s deadline: the next cell must not start
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    base = ["--methods", "lora", "sltrain", "--tasks", "rte", "--seeds", "1",
+            "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]
+    report = quality.main(base + ["--stop-after", "0.5", "--name", "quality-minilm-test"])
+    assert started == ["lora/rte/seed0"]
+    assert report["counts"]["missing"] == 2  # the started cell's fake run wrote no results either
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "quality-minilm-test.json", "quality-minilm-test.md", "quality-minilm-test.png"]
+    for bad, match in ((["--stop-after", "0"], "--stop-after"), (["--name", "../x"], "--name")):
+        with pytest.raises(SystemExit, match=match):
+            quality.main(base + bad)
+
+
 def test_sora_gates_fates_and_total_shrinkage():
     sora_gates = _bench("sora_gates")
     import torch
