@@ -44,6 +44,17 @@ Usage::
     python bench/quality.py --plan                                         # the cell configs, nothing run
     GLUE_DIR=../shared/glue python bench/quality.py --smoke --methods lora --tasks rte   # CI: tiny budget
 
+A grid on a GPU keeps its own cells and files (``--name quality-minilm-h100``: ``runs/quality-h100``,
+``bench/results/quality-minilm-h100.*``). On a leased machine with a time limit, ``--stop-after S`` starts no cell
+after S seconds and the next invocation resumes. The H100 grid's cell files are committed in
+``bench/results/quality-h100-cells`` so that its report rebuilds anywhere and a later GPU session runs only the
+missing cells::
+
+    GLUE_DIR=../shared/glue python bench/quality.py --name quality-minilm-h100 --device-kind cuda \
+        --adopt bench/results/quality-h100-cells --report-only              # rebuild its report (any machine)
+    GLUE_DIR=../shared/glue python bench/quality.py --name quality-minilm-h100 \
+        --adopt bench/results/quality-h100-cells --jobs 13 --stop-after 300  # on a GPU: run what is missing
+
 ``--smoke`` trains 2 steps on 32 examples and evaluates 32, in ``runs/quality-smoke`` with its outputs there too.
 """
 
@@ -392,14 +403,14 @@ def _device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def adopt(cell: Cell, adopt_dir: Path) -> Path | None:
+def adopt(cell: Cell, adopt_dir: Path, kind: str | None = None) -> Path | None:
     """A glue.run results file in ``adopt_dir`` whose config equals ``cell``'s (apart from runtime fields) and that ran
-    on this kind of device (a grid's times compare runs of one machine): copied into the cell folder with
-    ``adopted_from``; returns its path, or None."""
+    on the grid's kind of device (``kind``, default this machine's: a grid's times compare runs of one machine):
+    copied into the cell folder with ``adopted_from``; returns its path, or None."""
     if cell.config is None or not adopt_dir.is_dir():
         return None
     want = _comparable(validate(cell).to_dict())
-    kind = _device_kind()
+    kind = kind or _device_kind()
     for path in sorted(adopt_dir.glob("*.json")):
         try:
             data = json.loads(path.read_text())
@@ -522,7 +533,7 @@ def cell_record(cell: Cell) -> dict:
     from glue.tasks import get_task
 
     labels = get_task(cell.task).labels
-    head = head_params(r.get("model_path"), r.get("head_modules"), 1 if labels is None else len(labels))
+    head = head_params(_local_model_path(r), r.get("head_modules"), 1 if labels is None else len(labels))
     rec["params_head"] = head
     rec["params_without_head"] = None if head is None or params is None else params - head
     if spec.get("derived_from") and rec["params_without_head"] is not None:
@@ -537,6 +548,23 @@ def cell_record(cell: Cell) -> dict:
 
 
 _HEAD_PARAMS: dict[tuple, int | None] = {}
+
+
+def _local_model_path(result: dict) -> str | None:
+    """The run's model folder if it exists here, else the run's model name resolved here (a grid run on another
+    machine records that machine's folder, e.g. the bundled MiniLM's site-packages path there)."""
+    path = result.get("model_path")
+    if path and Path(path).exists():
+        return path
+    model = (result.get("config") or {}).get("model")
+    if not model:
+        return path
+    import glue.run as grun
+
+    try:
+        return grun.resolve_model_path(model)
+    except Exception:  # the bundled model is not installed here: head_params then reports None
+        return path
 
 
 def head_params(model_path: str | None, head: list | None, num_labels: int) -> int | None:
@@ -791,7 +819,8 @@ def parse_args(argv):
     p.add_argument("--plan", action="store_true", help="print every cell's config as JSON (validated), run nothing")
     p.add_argument("--adopt", default=None,
                    help="folder of glue.run results to adopt as cells (equal configs, seed included)")
-    p.add_argument("--runs-dir", default=None, help="cell folders (default runs/quality; smoke runs/quality-smoke)")
+    p.add_argument("--runs-dir", default=None, help="cell folders (default runs/quality, for --name quality-minilm-X "
+                                                     "runs/quality-X; smoke runs/quality-smoke)")
     p.add_argument("--out-dir", default=None, help="json/md/png folder (default bench/results; smoke: the runs dir)")
     p.add_argument("--name", default="quality-minilm",
                    help="stem of the json/md/png files (default quality-minilm; e.g. quality-minilm-h100 for a "
@@ -800,8 +829,11 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: a shared machine)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep a finished cell's checkpoints")
     p.add_argument("--max-cells", type=int, default=None, help="run at most this many cells, then report")
+    p.add_argument("--device-kind", choices=("cpu", "cuda"), default=None,
+                   help="the kind of device the grid's cells ran on, for --adopt (default: this machine's). With "
+                        "--report-only, rebuilds a GPU grid's report on a CPU machine from its committed cell files")
     p.add_argument("--stop-after", type=float, default=None,
-                   help="start no cell after this many seconds; running cells finish, the rest stay missing for the "
+                   help="start no cell later than this many seconds after the first one started; running cells finish, the rest stay missing for the "
                         "next invocation (a leased machine with a time limit)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (default 1; a "
                    "cell's time then includes the others' load)")
@@ -828,13 +860,17 @@ def main(argv=None) -> dict:
     if args.jobs < 1 or (args.jobs > 1 and args.in_process):
         raise SystemExit(f"--jobs {args.jobs}: needs a count >= 1, and 1 with --in-process (cells in one process "
                          "run one at a time)")
+    if args.device_kind and args.device_kind != _device_kind() and not (args.report_only or args.plan):
+        raise SystemExit(f"--device-kind {args.device_kind}: this machine's device is {_device_kind()}, and cells run "
+                         "here would not be that grid's; use it with --report-only (or --plan), or drop it")
     if args.stop_after is not None and not args.stop_after > 0:
         raise SystemExit(f"--stop-after {args.stop_after}: give a number of seconds > 0")
-    args.start_deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
+    args.start_deadline = None
     if not args.name or "/" in args.name or args.name.startswith("."):
         raise SystemExit(f"--name {args.name!r}: give a plain file stem such as quality-minilm-h100")
     if args.runs_dir is None:
-        args.runs_dir = str(ROOT / "runs" / ("quality-smoke" if args.smoke else "quality"))
+        args.runs_dir = str(ROOT / "runs" / ("quality-smoke" if args.smoke else
+                                             "quality" + args.name.removeprefix("quality-minilm")))
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.runs_dir) if args.smoke else ROOT / "bench" / "results")
     if args.data_dir is None:
         args.data_dir = os.environ.get("GLUE_DIR")
@@ -854,7 +890,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--adopt {args.adopt}: no such folder")
         for c in cells:
             if c.config is not None and c.plan_error is None and not c.results_path.is_file():
-                found = adopt(c, Path(args.adopt))
+                found = adopt(c, Path(args.adopt), args.device_kind)
                 if found:
                     print(f"[quality] {c.key()}: adopted {found}", file=sys.stderr, flush=True)
     if not args.report_only:
@@ -863,6 +899,8 @@ def main(argv=None) -> dict:
             pending = pending[: args.max_cells]
         for c in pending:
             validate(c)  # every planned cell's config is checked before the first one starts
+        if args.stop_after is not None:  # counted from here: planning (imports, dataset sizes) takes seconds
+            args.start_deadline = time.monotonic() + args.stop_after
         if args.jobs == 1:
             for c in pending:
                 _run_reported(c, args)

@@ -143,6 +143,19 @@ def test_quality_adopts_only_an_equal_config_from_this_kind_of_device(tmp_path):
     values = {c["seed"]: c["value"] for c in report["cells"] if c.get("value") is not None}
     assert values == {0: pytest.approx(real["final"]["validation"]["accuracy"]), 1: pytest.approx(0.25)}
 
+    # --device-kind cuda rebuilds a GPU grid's report here from its committed cell files: only the CUDA run is taken
+    gpu = quality.main(["--report-only", "--device-kind", "cuda", "--methods", "lora", "--tasks", "rte", "--seeds", "1",
+                        "--adopt", str(found), "--runs-dir", str(tmp_path / "runs-gpu"), "--out-dir",
+                        str(tmp_path / "out-gpu"), "--name", "quality-minilm-gpu"])
+    assert gpu["counts"]["adopted"] == 1
+    assert json.loads((tmp_path / "runs-gpu" / "lora" / "rte" / "seed0" / "results.json").read_text())[
+        "adopted_from"].endswith("b-cuda.json")
+    assert (tmp_path / "out-gpu" / "quality-minilm-gpu.md").is_file()
+    other = "cuda" if quality._device_kind() == "cpu" else "cpu"
+    with pytest.raises(SystemExit, match="--device-kind"):  # cells run here would not be that grid's
+        quality.main(["--device-kind", other, "--methods", "lora", "--tasks", "rte", "--seeds", "1",
+                      "--runs-dir", str(tmp_path / "runs-x"), "--out-dir", str(tmp_path / "out-x")])
+
 
 def test_results_readme_replaces_between_markers(tmp_path, quick_throughput):
     readme_mod = _bench("results_readme")
@@ -160,6 +173,26 @@ def test_results_readme_replaces_between_markers(tmp_path, quick_throughput):
     assert (results / "RESULTS.md").read_text() == text
     readme_mod.main(["--results-dir", str(results), "--update-readme", str(readme)])
     assert readme.read_text() == new  # idempotent
+
+
+def test_results_readme_shows_each_quality_grid_gpu_first(tmp_path):
+    """A GPU grid (quality-minilm-<gpu>.json) gets its own table beside the CPU grid's, first, each with its plot;
+    a throughput re-run of some methods is titled as such, after the device's full run."""
+    import shutil
+
+    readme_mod = _bench("results_readme")
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("quality-minilm.json", "quality-minilm-h100.json", "quality-minilm-h100.png"):
+        shutil.copy(ROOT / "bench" / "results" / name, results / name)
+    text = "\n".join(readme_mod.quality_section(results, tmp_path))
+    gpu, cpu = text.index("(`quality-minilm-h100`)"), text.index("(`quality-minilm`)")
+    assert gpu < cpu and text.count("| PEFT LoRA r=8 |") == 2
+    assert "quality-minilm-h100.png" in text and "quality-minilm.png" not in text  # no png copied for the CPU grid
+    for name in ("throughput-nvidia-h100-80gb-hbm3-sora-recheck.json", "throughput-nvidia-h100-80gb-hbm3.json"):
+        shutil.copy(ROOT / "bench" / "results" / name, results / name)
+    text = "\n".join(readme_mod.throughput_section(results, tmp_path))
+    assert text.index("#### CUDA: NVIDIA H100 80GB HBM3\n") < text.index("— methods lora, sora only")
 
 
 def test_results_readme_requires_markers(tmp_path):
