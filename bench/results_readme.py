@@ -3,7 +3,7 @@
 What it gathers, each with the command that regenerates it, the machine, the versions and the commit recorded in the
 file itself:
 
-* quality: ``bench/results/quality-minilm.json`` (``bench/quality.py``): the GLUE table on MiniLM and its PNG;
+* quality: ``bench/results/quality-minilm*.json`` (``bench/quality.py``): the GLUE tables on MiniLM and their PNGs;
 * speed and memory: every ``bench/results/throughput-<device>.json`` (``bench/throughput.py``; ``-quick`` files are
   smoke runs and are left out), with the issue's targets and whether they are met;
 * the sparse-delta layer: every ``bench/results/sparse_delta-*.json`` (the table ``bench/sparse_delta.py --print``
@@ -70,25 +70,32 @@ def _commit(sha: str | None, dirty: bool | None) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- sections
 def quality_section(results: Path, base: Path) -> list[str]:
+    """One table per quality grid: ``quality-minilm.json`` (this machine's kind) and ``quality-minilm-<gpu>.json``
+    (a grid run on a GPU, kept apart because its times and numerics are another machine's); GPU grids first."""
     lines = ["### Quality: GLUE on MiniLM", ""]
-    path = results / "quality-minilm.json"
-    report = _load(path)
-    if report is None or report.get("bench") != "quality":
+    paths = sorted(results.glob("quality-minilm*.json"), key=lambda p: (p.stem == "quality-minilm", p.stem))
+    found = [(p, r) for p in paths if (r := _load(p)) and r.get("bench") == "quality"]
+    if not found:
+        path = results / "quality-minilm.json"
         return lines + [f"Not run yet: `GLUE_DIR=... python bench/quality.py` writes `{_link(path, base)}`.", ""]
     quality = _bench_module("quality")
-    counts = report.get("counts", {})
-    lines += [
-        f"Command: `{report.get('command')}` (resumable; `python bench/quality.py --report-only` rebuilds the table "
-        f"and plot from the finished runs). Cells: {counts.get('done', 0)} run, {counts.get('adopted', 0)} adopted "
-        f"from earlier identical runs, {counts.get('missing', 0)} not run, {counts.get('failed', 0)} failed; report "
-        f"built at {_commit(report.get('report_commit'), None)} on {report.get('date')}.",
-        "",
-        quality.markdown(report),
-        "",
-    ]
-    png = results / "quality-minilm.png"
-    if png.is_file():
-        lines += [f"![average GLUE metric vs trainable parameters]({_link(png, base)})", ""]
+    for path, report in found:
+        counts = report.get("counts", {})
+        devices = ", ".join((report.get("environment") or {}).get("devices") or []) or "no finished cell"
+        lines += [
+            f"#### {devices} (`{path.stem}`)",
+            "",
+            f"Command: `{report.get('command')}` (resumable; with `--report-only` it rebuilds the table and plot from "
+            f"the finished cells). Cells: {counts.get('done', 0)} run, {counts.get('adopted', 0)} adopted from "
+            f"earlier identical runs, {counts.get('missing', 0)} not run, {counts.get('failed', 0)} failed; report "
+            f"built at {_commit(report.get('report_commit'), None)} on {report.get('date')}.",
+            "",
+            quality.markdown(report),
+            "",
+        ]
+        png = path.with_suffix(".png")
+        if png.is_file():
+            lines += [f"![average GLUE metric vs trainable parameters, {path.stem}]({_link(png, base)})", ""]
     return lines
 
 
@@ -100,12 +107,18 @@ def throughput_section(results: Path, base: Path) -> list[str]:
         return lines + ["Not run yet: `OMP_NUM_THREADS=1 python bench/throughput.py --threads 1 --clock cpu` (CPU) or "
                         "`python bench/throughput.py` (GPU) writes `bench/results/throughput-<device>.json`.", ""]
     throughput = _bench_module("throughput")
+    # per device, the full run before a re-run of some methods
+    found.sort(key=lambda f: (f[1]["device"]["type"] != "cpu", f[1]["device"]["name"],
+                              not set(throughput.METHODS) <= set((f[1].get("settings") or {}).get("methods") or []),
+                              f[0].name))
     for path, data in found:
         dev, v = data["device"], data["versions"]
         machine = (f"{dev['name']}, {dev.get('cores')} cores, {dev.get('torch_threads')} torch threads"
                    if dev["type"] == "cpu" else f"{dev['name']} ({dev.get('memory_gib')} GiB), CUDA {dev.get('cuda')}")
+        methods = (data.get("settings") or {}).get("methods") or []
+        subset = "" if set(throughput.METHODS) <= set(methods) else f" — methods {', '.join(methods)} only"
         lines += [
-            f"#### {dev['type'].upper()}: {dev['name']}",
+            f"#### {dev['type'].upper()}: {dev['name']}{subset}",
             "",
             f"Command: `{data.get('command')}`; machine: {machine}; python {v.get('python')}, torch {v.get('torch')}, "
             f"transformers {v.get('transformers')}, peft {v.get('peft')}, triton {v.get('triton')}; commit "
