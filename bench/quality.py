@@ -721,7 +721,7 @@ def plot(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     colors = {"full": "black", "peft": "tab:blue", "ours": "tab:red"}
     shown = 0
     for m, s in report["summary"].items():
@@ -730,11 +730,11 @@ def plot(report: dict, path: Path) -> Path:
             continue
         y = 100 * s["average"]
         err = None if s["average_std_over_seeds"] is None else 100 * s["average_std_over_seeds"]
-        ax.errorbar([x], [y], yerr=None if err is None else [err], fmt="o", color=colors[METHODS[m]["group"]],
-                    capsize=3)
-        ax.annotate(METHODS[m]["label"], (x, y), textcoords="offset points", xytext=(5, 4 if shown % 2 else -9),
-                    fontsize=7)
         shown += 1
+        # many methods share a parameter count: a number at each point, the names in the legend beside the axes
+        ax.errorbar([x], [y], yerr=None if err is None else [err], fmt="o", color=colors[METHODS[m]["group"]],
+                    capsize=3, label=f"{shown}. {METHODS[m]['label']} ({y:.1f})")
+        ax.annotate(str(shown), (x, y), textcoords="offset points", xytext=(6 if shown % 2 else -12, -3), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters without the classification head (log)")
     ax.set_ylabel("average dev metric x 100 over " + ", ".join(report["tasks"]))
@@ -745,6 +745,9 @@ def plot(report: dict, path: Path) -> Path:
         ax.text(0.5, 0.5, "no method has finished every task yet", transform=ax.transAxes, ha="center")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
+    if shown:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, title="method (average)",
+                  title_fontsize=7, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
