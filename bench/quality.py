@@ -46,9 +46,9 @@ Usage::
 
 A grid on a GPU keeps its own cells and files (``--name quality-minilm-h100``: ``runs/quality-h100``,
 ``bench/results/quality-minilm-h100.*``). On a leased machine with a time limit, ``--stop-after S`` starts no cell
-after S seconds and the next invocation resumes. The H100 grid's cell files are committed in
-``bench/results/quality-h100-cells`` so that its report rebuilds anywhere and a later GPU session runs only the
-missing cells::
+more than S seconds after the first one started, and the next invocation resumes. The H100 grid's cell files are
+committed in ``bench/results/quality-h100-cells`` so that its report rebuilds anywhere and a later GPU session runs
+only the missing cells::
 
     GLUE_DIR=../shared/glue python bench/quality.py --name quality-minilm-h100 --device-kind cuda \
         --adopt bench/results/quality-h100-cells --report-only              # rebuild its report (any machine)
@@ -836,8 +836,8 @@ def parse_args(argv):
                    help="the kind of device the grid's cells ran on, for --adopt (default: this machine's). With "
                         "--report-only, rebuilds a GPU grid's report on a CPU machine from its committed cell files")
     p.add_argument("--stop-after", type=float, default=None,
-                   help="start no cell later than this many seconds after the first one started; running cells finish, the rest stay missing for the "
-                        "next invocation (a leased machine with a time limit)")
+                   help="start no cell later than this many seconds after the first one started; running cells "
+                        "finish, the rest stay missing for the next invocation (a leased machine with a time limit)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (default 1; a "
                    "cell's time then includes the others' load)")
     p.add_argument("--in-process", action="store_true", help="run the cells in this process (tests; the harness's "
