@@ -31,7 +31,9 @@ class SoraConfig(LQInitFields, TargetFields, PeftConfig):
         sparse_lambda (`float`, defaults to `1e-3`):
             Strength λ of the L1 penalty on the gates. After each optimizer step every gate is soft-thresholded by
             ``sparse_lambda × lr`` (the proximal step of gradient descent with step ``lr``). Larger prunes more ranks,
-            faster; 0 disables pruning (SoRA becomes a gated LoRA). Note: the official code thresholds by λ without
+            faster; 0 disables pruning (SoRA becomes a gated LoRA). Risk: the pruned ranks cost accuracy on a short
+            budget (MiniLM SST-2, 500 steps, three seeds: λ 0 / 0.75 / 1.5 kept 96 / ~82 / ~69 of 96 ranks and scored
+            0.8291 / 0.8222 / 0.8188, LoRA 0.8307). Note: the official code thresholds by λ without
             the learning rate (its λ is our ``sparse_lambda × lr``): with lr = 1e-3 its ``1e-4`` is our ``0.1``.
         lambda_schedule (`str`, *optional*):
             The sparsifying scheduler of the paper's Algorithm 1: λ rises from ``sparse_lambda`` to ``max_lambda`` in
