@@ -563,7 +563,7 @@ def _local_model_path(result: dict) -> str | None:
 
     try:
         return grun.resolve_model_path(model)
-    except Exception:  # the bundled model is not installed here: head_params then reports None
+    except grun.GlueError:  # the bundled model is not installed here: head_params then reports None
         return path
 
 
@@ -822,8 +822,9 @@ def parse_args(argv):
     p.add_argument("--plan", action="store_true", help="print every cell's config as JSON (validated), run nothing")
     p.add_argument("--adopt", default=None,
                    help="folder of glue.run results to adopt as cells (equal configs, seed included)")
-    p.add_argument("--runs-dir", default=None, help="cell folders (default runs/quality, for --name quality-minilm-X "
-                                                     "runs/quality-X; smoke runs/quality-smoke)")
+    p.add_argument("--runs-dir", default=None, help="cell folders (default runs/<--name with quality-minilm "
+                                                     "shortened to quality>: runs/quality, runs/quality-h100; smoke "
+                                                     "runs/quality-smoke)")
     p.add_argument("--out-dir", default=None, help="json/md/png folder (default bench/results; smoke: the runs dir)")
     p.add_argument("--name", default="quality-minilm",
                    help="stem of the json/md/png files (default quality-minilm; e.g. quality-minilm-h100 for a "
@@ -873,7 +874,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--name {args.name!r}: give a plain file stem such as quality-minilm-h100")
     if args.runs_dir is None:
         args.runs_dir = str(ROOT / "runs" / ("quality-smoke" if args.smoke else
-                                             "quality" + args.name.removeprefix("quality-minilm")))
+                                             args.name.replace("quality-minilm", "quality", 1)))
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.runs_dir) if args.smoke else ROOT / "bench" / "results")
     if args.data_dir is None:
         args.data_dir = os.environ.get("GLUE_DIR")

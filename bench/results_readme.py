@@ -107,18 +107,22 @@ def throughput_section(results: Path, base: Path) -> list[str]:
         return lines + ["Not run yet: `OMP_NUM_THREADS=1 python bench/throughput.py --threads 1 --clock cpu` (CPU) or "
                         "`python bench/throughput.py` (GPU) writes `bench/results/throughput-<device>.json`.", ""]
     throughput = _bench_module("throughput")
+
+    def subset(data: dict) -> list[str] | None:
+        """The methods of a run that timed only some of them (a re-run), else None."""
+        methods = (data.get("settings") or {}).get("methods") or []
+        return None if set(throughput.METHODS) <= set(methods) else methods
+
     # per device, the full run before a re-run of some methods
-    found.sort(key=lambda f: (f[1]["device"]["type"] != "cpu", f[1]["device"]["name"],
-                              not set(throughput.METHODS) <= set((f[1].get("settings") or {}).get("methods") or []),
+    found.sort(key=lambda f: (f[1]["device"]["type"] != "cpu", f[1]["device"]["name"], subset(f[1]) is not None,
                               f[0].name))
     for path, data in found:
         dev, v = data["device"], data["versions"]
         machine = (f"{dev['name']}, {dev.get('cores')} cores, {dev.get('torch_threads')} torch threads"
                    if dev["type"] == "cpu" else f"{dev['name']} ({dev.get('memory_gib')} GiB), CUDA {dev.get('cuda')}")
-        methods = (data.get("settings") or {}).get("methods") or []
-        subset = "" if set(throughput.METHODS) <= set(methods) else f" — methods {', '.join(methods)} only"
+        only = subset(data)
         lines += [
-            f"#### {dev['type'].upper()}: {dev['name']}{subset}",
+            f"#### {dev['type'].upper()}: {dev['name']}" + (f" — methods {', '.join(only)} only" if only else ""),
             "",
             f"Command: `{data.get('command')}`; machine: {machine}; python {v.get('python')}, torch {v.get('torch')}, "
             f"transformers {v.get('transformers')}, peft {v.get('peft')}, triton {v.get('triton')}; commit "
