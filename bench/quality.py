@@ -50,10 +50,18 @@ more than S seconds after the first one started, and the next invocation resumes
 committed in ``bench/results/quality-h100-cells`` so that its report rebuilds anywhere and a later GPU session runs
 only the missing cells::
 
-    GLUE_DIR=../shared/glue python bench/quality.py --name quality-minilm-h100 --device-kind cuda \
+    GLUE_DIR=../shared/glue python bench/quality.py --name quality-minilm-h100 --device-kind cuda --fill-kind cpu \
         --adopt bench/results/quality-h100-cells --report-only              # rebuild its report (any machine)
     GLUE_DIR=../shared/glue python bench/quality.py --name quality-minilm-h100 \
         --adopt bench/results/quality-h100-cells --jobs 13 --stop-after 300  # on a GPU: run what is missing
+
+When the GPU is gone before the last cells ran, ``--fill-kind cpu`` runs them on the CPU (or adopts such runs) as
+fills: each is marked ``†`` in the table and listed in the notes, its metric counts in the mean, and its training
+time is left out of the time column (another machine's). The H100 grid's third STS-B seed of 14 methods is such a
+fill::
+
+    GLUE_DIR=../shared/glue python bench/quality.py --name quality-minilm-h100 --device-kind cuda --fill-kind cpu \
+        --adopt bench/results/quality-h100-cells --jobs 2                           # run the missing cells here
 
 ``--smoke`` trains 2 steps on 32 examples and evaluates 32, in ``runs/quality-smoke`` with its outputs there too.
 """
@@ -403,14 +411,20 @@ def _device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def adopt(cell: Cell, adopt_dir: Path, kind: str | None = None) -> Path | None:
+def _kind_of(result: dict) -> str:
+    """``cpu`` or ``cuda``: the kind of device a glue.run results file ran on (the first word of its ``device``)."""
+    return str(result.get("device", "")).split(":")[0]
+
+
+def adopt(cell: Cell, adopt_dir: Path, kind: str | None = None, fill_kind: str | None = None) -> Path | None:
     """A glue.run results file in ``adopt_dir`` whose config equals ``cell``'s (apart from runtime fields) and that ran
-    on the grid's kind of device (``kind``, default this machine's: a grid's times compare runs of one machine):
-    copied into the cell folder with ``adopted_from``; returns its path, or None."""
+    on the grid's kind of device (``kind``, default this machine's: a grid's times compare runs of one machine), or
+    failing that on ``fill_kind`` (``--fill-kind``): copied into the cell folder with ``adopted_from``; returns its
+    path, or None."""
     if cell.config is None or not adopt_dir.is_dir():
         return None
     want = _comparable(validate(cell).to_dict())
-    kind = kind or _device_kind()
+    found: dict[str, tuple[Path, dict]] = {}
     for path in sorted(adopt_dir.glob("*.json")):
         try:
             data = json.loads(path.read_text())
@@ -418,9 +432,11 @@ def adopt(cell: Cell, adopt_dir: Path, kind: str | None = None) -> Path | None:
             continue
         if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("slpeft-glue-results/"):
             continue
-        if str(data.get("device", "")).split(":")[0] != kind:
-            continue
         if _comparable({**_run_config_defaults(), **(data.get("config") or {})}) == want:
+            found.setdefault(_kind_of(data), (path, data))
+    for k in (kind or _device_kind(), fill_kind):
+        if k in found:
+            path, data = found[k]
             cell.dir.mkdir(parents=True, exist_ok=True)
             data = {**data, "adopted_from": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)}
             tmp = cell.results_path.with_name("results.json.tmp")
@@ -479,8 +495,10 @@ def _main_metric_value(final: dict, metric: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def cell_record(cell: Cell) -> dict:
-    """What the report needs from a finished cell (status ``missing`` if it has no results)."""
+def cell_record(cell: Cell, kind: str | None = None, fill_kind: str | None = None) -> dict:
+    """What the report needs from a finished cell (status ``missing`` if it has no results). A cell that ran on a
+    kind of device other than the grid's (``kind``, default this machine's) counts only as a fill (``fill_kind``):
+    marked ``fill``, its metric counted and its time not; on any other kind it is ``missing``."""
     spec = METHODS[cell.method]
     rec: dict[str, Any] = {"method": cell.method, "task": cell.task, "seed": cell.seed, "dir": str(cell.dir),
                            "source": cell.source}
@@ -493,6 +511,12 @@ def cell_record(cell: Cell) -> dict:
             rec["error"] = failed.read_text().strip().splitlines()[-1][:300]
         return rec
     r = json.loads(cell.results_path.read_text())
+    ran_on, kind = _kind_of(r), kind or _device_kind()
+    if ran_on not in (kind, fill_kind):
+        rec["status"] = "missing"
+        rec["error"] = (f"{cell.results_path} ran on {ran_on or 'an unrecorded device'}, not on this grid's {kind}"
+                        + ("" if fill_kind else f" (--fill-kind {ran_on} would count it as a fill)"))
+        return rec
     metric = r.get("main_metric")
     value = _main_metric_value(r.get("final"), metric)
     params = (r.get("params") or {}).get("trainable")
@@ -526,6 +550,7 @@ def cell_record(cell: Cell) -> dict:
         "adapter_bytes": nbytes, "train_wall_s": (r.get("train") or {}).get("wall_s"),
         "train_steps": (r.get("train") or {}).get("global_step"), "train_examples": (r.get("train") or {}).get("examples"),
         "run_cpu_s": r.get("cpu_time_this_run_s"), "load_average": r.get("load_average"), "device": r.get("device"),
+        "fill": ran_on != kind,
         "commit": (r.get("git") or {}).get("commit"), "dirty": (r.get("git") or {}).get("dirty"),
         "versions": r.get("versions"), "finished_at": r.get("finished_at"),
         **({"adopted_from": r["adopted_from"]} if r.get("adopted_from") else {}), **extra,
@@ -603,7 +628,8 @@ def summarize(records: list[dict], methods: list[str], tasks: list[str]) -> dict
         for t in tasks:
             vals = [r["value"] for r in rows if r["task"] == t]
             mean, std = _mean_std(vals)
-            per_task[t] = {"mean": mean, "std": std, "n": len(vals)}
+            per_task[t] = {"mean": mean, "std": std, "n": len(vals),
+                           "n_fill": sum(1 for r in rows if r["task"] == t and r.get("fill"))}
         seeds = sorted({r["seed"] for r in rows})
         seed_avgs = []
         for s in seeds:
@@ -616,10 +642,11 @@ def summarize(records: list[dict], methods: list[str], tasks: list[str]) -> dict
         params = [r["params_trainable"] for r in rows if r.get("params_trainable") is not None]
         adapter_only = [r["params_without_head"] for r in rows if r.get("params_without_head") is not None]
         nbytes = [r["adapter_bytes"] for r in rows if r.get("adapter_bytes") is not None]
-        walls = {}
+        walls = {}  # the grid's own device only: a fill's time is another machine's
         for r in rows:
-            if r.get("train_wall_s") is not None:
+            if r.get("train_wall_s") is not None and not r.get("fill"):
                 walls.setdefault(r["task"], []).append(r["train_wall_s"])
+        timed = all(t in walls for t in tasks if per_task[t]["n"])
         out[m] = {
             "tasks": per_task, "average": avg, "average_std_over_seeds": avg_std,
             "seeds_with_all_tasks": len(seed_avgs), "complete": complete,
@@ -627,7 +654,7 @@ def summarize(records: list[dict], methods: list[str], tasks: list[str]) -> dict
             "params_without_head": statistics.median(adapter_only) if adapter_only else None,
             "adapter_bytes": statistics.median(nbytes) if nbytes else None,
             "train_wall_s_per_task": {t: statistics.fmean(v) for t, v in walls.items()},
-            "train_wall_s_sum": sum(statistics.fmean(v) for v in walls.values()) if walls else None,
+            "train_wall_s_sum": sum(statistics.fmean(v) for v in walls.values()) if walls and timed else None,
         }
     return out
 
@@ -636,13 +663,16 @@ def _pct(v):
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+FILL_MARK = "†"  # a mean that counts a seed run on the fill device (--fill-kind)
+
+
 def _fmt_cell(s: dict) -> str:
     if not s["n"]:
         return "missing"
     txt = _pct(s["mean"])
     if s["std"] is not None:
         txt += f" ± {100 * s['std']:.1f}"
-    return txt + f" ({s['n']})"
+    return txt + f" ({s['n']}{FILL_MARK if s.get('n_fill') else ''})"
 
 
 def _fmt_bytes(n) -> str:
@@ -704,6 +734,17 @@ def markdown(report: dict) -> str:
         notes.append(f"- {METHODS[m]['label']} on {get_task(t).display}: the recipe's "
                      + ", ".join(f"{k} {v['recipe']}" for k, v in d.items())
                      + " replaced by the task budget's " + ", ".join(f"{k} {v['budget']}" for k, v in d.items()) + ".")
+    fills: dict[tuple, list[str]] = {}
+    for r in report["cells"]:
+        if r.get("fill"):
+            fills.setdefault((r["task"], r["seed"]), []).append(METHODS[r["method"]]["label"])
+    if fills:
+        kind = report.get("device_kind")
+        notes.append(f"- {FILL_MARK} The seeds counted include a run on {report.get('fill_kind')} instead of this "
+                     f"grid's {kind} (--fill-kind; same config and seed, another machine's numerics; its training "
+                     f"time is left out of the train s column): "
+                     + "; ".join(f"{get_task(t).display} seed {s}: " + ", ".join(labels)
+                                 for (t, s), labels in sorted(fills.items())) + ".")
     failed = [r for r in report["cells"] if r["status"] == "failed"]
     for r in failed:
         notes.append(f"- FAILED {r['method']}/{r['task']}/seed{r['seed']}: {r.get('error', '?')}")
@@ -764,7 +805,8 @@ def git_head() -> str | None:
 
 
 def build_report(cells: list[Cell], methods, tasks, args, command: str) -> dict:
-    records = [cell_record(c) for c in cells]
+    kind = args.device_kind or _device_kind()
+    records = [cell_record(c, kind, args.fill_kind) for c in cells]
     budgets = {t: task_budget(t) for t in tasks}
     if args.smoke:
         budgets = {t: {**b, **SMOKE_BUDGET} for t, b in budgets.items()}
@@ -774,12 +816,15 @@ def build_report(cells: list[Cell], methods, tasks, args, command: str) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command, "report_commit": git_head(), "smoke": bool(args.smoke),
         "tasks": tasks, "methods": methods, "seeds": args.seeds, "budgets": budgets,
+        "device_kind": kind, "fill_kind": args.fill_kind,
         "method_notes": {m: METHODS[m]["note"] for m in methods},
-        "counts": {s: sum(1 for r in records if r["status"] == s) for s in ("done", "adopted", "missing", "failed")},
+        "counts": {**{s: sum(1 for r in records if r["status"] == s) for s in ("done", "adopted", "missing", "failed")},
+                   "fill": sum(1 for r in records if r.get("fill"))},
         "cells": records,
         "summary": summarize(records, methods, tasks),
         "environment": {
-            "devices": sorted({r["device"] for r in done if r.get("device")}),
+            "devices": sorted({r["device"] for r in done if r.get("device") and not r.get("fill")}),
+            "fill_devices": sorted({r["device"] for r in done if r.get("device") and r.get("fill")}),
             "commits": sorted({(r.get("commit") or "?")[:10] + ("-dirty" if r.get("dirty") else "") for r in done}),
             "versions": sorted({json.dumps(r.get("versions"), sort_keys=True) for r in done if r.get("versions")}),
         },
@@ -836,6 +881,10 @@ def parse_args(argv):
     p.add_argument("--device-kind", choices=("cpu", "cuda"), default=None,
                    help="the kind of device the grid's cells ran on, for --adopt (default: this machine's). With "
                         "--report-only, rebuilds a GPU grid's report on a CPU machine from its committed cell files")
+    p.add_argument("--fill-kind", choices=("cpu", "cuda"), default=None,
+                   help="count cells that ran on this other kind of device where the grid's own (--device-kind) has "
+                        "none: marked in the table, their metric counted and their time not; cells run here with it "
+                        "are such fills (a GPU grid's last cells finished on a CPU machine)")
     p.add_argument("--stop-after", type=float, default=None,
                    help="start no cell later than this many seconds after the first one started; running cells "
                         "finish, the rest stay missing for the next invocation (a leased machine with a time limit)")
@@ -864,9 +913,14 @@ def main(argv=None) -> dict:
     if args.jobs < 1 or (args.jobs > 1 and args.in_process):
         raise SystemExit(f"--jobs {args.jobs}: needs a count >= 1, and 1 with --in-process (cells in one process "
                          "run one at a time)")
-    if args.device_kind and args.device_kind != _device_kind() and not (args.report_only or args.plan):
+    kind = args.device_kind or _device_kind()
+    if args.fill_kind is not None and args.fill_kind == kind:
+        raise SystemExit(f"--fill-kind {args.fill_kind}: that is the grid's own kind of device; a fill is a run on "
+                         "another kind (e.g. --device-kind cuda --fill-kind cpu)")
+    if kind != _device_kind() and args.fill_kind != _device_kind() and not (args.report_only or args.plan):
         raise SystemExit(f"--device-kind {args.device_kind}: this machine's device is {_device_kind()}, and cells run "
-                         "here would not be that grid's; use it with --report-only (or --plan), or drop it")
+                         "here would not be that grid's; use it with --report-only (or --plan), or drop it, or add "
+                         f"--fill-kind {_device_kind()} to run the missing cells here as marked fills")
     if args.stop_after is not None and not args.stop_after > 0:
         raise SystemExit(f"--stop-after {args.stop_after}: give a number of seconds > 0")
     args.start_deadline = None
@@ -894,7 +948,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--adopt {args.adopt}: no such folder")
         for c in cells:
             if c.config is not None and c.plan_error is None and not c.results_path.is_file():
-                found = adopt(c, Path(args.adopt), args.device_kind)
+                found = adopt(c, Path(args.adopt), args.device_kind, args.fill_kind)
                 if found:
                     print(f"[quality] {c.key()}: adopted {found}", file=sys.stderr, flush=True)
     if not args.report_only:

@@ -87,7 +87,9 @@ def quality_section(results: Path, base: Path) -> list[str]:
             "",
             f"Command: `{report.get('command')}` (resumable; with `--report-only` it rebuilds the table and plot from "
             f"the finished cells). Cells: {counts.get('done', 0)} run, {counts.get('adopted', 0)} adopted from "
-            f"earlier identical runs, {counts.get('missing', 0)} not run, {counts.get('failed', 0)} failed; report "
+            f"earlier identical runs, {counts.get('missing', 0)} not run, {counts.get('failed', 0)} failed"
+            + (f"; {counts['fill']} of them fills that ran on {', '.join(report['environment']['fill_devices'])} (marked "
+               f"{quality.FILL_MARK})" if counts.get("fill") else "") + "; report "
             f"built at {_commit(report.get('report_commit'), None)} on {report.get('date')}.",
             "",
             quality.markdown(report),

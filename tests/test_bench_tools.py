@@ -157,6 +157,53 @@ def test_quality_adopts_only_an_equal_config_from_this_kind_of_device(tmp_path):
                       "--runs-dir", str(tmp_path / "runs-x"), "--out-dir", str(tmp_path / "out-x")])
 
 
+def test_quality_fill_cells_are_counted_marked_and_untimed(tmp_path, monkeypatch):
+    """--fill-kind: a GPU grid's cell that has no GPU run takes a CPU run of the same config and seed; it counts in
+    the mean, is marked and listed, and its (other machine's) time stays out of the time column. A GPU run of a cell
+    is preferred over a CPU one; without --fill-kind a CPU cell in a GPU grid is missing, with the reason."""
+    quality = _bench("quality")
+    real = json.loads((ROOT / "bench" / "results" / "glue" / "minilm-lora-rte.json").read_text())
+    cuda = {**real, "device": "cuda: NVIDIA H100 80GB HBM3", "train": {**real["train"], "wall_s": 10.0},
+            "final": {"validation": {"accuracy": 0.5}}}
+    cpu1 = {**real, "config": {**real["config"], "seed": 1}, "train": {**real["train"], "wall_s": 1000.0},
+            "final": {"validation": {"accuracy": 0.25}}}
+    found = tmp_path / "found"
+    found.mkdir()
+    for name, data in {"a-cpu-seed0.json": real, "b-cuda-seed0.json": cuda, "c-cpu-seed1.json": cpu1}.items():
+        (found / name).write_text(json.dumps(data))
+    argv = ["--report-only", "--device-kind", "cuda", "--methods", "lora", "--tasks", "rte", "--seeds", "2",
+            "--adopt", str(found), "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out"),
+            "--name", "quality-minilm-gpu"]
+    report = quality.main(argv + ["--fill-kind", "cpu"])
+    cells = {c["seed"]: c for c in report["cells"]}
+    assert cells[0]["adopted_from"].endswith("b-cuda-seed0.json") and not cells[0]["fill"]  # the GPU run wins
+    assert cells[1]["adopted_from"].endswith("c-cpu-seed1.json") and cells[1]["fill"]
+    assert report["counts"]["fill"] == 1 and report["fill_kind"] == "cpu" and report["device_kind"] == "cuda"
+    s = report["summary"]["lora"]
+    assert s["tasks"]["rte"] == {"mean": pytest.approx(0.375), "std": pytest.approx(0.1768, abs=1e-4), "n": 2,
+                                 "n_fill": 1}
+    assert s["train_wall_s_sum"] == pytest.approx(10.0)  # the CPU fill's 1000 s is not a GPU time
+    assert report["environment"]["devices"] == ["cuda: NVIDIA H100 80GB HBM3"]
+    assert report["environment"]["fill_devices"] == [real["device"]]
+    text = (tmp_path / "out" / "quality-minilm-gpu.md").read_text()
+    assert "37.5 ± 17.7 (2†)" in text and "RTE seed 1: PEFT LoRA r=8." in text
+
+    again = quality.main(argv)  # the same cells without --fill-kind: the CPU one is not this grid's
+    cells = {c["seed"]: c for c in again["cells"]}
+    assert cells[0]["status"] == "adopted" and cells[1]["status"] == "missing"
+    assert "--fill-kind cpu" in cells[1]["error"] and again["counts"]["fill"] == 0
+
+    here = quality._device_kind()
+    other = "cuda" if here == "cpu" else "cpu"
+    with pytest.raises(SystemExit, match="--fill-kind"):  # a fill is a run on another kind than the grid's
+        quality.main(["--report-only", "--device-kind", here, "--fill-kind", here, "--runs-dir", str(tmp_path / "x")])
+    calls = []  # cells of another kind's grid may run here as fills
+    monkeypatch.setattr(quality, "run_cell", lambda cell, *a, **k: calls.append(cell.key()))
+    quality.main(["--device-kind", other, "--fill-kind", here, "--methods", "lora", "--tasks", "rte", "--seeds", "1",
+                  "--runs-dir", str(tmp_path / "runs-fill"), "--out-dir", str(tmp_path / "out-fill")])
+    assert calls == ["lora/rte/seed0"]
+
+
 def test_results_readme_replaces_between_markers(tmp_path, quick_throughput):
     readme_mod = _bench("results_readme")
     results = tmp_path / "results"
