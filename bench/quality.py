@@ -40,7 +40,7 @@ Usage::
     GLUE_DIR=../shared/glue python bench/quality.py                        # every method x task x 3 seeds
     GLUE_DIR=../shared/glue python bench/quality.py --methods lora sltrain --tasks rte --seeds 1
     GLUE_DIR=../shared/glue python bench/quality.py --jobs 8              # 8 cells at a time (a GPU machine)
-    python bench/quality.py --report-only                                  # json/md/png from finished cells
+    GLUE_DIR=../shared/glue python bench/quality.py --report-only          # json/md/png from finished cells
     python bench/quality.py --plan                                         # the cell configs, nothing run
     GLUE_DIR=../shared/glue python bench/quality.py --smoke --methods lora --tasks rte   # CI: tiny budget
 
@@ -62,6 +62,10 @@ fill::
 
     GLUE_DIR=../shared/glue python bench/quality.py --name quality-minilm-h100 --device-kind cuda --fill-kind cpu \
         --adopt bench/results/quality-h100-cells --jobs 2                           # run the missing cells here
+
+Planning a cell reads the task's training-set size where its config depends on it (SoRA's scaled ``sparse_lambda``,
+AdaLoRA's schedule), so even ``--report-only`` wants the GLUE data: without ``GLUE_DIR`` it tries the hub once per
+task, and offline such cells are shown missing with the reason.
 
 ``--smoke`` trains 2 steps on 32 examples and evaluates 32, in ``runs/quality-smoke`` with its outputs there too.
 """
@@ -283,16 +287,24 @@ def train_steps(budget: dict, n_train: int) -> int:
     return math.ceil(budget.get("num_train_epochs", 3.0) * per_epoch)
 
 
-_TRAIN_SIZES: dict[tuple, int] = {}
+_TRAIN_SIZES: dict[tuple, int | Exception] = {}
 
 
 def train_size(task: str, data_dir: str | None, max_train: int | None) -> int:
+    """The task's training-set size (at most ``max_train``), read once per task; a failure is kept too, so that
+    without local data (no ``GLUE_DIR``) and without the hub, each task's hub attempt and its retries happen once,
+    not once per cell."""
     from glue.data import load_glue
 
     key = (task, data_dir)
     if key not in _TRAIN_SIZES:
-        _TRAIN_SIZES[key] = len(load_glue(task, data_dir).train)
+        try:
+            _TRAIN_SIZES[key] = len(load_glue(task, data_dir).train)
+        except Exception as e:
+            _TRAIN_SIZES[key] = e
     n = _TRAIN_SIZES[key]
+    if isinstance(n, Exception):
+        raise n
     return n if max_train is None else min(n, max_train)
 
 
@@ -509,6 +521,8 @@ def cell_record(cell: Cell, kind: str | None = None, fill_kind: str | None = Non
         rec["status"] = "failed" if failed.is_file() and not cell.derived_from else "missing"
         if rec["status"] == "failed":
             rec["error"] = failed.read_text().strip().splitlines()[-1][:300]
+        elif cell.plan_error:  # e.g. no data here to plan it: it could be neither run nor adopted
+            rec["error"] = cell.plan_error
         return rec
     r = json.loads(cell.results_path.read_text())
     ran_on, kind = _kind_of(r), kind or _device_kind()
@@ -745,6 +759,12 @@ def markdown(report: dict) -> str:
                      f"time is left out of the train s column): "
                      + "; ".join(f"{get_task(t).display} seed {s}: " + ", ".join(labels)
                                  for (t, s), labels in sorted(fills.items())) + ".")
+    unplanned: dict[str, list[str]] = {}  # missing for a reason (no data to plan it, another device's run)
+    for r in report["cells"]:
+        if r["status"] == "missing" and r.get("error"):
+            unplanned.setdefault(r["error"], []).append(f"{r['method']}/{r['task']}/seed{r['seed']}")
+    for err, keys in unplanned.items():
+        notes.append(f"- MISSING {', '.join(keys)}: {err}")
     failed = [r for r in report["cells"] if r["status"] == "failed"]
     for r in failed:
         notes.append(f"- FAILED {r['method']}/{r['task']}/seed{r['seed']}: {r.get('error', '?')}")

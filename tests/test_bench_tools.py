@@ -204,6 +204,29 @@ def test_quality_fill_cells_are_counted_marked_and_untimed(tmp_path, monkeypatch
     assert calls == ["lora/rte/seed0"]
 
 
+def test_quality_report_without_data_tries_each_task_once(tmp_path, monkeypatch):
+    """Planning AdaLoRA's schedule needs the task's training size; without data (offline, no GLUE_DIR) each task is
+    tried once, not once per cell (the hub fallback retries for about 50 s each time), and the cells say why."""
+    import glue.data
+
+    quality = _bench("quality")
+    calls = []
+
+    def no_data(task, data_dir=None, **kwargs):
+        calls.append(task)
+        raise glue.data.GlueError(f"no {task} here")
+
+    monkeypatch.setattr(glue.data, "load_glue", no_data)
+    report = quality.main(["--report-only", "--methods", "adalora", "--tasks", "rte", "mrpc", "--seeds", "3",
+                           "--data-dir", str(tmp_path / "none"), "--runs-dir", str(tmp_path / "runs"),
+                           "--out-dir", str(tmp_path / "out")])
+    assert sorted(calls) == ["mrpc", "rte"]
+    assert report["counts"]["missing"] == 6
+    assert all(c["error"].startswith("AdaLoRA's schedule needs the task's training size: no ") for c in report["cells"])
+    text = (tmp_path / "out" / "quality-minilm.md").read_text()
+    assert "- MISSING adalora/rte/seed0, adalora/rte/seed1, adalora/rte/seed2: AdaLoRA's schedule needs" in text
+
+
 def test_results_readme_replaces_between_markers(tmp_path, quick_throughput):
     readme_mod = _bench("results_readme")
     results = tmp_path / "results"
