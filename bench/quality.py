@@ -771,7 +771,8 @@ def markdown(report: dict) -> str:
     lines += ["", "Notes:", *notes]
     env = report.get("environment") or {}
     if env:
-        lines += ["", f"Runs: {env.get('devices')}, commits {env.get('commits')}, versions {env.get('versions')}."]
+        fill = f" and fills on {env['fill_devices']}" if env.get("fill_devices") else ""
+        lines += ["", f"Runs: {env.get('devices')}{fill}, commits {env.get('commits')}, versions {env.get('versions')}."]
     return "\n".join(lines)
 
 

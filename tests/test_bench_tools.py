@@ -259,6 +259,7 @@ def test_results_readme_shows_each_quality_grid_gpu_first(tmp_path):
     gpu, cpu = text.index("(`quality-minilm-h100`)"), text.index("(`quality-minilm`)")
     assert gpu < cpu and text.count("| PEFT LoRA r=8 |") == 2
     assert "quality-minilm-h100.png" in text and "quality-minilm.png" not in text  # no png copied for the CPU grid
+    assert "14 of them fills that ran on cpu: x86_64, 1 torch threads (marked †)" in text  # the GPU grid's CPU fills
     for name in ("throughput-nvidia-h100-80gb-hbm3-sora-recheck.json", "throughput-nvidia-h100-80gb-hbm3.json"):
         shutil.copy(ROOT / "bench" / "results" / name, results / name)
     text = "\n".join(readme_mod.throughput_section(results, tmp_path))
