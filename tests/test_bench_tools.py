@@ -206,7 +206,7 @@ def test_quality_fill_cells_are_counted_marked_and_untimed(tmp_path, monkeypatch
 
 def test_quality_report_without_data_tries_each_task_once(tmp_path, monkeypatch):
     """Planning AdaLoRA's schedule needs the task's training size; without data (offline, no GLUE_DIR) each task is
-    tried once, not once per cell (the hub fallback retries for about 50 s each time), and the cells say why."""
+    tried once, not once per cell (offline, each hub attempt took 15-20 s here), and the cells say why."""
     import glue.data
 
     quality = _bench("quality")
