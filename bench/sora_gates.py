@@ -31,12 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def gate_fates(initial: torch.Tensor, final: torch.Tensor, shrinkage: float) -> dict:
-    """Counts of closed/open gates against ``|initial| < shrinkage`` (1-D tensors of the same length)."""
+    """Counts of closed/open gates against ``|initial| < shrinkage`` (1-D tensors of the same length), and how far
+    the gradient moved the gates that stayed open.
+
+    ``push`` of an open gate is ``|final| - (|initial| - shrinkage)``: how much further out it ended than the
+    shrinkage alone would have left it (positive: the gradient held it open; negative: the gradient closed it
+    further). ``grew`` counts gates that ended larger than they started, i.e. whose push beat the shrinkage.
+    """
     if initial.shape != final.shape or initial.dim() != 1:
         raise ValueError(f"initial {tuple(initial.shape)} and final {tuple(final.shape)} gates must be equal 1-D shapes")
     closed = final == 0
     small = initial.abs() < shrinkage
+    push = final.abs() - (initial.abs() - shrinkage)
     return {
+        "grew": int((final.abs() > initial.abs()).sum()),
+        "mean_push_open": float(push[~closed].mean()) if (~closed).any() else None,
+        "max_push_open": float(push[~closed].max()) if (~closed).any() else None,
         "gates": initial.numel(),
         "closed": int(closed.sum()),
         "started_below_shrinkage": int(small.sum()),
@@ -48,11 +58,14 @@ def gate_fates(initial: torch.Tensor, final: torch.Tensor, shrinkage: float) -> 
     }
 
 
-def total_shrinkage(cfg, steps: int) -> float:
-    """``sparse_lambda × Σ lr_t`` over ``steps`` optimizer steps of the recipe's schedule (the lr each step used)."""
+def total_shrinkage(cfg, steps: int, lam: float | None = None) -> float:
+    """``sparse_lambda × Σ lr_t`` over ``steps`` optimizer steps of the recipe's schedule (the lr each step used);
+    ``lam`` replaces the recipe's ``sparse_lambda`` (``lam=1``: ``Σ lr_t``, about the farthest Adam can move a
+    parameter over the run, since its step is at most about ``lr``)."""
     from transformers import get_scheduler
 
-    lam = (cfg.peft or {}).get("sparse_lambda")
+    if lam is None:
+        lam = (cfg.peft or {}).get("sparse_lambda")
     if lam is None:
         from sparse_lowrank_peft import SoraConfig
 
@@ -100,7 +113,7 @@ def run_report(recipe: Path, run_dir: Path, seed: int | None = None) -> dict:
     shrink = total_shrinkage(cfg, steps)
     return {"recipe": str(recipe), "checkpoint": str(last), "seed": cfg.seed, "steps": steps,
             "sparse_lambda": (cfg.peft or {}).get("sparse_lambda"), "total_shrinkage": shrink,
-            **gate_fates(g0, g1, shrink)}
+            "lr_sum": total_shrinkage(cfg, steps, lam=1.0), **gate_fates(g0, g1, shrink)}
 
 
 def main(argv=None) -> dict:
@@ -121,7 +134,8 @@ def main(argv=None) -> dict:
         r = rows[-1]
         print(f"{recipe}: {r['closed']}/{r['gates']} gates closed, total shrinkage {r['total_shrinkage']:.3f}; "
               f"{r['started_below_shrinkage']} started below it; closed and started below: "
-              f"{r['closed_and_started_below']}; closed though started above: {r['closed_but_started_above']}",
+              f"{r['closed_and_started_below']}; closed though started above: {r['closed_but_started_above']}; "
+              f"grew: {r['grew']}; mean push of open gates {r['mean_push_open']}",
               flush=True)
     out = {"bench": "sora_gates", "command": " ".join(["python bench/sora_gates.py", *(argv or sys.argv[1:])]),
            "runs": rows}

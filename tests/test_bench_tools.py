@@ -379,6 +379,10 @@ def test_sora_gates_fates_and_total_shrinkage():
     assert fates["closed_and_started_below"] == 2 and fates["closed_but_started_above"] == 1
     assert fates["open_but_started_below"] == 1
     assert fates["mean_abs_initial_closed"] == pytest.approx((0.1 + 0.2 + 0.9) / 3)
+    # push = |final| - (|initial| - shrinkage) over the open gates: 0.5->0.2: 0.075, 0.3->0.4: 0.475, 2.0->1.8: 0.175
+    assert fates["grew"] == 1  # only 0.3 -> 0.4 ended larger than it started
+    assert fates["mean_push_open"] == pytest.approx((0.075 + 0.475 + 0.175) / 3)
+    assert fates["max_push_open"] == pytest.approx(0.475)
     with pytest.raises(ValueError, match="equal 1-D shapes"):
         sora_gates.gate_fates(g0, g1[:3], 0.375)
 
@@ -388,3 +392,4 @@ def test_sora_gates_fates_and_total_shrinkage():
                                "warmup_ratio": 0.06, "lr_scheduler_type": "linear"}, where="test")
     # linear warm-up to 1e-3 and linear decay to 0 over 500 steps: the lr sums to about 1e-3 x 500 / 2
     assert sora_gates.total_shrinkage(cfg, 500) == pytest.approx(1.5 * 0.25, rel=0.01)
+    assert sora_gates.total_shrinkage(cfg, 500, lam=1.0) == pytest.approx(0.25, rel=0.01)  # the lr sum alone
