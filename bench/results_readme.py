@@ -204,6 +204,8 @@ def glue_section(results: Path, base: Path) -> list[str]:
 
 
 TASK_ORDER = ("sst2", "rte", "mrpc", "cola", "stsb")
+#: SoRA recipe variants whose seed-0 kept-rank plots the README shows: the grid's recipe and the official ratio.
+KEPT_RANK_PLOT_VARIANTS = ("sora", "sora-lambda0.375")
 METHOD_ORDER = ("lora", "sltrain", "sora", "dylora", "nola", "sparse_randlora", "randlora")
 _SEED = re.compile(r"-seed(\d+)$")
 
@@ -340,10 +342,13 @@ def minilm_section(results: Path, base: Path) -> list[str]:
                              f"{(rec.get('load_average') or {}).get('start', float('nan')):.1f})"
                              if device == "CPU" else "")
                           for v, rec in timed) + ".", ""]
-    # plain SoRA's seed-0 plots only (the NF4 variants' and other seeds' plots lie beside their results files too)
+    # seed-0 plots of the SoRA recipes the rank-adaptive issue rests on (the NF4 variants', the lambda sweep's and other
+    # seeds' plots lie beside their results files too)
     for png in sorted(folder.glob("minilm-sora-*-kept_ranks.png")):
         name = png.stem.removesuffix("-kept_ranks").removesuffix("-h100")
-        if name.split("-")[2] in TASK_ORDER and not _SEED.search(name):
+        parts = name.split("-")[1:]  # minilm-<variant>-<task>[-20ep][-seedK]
+        at = next((i for i, part in enumerate(parts) if part in TASK_ORDER), None)
+        if at is not None and "-".join(parts[:at]) in KEPT_RANK_PLOT_VARIANTS and not _SEED.search(name):
             lines += [f"SoRA's kept ranks per layer, `{png.stem.removesuffix('-kept_ranks')}`:", "",
                       f"![SoRA kept ranks]({_link(png, base)})", ""]
     return lines
@@ -362,14 +367,24 @@ def sora_gates_section(results: Path, base: Path) -> list[str]:
         "seed) against its final, unpruned ones. The total shrinkage is `sparse_lambda × Σ lr` over the run; a gate "
         "closes when its magnitude does not outgrow it.",
         "",
-        "| recipe | seed | steps | total shrinkage | closed | started below the shrinkage | closed, started below "
-        "| closed, started above |",
-        "|:---|---:|---:|---:|---:|---:|---:|---:|",
+        "The push of an open gate is how much further out it ended than the shrinkage alone would have left it "
+        "(`|final| − (|initial| − shrinkage)`): what the gradient did. Adam moves a parameter by at most about its lr "
+        "per step, so the push cannot much exceed `Σ lr`; when the shrinkage is larger than the pushes, the gates that "
+        "close are the ones that started small.",
+        "",
+        "| recipe | seed | steps | Σ lr | total shrinkage | closed | started below the shrinkage | closed, started "
+        "below | closed, started above | grew | push of open gates: mean / max |",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def num(value, fmt=".3f"):
+        return "–" if value is None else format(value, fmt)
+
     for r in data.get("runs") or []:
-        lines.append(f"| `{r['recipe']}` | {r['seed']} | {r['steps']} | {r['total_shrinkage']:.3f} | "
-                     f"{r['closed']}/{r['gates']} | {r['started_below_shrinkage']} | {r['closed_and_started_below']} | "
-                     f"{r['closed_but_started_above']} |")
+        lines.append(f"| `{r['recipe']}` | {r['seed']} | {r['steps']} | {num(r.get('lr_sum'))} | "
+                     f"{r['total_shrinkage']:.3f} | {r['closed']}/{r['gates']} | {r['started_below_shrinkage']} | "
+                     f"{r['closed_and_started_below']} | {r['closed_but_started_above']} | {num(r.get('grew'), 'd')} | "
+                     f"{num(r.get('mean_push_open'))} / {num(r.get('max_push_open'))} |")
     return lines + [""]
 
 
