@@ -58,18 +58,21 @@ def gate_fates(initial: torch.Tensor, final: torch.Tensor, shrinkage: float) -> 
     }
 
 
-def total_shrinkage(cfg, steps: int, lam: float | None = None) -> float:
-    """``sparse_lambda × Σ lr_t`` over ``steps`` optimizer steps of the recipe's schedule (the lr each step used);
-    ``lam`` replaces the recipe's ``sparse_lambda`` (``lam=1``: ``Σ lr_t``, about the farthest Adam can move a
-    parameter over the run, since its step is at most about ``lr``)."""
-    from transformers import get_scheduler
-
-    if lam is None:
-        lam = (cfg.peft or {}).get("sparse_lambda")
+def sparse_lambda_of(cfg) -> float:
+    """The recipe's ``sparse_lambda``, or ``SoraConfig``'s default when the recipe leaves it out."""
+    lam = (cfg.peft or {}).get("sparse_lambda")
     if lam is None:
         from sparse_lowrank_peft import SoraConfig
 
         lam = SoraConfig().sparse_lambda
+    return float(lam)
+
+
+def lr_sum(cfg, steps: int) -> float:
+    """``Σ lr_t`` over ``steps`` optimizer steps of the recipe's schedule (the lr each step used): about the farthest
+    Adam can move a parameter over the run, since its step is at most about ``lr``."""
+    from transformers import get_scheduler
+
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=cfg.learning_rate)
     warmup = math.ceil(cfg.warmup_ratio * steps) if cfg.warmup_ratio else 0  # as TrainingArguments counts it
@@ -79,7 +82,12 @@ def total_shrinkage(cfg, steps: int, lam: float | None = None) -> float:
         total += opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-    return float(lam) * total
+    return total
+
+
+def total_shrinkage(cfg, steps: int) -> float:
+    """``sparse_lambda × Σ lr_t``: how far the proximal step moves every gate toward zero over the run."""
+    return sparse_lambda_of(cfg) * lr_sum(cfg, steps)
 
 
 def run_report(recipe: Path, run_dir: Path, seed: int | None = None) -> dict:
@@ -110,10 +118,9 @@ def run_report(recipe: Path, run_dir: Path, seed: int | None = None) -> dict:
                          f"{sorted(initial)[:2]}...")
     g0 = torch.cat([initial[k] for k in sorted(initial)])
     g1 = torch.cat([final[k].to(g0.dtype) for k in sorted(final)])
-    shrink = total_shrinkage(cfg, steps)
+    lam, lrs = sparse_lambda_of(cfg), lr_sum(cfg, steps)
     return {"recipe": str(recipe), "checkpoint": str(last), "seed": cfg.seed, "steps": steps,
-            "sparse_lambda": (cfg.peft or {}).get("sparse_lambda"), "total_shrinkage": shrink,
-            "lr_sum": total_shrinkage(cfg, steps, lam=1.0), **gate_fates(g0, g1, shrink)}
+            "sparse_lambda": lam, "total_shrinkage": lam * lrs, "lr_sum": lrs, **gate_fates(g0, g1, lam * lrs)}
 
 
 def main(argv=None) -> dict:

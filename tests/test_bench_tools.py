@@ -392,4 +392,9 @@ def test_sora_gates_fates_and_total_shrinkage():
                                "warmup_ratio": 0.06, "lr_scheduler_type": "linear"}, where="test")
     # linear warm-up to 1e-3 and linear decay to 0 over 500 steps: the lr sums to about 1e-3 x 500 / 2
     assert sora_gates.total_shrinkage(cfg, 500) == pytest.approx(1.5 * 0.25, rel=0.01)
-    assert sora_gates.total_shrinkage(cfg, 500, lam=1.0) == pytest.approx(0.25, rel=0.01)  # the lr sum alone
+    assert sora_gates.lr_sum(cfg, 500) == pytest.approx(0.25, rel=0.01)  # the lr sum alone
+    # a recipe without sparse_lambda gets SoraConfig's default
+    no_lambda = config_from_mapping({"task": "sst2", "method": "sora", "learning_rate": 1e-3}, where="test")
+    from sparse_lowrank_peft import SoraConfig
+
+    assert sora_gates.sparse_lambda_of(no_lambda) == SoraConfig().sparse_lambda
