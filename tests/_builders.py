@@ -54,12 +54,12 @@ def build_roberta():
     return RobertaForSequenceClassification(cfg).eval(), _ids, "SEQ_CLS"
 
 
-def build_bert():
+def build_bert(hidden: int = 36):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=36, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
     )
     return BertForSequenceClassification(cfg).eval(), _ids, "SEQ_CLS"
@@ -77,15 +77,37 @@ def build_gpt2():
 
 
 def build_bert_nf4():
-    """Tiny BERT whose query/value layers are quantized to NF4 after loading (bitsandbytes runs 4-bit on CPU)."""
+    """Tiny BERT whose query/value layers are quantized to NF4 after loading, on bitsandbytes' generic CPU path
+    (no AVX-512-BF16 repacking, whatever this machine has)."""
+    from _bnb_cpu import bnb_cpu_path
+
     from sparse_lowrank_peft.delta.quant import quantize_linears
 
     model, make_inputs, task_type = build_bert()
-    quantize_linears(model, ["query", "value"], quant_type="nf4")
+    with bnb_cpu_path("generic"):
+        quantize_linears(model, ["query", "value"], quant_type="nf4")
     return model, make_inputs, task_type
 
 
-BUILDERS = {"mlp": build_mlp, "roberta": build_roberta, "bert": build_bert, "gpt2": build_gpt2, "bert-nf4": build_bert_nf4}
+def build_bert_nf4_avx512():
+    """Tiny BERT with NF4 query/value on bitsandbytes' AVX-512-BF16 CPU path (forced on any machine), already
+    repacked by one eval forward, as a user's evaluation before adding an adapter leaves it. 64 wide: the repack
+    tiles 32 output rows and needs whole 64-value blocks per row."""
+    from _bnb_cpu import bnb_cpu_path, is_packed
+
+    from sparse_lowrank_peft.delta.quant import quantize_linears
+
+    model, make_inputs, task_type = build_bert(hidden=64)
+    with bnb_cpu_path("avx512bf16"):
+        names = quantize_linears(model, ["query", "value"], quant_type="nf4")
+    with torch.no_grad():
+        model(**make_inputs(99))
+    assert all(is_packed(model.get_submodule(n)) for n in names), "the forced AVX-512-BF16 path did not repack"
+    return model, make_inputs, task_type
+
+
+BUILDERS = {"mlp": build_mlp, "roberta": build_roberta, "bert": build_bert, "gpt2": build_gpt2, "bert-nf4": build_bert_nf4,
+            "bert-nf4-avx512": build_bert_nf4_avx512}
 
 #: per model family: target modules and modules_to_save (the trainable head, where the family has one)
 TARGETS = {
@@ -93,6 +115,7 @@ TARGETS = {
     "roberta": {"target_modules": ["query", "value", "intermediate.dense"], "modules_to_save": ["classifier"]},
     "bert": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
     "bert-nf4": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
+    "bert-nf4-avx512": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
     "gpt2": {"target_modules": ["c_attn", "c_proj"], "modules_to_save": None},
 }
 

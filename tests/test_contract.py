@@ -19,7 +19,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from sparse_lowrank_peft import SLTrainConfig
 
-FAMILIES = ["mlp", "roberta", "bert", "gpt2", "bert-nf4"]
+# bert-nf4 and bert-nf4-avx512: the two CPU code paths of bitsandbytes, each forced on any machine (tests/_bnb_cpu.py)
+FAMILIES = ["mlp", "roberta", "bert", "gpt2", "bert-nf4", "bert-nf4-avx512"]
 
 # (id, config class, kwargs[, families]) — kwargs exclude targeting, which comes from the model family; a row runs on
 # every family unless it names some (variants of a tuner run on two families to keep the suite fast). Each tuner adds
@@ -45,8 +46,12 @@ ATOL = 1e-5  # fp32 throughout: merged vs unmerged differs only by summation ord
 # merge+unmerge moves the weights by ‖W' − W‖ / (‖W‖ + ‖ΔW‖) <= 0.11 (NF4's ~9% relative error of each
 # re-quantized W + ΔW; the test adapters are random with ‖ΔW‖ up to 18x ‖W‖, so relative to ‖W‖ alone it is large).
 # Bounds: ~8x headroom on outputs, 0.25 (two re-quantizations) on weights.
-MERGE_ATOL = {"bert-nf4": 1e-3}
-UNMERGE_WEIGHT_REL = {"bert-nf4": 0.25}
+# On the 64-wide BERT of bert-nf4-avx512 (larger logits) merged outputs moved by up to 1.6e-3 (sparse RandLoRA).
+MERGE_ATOL = {"bert-nf4": 1e-3, "bert-nf4-avx512": 5e-3}
+UNMERGE_WEIGHT_REL = {"bert-nf4": 0.25, "bert-nf4-avx512": 0.25}
+# The repacked base computes in bf16 (bitsandbytes' packed kernel); once wrapped, the layer keeps the standard layout
+# and computes in its compute dtype (fp32) with the same weights, so at init the outputs agree to bf16 rounding.
+INIT_ATOL = {"bert-nf4-avx512": 1e-3}
 
 
 def make_config(cfg_cls, kwargs, family, task_type, **overrides):
@@ -90,7 +95,7 @@ class TestContract:
         pm.eval()
         with torch.no_grad():
             got = output_of(pm, inputs)
-        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        torch.testing.assert_close(got, expected, atol=INIT_ATOL.get(family, 0), rtol=0)
 
     def test_training_changes_only_adapter_params(self, cfg_cls, kwargs, family):
         pm, make_inputs, _ = peft_model(cfg_cls, kwargs, family)
@@ -155,7 +160,9 @@ class TestContract:
             merged = output_of(pm, inputs).clone()
             pm.base_model.unmerge_adapter()
             after = output_of(pm, inputs)
-        assert not torch.allclose(unmerged, output_of(build(family)[0], inputs)), "adapter has no effect"
+        with torch.no_grad():  # (bitsandbytes' packed CPU kernel fails on an input that requires grad)
+            base_out = output_of(build(family)[0], inputs)
+        assert not torch.allclose(unmerged, base_out), "adapter has no effect"
         atol = MERGE_ATOL.get(family, ATOL)
         torch.testing.assert_close(merged, unmerged, atol=atol, rtol=0)
         torch.testing.assert_close(after, unmerged, atol=atol, rtol=0)
@@ -209,7 +216,7 @@ class TestContract:
                 disabled = output_of(pm, inputs).clone()
             again = output_of(pm, inputs)
         assert not torch.allclose(with_adapter, expected)
-        torch.testing.assert_close(disabled, expected, atol=0, rtol=0)
+        torch.testing.assert_close(disabled, expected, atol=INIT_ATOL.get(family, 0), rtol=0)
         torch.testing.assert_close(again, with_adapter, atol=0, rtol=0)
 
     def test_two_adapters(self, cfg_cls, kwargs, family):

@@ -69,6 +69,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
                 "Fix: narrow `target_modules` to the linear layers (e.g. ['query', 'value'])."
             )
         self.quantization_backend = resolve_quantization_backend(base)
+        self._keep_4bit_layout(base)
         in_features, out_features = get_in_out_features(base)
         self.in_features, self.out_features = int(in_features), int(out_features)
         # Conv1D stores its weight as (in, out); the deltas are (out, in) and are transposed when merged.
@@ -128,6 +129,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         compute_dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
         self.base_layer = quant.to_linear4bit(base, result.source, config.lq_quant_type, compute_dtype=compute_dtype)
         self.quantization_backend = resolve_quantization_backend(self.base_layer)
+        self._keep_4bit_layout(self.base_layer)
         self.lq_errors = {"quant_only": result.quant_only_error, "loftq": result.errors[0], "lq": result.error}
         root = scaling**0.5
         return result.B / root, result.A / root
@@ -211,10 +213,10 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
+        result = self.base_forward(x, *args, **kwargs)
         for adapter_name in self.active_adapters:
             if not self.has_adapter(adapter_name):
                 continue
@@ -222,6 +224,40 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             if delta is not None:
                 result = result + delta.to(result.dtype)
         return result
+
+    # ------------------------------------------------------------------ 4-bit bases
+    @staticmethod
+    def _keep_4bit_layout(base: nn.Module) -> None:
+        """A wrapped bitsandbytes 4-bit base keeps its standard layout: see ``delta.quant.keep_standard_layout`` for
+        why bitsandbytes' AVX-512-BF16 CPU repack is turned off."""
+        if hasattr(base, "support_avx512bf16_for_cpu"):
+            from .quant import keep_standard_layout
+
+            keep_standard_layout(base)  # the setting is given back on unload (DeltaModel)
+
+    def _is_4bit_base(self) -> bool:
+        return self.quantization_backend is not None and hasattr(getattr(self.base_layer, "weight", None), "quant_state")
+
+    def base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output. A 4-bit base on the CPU is computed by ``delta.quant.linear4bit_forward`` (the
+        same math as bitsandbytes' CPU path, exact on every shape); everything else by the base layer itself
+        (including a base with accelerate hooks, which may need to move its weights first)."""
+        if self._is_4bit_base() and x.device.type == "cpu" and not hasattr(self.base_layer, "_hf_hook"):
+            from .quant import linear4bit_forward
+
+            return linear4bit_forward(self.base_layer, x)
+        return self.base_layer(x, *args, **kwargs)
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The base weight in full precision (4-bit bases: read by ``delta.quant.dequantize_4bit``, exact whatever
+        the layout and CPU; other quantized bases: PEFT's quantization backend)."""
+        if self._is_4bit_base():
+            from .quant import dequantize_weight
+
+            base = self.get_base_layer()
+            dtype = getattr(base.weight.quant_state, "dtype", None) or torch.float32  # what bitsandbytes returns
+            return dequantize_weight(base).to(dtype)
+        return super().get_base_weight()
 
     # ------------------------------------------------------------------ merge
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

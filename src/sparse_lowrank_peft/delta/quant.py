@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy as _copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -28,11 +30,20 @@ from torch import nn
 __all__ = [
     "LQResult",
     "QUANT_TYPES",
+    "can_repack_for_cpu",
+    "dequantize_4bit",
+    "dequantize_4bit_reference",
     "dequantize_weight",
     "fisher_row_col_weights",
+    "give_back_repack_settings",
+    "keep_standard_layout",
+    "keep_standard_layouts",
+    "linear4bit_forward",
     "lq_decompose",
     "quantize_dequantize",
     "quantize_linears",
+    "restore_full_precision",
+    "restore_standard_layout",
     "to_linear4bit",
     "use_fisher",
 ]
@@ -66,14 +77,223 @@ def quantize_dequantize(W: torch.Tensor, quant_type: str = "nf4", compress_stati
         W.detach().to(torch.float32).contiguous(), quant_type=quant_type, blocksize=BLOCKSIZE,
         compress_statistics=compress_statistics,
     )
-    return F.dequantize_4bit(q, state).to(torch.float32)
+    return dequantize_4bit(q, state)
+
+
+# ---------------------------------------------------------------------------------------------- reading 4-bit weights
+#: How 4-bit weights are dequantized on the CPU: ``"bnb"`` (bitsandbytes' native kernel, given the weight as one flat
+#: row) or ``"torch"`` (:func:`dequantize_4bit_reference`). Both are exact (tests/test_bnb_cpu_paths.py checks them
+#: against each other on every machine). "bnb" is the default because it is 4-10x faster:
+#: bench/results/dequant-cpu.json (768x768: 0.1 ms vs 0.9 ms; 4096x4096: 29 ms vs 95 ms, 2 threads).
+CPU_DEQUANTIZE = "bnb"
+
+
+def _blockwise_absmax(state) -> torch.Tensor:
+    """The fp32 absmax of every block of a 4-bit weight (dequantizing bitsandbytes' nested 8-bit absmax if needed)."""
+    if getattr(state, "nested", False):
+        F = _bnb().functional
+        return (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).to(torch.float32)
+    return state.absmax.to(torch.float32)
+
+
+def _is_cpu_packed(state) -> bool:
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def _unpack_cpu_layout(data: torch.Tensor, state):
+    """bitsandbytes' AVX-512-BF16 layout -> its standard one, without touching ``data`` or ``state``.
+
+    ``Linear4bit.forward`` repacks a weight in place on CPUs with AVX-512-BF16 (eval mode, input without grad): the
+    codes are interleaved in blocks of 32 output rows, the nested absmax is expanded, rounded to bf16 and stored
+    transposed as ``(in / blocksize, out)``. Returns ``(codes, absmax, state)`` in the standard layout: codes as
+    ``quantize_4bit`` returns them, absmax fp32 one per block in row-major order, ``state`` a shallow copy describing
+    them (not nested). The bf16 rounding of the absmax is kept (it is what the repacked layer computes with).
+    """
+    F = _bnb().functional
+    copy_ = _copy.copy(state)
+    copy_.original_nested = False  # keep the expanded absmax exactly; bitsandbytes would re-quantize it (lossy)
+    codes, copy_ = F._convert_weight_packed_for_cpu_inverse(data, copy_)
+    absmax = copy_.absmax
+    if absmax.dim() == 2:  # stored (in / blocksize, out): bitsandbytes' inverse leaves it so when not nested
+        absmax = absmax.T.reshape(-1)
+    copy_.absmax = absmax.to(torch.float32).contiguous()
+    copy_.nested, copy_.state2, copy_.offset = False, None, None
+    copy_.packing_format_for_cpu = False
+    return codes, copy_.absmax, copy_
+
+
+def dequantize_4bit_reference(
+    codes: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int, shape, dtype=torch.float32
+) -> torch.Tensor:
+    """Pure-PyTorch dequantization of bitsandbytes' standard 4-bit layout: the specification of the CPU path.
+
+    ``codes`` holds two 4-bit codes a byte (first value in the high nibble) of the weight flattened row-major;
+    value ``k`` is ``code_table[codes_k] · absmax[k // blocksize]``, so blocks run over the flat weight and may
+    straddle rows.
+    """
+    table = _bnb().functional.get_4bit_type(quant_type, device=codes.device)
+    b = codes.reshape(-1).view(torch.uint8)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    idx = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n].long()
+    values = table[idx]
+    pad = (-n) % blocksize
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    values = values.view(-1, blocksize) * absmax.to(torch.float32).reshape(-1, 1)
+    return values.reshape(-1)[:n].reshape(tuple(shape)).to(dtype)
+
+
+def _dequantize_4bit_cpu(codes: torch.Tensor, absmax: torch.Tensor, state) -> torch.Tensor:
+    shape = tuple(state.shape)
+    if CPU_DEQUANTIZE == "torch":
+        return dequantize_4bit_reference(codes, absmax, state.quant_type, state.blocksize, shape)
+    if CPU_DEQUANTIZE != "bnb":
+        raise ValueError(f"CPU_DEQUANTIZE={CPU_DEQUANTIZE!r} is not 'bnb' or 'torch'.")
+    # The weight goes in as one flat row. bitsandbytes' AVX-512 kernel walks a 2-D weight row by row and reads the
+    # wrong absmax where a block straddles two rows: on a Zen 4 CPU, 64x48 NF4 round trips with relative error 0.40
+    # instead of 0.09 (wrong whenever in_features is a multiple of 16 but not of the block size 64; measured with
+    # bench/dequant.py). A flat row has no row boundary, and the same kernel is exact on every shape.
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    flat = torch.ops.bitsandbytes.dequantize_4bit.default(
+        codes.reshape(-1).view(torch.uint8), absmax, state.blocksize, state.quant_type, [numel], torch.float32
+    )
+    return flat.reshape(shape)
+
+
+def dequantize_4bit(data: torch.Tensor, quant_state) -> torch.Tensor:
+    """The logical fp32 weight of a bitsandbytes 4-bit parameter (``weight.data``, ``weight.quant_state``), whatever
+    its layout: standard or repacked for the AVX-512-BF16 CPU kernel, nested absmax or not. Reads, never mutates.
+
+    Every place in this package that reads a 4-bit weight (merge, unmerge, ``get_delta_weight``'s base, dequantize,
+    LQ-LoRA, export, squeeze) goes through here.
+    """
+    if _is_cpu_packed(quant_state):
+        codes, absmax, quant_state = _unpack_cpu_layout(data, quant_state)
+    else:
+        codes, absmax = data, None
+    if codes.device.type == "cpu":
+        absmax = _blockwise_absmax(quant_state) if absmax is None else absmax
+        return _dequantize_4bit_cpu(codes, absmax, quant_state)
+    return _bnb().functional.dequantize_4bit(codes, quant_state).to(torch.float32)
+
+
+def _is_linear4bit(layer: nn.Module) -> bool:
+    return getattr(getattr(layer, "weight", None), "quant_state", None) is not None or (
+        type(layer).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+    )
+
+
+def _quant_state(layer: nn.Module):
+    """``layer.weight.quant_state``, or the module's copy (bitsandbytes keeps one there after FSDP re-wraps params)."""
+    state = getattr(layer.weight, "quant_state", None)
+    return state if state is not None else getattr(layer, "quant_state", None)
+
+
+def restore_standard_layout(layer: nn.Module) -> bool:
+    """If bitsandbytes repacked ``layer``'s 4-bit weight for its AVX-512-BF16 CPU kernel, put it back in the standard
+    layout in place (absmax kept as the repacked layer computes with it: fp32 values of its bf16 rounding, not
+    nested). Returns whether it was repacked."""
+    state = _quant_state(layer)
+    if not _is_cpu_packed(state):
+        return False
+    codes, _, new_state = _unpack_cpu_layout(layer.weight.data, state)
+    layer.weight.data = codes
+    layer.weight.quant_state = new_state
+    if getattr(layer, "quant_state", None) is not None:
+        layer.quant_state = new_state
+    return True
+
+
+def can_repack_for_cpu(layer: nn.Module) -> bool:
+    """Whether bitsandbytes' AVX-512-BF16 repacking accepts ``layer``'s shape: it asserts ``out % 32 == 0`` and needs
+    ``in % blocksize == 0`` (else ``shape '[out, 0]' is invalid``)."""
+    state = _quant_state(layer)
+    out, inp = (int(d) for d in state.shape)
+    return out % 32 == 0 and inp % int(state.blocksize) == 0
+
+
+def keep_standard_layout(layer: nn.Module) -> None:
+    """Stop bitsandbytes from repacking ``layer``'s 4-bit weight for its AVX-512-BF16 CPU inference kernel (undoing
+    a repack that already happened); the setting is recorded and :func:`give_back_repack_settings` restores it.
+
+    Why, measured with bitsandbytes 0.50.2 on a Zen 4 CPU: the repack happens in place at the first eval forward and
+    (1) rounds the absmax to bf16, so the frozen weight changes under a run that evaluates; (2) fails for shapes it
+    cannot tile (:func:`can_repack_for_cpu`); (3) is undone in place by every ``state_dict()`` (so by each
+    ``save_pretrained``), and the next eval forward repacks a non-nested absmax in the wrong order: a 384x384
+    layer's output moved by 2.2% after one save; (4) its kernel fails on an input that requires grad (``a view of a
+    leaf Variable ... in-place``). What it would gain: the GEMM of a 4-bit layer in eval only, 5.2 vs 7.2 ms for
+    384x384 and 19 vs 26 ms for 768x768 at 4,096 tokens (1.35x); training steps never use it.
+    """
+    restore_standard_layout(layer)
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        if "_slpeft_repack_for_cpu" not in layer.__dict__:
+            layer._slpeft_repack_for_cpu = layer.support_avx512bf16_for_cpu
+        layer.support_avx512bf16_for_cpu = False
+
+
+def keep_standard_layouts(model: nn.Module) -> list[str]:
+    """:func:`keep_standard_layout` for every bitsandbytes 4-bit linear of ``model``; returns their names."""
+    names = []
+    for name, module in model.named_modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and _quant_state(module) is not None:
+            keep_standard_layout(module)
+            names.append(name)
+    return names
+
+
+def give_back_repack_settings(modules: Iterable[nn.Module]) -> None:
+    """Restore the repack setting :func:`keep_standard_layout` recorded on each of ``modules`` (unload)."""
+    for module in modules:
+        if "_slpeft_repack_for_cpu" in module.__dict__:
+            module.support_avx512bf16_for_cpu = module.__dict__.pop("_slpeft_repack_for_cpu")
+
+
+class _Linear4bitCPU(torch.autograd.Function):
+    """``y = x · dequantize(Q)ᵀ + b`` keeping only the 4-bit ``Q`` for backward (dequantized again there), as
+    bitsandbytes' own ``MatMul4Bit`` does: no dense weight is saved between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, data, quant_state, bias, dtype):
+        ctx.quant_state, ctx.dtype = quant_state, dtype
+        ctx.save_for_backward(data)
+        weight = dequantize_4bit(data, quant_state).to(dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (data,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ dequantize_4bit(data, ctx.quant_state).to(grad.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias, None
+
+
+def linear4bit_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ``bnb.nn.Linear4bit``'s forward on the CPU with the weight read by :func:`dequantize_4bit`.
+
+    The math of bitsandbytes' CPU path (dequantize, one GEMM in the compute dtype, output in the input's dtype) but
+    exact on every shape and CPU: bitsandbytes' own forward dequantizes 2-D weights with the kernel that is wrong for
+    some shapes on AVX-512 CPUs, and repacks in eval (see :func:`keep_standard_layout`). ``x``: ``(..., in)``.
+    """
+    state = _quant_state(layer)
+    dtype = getattr(layer, "compute_dtype", None) or x.dtype
+    bias = layer.bias.to(dtype) if layer.bias is not None else None
+    out = _Linear4bitCPU.apply(x.to(dtype), layer.weight.data, state, bias, dtype)
+    return out.to(x.dtype)
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The full-precision (fp32) weight of a ``bnb.nn.Linear4bit`` / ``Linear8bitLt`` or plain linear layer."""
     weight = layer.weight
-    if hasattr(weight, "quant_state") and weight.quant_state is not None:
-        return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+    state = _quant_state(layer) if hasattr(weight, "quant_state") or hasattr(layer, "quant_state") else None
+    if state is not None and hasattr(state, "blocksize"):
+        return dequantize_4bit(weight.data, state)
     if getattr(weight, "SCB", None) is not None or getattr(getattr(layer, "state", None), "SCB", None) is not None:
         from peft.utils.integrations import dequantize_bnb_weight
 
@@ -100,7 +320,10 @@ def to_linear4bit(
     )
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach().to("cpu").clone(), requires_grad=False)
-    return q.to(device)  # moving to a device quantizes
+    q = q.to(device)  # moving to a device quantizes
+    if hasattr(q, "support_avx512bf16_for_cpu") and not can_repack_for_cpu(q):
+        q.support_avx512bf16_for_cpu = False  # bitsandbytes' eval-time CPU repack would fail on this shape
+    return q
 
 
 @dataclass
@@ -293,8 +516,72 @@ def quantize_linears(
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, to_linear4bit(module, quant_type=quant_type, compute_dtype=compute_dtype))
+        quantized = to_linear4bit(module, quant_type=quant_type, compute_dtype=compute_dtype)
+        setattr(parent, child, quantized.train(module.training))  # an eval-mode model stays in eval mode
         replaced.append(name)
     if wanted is not None and not replaced:
         raise ValueError(f"quantize_linears: no nn.Linear matches {wanted}. Fix: pass module names such as ['query'].")
     return replaced
+
+
+def _is_bnb_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (its weight is not a float tensor an optimizer can train)."""
+    return type(module).__module__.startswith("bitsandbytes") and hasattr(module, "weight") and (
+        _is_linear4bit(module) or hasattr(module, "state")
+    )
+
+
+def restore_full_precision(model: nn.Module, module_names: Optional[Iterable[str]]) -> list[str]:
+    """Replace every bitsandbytes 4-/8-bit linear inside the modules ``module_names`` (PEFT's ``modules_to_save``
+    matching: exact name or dotted suffix) by an ``nn.Linear`` holding its dequantized weight; returns the names
+    replaced and warns once when there are any.
+
+    transformers (5.25 and later) quantizes a classification head under ``BitsAndBytesConfig(load_in_4bit=True)``;
+    PEFT then fails to make it trainable (``only Tensors of floating point dtype can require gradients``). The
+    restored head starts from the 4-bit rounding of its initial weights, which training overwrites. To keep its exact
+    weights, load with ``BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=[<their full module names>])``
+    (transformers matches those from the start of a name or as a suffix: ``"pooler"`` misses ``bert.pooler.dense``).
+    """
+    wanted = [n for n in (module_names or []) if isinstance(n, str)]
+    if not wanted:
+        return []
+    replaced: list[str] = []
+    heads: list[str] = []
+    for name, module in list(model.named_modules()):
+        matches = [w for w in wanted if name == w or name.endswith("." + w)]
+        if not name or not matches:
+            continue
+        for child_name, child in list(module.named_modules()):
+            if not _is_bnb_linear(child):
+                continue
+            full = f"{name}.{child_name}" if child_name else name
+            if full in replaced:
+                continue
+            parent_name, _, attr = full.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, _dequantized_linear(child))
+            replaced.append(full)
+            heads += [w for w in matches if w not in heads]
+    if replaced:
+        warnings.warn(
+            f"modules_to_save {heads} held quantized linear layers ({', '.join(replaced)}), which cannot be trained: "
+            "they were replaced by full-precision nn.Linear layers holding their dequantized weights. This happens "
+            "when transformers quantizes the classification head at load time. To keep the head's weights exact, load "
+            f"with BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules={replaced!r}).",
+            stacklevel=3,
+        )
+    return replaced
+
+
+def _dequantized_linear(layer: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` with ``layer``'s dequantized weight and its bias, in the bias' dtype (else compute dtype)."""
+    weight = dequantize_weight(layer)
+    bias = getattr(layer, "bias", None)
+    dtype = bias.dtype if bias is not None and bias.is_floating_point() else (getattr(layer, "compute_dtype", None) or torch.float32)
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            linear.bias.copy_(bias.to(dtype))
+    return linear

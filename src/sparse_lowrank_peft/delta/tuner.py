@@ -34,7 +34,20 @@ class DeltaModel(BaseTuner):
     # ------------------------------------------------------------------ injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         self._validate_targets(model, adapter_name)
+        self._prepare_quantized_model(model, adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _prepare_quantized_model(self, model: nn.Module, adapter_name: str) -> None:
+        """Before PEFT wraps anything: quantized linears in ``modules_to_save`` (a head transformers quantized at load
+        time) become full-precision linears, with a warning; every 4-bit linear keeps bitsandbytes' standard layout
+        while an adapter of ours is attached (``delta.quant.keep_standard_layout`` says why; unload gives the setting
+        back)."""
+        if not any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+            return
+        from .quant import keep_standard_layouts, restore_full_precision
+
+        restore_full_precision(model, getattr(self.peft_config[adapter_name], "modules_to_save", None))
+        keep_standard_layouts(model)
 
     def _validate_targets(self, model: nn.Module, adapter_name: str) -> None:
         """Raise before any module is replaced if a targeted module cannot be wrapped."""
@@ -168,6 +181,16 @@ class DeltaModel(BaseTuner):
                 module.dequantize_base()
                 count += 1
         return count
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        """PEFT's unload; the 4-bit layers get bitsandbytes' CPU repack setting back (``_prepare_quantized_model``
+        turned it off), so the unloaded model runs bitsandbytes' fast eval kernel again where it has it."""
+        from .quant import give_back_repack_settings
+
+        modules = list(self.model.modules())
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        give_back_repack_settings(modules)
+        return model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None, dequantize: bool = False):
         """PEFT's ``merge_and_unload``; with ``dequantize=True`` quantized bases are first dequantized, so the merge is
