@@ -990,15 +990,18 @@ def quantizable_linears(model, head: Sequence[str]) -> list[str]:
 
 def quantize_base(model, names: Sequence[str], quant_type: str, lq: bool = False) -> dict[str, Any]:
     """Quantize the ``nn.Linear`` layers ``names`` (suffixes of module names) of ``model`` to 4-bit in place;
-    layers already quantized (LQ-LoRA's targets) are skipped. Returns what was done, with LQ-LoRA's reconstruction
-    errors (mean over the target layers) when ``lq``."""
+    layers already quantized (LQ-LoRA's targets) are skipped. Every 4-bit layer keeps bitsandbytes' standard layout
+    (no AVX-512-BF16 repack at eval), so a run computes the same on every CPU and its evaluations between checkpoint
+    saves see the same base (``delta.quant.keep_standard_layout``). Returns what was done, with LQ-LoRA's
+    reconstruction errors (mean over the target layers) when ``lq``."""
     import torch.nn as nn
 
-    from sparse_lowrank_peft.delta.quant import quantize_linears
+    from sparse_lowrank_peft.delta.quant import keep_standard_layouts, quantize_linears
 
     present = [n for n in names if any(type(m) is nn.Linear and (k == n or k.endswith("." + n))
                                        for k, m in model.named_modules())]
     replaced = quantize_linears(model, present, quant_type=quant_type) if present else []
+    keep_standard_layouts(model)
     info: dict[str, Any] = {"quant_type": quant_type, "init": "lq" if lq else "default",
                             "plain_4bit_layers": len(replaced)}
     if lq:
