@@ -83,8 +83,9 @@ def quantize_dequantize(W: torch.Tensor, quant_type: str = "nf4", compress_stati
 # ---------------------------------------------------------------------------------------------- reading 4-bit weights
 #: How 4-bit weights are dequantized on the CPU: ``"bnb"`` (bitsandbytes' native kernel, given the weight as one flat
 #: row) or ``"torch"`` (:func:`dequantize_4bit_reference`). Both are exact (tests/test_bnb_cpu_paths.py checks them
-#: against each other on every machine). "bnb" is the default because it is 4-10x faster:
-#: bench/results/dequant-cpu.json (768x768: 0.1 ms vs 0.9 ms; 4096x4096: 29 ms vs 95 ms, 2 threads).
+#: against each other on every machine). "bnb" is the default because it is 3-11x faster: 768x768 0.14 vs 1.51 ms,
+#: 4096x4096 29 vs 92 ms on 2 Zen 4 threads (bench/results/dequant-cpu.json). The flat row costs 1.6-1.9x the 2-D
+#: call (0.14 vs 0.075 ms at 768x768), nothing beside the 25 ms GEMM of a 4,096-token forward.
 CPU_DEQUANTIZE = "bnb"
 
 
@@ -152,9 +153,10 @@ def _dequantize_4bit_cpu(codes: torch.Tensor, absmax: torch.Tensor, state) -> to
     if CPU_DEQUANTIZE != "bnb":
         raise ValueError(f"CPU_DEQUANTIZE={CPU_DEQUANTIZE!r} is not 'bnb' or 'torch'.")
     # The weight goes in as one flat row. bitsandbytes' AVX-512 kernel walks a 2-D weight row by row and reads the
-    # wrong absmax where a block straddles two rows: on a Zen 4 CPU, 64x48 NF4 round trips with relative error 0.40
-    # instead of 0.09 (wrong whenever in_features is a multiple of 16 but not of the block size 64; measured with
-    # bench/dequant.py). A flat row has no row boundary, and the same kernel is exact on every shape.
+    # wrong absmax where a block straddles two rows: on a Zen 4 CPU a 64x48 NF4 weight dequantizes 0.39 (relative)
+    # away from the right values, 96x80 0.25 (wrong whenever in_features is a multiple of 16 but not of the block
+    # size 64; bench/results/dequant-cpu.json). A flat row has no row boundary: the same kernel is exact on every
+    # shape.
     numel = 1
     for d in shape:
         numel *= int(d)
@@ -225,8 +227,9 @@ def keep_standard_layout(layer: nn.Module) -> None:
     cannot tile (:func:`can_repack_for_cpu`); (3) is undone in place by every ``state_dict()`` (so by each
     ``save_pretrained``), and the next eval forward repacks a non-nested absmax in the wrong order: a 384x384
     layer's output moved by 2.2% after one save; (4) its kernel fails on an input that requires grad (``a view of a
-    leaf Variable ... in-place``). What it would gain: the GEMM of a 4-bit layer in eval only, 5.2 vs 7.2 ms for
-    384x384 and 19 vs 26 ms for 768x768 at 4,096 tokens (1.35x); training steps never use it.
+    leaf Variable ... in-place``). What it would gain: the GEMM of a 4-bit layer in eval only, 5.4 vs 7.1 ms for
+    384x384 and 19.0 vs 25.6 ms for 768x768 at 4,096 tokens (1.32-1.39x; bench/results/dequant-cpu.json); training
+    steps never use it.
     """
     restore_standard_layout(layer)
     if hasattr(layer, "support_avx512bf16_for_cpu"):
