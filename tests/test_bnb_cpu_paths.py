@@ -29,6 +29,7 @@ from sparse_lowrank_peft.delta.quant import (
 
 bnb = pytest.importorskip("bitsandbytes", reason="4-bit bases need bitsandbytes (the bnb extra)")
 F = bnb.functional
+BNB_VERSION = tuple(int(v) for v in bnb.__version__.split(".")[:2])
 
 DEQUANTIZE_PATHS = ("bnb", "torch")
 # (out, in): 64x48 and 96x80 are the shapes bitsandbytes' AVX-512 kernel dequantizes wrongly as 2-D weights (blocks of
@@ -56,6 +57,8 @@ def _codes_absmax(W, quant_type, nested):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True], ids=["flat-absmax", "nested-absmax"])
 def test_dequantize_is_exact_and_round_trip_bounded(dequantize_path, shape, quant_type, nested):
+    if shape[0] * shape[1] % 2 and BNB_VERSION < (0, 50):
+        pytest.skip(f"bitsandbytes {bnb.__version__} cannot quantize an odd number of values (its quantize_4bit fails)")
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     q, state, absmax = _codes_absmax(W, quant_type, nested)
     got = dequantize_4bit(q, state)
