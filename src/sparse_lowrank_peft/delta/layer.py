@@ -33,7 +33,7 @@ from .._peft_compat import (
     get_in_out_features,
     resolve_quantization_backend,
 )
-from .ops import sparse_delta
+from .ops import resolve_sddmm, resolve_sparse_path, sparse_delta
 from .support import SparseSupport, layer_seed, support_nnz
 
 __all__ = ["DeltaLayer", "is_supported_base_layer"]
@@ -194,11 +194,12 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             return container.dtype
         return next(container.parameters()).dtype
 
-    def adapter_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The adapter's whole contribution ``lowrank(dropout(x)) + x·Sᵀ`` for ``x`` of shape ``(..., in)``."""
+    def adapter_forward(self, x: torch.Tensor, adapter_name: str, sparse: bool = True) -> torch.Tensor:
+        """The adapter's whole contribution ``lowrank(dropout(x)) + x·Sᵀ`` for ``x`` of shape ``(..., in)``
+        (without the sparse term when ``sparse`` is False: the fused path computed it with the base)."""
         x = self._cast_input_dtype(x, self.adapter_dtype(adapter_name))
         out = self.lowrank_forward(x, adapter_name)
-        if self.has_sparse(adapter_name):
+        if sparse and self.has_sparse(adapter_name):
             values = getattr(self, self.sparse_values_attr)[adapter_name]
             # Added in place into the low-rank output (which no autograd node saved): one activation-sized temporary
             # less than ``out + sparse_out``. bench/sparse_delta.py, 4096 tokens x 1024 x 1024, density 0.01:
@@ -216,14 +217,51 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             return self.base_forward(x, *args, **kwargs)
         if self.merged:
             return self.base_forward(x, *args, **kwargs)
-        result = self.base_forward(x, *args, **kwargs)
+        fused = self._fused_adapters(x) if not (args or kwargs) else []
+        result = self._fused_forward(x, fused) if fused else self.base_forward(x, *args, **kwargs)
         for adapter_name in self.active_adapters:
             if not self.has_adapter(adapter_name):
                 continue
-            delta = self.adapter_forward(x, adapter_name)
+            delta = self.adapter_forward(x, adapter_name, sparse=adapter_name not in fused)
             if delta is not None:
                 result = result + delta.to(result.dtype)
         return result
+
+    # ------------------------------------------------------------------ fused-weight path of the sparse term
+    def _compute_dtype(self) -> torch.dtype:
+        base = self.base_layer
+        if hasattr(getattr(base, "weight", None), "quant_state"):
+            return getattr(base, "compute_dtype", None) or torch.float32
+        return base.weight.dtype
+
+    def _fused_adapters(self, x: torch.Tensor) -> list[str]:
+        """The active adapters whose sparse term the dispatcher folds into the base GEMM for this input
+        (``delta.ops.resolve_sparse_path``); empty when the base cannot be read as a dense weight."""
+        if self.sparse_values_attr is None or isinstance(self.base_layer, BaseTunerLayer):
+            return []
+        names = [n for n in self.active_adapters if self.has_adapter(n) and self.has_sparse(n)]
+        if not names:
+            return []
+        tokens = x.numel() // max(x.shape[-1], 1)
+        support = self.get_support(names[0])
+        if resolve_sparse_path(tokens, support, x.device) != "fused":
+            return []
+        from .fused import weight_source
+
+        return names if weight_source(self.base_layer, self._compute_dtype()) is not None else []
+
+    def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``base(x) + Σ x·S_aᵀ`` as one GEMM with the transient ``W0 + Σ S_a`` (``delta.fused``)."""
+        from .fused import fused_sparse_linear, weight_source
+
+        dtype = self._compute_dtype()
+        base = self.base_layer
+        supports = [self.get_support(n) for n in names]
+        values = [getattr(self, self.sparse_values_attr)[n] for n in names]
+        bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
+        sddmm = [resolve_sddmm(s, x.device) for s in supports]
+        y = fused_sparse_linear(x.to(dtype), weight_source(base, dtype), bias, supports, values, sddmm)
+        return y.to(x.dtype)
 
     # ------------------------------------------------------------------ 4-bit bases
     @staticmethod

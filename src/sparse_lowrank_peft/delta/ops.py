@@ -22,10 +22,32 @@ import torch
 from . import reference
 from .support import SparseSupport
 
-__all__ = ["sparse_delta", "resolve_backend", "get_ops", "BACKEND_ENV", "SparseDeltaFunction", "SparseDeltaAddFunction"]
+__all__ = [
+    "sparse_delta", "resolve_backend", "resolve_sparse_path", "resolve_sddmm", "get_ops", "BACKEND_ENV", "PATH_ENV",
+    "SDDMM_ENV", "SparseDeltaFunction", "SparseDeltaAddFunction",
+]
 
 BACKEND_ENV = "SLPEFT_SPARSE_BACKEND"
 _BACKENDS = ("auto", "triton", "reference")
+PATH_ENV = "SLPEFT_SPARSE_PATH"
+_PATHS = ("auto", "fused", "spmm")
+SDDMM_ENV = "SLPEFT_SDDMM"
+_SDDMMS = ("auto", "sampled", "dense")
+
+# The cost model of the dispatcher, per device type. Both paths compute the values' gradient (an SDDMM); beyond it
+# the SpMM path spends ~c_s · tokens · nnz (the SpMM forward and its transpose in backward) and the fused path
+# ~c_w · out · in (building W0 + S in forward and again in backward). So fused wins once
+# tokens · density > c_w / c_s: FUSED_MIN_TOKENS_X_DENSITY below is that crossover, measured.
+#   cpu:  bench/results/dispatch-cpu.json (bench/dispatch.py), fwd+bwd of one Linear, fused vs SpMM, over token
+#         counts at d 768 and 1024, densities 0.01 and 0.05; the constant is the largest measured crossover.
+#   cuda: bench/results/sparse_delta-nvidia-h100-80gb-hbm3.json: at every measured shape (2,048-8,192 tokens,
+#         density 0.001-0.05, d 768-4096) densifying W0 + S beat the Triton SpMM kernels (e.g. 2,048 x 1024²,
+#         density 0.001: 0.66 vs 1.38 ms); fewer tokens were not measured, so below 2,048 · 0.001 SpMM stays.
+FUSED_MIN_TOKENS_X_DENSITY = {"cpu": None, "cuda": 2048 * 0.001}
+# The SDDMM of the values' gradient: a dense gᵀx GEMM then a gather wins over the sampled kernel once the density
+# exceeds DENSE_SDDMM_MIN_DENSITY (the GEMM costs tokens · out · in at GEMM speed, the sampled one tokens · nnz at
+# gather speed). cpu: bench/results/dispatch-cpu.json. cuda: the H100 densify rows above compute ∂v this way and won.
+DENSE_SDDMM_MIN_DENSITY = {"cpu": None, "cuda": 0.0}
 
 
 def _triton_module() -> ModuleType | None:
@@ -65,6 +87,35 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
             f"or set {BACKEND_ENV}=auto to use the reference path."
         )
     return "triton"
+
+
+def _env_choice(env: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(env, "auto").strip().lower()
+    if value not in allowed:
+        raise ValueError(f"{env}={value!r} is not one of {', '.join(allowed)}.")
+    return value
+
+
+def resolve_sparse_path(tokens: int, support: SparseSupport, device: torch.device) -> str:
+    """``"fused"`` (fold S into the frozen weight's GEMMs, ``delta.fused``) or ``"spmm"`` (``sparse_delta``) for a
+    layer computing ``tokens`` rows on ``device``: ``SLPEFT_SPARSE_PATH`` if set, else the measured cost model."""
+    choice = _env_choice(PATH_ENV, _PATHS)
+    if choice != "auto":
+        return choice
+    crossover = FUSED_MIN_TOKENS_X_DENSITY.get(device.type)
+    if crossover is None:
+        return "spmm"
+    return "fused" if tokens * support.density >= crossover else "spmm"
+
+
+def resolve_sddmm(support: SparseSupport, device: torch.device) -> str:
+    """``"sampled"`` or ``"dense"`` for the values' gradient on the fused path: ``SLPEFT_SDDMM`` if set, else the
+    measured density threshold."""
+    choice = _env_choice(SDDMM_ENV, _SDDMMS)
+    if choice != "auto":
+        return choice
+    threshold = DENSE_SDDMM_MIN_DENSITY.get(device.type)
+    return "dense" if threshold is not None and support.density >= threshold else "sampled"
 
 
 def get_ops(device: torch.device, backend: str | None = None) -> ModuleType:

@@ -76,6 +76,7 @@ class SparseSupport:
         self.shape = (int(shape[0]), int(shape[1]))
         self._layouts: dict[tuple, tuple[_CSR, _CSR]] = {}
         self._kernel_layouts: dict[tuple, KernelLayouts] = {}
+        self._flat: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -173,6 +174,18 @@ class SparseSupport:
 
     def cols(self, device=None) -> torch.Tensor:
         return self.indices[1].to(device or self.device, torch.int64)
+
+    def flat(self, device: torch.device | None = None, transposed: bool = False) -> torch.Tensor:
+        """int64 positions of the entries in a row-major ``(out, in)`` matrix (``row · in + col``), or with
+        ``transposed`` in a row-major ``(in, out)`` one (``col · out + row``: Conv1D's weight); cached per device."""
+        device = torch.device(device) if device is not None else self.device
+        key = (device.type, device.index, transposed)
+        cached = self._flat.get(key)
+        if cached is None:
+            rows, cols = self.rows(device), self.cols(device)
+            cached = cols * self.shape[0] + rows if transposed else rows * self.shape[1] + cols
+            self._flat[key] = cached
+        return cached
 
     def layouts(self, device: torch.device | None = None) -> tuple[_CSR, _CSR]:
         """Row-major CSR of S and CSR of Sᵀ (= column-major order of S), built once per device and cached.

@@ -1,0 +1,174 @@
+"""Measurements behind the sparse-term dispatcher (``delta.ops.resolve_sparse_path`` / ``resolve_sddmm``).
+
+1. Paths: forward + backward (input gradient included, as inside a network) of one frozen ``nn.Linear`` plus its
+   sparse term, over token counts, for
+     * ``spmm``          ``F.linear`` + ``sparse_delta`` (reference on CPU, Triton on CUDA);
+     * ``fused``         ``delta.fused`` with the sampled SDDMM;
+     * ``fused_dense``   ``delta.fused`` with the dense ``gᵀx`` GEMM + gather for the values' gradient.
+   Variants run interleaved, one step each per round; medians over rounds. The crossover of a shape is the
+   smallest token count from which ``fused`` stays at or below ``spmm``; the dispatcher's constant is the largest
+   ``tokens × density`` at a crossover.
+2. SDDMM alone at one token count over densities: sampled vs dense; the dispatcher's density threshold is the
+   smallest density from which dense stays faster.
+
+    python bench/dispatch.py                  # CPU, 1 thread: writes bench/results/dispatch-cpu.json
+    python bench/dispatch.py --device cuda    # writes bench/results/dispatch-<gpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import ROOT, device_info, device_slug, git_commit, loadavg, versions  # noqa: E402
+
+from sparse_lowrank_peft.delta import reference  # noqa: E402
+from sparse_lowrank_peft.delta.fused import fused_sparse_linear  # noqa: E402
+from sparse_lowrank_peft.delta.ops import get_ops, sparse_delta  # noqa: E402
+from sparse_lowrank_peft.delta.support import SparseSupport  # noqa: E402
+
+TOKENS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+SHAPES = [(768, 0.01), (1024, 0.01), (768, 0.05), (1024, 0.05)]
+SDDMM_DENSITIES = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _support(d: int, density: float, device) -> SparseSupport:
+    return SparseSupport(SparseSupport.random((d, d), density, 1).indices.to(device), (d, d))
+
+
+def _step_fns(tokens: int, d: int, density: float, device):
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(d, d, generator=g) / d**0.5).to(device)
+    b = torch.randn(d, generator=g).to(device)
+    support = _support(d, density, device)
+    values = (torch.randn(support.nnz, generator=g) * 0.01).to(device).requires_grad_(True)
+    x = torch.randn(tokens, d, generator=g).to(device).requires_grad_(True)
+    grad = torch.randn(tokens, d, generator=g).to(device)
+
+    def fresh():
+        return W.clone()
+
+    def spmm():
+        y = F.linear(x, W, b) + sparse_delta(x, support, values)
+        y.backward(grad)
+
+    def fused(path):
+        def run():
+            y = fused_sparse_linear(x, fresh, b, [support], [values], [path])
+            y.backward(grad)
+        return run
+
+    return {"spmm": spmm, "fused": fused("sampled"), "fused_dense": fused("dense")}, support
+
+
+def time_interleaved(fns: dict, device, rounds: int, warmup: int = 2) -> dict:
+    samples = {k: [] for k in fns}
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            if r >= warmup:
+                samples[name].append(time.perf_counter() - t)
+    return {k: round(statistics.median(v) * 1e3, 4) for k, v in samples.items()}
+
+
+def paths_table(device, rounds: int) -> list[dict]:
+    rows = []
+    for d, density in SHAPES:
+        for tokens in TOKENS:
+            fns, support = _step_fns(tokens, d, density, device)
+            ms = time_interleaved(fns, device, rounds if tokens >= 1024 else rounds * 3)
+            rows.append({"d": d, "density": density, "nnz": support.nnz, "tokens": tokens, "ms": ms,
+                         "fused_vs_spmm": round(ms["fused"] / ms["spmm"], 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def crossovers(rows: list[dict]) -> list[dict]:
+    out = []
+    for d, density in SHAPES:
+        shape_rows = [r for r in rows if r["d"] == d and r["density"] == density]
+        crossover = None
+        for i, r in enumerate(shape_rows):
+            if all(s["fused_vs_spmm"] <= 1.0 for s in shape_rows[i:]):
+                crossover = r["tokens"]
+                break
+        out.append({"d": d, "density": density, "crossover_tokens": crossover,
+                    "tokens_x_density": None if crossover is None else round(crossover * density, 4)})
+    return out
+
+
+def sddmm_table(device, tokens: int, d: int, rounds: int) -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, d, generator=g).to(device)
+    grad = torch.randn(tokens, d, generator=g).to(device)
+    for density in SDDMM_DENSITIES:
+        support = _support(d, density, device)
+        flat = support.flat(device)
+        ops = get_ops(device)
+        fns = {
+            "sampled": lambda: ops.sddmm(grad, x, support, out_dtype=torch.float32),
+            "dense": lambda: (grad.t() @ x).view(-1).index_select(0, flat),
+        }
+        ms = time_interleaved(fns, device, rounds)
+        rows.append({"d": d, "tokens": tokens, "density": density, "ms": ms,
+                     "dense_vs_sampled": round(ms["dense"] / ms["sampled"], 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def dense_threshold(rows: list[dict]) -> float | None:
+    for i, r in enumerate(rows):
+        if all(s["dense_vs_sampled"] <= 1.0 for s in rows[i:]):
+            return r["density"]
+    return None
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (the speed issue's condition: 1)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    info = device_info(device)
+    commit, dirty = git_commit("bench/dispatch.py")
+    rows = paths_table(device, args.rounds)
+    sddmm = sddmm_table(device, 4096, 1024, args.rounds)
+    cross = crossovers(rows)
+    products = [c["tokens_x_density"] for c in cross]
+    result = {
+        "bench": "dispatch", "command": "python bench/dispatch.py " + " ".join(argv or sys.argv[1:]),
+        "device": info, "versions": versions(), "commit": commit, "dirty": dirty, "loadavg": loadavg(),
+        "date": time.strftime("%Y-%m-%d"), "paths": rows, "crossovers": cross, "sddmm": sddmm,
+        "fused_min_tokens_x_density": None if None in products else max(products),
+        "dense_sddmm_min_density": dense_threshold(sddmm),
+    }
+    out = Path(args.out or ROOT / "bench" / "results" / f"dispatch-{device_slug(info)}.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("crossovers", "fused_min_tokens_x_density", "dense_sddmm_min_density")},
+                     indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
