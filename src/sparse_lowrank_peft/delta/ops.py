@@ -38,16 +38,22 @@ _SDDMMS = ("auto", "sampled", "dense")
 # the SpMM path spends ~c_s · tokens · nnz (the SpMM forward and its transpose in backward) and the fused path
 # ~c_w · out · in (building W0 + S in forward and again in backward). So fused wins once
 # tokens · density > c_w / c_s: FUSED_MIN_TOKENS_X_DENSITY below is that crossover, measured.
-#   cpu:  bench/results/dispatch-cpu.json (bench/dispatch.py), fwd+bwd of one Linear, fused vs SpMM, over token
-#         counts at d 768 and 1024, densities 0.01 and 0.05; the constant is the largest measured crossover.
+#   cpu:  bench/results/dispatch-cpu.json (bench/dispatch.py, 1 thread): fwd+bwd of one Linear + sparse term at d 768
+#         and 1024, density 0.01 and 0.05, 16-4,096 tokens. Fused was within 1% at 16 tokens and faster from 32
+#         (0.96x) to 4,096 (0.79x at 1024², density 0.01: 208 vs 262 ms); the latest crossover (64 tokens at 1024²,
+#         density 0.05, after a 1.001x tie at 32) gives 3.2, so SpMM stays for decoding and tiny batches.
 #   cuda: bench/results/sparse_delta-nvidia-h100-80gb-hbm3.json: at every measured shape (2,048-8,192 tokens,
 #         density 0.001-0.05, d 768-4096) densifying W0 + S beat the Triton SpMM kernels (e.g. 2,048 x 1024²,
 #         density 0.001: 0.66 vs 1.38 ms); fewer tokens were not measured, so below 2,048 · 0.001 SpMM stays.
-FUSED_MIN_TOKENS_X_DENSITY = {"cpu": None, "cuda": 2048 * 0.001}
+#         bench/gpu_check.sh measures the crossover directly when a GPU is lent (bench/dispatch.py --device cuda).
+FUSED_MIN_TOKENS_X_DENSITY = {"cpu": 3.2, "cuda": 2048 * 0.001}
 # The SDDMM of the values' gradient: a dense gᵀx GEMM then a gather wins over the sampled kernel once the density
-# exceeds DENSE_SDDMM_MIN_DENSITY (the GEMM costs tokens · out · in at GEMM speed, the sampled one tokens · nnz at
-# gather speed). cpu: bench/results/dispatch-cpu.json. cuda: the H100 densify rows above compute ∂v this way and won.
-DENSE_SDDMM_MIN_DENSITY = {"cpu": None, "cuda": 0.0}
+# reaches DENSE_SDDMM_MIN_DENSITY (the GEMM costs tokens · out · in at GEMM speed, the sampled one tokens · nnz).
+#   cpu:  bench/results/dispatch-cpu.json, 4,096 x 1024², 1 thread: sampled 14 ms vs dense 87 ms at density 0.01,
+#         57 vs 92 at 0.1, 97 vs 93 at 0.2.
+#   cuda: the H100 densify rows above compute ∂v as a dense GEMM + gather and won at every shape; unmeasured
+#         against the Triton SDDMM alone.
+DENSE_SDDMM_MIN_DENSITY = {"cpu": 0.2, "cuda": 0.0}
 
 
 def _triton_module() -> ModuleType | None:
