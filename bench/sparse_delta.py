@@ -378,10 +378,14 @@ def evaluate_targets(rows: list[dict], device_type: str, dtype: str) -> list[dic
                 })
             mem = [v.get(n, {}).get("peak_mb") for n in (ours, "lora")]
             if all(m is not None for m in mem):
+                # one transient out x in fp32 (the fused W0 + S) plus the sparse values' own gradient (nnz fp32),
+                # which any implementation with trainable sparse values holds
+                bound = (shape[1] * shape[2] + v[ours]["nnz"]) * 4 / 1e6
                 targets.append({
-                    "name": f"CPU: {name} peak memory above LoRA, MB ({where}; bound: one transient out x in fp32)",
-                    "variant": ours, "value": round(mem[0] - mem[1], 2),
-                    "bound": f"<= {shape[1] * shape[2] * 4 / 1e6:.2f}", "met": mem[0] - mem[1] <= shape[1] * shape[2] * 4 / 1e6,
+                    "name": f"CPU: {name} peak memory above LoRA, MB ({where}; bound: one transient out x in fp32 "
+                            "+ the values' gradient)",
+                    "variant": ours, "value": round(mem[0] - mem[1], 2), "bound": f"<= {bound:.2f}",
+                    "met": mem[0] - mem[1] <= bound,
                 })
     if device_type == "cuda" and GPU_TARGET in by and dtype == "bfloat16":
         v = by[GPU_TARGET]
