@@ -327,3 +327,48 @@ def test_cuda_bases_equal_cpu_bases():
         expected = output_of(pm, inputs)
         got = output_of(pm.cuda(), {k: v.cuda() for k, v in inputs.items()}).cpu()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- coefficients in 4 / 8 bits
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_coefficients_save_small_and_reload_to_the_quantized_values(tmp_path, bits):
+    pytest.importorskip("bitsandbytes")
+    from sparse_lowrank_peft.delta.quant import dequantize_vector, quantize_vector
+
+    pm, make_inputs = nola_model(coefficient_bits=bits, num_basis_A=128, num_basis_B=64)
+    pm.save_pretrained(tmp_path / "q")
+    full, _ = nola_model(num_basis_A=128, num_basis_B=64)
+    full.save_pretrained(tmp_path / "full")
+    sd = load_file(tmp_path / "q" / "adapter_model.safetensors")
+    assert not any(k.endswith(("nola_alpha", "nola_beta")) for k in sd)
+    codes = [v for k, v in sd.items() if k.endswith("nola_alpha_codes")]
+    assert codes and all(c.dtype == torch.uint8 and c.numel() == 128 * bits // 8 for c in codes)
+    assert (tmp_path / "q" / "adapter_model.safetensors").stat().st_size < (
+        tmp_path / "full" / "adapter_model.safetensors").stat().st_size
+    reloaded = PeftModel.from_pretrained(BUILDERS["roberta"]()[0], tmp_path / "q").eval()
+    expected_model = pm
+    for (name, layer), (_, again) in zip(layers(expected_model), layers(reloaded)):
+        for attr, k in (("nola_alpha", 128), ("nola_beta", 64)):
+            trained = getattr(layer, attr)["default"].detach()
+            want = dequantize_vector(*quantize_vector(trained, bits), bits, k)
+            torch.testing.assert_close(getattr(again, attr)["default"].detach(), want, atol=0, rtol=0, msg=name)
+            assert 0 < float((want - trained).norm() / trained.norm()) < (0.12 if bits == 4 else 0.012)
+    # the trained model keeps its full-precision coefficients (quantized at save only)
+    assert all(getattr(l, "nola_alpha")["default"].dtype == torch.float32 for _, l in layers(pm))
+
+
+def test_quantized_coefficients_need_their_bit_width(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    saved_nola(tmp_path, coefficient_bits=4)
+    edit_adapter_config(tmp_path, coefficient_bits=None)
+    with pytest.raises(ValueError, match=r"coefficient_bits=None.*Fix: set coefficient_bits"):
+        PeftModel.from_pretrained(BUILDERS["roberta"]()[0], tmp_path)
+    edit_adapter_config(tmp_path, coefficient_bits=4, num_basis_A=14)
+    with pytest.raises(ValueError, match=r"num_basis_A=14 needs 7.*Fix"):
+        PeftModel.from_pretrained(BUILDERS["roberta"]()[0], tmp_path)
+
+
+@pytest.mark.parametrize("value", [3, 16, True, "4"])
+def test_bad_coefficient_bits(value):
+    with pytest.raises(ValueError, match="coefficient_bits"):
+        NolaConfig(coefficient_bits=value)

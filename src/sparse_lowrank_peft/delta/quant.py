@@ -42,6 +42,8 @@ __all__ = [
     "lq_decompose",
     "quantize_dequantize",
     "quantize_linears",
+    "quantize_vector",
+    "dequantize_vector",
     "restore_full_precision",
     "restore_standard_layout",
     "to_linear4bit",
@@ -588,3 +590,35 @@ def _dequantized_linear(layer: nn.Module) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias.to(dtype))
     return linear
+
+
+# ------------------------------------------------------------------------------------- small vectors in 4 or 8 bits
+#: Block size of the vector quantization below: one fp32 absmax per 64 values (bitsandbytes' 4-bit default).
+VECTOR_BLOCKSIZE = 64
+VECTOR_BITS = (4, 8)
+
+
+def quantize_vector(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, absmax)`` of a 1-D float tensor in ``bits`` (4: NF4, two codes a byte; 8: bitsandbytes' dynamic
+    8-bit map, one a byte), blockwise with one fp32 absmax per :data:`VECTOR_BLOCKSIZE` values, through bitsandbytes.
+    Used for adapter tensors stored quantized (NOLA's coefficients)."""
+    if bits not in VECTOR_BITS:
+        raise ValueError(f"quantize_vector: bits={bits!r} is not one of {VECTOR_BITS}.")
+    F = _bnb().functional
+    flat = values.detach().reshape(-1).to("cpu", torch.float32).contiguous()
+    if bits == 4:
+        codes, state = F.quantize_4bit(flat, blocksize=VECTOR_BLOCKSIZE, quant_type="nf4", compress_statistics=False)
+    else:
+        codes, state = F.quantize_blockwise(flat, blocksize=VECTOR_BLOCKSIZE)
+    return codes.reshape(-1).view(torch.uint8).contiguous(), state.absmax.to(torch.float32).contiguous()
+
+
+def dequantize_vector(codes: torch.Tensor, absmax: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The fp32 vector of ``numel`` values that :func:`quantize_vector` stored as ``(codes, absmax)``."""
+    if bits not in VECTOR_BITS:
+        raise ValueError(f"dequantize_vector: bits={bits!r} is not one of {VECTOR_BITS}.")
+    codes, absmax = codes.to("cpu").reshape(-1), absmax.to("cpu", torch.float32).reshape(-1)
+    if bits == 4:
+        return dequantize_4bit_reference(codes, absmax, "nf4", VECTOR_BLOCKSIZE, (numel,))
+    F = _bnb().functional
+    return F.dequantize_blockwise(codes.view(torch.uint8), absmax=absmax, blocksize=VECTOR_BLOCKSIZE).reshape(-1)[:numel]

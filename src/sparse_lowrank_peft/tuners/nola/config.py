@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from peft.config import PeftConfig
 
@@ -43,6 +43,12 @@ class NolaConfig(TargetFields, PeftConfig):
         save_basis (`bool`, defaults to `False`):
             Also store the bases in the checkpoint (``k·r·(in + out)`` floats per layer), for archives that must load
             even if a future torch draws other numbers from the same seed. The loaded bases are then used as they are.
+        coefficient_bits (`int` or `None`, defaults to `None`):
+            Store ``α`` and ``β`` in the checkpoint in 4 or 8 bits (blockwise, one fp32 absmax per 64 values, through
+            bitsandbytes: NF4 for 4, its dynamic 8-bit map for 8); ``None`` stores them in full precision. Training
+            stays in full precision: the coefficients are quantized when saved and dequantized when loaded, so a
+            reloaded adapter computes with the quantized values (NOLA, Section 4: coefficients quantized after
+            training lose little). Needs bitsandbytes.
         lora_dropout (`float`, defaults to `0.0`):
             Dropout on the input of the adapter term, in [0, 1).
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
@@ -64,6 +70,9 @@ class NolaConfig(TargetFields, PeftConfig):
     lora_alpha: float = field(default=16, metadata={"help": "Scale numerator (scale = lora_alpha / r)."})
     basis_seed: int = field(default=0, metadata={"help": "Seed of the frozen random bases."})
     save_basis: bool = field(default=False, metadata={"help": "Store the bases in the checkpoint too."})
+    coefficient_bits: Optional[int] = field(
+        default=None, metadata={"help": "Store the coefficients in 4 or 8 bits (None: full precision)."}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter term's input."})
     bias: Literal["none", "all", "nola_only"] = field(default="none", metadata={"help": "Biases to train."})
     init_weights: bool = field(default=True, metadata={"help": "β = 0 (identity at step 0), α random."})
@@ -81,6 +90,13 @@ class NolaConfig(TargetFields, PeftConfig):
             )
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise ValueError(f"NolaConfig.lora_alpha={self.lora_alpha!r} must be a number. Fix: e.g. lora_alpha=16.")
+        if self.coefficient_bits is not None and (
+            isinstance(self.coefficient_bits, bool) or self.coefficient_bits not in (4, 8)
+        ):
+            raise ValueError(
+                f"NolaConfig.coefficient_bits={self.coefficient_bits!r} is not 4, 8 or None. Fix: coefficient_bits=4 "
+                "(smallest file), 8, or None (full precision)."
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"NolaConfig.lora_dropout={self.lora_dropout!r} must be in [0, 1). Fix: e.g. 0.0 or 0.1.")
         if self.bias not in ("none", "all", "nola_only"):

@@ -25,6 +25,68 @@ class NolaModel(DeltaModel):
     prefix: str = "nola_"
     tuner_layer_cls = NolaLayer
 
+    # ------------------------------------------------------------------ coefficients stored in 4 or 8 bits
+    #: checkpoint suffixes of a quantized coefficient vector ``<layer>.nola_alpha``: its codes and absmax (its length
+    #: is the config's num_basis_A / num_basis_B; every tensor more costs ~100 bytes of safetensors header)
+    QUANTIZED_SUFFIXES = ("_codes", "_absmax")
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection; with ``coefficient_bits`` each ``α`` / ``β`` is replaced by its codes, absmax and length
+        (``delta.quant.quantize_vector``)."""
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        bits = getattr(config, "coefficient_bits", None)
+        if bits is None:
+            return out
+        from ...delta.quant import quantize_vector
+
+        for key in [k for k in out if k.endswith((f"nola_alpha.{adapter_name}", f"nola_beta.{adapter_name}"))]:
+            values = out.pop(key)
+            stem = key[: -len(f".{adapter_name}")]
+            codes, absmax = quantize_vector(values, bits)
+            out[f"{stem}_codes.{adapter_name}"] = codes
+            out[f"{stem}_absmax.{adapter_name}"] = absmax
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Dequantize coefficients stored in 4 or 8 bits back to ``<layer>.nola_alpha`` / ``nola_beta``, then PEFT's
+        remapping and the checks of ``_validate_checkpoint``."""
+        state_dict = cls._dequantize_coefficients(dict(state_dict), config)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    @classmethod
+    def _dequantize_coefficients(cls, state_dict: dict, config) -> dict:
+        bits = getattr(config, "coefficient_bits", None)
+        stems = sorted({k[: -len("_codes")] for k in state_dict if k.endswith(("nola_alpha_codes", "nola_beta_codes"))})
+        if stems and bits is None:
+            raise ValueError(
+                f"The checkpoint stores NOLA coefficients quantized ({stems[0]}_codes, ...) but its config has "
+                "coefficient_bits=None, so their bit width is unknown. The adapter_config.json does not belong to these "
+                "weights (or was edited). Fix: set coefficient_bits to the value it was saved with (4 or 8)."
+            )
+        from ...delta.quant import dequantize_vector
+
+        for stem in stems:
+            parts = [state_dict.pop(stem + suffix, None) for suffix in cls.QUANTIZED_SUFFIXES]
+            if any(p is None for p in parts):
+                raise ValueError(
+                    f"The checkpoint has {stem}_codes but not all of {[stem + s for s in cls.QUANTIZED_SUFFIXES]}: it "
+                    "is corrupted. Fix: re-save it from the trained model."
+                )
+            codes, absmax = parts
+            numel = config.num_basis_A if stem.endswith("nola_alpha") else config.num_basis_B
+            per_byte = 2 if bits == 4 else 1
+            if codes.numel() != -(-numel // per_byte):
+                raise ValueError(
+                    f"{stem}: the checkpoint has {codes.numel()} bytes of {bits}-bit codes, but the config's "
+                    f"{'num_basis_A' if stem.endswith('nola_alpha') else 'num_basis_B'}={numel} needs "
+                    f"{-(-numel // per_byte)}. The config and the weights come from different adapters. Fix: load it "
+                    "with the adapter_config.json it was saved with."
+                )
+            state_dict[stem] = dequantize_vector(codes, absmax, bits, numel)
+        return state_dict
+
     @classmethod
     def _validate_checkpoint(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> None:
         """Before anything is loaded: the checkpoint's coefficients must fit the config, and the bases the config
