@@ -22,7 +22,7 @@ import contextvars
 import copy as _copy
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -376,6 +376,7 @@ def lq_decompose(
     fisher: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     tol: float = 1e-4,
     compress_statistics: bool = True,
+    quantizer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> LQResult:
     """LQ-LoRA decomposition ``W ≈ Q + B·A`` (see module doc).
 
@@ -387,6 +388,8 @@ def lq_decompose(
             or rises for 3 iterations in a row. The best iterate is returned.
         fisher: optional ``(d_row, d_col)`` positive weights (``fisher_row_col_weights``).
         tol: relative improvement under which the iteration stops.
+        quantizer: ``dequantize(quantize(M))`` of another configuration (``delta.bitbudget.QuantChoice``); default:
+            bitsandbytes ``quant_type`` in blocks of 64.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"lq_decompose: rank={rank!r} must be a positive int.")
@@ -406,8 +409,11 @@ def lq_decompose(
             R = d_row[:, None] * R * d_col[None, :]
         return float(R.norm() / (norm if d_row is None else (d_row[:, None] * W * d_col[None, :]).norm()))
 
+    if quantizer is None:
+        def quantizer(M):
+            return quantize_dequantize(M, quant_type, compress_statistics)
     source = W
-    Q = quantize_dequantize(source, quant_type, compress_statistics)
+    Q = quantizer(source)
     quant_only = float((W - Q).norm() / norm)
     best = None
     errors: list[float] = []
@@ -427,7 +433,7 @@ def lq_decompose(
             if rising >= 3:
                 break
         source = W - B @ A
-        Q = quantize_dequantize(source, quant_type, compress_statistics)
+        Q = quantizer(source)
     best.errors = errors
     best.quant_only_error = quant_only
     return best
