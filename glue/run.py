@@ -89,8 +89,13 @@ class RunConfig:
     init_adapter: str | None = _f(None, "adapter folder to start from (e.g. the MNLI adapter for MRPC/RTE/STS-B); "
                                         "its head is not loaded")
     quantize: str | None = _f(None, "4-bit base (QLoRA style): nf4 or fp4 quantizes every nn.Linear of the encoder "
-                                    "except the trained head with bitsandbytes after loading (null: full precision)",
-                              choices=(None, "nf4", "fp4"))
+                                    "except the trained head with bitsandbytes after loading (null: full precision); "
+                                    "plan: one configuration per matrix from quantize_plan (LQ-LoRA's bit budget)",
+                              choices=(None, "nf4", "fp4", "plan"))
+    quantize_plan: dict | None = _f(None, "for quantize: plan -- mapping with budget_bits (average stored bits per "
+                                          "parameter; the integer program picks each matrix's configuration) or "
+                                          "uniform (one configuration for all, e.g. hqq-2bit-g64), and [table] (a "
+                                          "bench/bitbudget.py result to solve from; default: measured in the run)")
     init: str = _f("default", "adapter initialisation: default (the method's own) or lq (LQ-LoRA: W = Q + L, the "
                               "adapter's low-rank factors start from L; tuners with init_weights='lq'; needs quantize)",
                    choices=("default", "lq"))
@@ -315,7 +320,8 @@ def effective_peft_fields(cfg: RunConfig) -> dict[str, Any]:
     fields = dict(cfg.peft)
     if cfg.init == "lq":
         fields["init_weights"] = "lq"
-        fields["lq_quant_type"] = cfg.quantize
+        if cfg.quantize != "plan":
+            fields["lq_quant_type"] = cfg.quantize
     return fields
 
 
@@ -338,6 +344,7 @@ def _validate_quantize_and_squeeze(cfg: RunConfig) -> None:
                 f"init: lq is implemented by this library's factored tuners (sltrain, sora, dylora), not by "
                 f"'{cfg.method}'. PEFT's own LoftQ for LoRA needs a GPU. Use one of those methods or init: default."
             )
+    _validate_plan_fields(cfg)
     if cfg.squeeze is not None:
         try:
             from sparse_lowrank_peft.squeeze import SqueezeSpec
@@ -980,6 +987,86 @@ def _trainer_class():
     return GlueTrainer
 
 
+def _validate_plan_fields(cfg: RunConfig) -> None:
+    """``quantize: plan`` needs ``quantize_plan`` with exactly one of budget_bits / uniform (and nothing else)."""
+    if (cfg.quantize == "plan") != (cfg.quantize_plan is not None):
+        raise GlueError("quantize: plan and quantize_plan go together: quantize_plan: {budget_bits: 2.75} (or uniform: "
+                        "hqq-2bit-g64) says what to plan; other quantize values take no quantize_plan.")
+    if cfg.quantize != "plan":
+        return
+    plan = dict(cfg.quantize_plan)
+    unknown = sorted(set(plan) - {"budget_bits", "uniform", "table"})
+    if unknown or ("budget_bits" in plan) == ("uniform" in plan):
+        raise GlueError(f"quantize_plan={plan}: give exactly one of budget_bits (a number, e.g. 2.75) or uniform (a "
+                        "configuration such as hqq-2bit-g64), and optionally table (a bench/bitbudget.py result file)"
+                        + (f"; unknown keys {unknown}" if unknown else "") + ".")
+    try:
+        from sparse_lowrank_peft.delta.bitbudget import parse_choice
+
+        if "uniform" in plan:
+            parse_choice(plan["uniform"])
+    except (ValueError, ImportError) as err:
+        raise GlueError(f"quantize_plan.uniform: {err}") from None
+    if "budget_bits" in plan and (isinstance(plan["budget_bits"], bool) or not isinstance(plan["budget_bits"], (int, float))):
+        raise GlueError(f"quantize_plan.budget_bits={plan['budget_bits']!r} must be a number of bits per parameter.")
+    if "table" in plan and not Path(plan["table"]).is_file():
+        raise GlueError(f"quantize_plan.table={plan['table']!r} is not a file. Fix: the path of a bench/bitbudget.py "
+                        "result (e.g. bench/results/bitbudget-minilm.json), or drop it to measure in the run.")
+
+
+def make_quant_plan(cfg: RunConfig, model, names: Sequence[str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """``quantize: plan``: the configuration of every matrix in ``names`` and what was done (bits, choices). A
+    budget is solved from the recipe's measurement table, or from one measured here (LQ at the adapter's rank)."""
+    from sparse_lowrank_peft.delta import bitbudget as bb
+
+    spec = dict(cfg.quantize_plan)
+    if "uniform" in spec:
+        return {n: bb.parse_choice(spec["uniform"]).name for n in names}, {"uniform": spec["uniform"]}
+    rank = int(cfg.peft.get("r", 8))
+    if "table" in spec:
+        table = bb.PlanTable.from_dict(json.loads(Path(spec["table"]).read_text())["table"])
+        table = _table_for(table, names, spec["table"])
+    else:
+        weights = {n: model.get_submodule(n).weight for n in names}
+        table = bb.measure(weights, rank)
+    plan = bb.solve(table, float(spec["budget_bits"]))
+    return plan, {"budget_bits": spec["budget_bits"], **bb.plan_summary(table, plan), "table_rank": table.rank}
+
+
+def _table_for(table, names: Sequence[str], path: str):
+    """The measurement rows of ``names`` (the table may key them with or without the model's prefix)."""
+    rows = {}
+    for n in names:
+        key = next((k for k in table.numel if n == k or n.endswith("." + k) or k.endswith("." + n)), None)
+        if key is None:
+            raise GlueError(f"quantize_plan.table {path} has no measurement for {n}: it was made for another model.")
+        rows[n] = key
+    from sparse_lowrank_peft.delta.bitbudget import PlanTable
+
+    return PlanTable(numel={n: table.numel[k] for n, k in rows.items()}, error={n: table.error[k] for n, k in rows.items()},
+                     relative={n: table.relative[k] for n, k in rows.items()}, bits={n: table.bits[k] for n, k in rows.items()},
+                     rank=table.rank)
+
+
+def quantize_by_plan(model, plan: Mapping[str, str]) -> int:
+    """Quantize the plain ``nn.Linear`` layers of ``plan`` with their configurations (those an LQ adapter already
+    quantized are no longer plain linears); returns how many."""
+    import torch.nn as nn
+
+    from sparse_lowrank_peft.delta.bitbudget import parse_choice
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        key = next((k for k in plan if name == k or name.endswith("." + k)), None)
+        if key is None or type(module) is not nn.Linear:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, parse_choice(plan[key]).quantize(module.weight, module.bias).train(module.training))
+        count += 1
+    return count
+
+
 def quantizable_linears(model, head: Sequence[str]) -> list[str]:
     """Names of the ``nn.Linear`` layers a 4-bit base quantizes: every one except the trained head's."""
     import torch.nn as nn
@@ -1108,14 +1195,25 @@ def build_model(cfg: RunConfig, task: TaskSpec) -> BuiltModel:
     head = list(cfg.head_modules) if cfg.head_modules else head_module_names(model)
     built = BuiltModel(model, tokenizer, model_path, head)
     to_quantize = quantizable_linears(model, head) if cfg.quantize else []
-    if cfg.quantize and cfg.init != "lq":
+    plan = None
+    if cfg.quantize == "plan":
+        plan, built.quant_info = make_quant_plan(cfg, model, to_quantize)
+        if cfg.init != "lq":
+            built.quant_info["quantized_layers"] = quantize_by_plan(model, plan)
+    elif cfg.quantize and cfg.init != "lq":
         built.quant_info = quantize_base(model, to_quantize, cfg.quantize)
     if cfg.method != "full":
         from peft import get_peft_model
 
-        built.peft_config = make_peft_config(cfg.method, effective_peft_fields(cfg), head)
+        fields = effective_peft_fields(cfg)
+        if plan is not None and cfg.init == "lq":
+            fields["lq_plan"] = plan
+        built.peft_config = make_peft_config(cfg.method, fields, head)
         built.model = get_peft_model(model, built.peft_config)
-        if cfg.quantize and cfg.init == "lq":
+        if plan is not None and cfg.init == "lq":  # the LQ targets have their planned base; the rest plainly
+            built.quant_info["quantized_layers"] = quantize_by_plan(built.model, plan)
+            built.quant_info["choices"] = {c: list(plan.values()).count(c) for c in sorted(set(plan.values()))}
+        elif cfg.quantize and cfg.init == "lq":
             # LQ-LoRA quantized the target layers itself (W = Q + L); the other encoder linears get plain 4-bit
             built.quant_info = quantize_base(built.model, to_quantize, cfg.quantize, lq=True)
         if cfg.init_adapter:

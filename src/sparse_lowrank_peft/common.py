@@ -46,10 +46,17 @@ class LQInitFields:
             Maximum alternations of ``L ← SVD_r(W − Q)``, ``Q ← quantize(W − L)``; the best iterate is kept. More lowers
             the reconstruction error a little more (measured on MiniLM: see the README's table) at the cost of one
             SVD and one quantization per layer and iteration, once, when the adapter is created.
+        lq_plan (`dict[str, str]`, *optional*):
+            A mixed-configuration plan (``delta.bitbudget.solve``): module name -> configuration
+            (``"hqq-3bit-g64"``, ``"bnb-nf4"``, ``"bnb-nf4-dq"``). Each targeted layer's base is quantized with its
+            planned configuration instead of ``lq_quant_type``; every targeted layer must have an entry. It is saved in
+            ``adapter_config.json``, and loading re-derives the same quantized base (the LQ decomposition and both
+            libraries are deterministic) before the trained adapter weights are loaded onto it.
     """
 
     lq_quant_type: str = field(default="nf4", metadata={"help": "4-bit format of the LQ base: nf4 or fp4."})
     lq_max_iter: int = field(default=20, metadata={"help": "Maximum LQ alternations."})
+    lq_plan: Optional[dict] = field(default=None, metadata={"help": "Per-module quantization configuration (LQ)."})
 
 
 def check_init_weights(config) -> None:
@@ -63,6 +70,26 @@ def check_init_weights(config) -> None:
     if config.lq_quant_type not in ("nf4", "fp4"):
         raise ValueError(f"{type(config).__name__}.lq_quant_type={config.lq_quant_type!r} must be 'nf4' or 'fp4'.")
     check_positive_int(config, "lq_max_iter")
+    plan = getattr(config, "lq_plan", None)
+    if plan is None:
+        return
+    if value != "lq":
+        raise ValueError(
+            f"{type(config).__name__}.lq_plan is set but init_weights={value!r}: a plan quantizes the base during LQ "
+            "initialisation. Fix: init_weights='lq', or drop lq_plan."
+        )
+    if not isinstance(plan, dict) or not plan or not all(isinstance(k, str) for k in plan):
+        raise ValueError(
+            f"{type(config).__name__}.lq_plan must be a non-empty dict of module name -> configuration, got "
+            f"{type(plan).__name__}. Fix: lq_plan=bitbudget.solve(table, budget_bits)."
+        )
+    from .delta.bitbudget import parse_choice
+
+    for name, choice in plan.items():
+        try:
+            parse_choice(choice)
+        except (ValueError, ImportError) as err:
+            raise type(err)(f"{type(config).__name__}.lq_plan['{name}']: {err}") from None
 
 
 def check_positive_int(config, field_name: str, hint: str = "") -> None:

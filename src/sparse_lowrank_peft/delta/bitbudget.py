@@ -49,6 +49,13 @@ class QuantChoice:
             return "bnb-nf4-dq" if self.double_quant else "bnb-nf4"
         return f"hqq-{self.bits}bit-g{self.group_size}"
 
+    def unsupported(self, shape: tuple[int, int]) -> Optional[str]:
+        """Why the library cannot quantize an ``(out, in)`` weight this way, or None if it can."""
+        numel = int(shape[0]) * int(shape[1])
+        if self.library == "hqq" and numel % self.group_size:
+            return f"HQQ needs the weight's size ({shape[0]}x{shape[1]} = {numel}) divisible by the group size {self.group_size}"
+        return None
+
     def quantize(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Module:
         """A quantized linear layer holding ``weight`` (``(out, in)``) and ``bias``, on the CPU in fp32 compute."""
         out_features, in_features = weight.shape
@@ -188,6 +195,8 @@ def measure(
         table.numel[name] = W.numel()
         table.error[name], table.relative[name], table.bits[name] = {}, {}, {}
         for choice in choices:
+            if choice.unsupported(tuple(W.shape)):
+                continue  # not a candidate for this matrix (the program never picks it)
             result = lq_decompose(W, rank, max_iter=max_iter, fisher=None if fisher is None else fisher.get(name),
                                   quantizer=choice.quantize_dequantize)
             residual = W - result.Q - result.B @ result.A
@@ -213,14 +222,17 @@ def solve(table: PlanTable, budget_bits: float, choices: Optional[Iterable[str]]
     if not layers or not names:
         raise ValueError("solve: the measurement table is empty. Fix: run bitbudget.measure on the model's linears.")
     total = sum(table.numel.values())
-    smallest = sum(min(table.bits[l][c] for c in names) for l in layers) / total
+    missing = [l for l in layers if not any(c in table.bits[l] for c in names)]
+    if missing:
+        raise ValueError(f"solve: no candidate configuration can quantize {missing[:3]}. Fix: add one that can.")
+    smallest = sum(min(table.bits[l][c] for c in names if c in table.bits[l]) for l in layers) / total
     if budget_bits < smallest - 1e-9:
         raise ValueError(
             f"budget_bits={budget_bits} is below the smallest plan these configurations allow ({smallest:.3f} bits per "
             f"parameter, every matrix at its cheapest of {names}). Fix: a budget of at least {smallest:.3f}, or "
             "cheaper candidates."
         )
-    pairs = [(l, c) for l in layers for c in names]
+    pairs = [(l, c) for l in layers for c in names if c in table.bits[l]]
     scale = max(max(table.error[l][c] for l, c in pairs), 1e-30)  # HiGHS prefers O(1) objective coefficients
     cost = np.array([table.error[l][c] / scale for l, c in pairs])
     one_each = np.zeros((len(layers), len(pairs)))
@@ -257,4 +269,5 @@ def plan_curve(table: PlanTable, budgets: Sequence[float]) -> list[dict]:
 
 def uniform_points(table: PlanTable) -> list[dict]:
     """Every candidate used for all matrices: its average bits and summed error."""
-    return [{"choice": c, **plan_summary(table, {l: c for l in table.numel})} for c in table.choices()]
+    return [{"choice": c, **plan_summary(table, {l: c for l in table.numel})} for c in table.choices()
+            if all(c in table.bits[l] for l in table.numel)]

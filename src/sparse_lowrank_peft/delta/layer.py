@@ -5,8 +5,9 @@ A wrapped layer computes, for the active adapters ``a``::
     y = base(x) + Σ_a [ lowrank_a(dropout_a(x)) + x · S_aᵀ ]
 
 where ``lowrank_a`` is the method's own parametrisation (SLTrain's ``(α/r)·B·A``, SoRA's gated factors, ...) and
-``S_a`` is an optional sparse term on a fixed support, applied by :func:`sparse_delta` without ever building an
-``(out, in)`` matrix. This class owns everything that is the same for every method: forward composition, merge and
+``S_a`` is an optional sparse term on a fixed support, applied either by :func:`sparse_delta` (SpMM, no ``(out, in)``
+tensor at all) or folded into the base GEMM as a transient ``W0 + Σ S_a`` (``delta.fused``, never kept), as the
+dispatcher ``delta.ops.resolve_sparse_path`` chooses per call from measured costs. This class owns everything that is the same for every method: forward composition, merge and
 unmerge (through PEFT's quantization backend for quantized bases), ``get_delta_weight``, the sparse term's storage
 and its support cache, dtype handling and Conv1D's transposed weight. A method subclass provides:
 
@@ -122,12 +123,16 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
                 f"init_weights='lq' replaces the base weight of '{key}' by its quantized part, so it can only be used "
                 "for the first adapter of a layer. Fix: add further adapters with init_weights=True."
             )
+        choice = quant.plan_choice(getattr(config, "lq_plan", None), key)
         result = quant.lq_decompose(
             base.weight, rank, quant_type=config.lq_quant_type, max_iter=config.lq_max_iter,
-            fisher=quant.fisher_for(key),
+            fisher=quant.fisher_for(key), quantizer=None if choice is None else choice.quantize_dequantize,
         )
-        compute_dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
-        self.base_layer = quant.to_linear4bit(base, result.source, config.lq_quant_type, compute_dtype=compute_dtype)
+        if choice is not None:  # a mixed-configuration plan (delta.bitbudget): this layer's own configuration
+            self.base_layer = choice.quantize(result.source, base.bias).to(base.weight.device)
+        else:
+            compute_dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
+            self.base_layer = quant.to_linear4bit(base, result.source, config.lq_quant_type, compute_dtype=compute_dtype)
         self.quantization_backend = resolve_quantization_backend(self.base_layer)
         self._keep_4bit_layout(self.base_layer)
         self.lq_errors = {"quant_only": result.quant_only_error, "loftq": result.errors[0], "lq": result.error}
@@ -301,8 +306,8 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ΔW of ``adapter_name`` in the base weight's layout and dtype (``(in, out)`` for Conv1D).
 
-        Computed in fp32 (exact up to fp32 rounding), then cast. This and merge are the only places that build
-        an ``(out, in)`` matrix.
+        Computed in fp32 (exact up to fp32 rounding), then cast. Besides the fused path's transient ``W0 + S``
+        (``delta.fused``), this and merge are the only places that build an ``(out, in)`` matrix.
         """
         device = self._main_device(adapter_name)
         delta = self.lowrank_delta(adapter_name)

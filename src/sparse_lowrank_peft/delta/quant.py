@@ -294,7 +294,9 @@ def linear4bit_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
-    """The full-precision (fp32) weight of a ``bnb.nn.Linear4bit`` / ``Linear8bitLt`` or plain linear layer."""
+    """The full-precision (fp32) weight of a ``bnb.nn.Linear4bit`` / ``Linear8bitLt``, HQQ or plain linear layer."""
+    if hasattr(layer, "W_q") and hasattr(layer, "dequantize"):  # HQQLinear (delta.bitbudget plans)
+        return layer.dequantize().to(torch.float32).reshape(layer.out_features, layer.in_features)
     weight = layer.weight
     state = _quant_state(layer) if hasattr(weight, "quant_state") or hasattr(layer, "quant_state") else None
     if state is not None and hasattr(state, "blocksize"):
@@ -456,6 +458,26 @@ def use_fisher(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         yield
     finally:
         _FISHER.reset(token)
+
+
+def _matches(key: str, name: str) -> bool:
+    return key == name or key.endswith("." + name) or name.endswith("." + key)
+
+
+def plan_choice(plan: Optional[dict], key: str):
+    """The ``delta.bitbudget.QuantChoice`` a mixed-configuration plan gives module ``key`` (exact name or dotted
+    suffix either way), or None without a plan."""
+    if not plan:
+        return None
+    from .bitbudget import parse_choice
+
+    for name, choice in plan.items():
+        if _matches(key, name):
+            return parse_choice(choice)
+    raise ValueError(
+        f"lq_plan has no configuration for the targeted module '{key}'. The plan was made for other modules (or "
+        "another model). Fix: measure and solve a plan over the modules this config targets (delta.bitbudget)."
+    )
 
 
 def fisher_for(key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -57,6 +57,7 @@ class DeltaModel(BaseTuner):
             return
         inside_tuner_layers: list[str] = []
         bad: list[str] = []
+        targeted: list[str] = []
         for key, module in model.named_modules():
             if not key or any(key.startswith(p) for p in inside_tuner_layers):
                 continue
@@ -64,15 +65,47 @@ class DeltaModel(BaseTuner):
                 inside_tuner_layers.append(key + ".")
             if not self._check_target_module_exists(config, key):
                 continue
+            targeted.append(key)
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if not is_supported_base_layer(base):
                 bad.append(f"{key} ({type(base).__name__})")
+        self._validate_plan(model, config, targeted)
         if bad:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise TypeError(
                 f"{type(config).__name__}.target_modules={config.target_modules!r} matches modules this method cannot "
                 f"wrap: {shown}. Only torch.nn.Linear, transformers' Conv1D and quantized linear layers are supported. "
                 "Fix: target the linear layers only (a list of their names or a regex). The model was not changed."
+            )
+
+    @staticmethod
+    def _validate_plan(model: nn.Module, config, targeted: list[str]) -> None:
+        """An ``lq_plan`` must name modules of this model and give every targeted module a configuration: checked
+        before anything is quantized."""
+        plan = getattr(config, "lq_plan", None)
+        if not plan or getattr(config, "init_weights", None) != "lq":
+            return
+        from .quant import _matches, plan_choice
+
+        for key in targeted:
+            choice = plan_choice(plan, key)  # raises, naming the module without a configuration
+            weight = getattr(model.get_submodule(key), "weight", None)
+            reason = None if weight is None else choice.unsupported(tuple(weight.shape))
+            if reason:
+                raise ValueError(
+                    f"{type(config).__name__}.lq_plan['{key}'] = '{choice.name}', which the installed library cannot "
+                    f"do: {reason}. Fix: another configuration for that module (delta.bitbudget.measure lists only "
+                    "the ones each matrix allows). The model was not changed."
+                )
+
+        names = [n for n, _ in model.named_modules() if n]
+        unknown = [p for p in plan if not any(_matches(n, p) for n in names)]
+        if unknown:
+            raise ValueError(
+                f"{type(config).__name__}.lq_plan names modules this model does not have: {unknown[:3]}"
+                + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+                + ". The plan was made for another model. Fix: measure and solve a plan on this model "
+                "(delta.bitbudget.measure / solve). The model was not changed."
             )
 
     def _create_and_replace(

@@ -16,8 +16,8 @@ class SLTrainLayer(DeltaLayer):
 
     ``ΔW = (lora_alpha / r) · B · A + S`` with ``A`` (``r × in``, Kaiming-uniform), ``B`` (``out × r``, zero at init)
     and ``S`` a sparse ``out × in`` matrix on a fixed random support of density ``sparsity`` (values zero at init).
-    SLTrain: Han et al., 2024, arXiv:2406.02214. The sparse term runs through the shared ``sparse_delta`` op, whose
-    forward and backward never build an ``out × in`` tensor.
+    SLTrain: Han et al., 2024, arXiv:2406.02214. The sparse term runs through the shared layer: folded into the
+    frozen weight's GEMMs for training batches, through ``sparse_delta``'s SpMM for small ones (``delta.ops``).
     """
 
     adapter_layer_names = ("sltrain_A", "sltrain_B", "sltrain_values")

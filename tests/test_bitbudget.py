@@ -1,0 +1,190 @@
+"""Bit budgets (delta/bitbudget.py): the measurement, the integer program, a plan applied through LQ initialisation
+(train, save, reload in a fresh process, exact dequantized merge) and the errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from _builders import VOCAB, _ids, output_of
+from peft import PeftModel, get_peft_model
+
+from sparse_lowrank_peft import SLTrainConfig, SoraConfig
+from sparse_lowrank_peft.delta import bitbudget as bb
+
+pytest.importorskip("bitsandbytes", reason="bit budgets use bitsandbytes NF4 candidates")
+pytest.importorskip("hqq", reason="bit budgets use HQQ candidates (pip install hqq)")
+
+SMALL = [bb.QuantChoice("hqq", 2, 64), bb.QuantChoice("hqq", 3, 64), bb.QuantChoice("hqq", 4, 64),
+         bb.QuantChoice("bnb", 4, 64, False)]
+
+
+@pytest.fixture(scope="module")
+def table():
+    g = torch.Generator().manual_seed(0)
+    # layers of different scale and spectrum: the program should spend bits where the error is large
+    weights = {"a": torch.randn(64, 64, generator=g) * 3.0, "b": torch.randn(64, 128, generator=g),
+               "c": torch.randn(128, 64, generator=g) * 0.3}
+    return bb.measure(weights, rank=2, choices=SMALL, max_iter=2)
+
+
+def test_bits_are_counted_from_the_stored_tensors():
+    W = torch.randn(64, 128)
+    nf4 = bb.QuantChoice("bnb", 4, 64).quantize(W)
+    expected = sum(v.numel() * v.element_size() * 8 for k, v in nf4.state_dict().items() if "bias" not in k)
+    assert bb.storage_bits(nf4) == expected
+    # 4-bit codes + one fp32 absmax per 64 values + bitsandbytes' 16-entry code table
+    assert expected == 64 * 128 * 4 + (64 * 128 // 64) * 32 + 16 * 32 + 8 * len(nf4.state_dict()["weight.quant_state.bitsandbytes__nf4"])
+    hqq2 = bb.QuantChoice("hqq", 2, 64).quantize(W)
+    bits = bb.storage_bits(hqq2) / W.numel()
+    assert 2.5 <= bits < 2.6  # 2-bit codes + fp16 scale and zero per 64 values + ~70 bytes of metadata tensors
+
+
+def test_the_plan_beats_every_uniform_configuration_within_its_bits(table):
+    uniform = bb.uniform_points(table)
+    for budget in (2.6, 3.0, 3.6, 4.4):
+        plan = bb.solve(table, budget)
+        got = bb.plan_summary(table, plan)
+        assert got["bits_per_param"] <= budget + 1e-9
+        for u in uniform:
+            if u["bits_per_param"] <= got["bits_per_param"] + 1e-9:
+                assert got["error"] <= u["error"] + 1e-6, (budget, u)
+
+
+def test_solve_is_optimal_on_a_table_small_enough_to_enumerate(table):
+    import itertools
+
+    layers, names = list(table.numel), table.choices()
+    total = sum(table.numel.values())
+    for budget in (2.6, 3.3, 4.0):
+        best = min(
+            (sum(table.error[l][c] for l, c in zip(layers, combo)), combo)
+            for combo in itertools.product(names, repeat=len(layers))
+            if sum(table.bits[l][c] for l, c in zip(layers, combo)) <= budget * total
+        )
+        plan = bb.solve(table, budget)
+        assert bb.plan_summary(table, plan)["error"] == pytest.approx(best[0], rel=1e-9)
+
+
+def test_budget_below_the_cheapest_plan_is_refused(table):
+    with pytest.raises(ValueError, match=r"budget_bits=1.0 is below the smallest plan.*Fix: a budget of at least"):
+        bb.solve(table, 1.0)
+
+
+def test_choice_spellings():
+    assert bb.parse_choice("hqq-3bit-g64") == bb.QuantChoice("hqq", 3, 64)
+    assert bb.parse_choice("bnb-nf4-dq").double_quant
+    for bad in ("hqq-5bit-g64", "hqq-3bit-g48", "int4", "bnb-fp4"):
+        with pytest.raises(ValueError, match="quantization configuration"):
+            bb.parse_choice(bad)
+    assert bb.QuantChoice("hqq", 2, 64).unsupported((36, 36))  # 1296 values: not a multiple of 64
+    assert bb.QuantChoice("bnb", 4, 64).unsupported((36, 36)) is None
+
+
+# ---------------------------------------------------------------------------------------------- a plan applied
+def tiny_roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=40, num_labels=2)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+PLAN = {
+    "roberta.encoder.layer.0.attention.self.query": "hqq-3bit-g64",
+    "roberta.encoder.layer.0.attention.self.value": "bnb-nf4",
+    "roberta.encoder.layer.1.attention.self.query": "hqq-2bit-g32",
+    "roberta.encoder.layer.1.attention.self.value": "bnb-nf4-dq",
+}
+
+
+def plan_config(cls=SLTrainConfig, plan=PLAN, **extra):
+    fields = {"r": 2, "target_modules": ["query", "value"], "init_weights": "lq", "lq_plan": plan, "lq_max_iter": 3,
+              "task_type": "SEQ_CLS", **extra}
+    if cls is SLTrainConfig:
+        fields["sparsity"] = 0.1
+    return cls(**fields)
+
+
+RELOAD = textwrap.dedent(
+    r"""
+    import json, sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from test_bitbudget import tiny_roberta
+    from _builders import _ids, output_of
+    from peft import PeftModel
+    import sparse_lowrank_peft  # registers the methods
+    model = PeftModel.from_pretrained(tiny_roberta(), sys.argv[1]).eval()
+    with torch.no_grad():
+        print("OUT " + json.dumps(output_of(model, _ids(9)).tolist()))
+    """
+)
+
+
+@pytest.mark.parametrize("cls", [SLTrainConfig, SoraConfig], ids=["sltrain", "sora"])
+def test_plan_trains_saves_and_reloads_in_a_fresh_process(cls, tmp_path):
+    pm = get_peft_model(tiny_roberta(), plan_config(cls))
+    kinds = {n: type(m.base_layer).__name__ for n, m in pm.named_modules()
+             if n.endswith(("query", "value")) and hasattr(m, "base_layer")}
+    assert sorted(kinds.values()) == ["HQQLinear", "HQQLinear", "Linear4bit", "Linear4bit"], kinds
+    pm.train()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        pm(**_ids(step), labels=torch.tensor([0, 1, 0])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    with torch.no_grad():
+        expected = output_of(pm, _ids(9))
+    pm.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lq_plan"] == PLAN
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.tensor(json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("OUT "))[4:]))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # exact full-precision merge: the merged weights are the dequantized bases plus the deltas
+    merged = pm.merge_and_unload(dequantize=True)
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(merged, _ids(9)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_errors_come_before_anything_is_quantized():
+    model = tiny_roberta()
+    before = {n: type(m).__name__ for n, m in model.named_modules()}
+    other = dict(PLAN)
+    other["roberta.encoder.layer.7.attention.self.query"] = "bnb-nf4"
+    with pytest.raises(ValueError, match=r"lq_plan names modules this model does not have.*layer\.7.*not changed"):
+        get_peft_model(model, plan_config(plan=other))
+    missing = {k: v for k, v in PLAN.items() if "layer.1.attention.self.value" not in k}
+    with pytest.raises(ValueError, match=r"no configuration for the targeted module.*layer\.1\.attention\.self\.value"):
+        get_peft_model(model, plan_config(plan=missing))
+    assert {n: type(m).__name__ for n, m in model.named_modules()} == before
+
+
+def test_a_configuration_the_library_cannot_do_is_refused_before_quantizing():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(RobertaConfig(vocab_size=VOCAB, hidden_size=36, num_hidden_layers=1,
+                                                           num_attention_heads=4, intermediate_size=37,
+                                                           max_position_embeddings=40))
+    plan = {"roberta.encoder.layer.0.attention.self.query": "hqq-2bit-g64",
+            "roberta.encoder.layer.0.attention.self.value": "bnb-nf4"}
+    with pytest.raises(ValueError, match=r"cannot do: HQQ needs the weight's size \(36x36 = 1296\) divisible by the "
+                                         r"group size 64.*not changed"):
+        get_peft_model(model, plan_config(plan=plan))
+    assert type(model.roberta.encoder.layer[0].attention.self.query) is torch.nn.Linear
+
+
+def test_bad_plan_in_the_config():
+    with pytest.raises(ValueError, match=r"lq_plan\['q'\]: quantization configuration 'hqq-9bit-g64'"):
+        plan_config(plan={"q": "hqq-9bit-g64"})
+    with pytest.raises(ValueError, match=r"lq_plan is set but init_weights=True"):
+        SLTrainConfig(target_modules=["q"], lq_plan={"q": "bnb-nf4"})
