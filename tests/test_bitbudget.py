@@ -188,3 +188,18 @@ def test_bad_plan_in_the_config():
         plan_config(plan={"q": "hqq-9bit-g64"})
     with pytest.raises(ValueError, match=r"lq_plan is set but init_weights=True"):
         SLTrainConfig(target_modules=["q"], lq_plan={"q": "bnb-nf4"})
+
+
+def test_hqq_base_takes_the_spmm_path_at_training_batch_sizes(monkeypatch):
+    """A base without a dense ``weight`` (HQQ) cannot be folded into: the dispatcher keeps SpMM for it, whatever the
+    token count (a run of 1,024 tokens once failed reading ``HQQLinear.weight``)."""
+    from sparse_lowrank_peft.delta import ops
+
+    monkeypatch.setenv(ops.PATH_ENV, "auto")
+    pm = get_peft_model(tiny_roberta(), plan_config())
+    layer = pm.base_model.model.roberta.encoder.layer[0].attention.self.query
+    x = torch.randn(8, 128, 64)
+    assert layer._fused_adapters(x) == []
+    assert pm.base_model.model.roberta.encoder.layer[0].attention.self.value._fused_adapters(x) == ["default"]
+    out = pm(input_ids=torch.randint(3, VOCAB, (8, 32)))
+    assert torch.isfinite(out.logits).all()

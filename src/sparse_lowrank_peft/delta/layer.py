@@ -235,14 +235,17 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
     # ------------------------------------------------------------------ fused-weight path of the sparse term
     def _compute_dtype(self) -> torch.dtype:
         base = self.base_layer
-        if hasattr(getattr(base, "weight", None), "quant_state"):
+        weight = getattr(base, "weight", None)
+        if weight is None or hasattr(weight, "quant_state"):  # 4-bit bitsandbytes, HQQ (no .weight)
             return getattr(base, "compute_dtype", None) or torch.float32
-        return base.weight.dtype
+        return weight.dtype
 
     def _fused_adapters(self, x: torch.Tensor) -> list[str]:
         """The active adapters whose sparse term the dispatcher folds into the base GEMM for this input
         (``delta.ops.resolve_sparse_path``); empty when the base cannot be read as a dense weight."""
         if self.sparse_values_attr is None or isinstance(self.base_layer, BaseTunerLayer):
+            return []
+        if getattr(self.base_layer, "weight", None) is None:  # HQQ and other bases without a readable weight
             return []
         names = [n for n in self.active_adapters if self.has_adapter(n) and self.has_sparse(n)]
         if not names:
