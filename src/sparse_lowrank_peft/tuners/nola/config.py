@@ -47,8 +47,12 @@ class NolaConfig(TargetFields, PeftConfig):
             Store ``α`` and ``β`` in the checkpoint in 4 or 8 bits (blockwise, one fp32 absmax per 64 values, through
             bitsandbytes: NF4 for 4, its dynamic 8-bit map for 8); ``None`` stores them in full precision. Training
             stays in full precision: the coefficients are quantized when saved and dequantized when loaded, so a
-            reloaded adapter computes with the quantized values (NOLA, Section 4: coefficients quantized after
-            training lose little). Needs bitsandbytes.
+            reloaded adapter computes with the quantized values. Needs bitsandbytes. Measured
+            (bench/results/nola-quant-minilm.json): a NOLA adapter trained on SST-2 (MiniLM, recipe nola-sst2) scores
+            0.8154 with fp32, 0.8165 with 8-bit and 0.8177 with 4-bit coefficients; at the default 256 + 256 bases
+            on query/value the file is 29,768 / 14,856 / 11,784 bytes (PEFT LoRA r=8: 298,128). So 4 bits is the
+            setting to ship with; the default stays ``None`` because a default must not make ``save_pretrained`` ->
+            ``from_pretrained`` give back anything but the trained adapter.
         lora_dropout (`float`, defaults to `0.0`):
             Dropout on the input of the adapter term, in [0, 1).
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
