@@ -203,3 +203,19 @@ def test_hqq_base_takes_the_spmm_path_at_training_batch_sizes(monkeypatch):
     assert pm.base_model.model.roberta.encoder.layer[0].attention.self.value._fused_adapters(x) == ["default"]
     out = pm(input_ids=torch.randint(3, VOCAB, (8, 32)))
     assert torch.isfinite(out.logits).all()
+
+
+def test_cli_prints_and_plots_a_plan(table, tmp_path, capsys):
+    from sparse_lowrank_peft import cli
+
+    path = tmp_path / "bitbudget.json"
+    path.write_text(json.dumps({"table": table.to_dict()}))
+    assert cli.main(["plan", str(path), "--budget", "3.3", "--plot", str(tmp_path / "c.png"),
+                     "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan == bb.solve(table, 3.3) and all(f"{n}" in out for n in plan)
+    assert "bits per parameter (budget 3.3)" in out and (tmp_path / "c.png").stat().st_size > 0
+    assert cli.main(["plan", str(path), "--budget", "1"]) == 2
+    assert "below the smallest plan" in capsys.readouterr().err
+    assert cli.main(["plan", str(tmp_path / "missing.json"), "--budget", "3"]) == 2

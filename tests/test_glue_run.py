@@ -442,6 +442,35 @@ def test_nf4_base_for_peft_lora(tiny_model, toy_task, tmp_path):
     assert is_finite_metric(res)
 
 
+@pytest.mark.parametrize("plan", [{"uniform": "hqq-4bit-g32"}, {"budget_bits": 6.0}], ids=["uniform", "budget"])
+def test_quantize_plan_from_a_recipe(tiny_model, toy_task, tmp_path, plan):
+    """quantize: plan -- every encoder linear with its configuration (LQ on the targets), trained, adapter saved."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("hqq")
+    res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, method="sltrain", quantize="plan",
+                       quantize_plan=plan, init="lq", peft={"r": 2, "sparsity": 0.1, "lq_max_iter": 2}, max_steps=2,
+                       save_steps=0, output_dir=str(tmp_path / "p")))
+    info = res["method_results"]["quantization"]
+    assert info["quantized_layers"] == 8  # 2 layers x 6 encoder linears, minus the 4 LQ targets (query, value)
+    assert sum(info["choices"].values()) == 12
+    if "budget_bits" in plan:
+        assert info["bits_per_param"] <= 6.0
+    saved = json.loads((tmp_path / "p" / "adapter" / "adapter_config.json").read_text())
+    assert saved["init_weights"] == "lq" and len(saved["lq_plan"]) == 12
+    assert is_finite_metric(res)
+
+
+def test_quantize_plan_fields_are_checked_before_loading(tmp_path):
+    for bad, match in [({"quantize": "plan"}, "quantize: plan and quantize_plan go together"),
+                       ({"quantize": "plan", "quantize_plan": {"budget_bits": 3, "uniform": "bnb-nf4"}},
+                        "exactly one of budget_bits"),
+                       ({"quantize": "plan", "quantize_plan": {"uniform": "int3"}}, "quantization configuration"),
+                       ({"quantize": "plan", "quantize_plan": {"budget_bits": 3, "table": str(tmp_path / "none")}},
+                        "is not a file")]:
+        with pytest.raises(grun.GlueError, match=match):
+            grun.validate_config(cfg(task="sst2", method="sltrain", init="lq", **bad))
+
+
 def is_finite_metric(res) -> bool:
     import math
 

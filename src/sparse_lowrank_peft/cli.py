@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slpeft", description="Squeeze, export and inspect PEFT adapters (sparse_lowrank_peft).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{squeeze,export,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{squeeze,export,inspect,plan}")
 
     sq = sub.add_parser("squeeze", help="compress an adapter folder to a plain LoRA of a lower rank",
                         description="Compress an adapter folder to a plain PEFT LoRA folder (LoRA-Squeeze).")
@@ -100,7 +100,67 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--plot", metavar="PNG", help="save a plot of the singular value spectra")
     ins.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     _add_randomized(ins)
+
+    pl = sub.add_parser("plan", help="solve and show an LQ-LoRA bit-budget plan from a measurement file",
+                        description="Per layer: the configuration the integer program picks under --budget, its "
+                                    "stored bits and LQ error; with --plot, the budget-vs-error curve beside every "
+                                    "uniform configuration. TABLE is a bench/bitbudget.py result file.")
+    pl.add_argument("table", metavar="TABLE", help="measurement file (e.g. bench/results/bitbudget-minilm.json)")
+    pl.add_argument("--budget", type=float, required=True, help="average stored bits per parameter, e.g. 2.75")
+    pl.add_argument("--plot", metavar="PNG", help="save the budget-vs-error curve")
+    pl.add_argument("--json", metavar="FILE", help="write the plan (module -> configuration) as JSON")
     return parser
+
+
+def _run_plan(args) -> None:
+    from .delta import bitbudget as bb
+
+    path = Path(args.table)
+    if not path.is_file():
+        raise CliError(f"{path} does not exist. Fix: a bench/bitbudget.py result file.")
+    try:
+        table = bb.PlanTable.from_dict(json.loads(path.read_text())["table"])
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CliError(f"{path} is not a bench/bitbudget.py result file ({e!r}).") from None
+    plan = bb.solve(table, args.budget)
+    width = max(len(n) for n in plan)
+    print(f"{'layer':<{width}}  {'configuration':<14} {'bits/param':>10} {'rel. error':>10}")
+    for name, choice in plan.items():
+        print(f"{name:<{width}}  {choice:<14} {table.bits[name][choice] / table.numel[name]:>10.3f} "
+              f"{table.relative[name][choice]:>10.4f}")
+    summary = bb.plan_summary(table, plan)
+    print(f"plan: {summary['bits_per_param']:.3f} bits per parameter (budget {args.budget}), summed squared error "
+          f"{summary['error']:.4g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=1))
+        print(f"plan written to {args.json}")
+    if args.plot:
+        print(f"curve plotted to {_plot_plan_curve(table, args.plot)}")
+
+
+def _plot_plan_curve(table, png: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .delta import bitbudget as bb
+
+    uniform = bb.uniform_points(table)
+    lo = max(min(u["bits_per_param"] for u in uniform), 0.0)
+    hi = max(u["bits_per_param"] for u in uniform)
+    budgets = [lo + (hi - lo) * i / 24 for i in range(25)]
+    points = [bb.plan_summary(table, bb.solve(table, b)) for b in budgets]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([u["bits_per_param"] for u in uniform], [u["error"] for u in uniform], c="grey", s=16, label="uniform")
+    ax.plot([q["bits_per_param"] for q in points], [q["error"] for q in points], "o-", ms=3, label="ILP plan")
+    ax.set_xlabel("stored bits per parameter")
+    ax.set_ylabel("summed ‖W − Q − L‖²")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return png
 
 
 def _check_output(out: str, overwrite: bool) -> Path:
@@ -159,6 +219,9 @@ def _format_report(report: dict, top: int) -> str:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        _run_plan(args)
+        return 0
     from .squeeze import adapter_folder_to_lora, inspect_adapter, plot_spectra
 
     randomized = {"oversampling": args.oversampling, "power_iters": args.power_iters, "seed": args.seed}
