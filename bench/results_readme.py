@@ -414,6 +414,44 @@ def quant_section(results: Path, base: Path) -> list[str]:
     return lines + [""]
 
 
+def bitbudget_section(results: Path, base: Path) -> list[str]:
+    """LQ-LoRA bit budgets on MiniLM (``bench/bitbudget.py``) and NOLA's quantized coefficients
+    (``bench/nola_quant.py``)."""
+    lines = ["### Bit budgets: mixed quantization plans and quantized NOLA coefficients", ""]
+    path = results / "bitbudget-minilm.json"
+    data = _load(path)
+    if data:
+        lines += [
+            f"`{data.get('command')}` (LQ at rank {data.get('rank')}, {len(data['table']['numel'])} encoder linears, "
+            f"commit {_commit(data.get('commit'), data.get('dirty'))}; file `{_link(path, base)}`, plot "
+            f"`{_link(path.with_suffix('.png'), base)}`): relative error ‖W − Q − L‖_F / ‖W‖_F over all layers.",
+            "",
+            "| budget | plan bits | plan error | best uniform within those bits | its error | configurations picked |",
+            "|---:|---:|---:|:---|---:|:---|",
+        ]
+        for row in data["curve"]["plans"]:
+            if "error" not in row:
+                lines.append(f"| {row['budget']} | infeasible | | | | |")
+                continue
+            best = row.get("best_uniform_within_bits") or {}
+            picked = ", ".join(f"{k} ×{v}" for k, v in sorted(row["choices"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"| {row['budget']} | {row['bits_per_param']:.3f} | {row['relative_error']:.4f} | "
+                         f"{best.get('choice', '–')} ({best.get('bits_per_param', 0):.2f} bits) | "
+                         f"{best.get('relative_error', float('nan')):.4f} | {picked} |")
+        lines.append("")
+    nola = _load(results / "nola-quant-minilm.json")
+    if nola:
+        scores = nola["scores"]
+        sizes = nola["default_sizes_no_head"]
+        lines += [
+            f"NOLA coefficients stored in 8 / 4 bits (`{nola.get('command')}`): SST-2 dev accuracy of one trained "
+            "adapter (recipe nola-sst2) " + ", ".join(
+                f"{k} {v['metrics']['validation']['accuracy']:.4f}" for k, v in scores.items())
+            + "; adapter file at the defaults (256 + 256 bases, query/value, no head): " + ", ".join(
+                f"{k} {v:,} B" for k, v in sizes.items()) + ".", ""]
+    return lines if len(lines) > 2 else lines + ["Not run yet: `python bench/bitbudget.py`.", ""]
+
+
 def squeeze_section(results: Path, base: Path) -> list[str]:
     """LoRA-Squeeze speed/memory (``bench/squeeze.py``) and the Post-Squeeze quality check (``bench/eval_adapter.py``)."""
     lines = ["### LoRA-Squeeze", ""]
@@ -444,7 +482,7 @@ def generate(results: Path, base: Path) -> str:
         "",
     ]
     for section in (minilm_section, sora_gates_section, quality_section, throughput_section, sparse_delta_section,
-                    quant_section, squeeze_section, glue_section):
+                    quant_section, bitbudget_section, squeeze_section, glue_section):
         lines += section(results, base)
     return "\n".join(lines).rstrip() + "\n"
 
