@@ -144,3 +144,14 @@ def edit_adapter_config(folder, **fields) -> None:
 
     path = Path(folder) / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def structured_weight(out=96, inp=80, seed=0):
+    """A weight with a decaying spectrum plus outliers, like pretrained layers (random Gaussian has a flat one)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(out, out, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(inp, inp, generator=g))[0]
+    s = torch.logspace(0, -2, min(out, inp))
+    W = (U[:, : s.numel()] * s) @ V[:, : s.numel()].T
+    W[torch.randint(0, out, (8,), generator=g), torch.randint(0, inp, (8,), generator=g)] += 0.5
+    return W

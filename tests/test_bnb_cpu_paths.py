@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _bnb_cpu import PATHS, bnb_cpu_path, is_packed, packed_gemv_reference
+from _builders import structured_weight
 from peft import get_peft_model
 
 from sparse_lowrank_peft import SLTrainConfig
@@ -68,17 +69,6 @@ def test_dequantize_is_exact_and_round_trip_bounded(dequantize_path, shape, quan
     if W.numel() >= 64:  # a relative bound needs more than a handful of values
         assert float((W - got).norm() / W.norm()) < ROUND_TRIP_BOUND[quant_type]
     torch.testing.assert_close(quantize_dequantize(W, quant_type, nested), got, atol=0, rtol=0)
-
-
-def structured_weight(out, inp, seed=0):
-    """Decaying spectrum plus outliers, like a pretrained layer."""
-    g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(out, out, generator=g))[0]
-    V = torch.linalg.qr(torch.randn(inp, inp, generator=g))[0]
-    s = torch.logspace(0, -2, min(out, inp))
-    W = (U[:, : s.numel()] * s) @ V[:, : s.numel()].T
-    W[torch.randint(0, out, (8,), generator=g), torch.randint(0, inp, (8,), generator=g)] += 0.5
-    return W
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (96, 80)], ids=lambda s: f"{s[0]}x{s[1]}")

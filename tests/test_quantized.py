@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from _builders import BUILDERS, output_of
+from _builders import BUILDERS, output_of, structured_weight
 from peft import PeftModel, get_peft_model
 
 from sparse_lowrank_peft import DyLoraConfig, SLTrainConfig, SoraConfig
@@ -21,17 +21,6 @@ from sparse_lowrank_peft.delta.quant import (
 )
 
 bnb = pytest.importorskip("bitsandbytes", reason="4-bit bases need bitsandbytes (the bnb extra)")
-
-
-def structured_weight(out=96, inp=80, seed=0):
-    """A weight with a decaying spectrum plus outliers, like pretrained layers (random Gaussian has a flat one)."""
-    g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(out, out, generator=g))[0]
-    V = torch.linalg.qr(torch.randn(inp, inp, generator=g))[0]
-    s = torch.logspace(0, -2, min(out, inp))
-    W = (U[:, : s.numel()] * s) @ V[:, : s.numel()].T
-    W[torch.randint(0, out, (8,), generator=g), torch.randint(0, inp, (8,), generator=g)] += 0.5
-    return W
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
