@@ -111,6 +111,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", default=None, help="a saved result file: re-solve from its measurement")
     p.add_argument("--limit", type=int, default=None, help="only the first N linears (smoke runs)")
+    p.add_argument("--lq-targets", default=None,
+                   help="comma-separated name suffixes of the adapter's targets (e.g. query,value): only those are "
+                        "measured with L; the other linears quantized alone, as a run uses them (default: all with L)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "bitbudget-minilm.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -123,12 +126,14 @@ def main(argv=None) -> dict:
             weights = dict(list(weights.items())[: args.limit])
         norm2 = sum(float(w.double().square().sum()) for w in weights.values())
         start = time.time()
-        table = bb.measure(weights, args.rank, CHOICES, max_iter=args.max_iter,
+        targets = None if not args.lq_targets else [
+            n for n in weights if any(n.endswith("." + t) for t in args.lq_targets.split(","))]
+        table = bb.measure(weights, args.rank, CHOICES, max_iter=args.max_iter, lq_layers=targets,
                            progress=lambda n: print(f"[{time.time() - start:6.1f}s] {n}", flush=True))
         commit, dirty = git_commit("bench/bitbudget.py")
         meta = {"command": "python bench/bitbudget.py " + " ".join(argv or sys.argv[1:]), "commit": commit,
                 "dirty": dirty, "device": device_info(torch.device("cpu")), "versions": versions(),
-                "seconds": round(time.time() - start, 1), "max_iter": args.max_iter}
+                "seconds": round(time.time() - start, 1), "max_iter": args.max_iter, "lq_targets": targets}
     result = {**{k: v for k, v in meta.items() if k not in ("table", "curve", "norm2")}, "rank": table.rank,
               "norm2": norm2, "table": table.to_dict(), "curve": curve(table, norm2)}
     names = list(table.numel)

@@ -219,3 +219,16 @@ def test_cli_prints_and_plots_a_plan(table, tmp_path, capsys):
     assert cli.main(["plan", str(path), "--budget", "1"]) == 2
     assert "below the smallest plan" in capsys.readouterr().err
     assert cli.main(["plan", str(tmp_path / "missing.json"), "--budget", "3"]) == 2
+
+
+def test_layers_without_an_adapter_are_measured_quantized_alone():
+    g = torch.Generator().manual_seed(1)
+    weights = {"target": torch.randn(64, 64, generator=g), "other": torch.randn(64, 64, generator=g)}
+    tab = bb.measure(weights, rank=4, choices=SMALL[:2], lq_layers=["target"])
+    for choice in SMALL[:2]:
+        W = weights["other"]
+        alone = float((W - choice.quantize_dequantize(W)).square().sum())
+        assert tab.error["other"][choice.name] == pytest.approx(alone, rel=1e-6)
+        with_l = tab.error["target"][choice.name]
+        W = weights["target"]
+        assert with_l < float((W - choice.quantize_dequantize(W)).square().sum())

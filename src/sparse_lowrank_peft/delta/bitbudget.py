@@ -184,10 +184,17 @@ def measure(
     fisher: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None,
     max_iter: int = 3,
     progress: Optional[Callable[[str], None]] = None,
+    lq_layers: Optional[Iterable[str]] = None,
 ) -> PlanTable:
     """Run the LQ decomposition of every weight under every choice (``max_iter`` alternations; the first is
-    LoftQ's pass) and record its error and the choice's stored bits (see :class:`PlanTable`)."""
+    LoftQ's pass) and record its error and the choice's stored bits (see :class:`PlanTable`).
+
+    ``lq_layers``: the weights an adapter will start from ``L`` (its targets); the others are measured as they will
+    be used, quantized alone (``‖W − Q‖²``). Default: every weight gets ``L``.
+    """
     from .quant import lq_decompose
+
+    lq = None if lq_layers is None else set(lq_layers)
 
     table = PlanTable(numel={}, error={}, relative={}, bits={}, rank=rank)
     for name, W in weights.items():
@@ -197,14 +204,18 @@ def measure(
         for choice in choices:
             if choice.unsupported(tuple(W.shape)):
                 continue  # not a candidate for this matrix (the program never picks it)
-            result = lq_decompose(W, rank, max_iter=max_iter, fisher=None if fisher is None else fisher.get(name),
-                                  quantizer=choice.quantize_dequantize)
-            residual = W - result.Q - result.B @ result.A
+            if lq is None or name in lq:
+                result = lq_decompose(W, rank, max_iter=max_iter, fisher=None if fisher is None else fisher.get(name),
+                                      quantizer=choice.quantize_dequantize)
+                residual, relative = W - result.Q - result.B @ result.A, result.error
+            else:
+                residual = W - choice.quantize_dequantize(W)
+                relative = float(residual.norm() / W.norm().clamp_min(1e-30))
             if fisher is not None and name in fisher:
                 d_row, d_col = (t.to(torch.float32).clamp_min(1e-8).sqrt() for t in fisher[name])
                 residual = d_row[:, None] * residual * d_col[None, :]
             table.error[name][choice.name] = float(residual.square().sum())
-            table.relative[name][choice.name] = result.error
+            table.relative[name][choice.name] = relative
             table.bits[name][choice.name] = storage_bits(choice.quantize(W))
         if progress is not None:
             progress(name)
