@@ -17,8 +17,10 @@ Usage::
     python bench/results_readme.py                          # writes bench/results/RESULTS.md
     python bench/results_readme.py --update-readme README.md
 
-``--update-readme`` replaces the text between the lines ``<!-- results:begin -->`` and ``<!-- results:end -->`` of
-the file (links relative to it); it is an error if the markers are missing, repeated or out of order.
+``--update-readme`` puts the one summary table (per method: GLUE average, trainable parameters, step time x LoRA on
+CPU and GPU, adapter bytes; one plot) between the lines ``<!-- results:begin -->`` and ``<!-- results:end -->`` of
+the file (links relative to it), and everything else into ``docs/results.md`` beside it (``--docs``); it is an error
+if the markers are missing, repeated or out of order.
 """
 
 from __future__ import annotations
@@ -479,6 +481,69 @@ def squeeze_section(results: Path, base: Path) -> list[str]:
     return lines if len(lines) > 2 else lines + ["Not run yet: `python bench/squeeze.py`.", ""]
 
 
+#: the summary's rows: (label, quality-grid method, throughput method); None where that bench has no such method
+SUMMARY_ROWS = [
+    ("full fine-tuning", "full", "full"), ("PEFT LoRA r=8", "lora", "lora"), ("PEFT RandLoRA", "randlora", "randlora"),
+    ("PEFT AdaLoRA", "adalora", "adalora"), ("SLTrain", "sltrain", "sltrain"), ("SoRA", "sora", "sora"),
+    ("DyLoRA", "dylora", "dylora"), ("NOLA", "nola", "nola"), ("sparse RandLoRA", "sparse_randlora", "sparse_randlora_0.1"),
+    ("SLTrain, NF4 base", "sltrain_nf4", None),
+]
+
+
+def _throughput_ratio(results: Path, kind: str, method: str | None) -> str:
+    """Step time x PEFT LoRA (paired) of ``method`` in the full throughput run on ``kind`` (cpu / cuda)."""
+    if method is None:
+        return "–"
+    for path in sorted(results.glob("throughput-*.json")):
+        data = _load(path)
+        if not data or data.get("bench") != "throughput" or data["device"]["type"] != kind or path.stem.endswith(
+                ("-quick", "-recheck")):
+            continue
+        row = (data.get("results") or {}).get(method)
+        if row and row.get("vs_lora_paired") is not None:
+            return f"{row['vs_lora_paired']:.2f}"
+    return "–"
+
+
+def summary_section(results: Path, base: Path) -> list[str]:
+    """The README's one table: per method, the GLUE average and trainable parameters of the quality grid (the GPU
+    grid if there is one), the training step time x LoRA on CPU and on a GPU, and the adapter bytes; one plot."""
+    grids = sorted(results.glob("quality-minilm*.json"), key=lambda p: p.stem == "quality-minilm")
+    grid_path = next((p for p in grids if (_load(p) or {}).get("summary")), None)
+    if grid_path is None:
+        return ["Not run yet: `python bench/quality.py` writes the quality grid the summary is made from.", ""]
+    grid = _load(grid_path)
+    summary = grid["summary"]
+    lines = [
+        f"| method | GLUE avg, 5 tasks × 3 seeds (`{grid_path.name}`) | trainable params | step ×LoRA, CPU | "
+        "step ×LoRA, H100 | adapter bytes |",
+        "|:---|---:|---:|---:|---:|---:|",
+    ]
+    for label, quality, throughput in SUMMARY_ROWS:
+        row = summary.get(quality) or {}
+        avg = row.get("average")
+        lines.append(
+            f"| {label} | {'–' if avg is None else f'{100 * avg:.1f}'} | "
+            f"{row.get('params_trainable', 0):,} | {_throughput_ratio(results, 'cpu', throughput)} | "
+            f"{_throughput_ratio(results, 'cuda', throughput)} | {row.get('adapter_bytes', 0):,} |"
+        )
+    runs = []
+    for path in sorted(results.glob("throughput-*.json")):
+        data = _load(path)
+        if data and data.get("bench") == "throughput" and not path.stem.endswith(("-quick", "-recheck")):
+            runs.append(f"{data['device']['name']} at commit {_commit(data.get('commit'), data.get('dirty'))} "
+                        f"({str(data.get('date'))[:10]})")
+    if runs:
+        lines += ["", "Step times measured on " + "; ".join(runs) + "."]
+    plot = grid_path.with_suffix(".png")
+    lines += ["", "GLUE: MiniLM (6×384), each method at the recipe budget; step: roberta-base shape (CPU: 16×128 tokens "
+              "fp32, 1 thread; H100: 32×512 bf16), paired ratio to PEFT LoRA r=8 in the same run; adapter bytes include "
+              "the trained head."]
+    if plot.is_file():
+        lines += ["", f"![quality vs trainable parameters]({_link(plot, base)})"]
+    return lines + [""]
+
+
 def generate(results: Path, base: Path) -> str:
     """The whole section; links relative to ``base`` (the folder of the file it goes into)."""
     lines = [
@@ -512,7 +577,10 @@ def main(argv=None) -> str:
     parser.add_argument("--results-dir", default=str(ROOT / "bench" / "results"), help="where the result files are")
     parser.add_argument("--out", default=None, help="the generated markdown (default <results-dir>/RESULTS.md)")
     parser.add_argument("--update-readme", default=None, metavar="README",
-                        help="also replace the text between the results markers of this file")
+                        help="also put the summary table between the results markers of this file, and the full "
+                             "results into --docs")
+    parser.add_argument("--docs", default=None, help="the full results page written with --update-readme "
+                                                     "(default: docs/results.md beside the README)")
     args = parser.parse_args(argv)
     results = Path(args.results_dir)
     out = Path(args.out) if args.out else results / "RESULTS.md"
@@ -532,7 +600,13 @@ def main(argv=None) -> str:
     print(f"wrote {out}", file=sys.stderr)
     if args.update_readme:
         readme = Path(args.update_readme)
-        new = replace_between_markers(readme_text, generate(results, readme.parent), str(readme))
+        docs = Path(args.docs) if args.docs else readme.parent / "docs" / "results.md"
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        docs.write_text("# Results\n\n" + generate(results, docs.parent), encoding="utf-8")
+        print(f"wrote {docs}", file=sys.stderr)
+        summary = "\n".join(["<!-- generated by `python bench/results_readme.py` from the files in bench/results; do "
+                             "not edit by hand -->", "", *summary_section(results, readme.parent)]).rstrip() + "\n"
+        new = replace_between_markers(readme_text, summary, str(readme))
         tmp = readme.with_name(readme.name + ".tmp")
         tmp.write_text(new, encoding="utf-8")
         os.replace(tmp, readme)

@@ -235,14 +235,35 @@ def test_results_readme_replaces_between_markers(tmp_path, quick_throughput):
     (results / "throughput-cpu.json").write_text(out.read_text())  # as if it were a full run
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nintro\n\n## Results\n<!-- results:begin -->\nold numbers\n<!-- results:end -->\n\nafter\n")
-    text = readme_mod.main(["--results-dir", str(results), "--update-readme", str(readme)])
+    docs = tmp_path / "docs" / "results.md"
+    text = readme_mod.main(["--results-dir", str(results), "--update-readme", str(readme), "--docs", str(docs)])
     new = readme.read_text()
     assert new.startswith("# Title\n\nintro\n\n## Results\n<!-- results:begin -->\n")
     assert new.endswith("<!-- results:end -->\n\nafter\n") and "old numbers" not in new
-    assert "| PEFT LoRA r=8 |" in new and "Not run yet" in new  # throughput table; no quality file here
+    assert "Not run yet: `python bench/quality.py`" in new  # no quality grid here: no summary table
+    full = docs.read_text()
+    assert "| PEFT LoRA r=8 |" in full and "Not run yet" in full  # the throughput table, in the full page
     assert (results / "RESULTS.md").read_text() == text
-    readme_mod.main(["--results-dir", str(results), "--update-readme", str(readme)])
-    assert readme.read_text() == new  # idempotent
+    readme_mod.main(["--results-dir", str(results), "--update-readme", str(readme), "--docs", str(docs)])
+    assert readme.read_text() == new and docs.read_text() == full  # idempotent
+
+
+def test_results_readme_summary_is_one_table_from_the_files(tmp_path):
+    import shutil
+
+    readme_mod = _bench("results_readme")
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("quality-minilm-h100.json", "quality-minilm-h100.png", "throughput-cpu.json",
+                 "throughput-nvidia-h100-80gb-hbm3.json"):
+        shutil.copy(ROOT / "bench" / "results" / name, results / name)
+    text = "\n".join(readme_mod.summary_section(results, tmp_path))
+    grid = json.loads((results / "quality-minilm-h100.json").read_text())["summary"]
+    cpu = json.loads((results / "throughput-cpu.json").read_text())["results"]
+    assert text.count("\n| ") == len(readme_mod.SUMMARY_ROWS)  # one row per method below the header
+    assert f"| SLTrain | {100 * grid['sltrain']['average']:.1f} | {grid['sltrain']['params_trainable']:,} | " \
+           f"{cpu['sltrain']['vs_lora_paired']:.2f} |" in text
+    assert "quality-minilm-h100.png" in text
 
 
 def test_results_readme_shows_each_quality_grid_gpu_first(tmp_path):
