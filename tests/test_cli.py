@@ -158,26 +158,44 @@ def test_module_entry_point_exit_status(tmp_path):
     assert last.startswith("slpeft: error:") and "does not exist" in last, proc.stderr
 
 
-def test_adapter_with_a_head_of_another_size_and_the_minilm_alias(tmp_path, capsys):
-    """A SEQ_CLS adapter whose trained head has 4 labels (the harness's AG News, MNLI's 3, STS-B's 1) is inspected and
-    exported on a base whose config says 2: the CLI sizes the head from the checkpoint. ``--base minilm`` is the
-    harness's alias of the bundled MiniLM, not a hub name."""
+HEAD_TUNERS = {
+    "sltrain": ("SLTrainConfig", {"r": 2, "sparsity": 0.1}),
+    "sora": ("SoraConfig", {"r": 2}),
+    "dylora": ("DyLoraConfig", {"r": 2}),
+    "nola": ("NolaConfig", {"r": 2, "num_basis_A": 4, "num_basis_B": 4}),
+    "sparse_randlora": ("SparseRandLoraConfig", {"r": 2, "basis_density": 0.5}),
+}
+
+
+@pytest.mark.parametrize("labels", [1, 3, 4], ids=lambda n: f"{n}-labels")
+@pytest.mark.parametrize("tuner", list(HEAD_TUNERS))
+def test_heads_of_any_size_inspect_export_squeeze(tmp_path, capsys, tuner, labels):
+    """SEQ_CLS adapters whose trained head has 1 (STS-B), 3 (MNLI) or 4 (AG News) labels, on a base saved with
+    transformers' default 2: inspect, export and squeeze size the head from the checkpoint."""
     import torch
     from peft import get_peft_model
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-    from sparse_lowrank_peft import SLTrainConfig
-    from sparse_lowrank_peft.squeeze import _resolve_alias
+    import sparse_lowrank_peft
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
-    BertModel(config).save_pretrained(tmp_path / "base")  # saved with transformers' default of 2 labels
-    model = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=4)
-    pm = get_peft_model(model, SLTrainConfig(r=2, sparsity=0.1, target_modules=["query", "value"], task_type="SEQ_CLS",
-                                             init_weights=False))
-    pm.save_pretrained(tmp_path / "adapter")
-    code, out, err = run(capsys, "inspect", tmp_path / "adapter")
-    assert code == 0, err
-    code, out, err = run(capsys, "export", tmp_path / "adapter", tmp_path / "lora", "--rank", 2)
-    assert code == 0, err
+    BertModel(config).save_pretrained(tmp_path / "base")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=labels)
+    cls_name, fields = HEAD_TUNERS[tuner]
+    cfg = getattr(sparse_lowrank_peft, cls_name)(target_modules=["query", "value"], task_type="SEQ_CLS",
+                                                 init_weights=False, **fields)
+    get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
+    for argv in (("inspect", tmp_path / "adapter"),
+                 ("export", tmp_path / "adapter", tmp_path / "lora", "--rank", 2),
+                 ("squeeze", tmp_path / "adapter", tmp_path / "sq", "--rank", 1)):
+        code, out, err = run(capsys, *argv)
+        assert code == 0, (argv[0], err)
+
+
+def test_the_minilm_alias_is_the_bundled_model():
+    """``--base minilm`` is the harness's alias of the bundled MiniLM, not a hub name."""
+    from sparse_lowrank_peft.squeeze import _resolve_alias
+
     assert Path(_resolve_alias("minilm")).is_dir()
+    assert _resolve_alias("some/model") == "some/model"
