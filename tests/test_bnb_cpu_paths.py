@@ -123,7 +123,7 @@ def test_linear4bit_forward_matches_bitsandbytes_and_its_gradient():
 
 def _reference_inputs(layer):
     state = layer.weight.quant_state
-    absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    absmax = quant._blockwise_absmax(state)
     return layer.weight.data, absmax, state.quant_type, state.blocksize, tuple(state.shape)
 
 

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "CANDIDATES", "QuantChoice", "PlanTable", "measure", "solve", "plan_curve", "parse_choice", "storage_bits",
+    "CANDIDATES", "QuantChoice", "PlanTable", "apply_plan", "measure", "parse_choice", "plan_summary", "solve",
+    "storage_bits", "uniform_points",
 ]
 
 
@@ -85,7 +86,9 @@ class QuantChoice:
         return layer
 
     def quantize_dequantize(self, weight: torch.Tensor) -> torch.Tensor:
-        return dequantize_module(self.quantize(weight))
+        from .quant import dequantize_weight
+
+        return dequantize_weight(self.quantize(weight))
 
 
 _CHOICE_RE = re.compile(r"^(?:hqq-(\d+)bit-g(\d+)|bnb-nf4(-dq)?)$")
@@ -126,15 +129,6 @@ def _require(module: str, fix: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ImportError(f"this quantization configuration needs the '{module}' package, which is not installed. "
                           f"Fix: {fix}.")
-
-
-def dequantize_module(module: nn.Module) -> torch.Tensor:
-    """The fp32 ``(out, in)`` weight of an HQQ or bitsandbytes quantized linear layer."""
-    if hasattr(module, "W_q"):
-        return module.dequantize().to(torch.float32).reshape(module.out_features, module.in_features)
-    from .quant import dequantize_weight
-
-    return dequantize_weight(module)
 
 
 def storage_bits(module: nn.Module) -> int:
@@ -269,13 +263,20 @@ def plan_summary(table: PlanTable, plan: dict[str, str]) -> dict:
     }
 
 
-def plan_curve(table: PlanTable, budgets: Sequence[float]) -> list[dict]:
-    """For each budget: the ILP plan's bits and error, beside every uniform configuration (one choice for all)."""
-    rows = []
-    for budget in budgets:
-        plan = solve(table, budget)
-        rows.append({"budget": budget, **plan_summary(table, plan), "plan": plan})
-    return rows
+def apply_plan(model: nn.Module, plan: dict[str, str]) -> int:
+    """Quantize, in place, every plain ``nn.Linear`` of ``model`` that ``plan`` names (exact name or dotted suffix)
+    with its configuration, keeping its bias and train/eval mode (an LQ adapter's bases are no longer plain linears
+    and are left alone); returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        key = next((k for k in plan if name == k or name.endswith("." + k)), None)
+        if key is None or type(module) is not nn.Linear:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, parse_choice(plan[key]).quantize(module.weight, module.bias).train(module.training))
+        count += 1
+    return count
 
 
 def uniform_points(table: PlanTable) -> list[dict]:

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
 
 from .support import SparseSupport
 
@@ -41,8 +42,6 @@ def weight_source(base: torch.nn.Module, dtype: torch.dtype) -> Callable[[], tor
         return lambda: dequantize_weight(base).to(dtype)
     if type(weight).__module__.startswith("bitsandbytes") or not weight.is_floating_point():
         return None
-    from transformers.pytorch_utils import Conv1D
-
     transposed = isinstance(base, Conv1D)
 
     def fresh() -> torch.Tensor:
@@ -83,7 +82,8 @@ class FusedSparseLinear(torch.autograd.Function):
         g2d = grad.reshape(-1, grad.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
         # The values' gradients first: their temporaries are gone before the transient weight and the input
-        # gradient exist (the other order peaked 4.4 MB higher at 4,096 x 1024², bench/sparse_delta.py).
+        # gradient exist. bench/sparse_delta.py, 4,096 x 1024², peak above LoRA: 8.54 MB in the other order
+        # (bench/results/sparse_delta-cpu.json at commit ce158d5), 4.15 MB in this one (the current file).
         grad_values = [
             _values_grad(g2d, x2d, support, flat, v.dtype, path) if ctx.needs_input_grad[5 + i] else None
             for i, (support, flat, v, path) in enumerate(zip(ctx.supports, ctx.flats, values, ctx.sddmm_paths))

@@ -70,7 +70,6 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
                 "Fix: narrow `target_modules` to the linear layers (e.g. ['query', 'value'])."
             )
         self.quantization_backend = resolve_quantization_backend(base)
-        self._keep_4bit_layout(base)
         in_features, out_features = get_in_out_features(base)
         self.in_features, self.out_features = int(in_features), int(out_features)
         # Conv1D stores its weight as (in, out); the deltas are (out, in) and are transposed when merged.
@@ -274,8 +273,9 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
     # ------------------------------------------------------------------ 4-bit bases
     @staticmethod
     def _keep_4bit_layout(base: nn.Module) -> None:
-        """A wrapped bitsandbytes 4-bit base keeps its standard layout: see ``delta.quant.keep_standard_layout`` for
-        why bitsandbytes' AVX-512-BF16 CPU repack is turned off."""
+        """A base LQ initialisation created keeps bitsandbytes' standard layout, like every 4-bit layer of a model
+        an adapter of ours is injected into (``DeltaModel._prepare_quantized_model``; ``delta.quant.keep_standard_layout``
+        says why the AVX-512-BF16 CPU repack is turned off)."""
         if hasattr(base, "support_avx512bf16_for_cpu"):
             from .quant import keep_standard_layout
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy as _copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -85,9 +86,10 @@ def quantize_dequantize(W: torch.Tensor, quant_type: str = "nf4", compress_stati
 # ---------------------------------------------------------------------------------------------- reading 4-bit weights
 #: How 4-bit weights are dequantized on the CPU: ``"bnb"`` (bitsandbytes' native kernel, given the weight as one flat
 #: row) or ``"torch"`` (:func:`dequantize_4bit_reference`). Both are exact (tests/test_bnb_cpu_paths.py checks them
-#: against each other on every machine). "bnb" is the default because it is 3-11x faster: 768x768 0.14 vs 1.51 ms,
-#: 4096x4096 29 vs 92 ms on 2 Zen 4 threads (bench/results/dequant-cpu.json). The flat row costs 1.6-1.9x the 2-D
-#: call (0.14 vs 0.075 ms at 768x768), nothing beside the 25 ms GEMM of a 4,096-token forward.
+#: against each other on every machine). "bnb" is the default because it is 3-11x faster from 384x384 up (equal on
+#: tiny weights): 768x768 0.14 vs 1.51 ms, 4096x4096 29 vs 92 ms on 2 Zen 4 threads (bench/results/dequant-cpu.json).
+#: The flat row costs 1.5-1.9x the 2-D call (0.14 vs 0.075 ms at 768x768), nothing beside the 25 ms GEMM of a
+#: 4,096-token forward.
 CPU_DEQUANTIZE = "bnb"
 
 
@@ -136,9 +138,7 @@ def dequantize_4bit_reference(
     """
     table = _bnb().functional.get_4bit_type(quant_type, device=codes.device)
     b = codes.reshape(-1).view(torch.uint8)
-    n = 1
-    for d in shape:
-        n *= int(d)
+    n = math.prod(int(d) for d in shape)
     idx = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n].long()
     values = table[idx]
     pad = (-n) % blocksize
@@ -159,9 +159,7 @@ def _dequantize_4bit_cpu(codes: torch.Tensor, absmax: torch.Tensor, state) -> to
     # away from the right values, 96x80 0.25 (wrong whenever in_features is a multiple of 16 but not of the block
     # size 64; bench/results/dequant-cpu.json). A flat row has no row boundary: the same kernel is exact on every
     # shape.
-    numel = 1
-    for d in shape:
-        numel *= int(d)
+    numel = math.prod(shape)
     flat = torch.ops.bitsandbytes.dequantize_4bit.default(
         codes.reshape(-1).view(torch.uint8), absmax, state.blocksize, state.quant_type, [numel], torch.float32
     )
