@@ -8,7 +8,7 @@ Usage::
 
 Each ``LABEL=FOLDER`` is loaded with ``PeftModel.from_pretrained`` onto the same base model the GLUE runner trains
 (``--model``, default the bundled MiniLM, with the task's label count), and scored on the task's evaluation splits
-with the harness's own data reading (``glue.data``), tokenisation (``glue.run._tokenize``) and metrics
+with the harness's own data reading (``glue.data``), tokenisation (``glue.data.tokenize``) and metrics
 (``glue.tasks``), so the numbers are comparable with the runner's ``results.json``. ``--json`` merges the scores into
 the file under ``[task][label]`` (with each folder's ``export_info.json`` ranks when it has one).
 """
@@ -35,8 +35,9 @@ def evaluate(folder: str, task_name: str, model: str, max_seq_len: int, data_dir
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
-    from glue.data import load_glue
-    from glue.run import RunConfig, _tokenize, load_model_and_tokenizer
+    from glue.config import RunConfig
+    from glue.data import load_glue, tokenize
+    from glue.model import load_model_and_tokenizer
     from glue.tasks import predictions_from_logits
 
     data = data or load_glue(task_name, data_dir)
@@ -47,7 +48,7 @@ def evaluate(folder: str, task_name: str, model: str, max_seq_len: int, data_dir
     collate = DataCollatorWithPadding(tokenizer)
     out = {}
     for split, dataset in data.evals.items():
-        encoded = _tokenize(dataset, tokenizer, max_seq_len, f"tokenize {split}")
+        encoded = tokenize(dataset, tokenizer, max_seq_len, f"tokenize {split}")
         logits, labels = [], []
         with torch.no_grad():
             for batch in DataLoader(encoded, batch_size=batch_size, collate_fn=collate):

@@ -29,8 +29,9 @@ def requantized(folder: Path, bits: int, out: Path, task: str, model: str) -> Pa
     from peft import PeftModel
 
     import sparse_lowrank_peft  # noqa: F401  (registers NOLA with PEFT)
+    from glue.config import RunConfig
     from glue.data import load_glue
-    from glue.run import RunConfig, load_model_and_tokenizer
+    from glue.model import load_model_and_tokenizer
 
     base, _, _ = load_model_and_tokenizer(RunConfig(task=task, model=model), load_glue(task, None).task)
     pm = PeftModel.from_pretrained(base, str(folder))

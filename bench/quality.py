@@ -206,25 +206,15 @@ METHODS: "OrderedDict[str, dict[str, Any]]" = OrderedDict(
 # ---------------------------------------------------------------------------------------------------- PEFT methods
 def register_peft_methods() -> None:
     """Add PEFT's AdaLoRA and SHiRA (and RandLoRA) to the GLUE harness's methods, in this process only."""
-    import glue.run as grun
+    from peft import PeftType
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    if getattr(grun.available_methods, "_quality_extended", False):
-        return
-    known = grun.available_methods
+    from glue.model import register_method
 
-    def available_methods():
-        from peft import PeftType
-        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-        methods = known()
-        for name in ("adalora", "shira", "randlora"):
-            member = getattr(PeftType, name.upper(), None)
-            if member is not None and member in PEFT_TYPE_TO_CONFIG_MAPPING:
-                methods.setdefault(name, PEFT_TYPE_TO_CONFIG_MAPPING[member])
-        return methods
-
-    available_methods._quality_extended = True
-    grun.available_methods = available_methods
+    for name in ("adalora", "shira", "randlora"):
+        member = getattr(PeftType, name.upper(), None)
+        if member is not None and member in PEFT_TYPE_TO_CONFIG_MAPPING:
+            register_method(name, PEFT_TYPE_TO_CONFIG_MAPPING[member])
 
 
 def adalora_callback():
@@ -248,7 +238,7 @@ class Cell:
     task: str
     seed: int
     dir: Path
-    config: dict | None = None  # the mapping given to glue.run.config_from_mapping (None: derived cell)
+    config: dict | None = None  # the mapping given to glue.config.config_from_mapping (None: derived cell)
     source: str = ""
     deviations: dict = field(default_factory=dict)
     derived_from: str | None = None
@@ -263,7 +253,8 @@ class Cell:
 
 
 def load_yaml(path: Path) -> dict:
-    from glue.run import load_recipe
+    """A recipe as a plain mapping (``glue.config.load_recipe``)."""
+    from glue.config import load_recipe
 
     return load_recipe(path)
 
@@ -400,7 +391,7 @@ def plan_cell(method: str, task: str, seed: int, args) -> Cell:
 
 def validate(cell: Cell):
     """The harness's own validation of the cell's config (unknown field, bad value, unknown method...)."""
-    from glue.run import config_from_mapping
+    from glue.config import config_from_mapping
 
     return config_from_mapping(cell.config, where=f"quality cell {cell.key()}")
 
@@ -411,9 +402,9 @@ def _comparable(config: dict) -> dict:
 
 def _run_config_defaults() -> dict:
     """The harness's field defaults (a results file older than a field lacks it: it ran with the default)."""
-    import glue.run as grun
+    from glue.config import RunConfig
 
-    return grun.RunConfig().to_dict()
+    return RunConfig().to_dict()
 
 
 def _device_kind() -> str:
@@ -451,9 +442,9 @@ def adopt(cell: Cell, adopt_dir: Path, kind: str | None = None, fill_kind: str |
             path, data = found[k]
             cell.dir.mkdir(parents=True, exist_ok=True)
             data = {**data, "adopted_from": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)}
-            tmp = cell.results_path.with_name("results.json.tmp")
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
-            os.replace(tmp, cell.results_path)
+            from glue.results import write_json
+
+            write_json(cell.results_path, data)
             return path
     return None
 
@@ -464,10 +455,10 @@ def run_cell(cell: Cell, keep_checkpoints: bool, in_process: bool = False) -> No
     By default in a child process of its own (``--run-cell``), so that the harness's per-process figures (CPU time,
     peak resident memory) are the cell's alone and a crash ends only that cell; its output goes to
     ``<cell folder>.log``. ``in_process`` runs it here (tests)."""
-    import glue.run as grun
+    from glue.train import complete_checkpoints
 
     validate(cell)
-    resume = bool(grun.complete_checkpoints(cell.dir))
+    resume = bool(complete_checkpoints(cell.dir))
     overwrite = not resume and cell.dir.exists() and any(cell.dir.iterdir())  # an attempt that left no checkpoint
     job = {"config": {**cell.config, "overwrite_output_dir": overwrite}, "resume": resume}
     if in_process:
@@ -490,14 +481,14 @@ def run_cell(cell: Cell, keep_checkpoints: bool, in_process: bool = False) -> No
 
 def run_job(job: dict) -> None:
     """What a cell's process does: the harness's run of ``job['config']`` (with AdaLoRA's callback if needed)."""
-    import glue.run as grun
-
     import sparse_lowrank_peft  # noqa: F401  (registers the tuners with PEFT)
+    from glue.config import config_from_mapping
+    from glue.run import run
 
     register_peft_methods()
-    cfg = grun.config_from_mapping(job["config"], where="quality cell")
+    cfg = config_from_mapping(job["config"], where="quality cell")
     callbacks = [adalora_callback()] if cfg.method == "adalora" else None
-    grun.run(cfg, resume=job["resume"], callbacks=callbacks)
+    run(cfg, resume=job["resume"], callbacks=callbacks)
 
 
 # ----------------------------------------------------------------------------------------------------------- report
@@ -598,11 +589,12 @@ def _local_model_path(result: dict) -> str | None:
     model = (result.get("config") or {}).get("model")
     if not model:
         return path
-    import glue.run as grun
+    from glue.errors import GlueError
+    from glue.model import resolve_model_path
 
     try:
-        return grun.resolve_model_path(model)
-    except grun.GlueError:  # the bundled model is not installed here: head_params then reports None
+        return resolve_model_path(model)
+    except GlueError:  # the bundled model is not installed here: head_params then reports None
         return path
 
 
@@ -817,15 +809,10 @@ def plot(report: dict, path: Path) -> Path:
     return path
 
 
-def git_head() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def build_report(cells: list[Cell], methods, tasks, args, command: str) -> dict:
+    """The grid's report: every cell's record, the summary per method, budgets, and where and how the cells ran."""
+    from glue.results import git_info
+
     kind = args.device_kind or _device_kind()
     records = [cell_record(c, kind, args.fill_kind) for c in cells]
     budgets = {t: task_budget(t) for t in tasks}
@@ -835,7 +822,7 @@ def build_report(cells: list[Cell], methods, tasks, args, command: str) -> dict:
     report = {
         "bench": "quality", "schema": 1, "model": MODEL,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command, "report_commit": git_head(), "smoke": bool(args.smoke),
+        "command": command, "report_commit": git_info(ROOT)["commit"], "smoke": bool(args.smoke),
         "tasks": tasks, "methods": methods, "seeds": args.seeds, "budgets": budgets,
         "device_kind": kind, "fill_kind": args.fill_kind,
         "method_notes": {m: METHODS[m]["note"] for m in methods},
@@ -918,6 +905,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> dict:
+    """Plan the grid, adopt and run the missing cells (unless ``--report-only`` / ``--plan``), write the report."""
+    from glue.results import write_json
+
     args = parse_args(argv)
     if args.run_cell:
         run_job(json.loads(args.run_cell))
@@ -989,9 +979,7 @@ def main(argv=None) -> dict:
     report = build_report(cells, methods, tasks, args, command)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{args.name}.json"
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, json_path)
+    write_json(json_path, report, indent=1)
     md = markdown(report)
     (out_dir / f"{args.name}.md").write_text(md + "\n")
     plot(report, out_dir / f"{args.name}.png")

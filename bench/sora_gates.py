@@ -94,14 +94,15 @@ def run_report(recipe: Path, run_dir: Path, seed: int | None = None) -> dict:
     import yaml
     from safetensors.torch import load_file
 
-    import glue.run as grun
     import sparse_lowrank_peft  # noqa: F401  (registers the tuners with PEFT)
+    from glue.config import config_from_mapping
+    from glue.model import build_model
     from glue.tasks import get_task
 
     fields = yaml.safe_load(recipe.read_text())
     if seed is not None:
         fields["seed"] = seed
-    cfg = grun.config_from_mapping(fields, where=str(recipe))
+    cfg = config_from_mapping(fields, where=str(recipe))
     if cfg.method != "sora" or (cfg.peft or {}).get("lambda_schedule"):
         raise SystemExit(f"{recipe}: a SoRA recipe with a constant sparse_lambda is needed")
     checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -110,7 +111,7 @@ def run_report(recipe: Path, run_dir: Path, seed: int | None = None) -> dict:
                          "unpruned gates)")
     last = checkpoints[-1]
     steps = int(last.name.split("-")[1])
-    peft_model = grun.build_model(cfg, get_task(cfg.task)).model  # the run's own initial weights (same seed)
+    peft_model = build_model(cfg, get_task(cfg.task)).model  # the run's own initial weights (same seed)
     initial = {n.replace(".default", ""): p.detach() for n, p in peft_model.named_parameters() if "sora_gate" in n}
     final = {k: v for k, v in load_file(last / "adapter_model.safetensors").items() if "sora_gate" in k}
     if sorted(initial) != sorted(final):

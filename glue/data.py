@@ -24,10 +24,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from glue.errors import GlueError
 from glue.tasks import TaskSpec, custom_task, get_task
+
+if TYPE_CHECKING:
+    from glue.config import RunConfig
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -483,3 +486,64 @@ def subsample(dataset, n: int | None, seed: int):
     if n <= 0:
         raise GlueError(f"A sample limit of {n} leaves no examples; use a positive number or leave it unset.")
     return dataset.shuffle(seed=seed).select(range(n))
+
+
+def load_run_data(cfg: RunConfig) -> TaskData:
+    """The data a run trains and evaluates on: its task's files, the training subset (``max_train_samples``) or the
+    held-out split (``holdout_samples``), and the evaluation subsets (``max_eval_samples``).
+
+    Raises:
+        GlueError: missing files, bad columns or labels, or too few examples to hold out.
+    """
+    if str(cfg.task).lower() == "custom":
+        data = load_custom_task(cfg.custom)
+    else:
+        data = load_glue(cfg.task, cfg.data_dir)
+    if cfg.holdout_samples:
+        data.train, data.evals = hold_out(data.train, cfg)
+    else:
+        data.train = subsample(data.train, cfg.max_train_samples, cfg.subset_seed)
+    data.evals = {k: subsample(v, cfg.max_eval_samples, cfg.subset_seed) for k, v in data.evals.items()}
+    return data
+
+
+def hold_out(train, cfg: RunConfig):
+    """``(training set, {"holdout": held-out set})`` from one seeded shuffle of the training file.
+
+    The training subset is the first ``max_train_samples`` of the shuffle, exactly the examples ``max_train_samples``
+    alone trains on (so a held-out run trains what the dev run trains); the held-out examples are the last
+    ``holdout_samples``, disjoint from it. Without ``max_train_samples`` the run trains on the rest of the file."""
+    n, held = len(train), int(cfg.holdout_samples)
+    n_train = cfg.max_train_samples if cfg.max_train_samples is not None else n - held
+    if n_train <= 0 or n_train + held > n:
+        raise GlueError(
+            f"holdout_samples={held} with max_train_samples={cfg.max_train_samples} needs {max(n_train, 1) + held} "
+            f"training examples, but the training file has {n}. Hold out fewer examples or train on fewer "
+            "(max_train_samples)."
+        )
+    shuffled = train.shuffle(seed=cfg.subset_seed)
+    return shuffled.select(range(n_train)), {"holdout": shuffled.select(range(n - held, n))}
+
+
+def tokenize(dataset, tokenizer, max_len: int, desc: str):
+    """``text_a`` [, ``text_b``], ``label`` -> the tokenizer's input ids (truncated to ``max_len``) and ``labels``."""
+    def encode(batch):
+        texts = (batch["text_a"], batch["text_b"]) if "text_b" in batch else (batch["text_a"],)
+        enc = tokenizer(*texts, truncation=True, max_length=max_len)
+        enc["labels"] = batch["label"]
+        return enc
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=desc)
+
+
+def longest_first(dataset):
+    """The same examples ordered longest first: evaluation batches then pad little (metrics do not depend on order)."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)))
+
+
+def tokenize_splits(data: TaskData, tokenizer, max_len: int):
+    """The tokenized training set and evaluation sets (the latter longest first)."""
+    train = tokenize(data.train, tokenizer, max_len, "tokenize train")
+    evals = {k: longest_first(tokenize(v, tokenizer, max_len, f"tokenize {k}")) for k, v in data.evals.items()}
+    return train, evals

@@ -407,7 +407,7 @@ def test_sora_gates_fates_and_total_shrinkage():
     with pytest.raises(ValueError, match="equal 1-D shapes"):
         sora_gates.gate_fates(g0, g1[:3], 0.375)
 
-    from glue.run import config_from_mapping
+    from glue.config import config_from_mapping
 
     cfg = config_from_mapping({"task": "sst2", "method": "sora", "peft": {"sparse_lambda": 1.5}, "learning_rate": 1e-3,
                                "warmup_ratio": 0.06, "lr_scheduler_type": "linear"}, where="test")

