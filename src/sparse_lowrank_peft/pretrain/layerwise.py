@@ -97,11 +97,11 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state tensors (e.g. Adam's two moments) held by all inner optimizers."""
+        """Bytes of the optimizer state tensors (e.g. Adam's two moments) of all inner optimizers, step counters excluded."""
         return sum(
             t.numel() * t.element_size()
             for opt in self.optimizers.values() for s in opt.state.values() for t in s.values()
-            if isinstance(t, torch.Tensor)
+            if isinstance(t, torch.Tensor) and t.dim() > 0  # not the scalar step counters
         )
 
     def remove_hooks(self) -> None:
