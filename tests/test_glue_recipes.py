@@ -1,5 +1,7 @@
-"""Every recipe under recipes/ (recursively) loads and validates against the runner's schema."""
+"""Every recipe under recipes/ (recursively) loads and validates against the runner's schema, and every one
+dry-runs (``python -m glue.run RECIPE --dry-run``: data read, model built and wrapped, initial adapter loaded)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,7 +14,8 @@ if str(REPO_ROOT) not in sys.path:
 from glue.config import build_config  # noqa: E402
 from glue.errors import GlueError  # noqa: E402
 from glue.train import default_output_dir  # noqa: E402
-from glue.tasks import get_task  # noqa: E402
+from glue.run import main  # noqa: E402
+from glue.tasks import GLUE_TASKS, get_task  # noqa: E402
 
 RECIPES = sorted(p for p in (REPO_ROOT / "recipes").rglob("*") if p.suffix in (".yaml", ".yml"))
 
@@ -59,3 +62,85 @@ def test_a_recipe_with_an_unknown_field_is_rejected(tmp_path):
     bad.write_text("- task: rte\n")
     with pytest.raises(GlueError, match="must be a YAML mapping"):
         build_config(str(bad))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --dry-run of every recipe, offline
+
+
+@pytest.fixture(scope="module")
+def stand_in_glue(tmp_path_factory) -> Path:
+    """A glue_data folder with every task's files (their header, columns and labels) but 48 training and 8 dev
+    rows each: the dry runs read data as a run does, offline and in seconds (../shared/glue has no MNLI or QQP, and
+    reading QNLI's 105k rows 16 times would take minutes; the real files' reading is tested in test_glue_data.py)."""
+    root = tmp_path_factory.mktemp("glue_data")
+    words = "the film was a long quiet walk through an old town at night".split()
+    for task in GLUE_TASKS.values():
+        folder = root / task.display
+        folder.mkdir()
+        columns = list(task.header or (*task.text_columns, task.label_column))
+        for name, rows in [(task.train_file, 48)] + [(s.local_file, 8) for s in task.eval_splits]:
+            lines = [] if task.header else ["\t".join(columns)]
+            for i in range(rows):
+                label = str(i % 6 * 0.8) if task.labels is None else task.labels[i % len(task.labels)]
+                row = {c: " ".join(words[(i + j) % len(words)] for j in range(5)) for c in columns}
+                row.update({task.label_column: label, "original_label": "*"})
+                lines.append("\t".join(row[c] for c in columns))
+            (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mnli_adapters(tmp_path_factory):
+    """``adapter(mnli recipe)``: the untrained adapter of an MNLI recipe on MiniLM, saved once (what the MRPC, RTE and
+    STS-B recipes of the same variant start from, in place of the trained one they name)."""
+    from glue.config import build_config
+    from glue.model import build_model
+
+    saved: dict[Path, Path] = {}
+
+    def adapter(recipe: Path) -> Path:
+        if recipe not in saved:
+            cfg = build_config(str(recipe), ["model=minilm"])
+            folder = tmp_path_factory.mktemp("mnli-adapter") / "adapter"
+            build_model(cfg, get_task("mnli")).model.save_pretrained(str(folder))
+            saved[recipe] = folder
+        return saved[recipe]
+
+    return adapter
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO_ROOT).as_posix())
+def test_every_recipe_dry_runs(path, stand_in_glue, mnli_adapters, capsys):
+    """``python -m glue.run RECIPE model=minilm --dry-run`` (the RoBERTa recipes on the bundled MiniLM, offline): the
+    config, the data, the model with its method, 4-bit base and initial adapter are built; nothing is written.
+    ``init_adapter`` points at an MNLI adapter made here, and LQ-LoRA's split alternates twice instead of 20 times
+    (9 s -> 2 s a recipe)."""
+    text = path.read_text(encoding="utf-8")
+    if "quantize: plan" in text:
+        pytest.importorskip("hqq", reason="a bit-budget recipe's configurations need hqq (the hqq extra)")
+    if "quantize:" in text:
+        pytest.importorskip("bitsandbytes", reason="a 4-bit base needs bitsandbytes (the bnb extra)")
+    cfg = build_config(str(path))
+    overrides = ["model=minilm", f"data_dir={stand_in_glue}"]
+    if cfg.init == "lq" and "lq_max_iter" not in cfg.peft:
+        overrides.append("peft.lq_max_iter=2")  # the LQ split is built as in the run, with 2 of its 20 alternations
+    if cfg.init_adapter:
+        mnli = path.with_name(path.name.replace(f"-{cfg.task}.yaml", "-mnli.yaml"))
+        overrides.append(f"init_adapter={mnli_adapters(mnli)}")
+    capsys.readouterr()
+    assert main([str(path), *overrides, "--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    plan = json.loads(out[out.index("\n{") + 1:])
+    assert plan["dry_run"] and plan["task"] == cfg.task and plan["method"] == cfg.method
+    assert plan["train_examples"] == min(48, cfg.max_train_samples or 48)
+    assert plan["head_modules"] == ["pooler", "classifier"]  # MiniLM's (BERT's) head, whatever the recipe's model
+    trainable, total = plan["params"]["trainable"], plan["params"]["total"]
+    assert (trainable == total) if cfg.method == "full" else (0 < trainable < total)
+    assert not Path(plan["output_dir"]).exists() or Path(plan["output_dir"]).resolve() in _existing_run_folders()
+
+
+def _existing_run_folders() -> set[Path]:
+    """Run folders already in this checkout (a dry run must not create one; it cannot have made these)."""
+    runs = REPO_ROOT / "runs"
+    return {p.resolve() for p in runs.rglob("*") if p.is_dir()} if runs.is_dir() else set()
