@@ -94,6 +94,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from glue.config import RESUME_MAY_DIFFER  # noqa: E402
+
 RECIPES = ROOT / "recipes" / "minilm"
 TASKS = ["sst2", "rte", "mrpc", "cola", "stsb"]
 MODEL = "minilm"
@@ -105,11 +107,9 @@ BUDGET_FIELDS = (
     "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "lr_scheduler_type", "max_grad_norm", "optim",
     "eval_strategy", "eval_steps", "subset_seed", "precision", "max_eval_samples",
 )
-#: fields that say where and how a run executes, not what it computes (set by this script, ignored when comparing)
-RUNTIME_FIELDS = (
-    "output_dir", "overwrite_output_dir", "results_path", "notes", "num_threads", "data_dir",
-    "dataloader_num_workers", "eval_batch_size", "save_steps", "save_total_limit", "logging_steps",
-)
+#: fields that say where and how a run executes, not what it computes (set by this script, ignored when comparing):
+#: those a --resume may change, and how often a run checkpoints and logs
+RUNTIME_FIELDS = (*sorted(RESUME_MAY_DIFFER), "save_steps", "save_total_limit", "logging_steps")
 
 # The smoke budget (CI): what every cell trains with under --smoke.
 SMOKE_BUDGET = {
@@ -904,21 +904,16 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    """Plan the grid, adopt and run the missing cells (unless ``--report-only`` / ``--plan``), write the report."""
-    from glue.results import write_json
+def check_args(args) -> tuple[list[str], list[str]]:
+    """The methods and tasks of the grid, after checking the options (and filling in the default folders).
 
-    args = parse_args(argv)
-    if args.run_cell:
-        run_job(json.loads(args.run_cell))
-        return {}
-    command = " ".join(["python bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    Raises:
+        SystemExit: an unknown method or task, or options that contradict each other.
+    """
     for name, known, given in (("method", METHODS, args.methods), ("task", TASKS, args.tasks)):
         unknown = sorted(set(given or []) - set(known))
         if unknown:
             raise SystemExit(f"unknown {name}(s) {unknown}; choose from {', '.join(known)}")
-    methods = [m for m in METHODS if not args.methods or m in args.methods]
-    tasks = [t for t in TASKS if not args.tasks or t in args.tasks]
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
     if args.jobs < 1 or (args.jobs > 1 and args.in_process):
@@ -940,9 +935,63 @@ def main(argv=None) -> dict:
     if args.runs_dir is None:
         args.runs_dir = str(ROOT / "runs" / ("quality-smoke" if args.smoke else
                                              args.name.replace("quality-minilm", "quality", 1)))
-    out_dir = Path(args.out_dir) if args.out_dir else (Path(args.runs_dir) if args.smoke else ROOT / "bench" / "results")
     if args.data_dir is None:
         args.data_dir = os.environ.get("GLUE_DIR")
+    return ([m for m in METHODS if not args.methods or m in args.methods],
+            [t for t in TASKS if not args.tasks or t in args.tasks])
+
+
+def adopt_cells(cells: list[Cell], args) -> None:
+    """``--adopt``: take equal-config results from the folder as the cells that have none."""
+    if not Path(args.adopt).is_dir():
+        raise SystemExit(f"--adopt {args.adopt}: no such folder")
+    for c in cells:
+        if c.config is not None and c.plan_error is None and not c.results_path.is_file():
+            found = adopt(c, Path(args.adopt), args.device_kind, args.fill_kind)
+            if found:
+                print(f"[quality] {c.key()}: adopted {found}", file=sys.stderr, flush=True)
+
+
+def run_missing(cells: list[Cell], args) -> None:
+    """Run the cells without results (at most ``--max-cells``), ``--jobs`` at a time; every config is checked first."""
+    pending = [c for c in cells if c.config is not None and not c.results_path.is_file()]
+    if args.max_cells is not None:
+        pending = pending[: args.max_cells]
+    for c in pending:
+        validate(c)  # every planned cell's config is checked before the first one starts
+    if args.stop_after is not None:  # counted from here: planning (imports, dataset sizes) takes seconds
+        args.start_deadline = time.monotonic() + args.stop_after
+    if args.jobs == 1:
+        for c in pending:
+            _run_reported(c, args)
+    else:  # each cell is a child process of its own; these threads only wait on them
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda c: _run_reported(c, args), pending))
+
+
+def write_outputs(report: dict, out_dir: Path, name: str) -> None:
+    """``<name>.json``, ``<name>.md`` (printed too) and ``<name>.png`` in ``out_dir``."""
+    from glue.results import write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{name}.json"
+    write_json(json_path, report, indent=1)
+    md = markdown(report)
+    (out_dir / f"{name}.md").write_text(md + "\n")
+    plot(report, out_dir / f"{name}.png")
+    print(md)
+    print(f"\nwrote {json_path}, {name}.md, {name}.png ({report['counts']})", file=sys.stderr)
+
+
+def main(argv=None) -> dict:
+    """Plan the grid, adopt and run the missing cells (unless ``--report-only`` / ``--plan``), write the report."""
+    args = parse_args(argv)
+    if args.run_cell:
+        run_job(json.loads(args.run_cell))
+        return {}
+    command = " ".join(["python bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    methods, tasks = check_args(args)
+    out_dir = Path(args.out_dir) if args.out_dir else (Path(args.runs_dir) if args.smoke else ROOT / "bench" / "results")
 
     import sparse_lowrank_peft  # noqa: F401  (registers the tuners with PEFT)
 
@@ -955,36 +1004,11 @@ def main(argv=None) -> dict:
         print(json.dumps(plan, indent=1))
         return {"plan": plan}
     if args.adopt:
-        if not Path(args.adopt).is_dir():
-            raise SystemExit(f"--adopt {args.adopt}: no such folder")
-        for c in cells:
-            if c.config is not None and c.plan_error is None and not c.results_path.is_file():
-                found = adopt(c, Path(args.adopt), args.device_kind, args.fill_kind)
-                if found:
-                    print(f"[quality] {c.key()}: adopted {found}", file=sys.stderr, flush=True)
+        adopt_cells(cells, args)
     if not args.report_only:
-        pending = [c for c in cells if c.config is not None and not c.results_path.is_file()]
-        if args.max_cells is not None:
-            pending = pending[: args.max_cells]
-        for c in pending:
-            validate(c)  # every planned cell's config is checked before the first one starts
-        if args.stop_after is not None:  # counted from here: planning (imports, dataset sizes) takes seconds
-            args.start_deadline = time.monotonic() + args.stop_after
-        if args.jobs == 1:
-            for c in pending:
-                _run_reported(c, args)
-        else:  # each cell is a child process of its own; these threads only wait on them
-            with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-                list(pool.map(lambda c: _run_reported(c, args), pending))
+        run_missing(cells, args)
     report = build_report(cells, methods, tasks, args, command)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{args.name}.json"
-    write_json(json_path, report, indent=1)
-    md = markdown(report)
-    (out_dir / f"{args.name}.md").write_text(md + "\n")
-    plot(report, out_dir / f"{args.name}.png")
-    print(md)
-    print(f"\nwrote {json_path}, {args.name}.md, {args.name}.png ({report['counts']})", file=sys.stderr)
+    write_outputs(report, out_dir, args.name)
     return report
 
 
