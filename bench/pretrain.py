@@ -9,7 +9,7 @@ Setup (every method the same except its linear layers and learning rate):
 * data: ``../shared/text/tinyshakespeare.txt``, first 90% train, last 10% validation, character-level (the
   text's 65 distinct characters are the vocabulary; no hub). A batch is 16 random windows of 128 characters drawn from
   the train split by a generator seeded with the run's seed, so every method sees the same tokens for one seed;
-* model: ``LlamaForCausalLM`` from ``LlamaConfig`` (hidden 192, MLP 512, 4 layers, 4 heads, untied embeddings);
+* model: ``LlamaForCausalLM`` from ``LlamaConfig`` (hidden 128, MLP 352, 4 layers, 4 heads, untied embeddings; rank 40);
   every attention and MLP projection is the linear under test (the paper's target set); embeddings, norms and the
   head stay dense in all methods;
 * methods: ``full`` (dense, ordinary AdamW loop), ``lowrank`` (SLTrainLinear with density 0: ``B·A`` only) and
@@ -30,7 +30,7 @@ Setup (every method the same except its linear layers and learning rate):
 
 Usage::
 
-    python bench/pretrain.py                        # the committed run (~30 min on one core)
+    python bench/pretrain.py                        # the committed run (~20 min on an idle core)
     python bench/pretrain.py --quick                # tiny smoke run (seconds), writes pretrain-cpu-quick.json
     python bench/pretrain.py --print bench/results/pretrain-cpu.json
 
@@ -389,16 +389,16 @@ def parse(argv=None):
     p.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     p.add_argument("--print", metavar="JSON", help="print the table of a results file and exit")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
-    p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--intermediate", type=int, default=352)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--rank", type=int, default=40)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    p.add_argument("--sweep-steps", type=int, default=120)
+    p.add_argument("--sweep-steps", type=int, default=100)
     p.add_argument("--fixed-lr", nargs="*", default=None, metavar="METHOD=LR", help="skip the sweep for these")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=128)
