@@ -1,7 +1,7 @@
 """Quality of every method on GLUE with the bundled MiniLM, one fixed budget per task, several seeds, side by side.
 
 What is measured: the dev-set main metric at the end of training (SST-2, RTE, MRPC accuracy; CoLA Matthews
-correlation; STS-B Pearson) of each method, trained by the GLUE harness (``glue/run.py``) on the bundled MiniLM
+correlation; STS-B Pearson) of each method, trained by the GLUE harness (``glue/``) on the bundled MiniLM
 (6 layers, 384 wide) with the same per-task budget for every method, over several seeds (mean ± sample std), next to
 what each method costs: trainable parameters, adapter bytes on disk, training time. The final evaluation is reported,
 not the best of the evaluations during training (picking the best on the dev set would flatter every method).
@@ -991,7 +991,7 @@ def main(argv=None) -> dict:
         return {}
     command = " ".join(["python bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
     methods, tasks = check_args(args)
-    out_dir = Path(args.out_dir) if args.out_dir else (Path(args.runs_dir) if args.smoke else ROOT / "bench" / "results")
+    out_dir = Path(args.out_dir or (args.runs_dir if args.smoke else ROOT / "bench" / "results"))
 
     import sparse_lowrank_peft  # noqa: F401  (registers the tuners with PEFT)
 

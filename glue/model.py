@@ -379,8 +379,9 @@ class BuiltModel:
 
 
 def build_model(cfg: RunConfig, task: TaskSpec) -> BuiltModel:
-    """The run's model before training, exactly as :func:`glue.run.run` trains it: ``set_seed(cfg.seed)``, the base model,
-    its 4-bit base (``quantize``), the adapter (``method``; LQ init quantizes its own targets) and ``init_adapter``.
+    """The run's model before training, exactly as :func:`glue.run.run` trains it: ``set_seed(cfg.seed)``, the base
+    model, its 4-bit base (``quantize``), the adapter (``method``; LQ init quantizes its own targets) and
+    ``init_adapter``; ``params`` holds its (trainable, total) parameter counts.
 
     Everything random in it (head, adapter initialisation) comes from the seed, so a tool that rebuilds it
     (``bench/sora_gates.py``) gets the run's own initial weights."""

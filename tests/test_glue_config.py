@@ -2,6 +2,7 @@
 dataclass; unknown fields name the closest valid one; values, the task, the method and its fields are checked before
 any data or model is loaded."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def test_bad_overrides_name_the_field(overrides, message):
 
 
 def test_a_misspelled_field_fails_before_the_model_is_loaded(tmp_path, monkeypatch, capsys):
-    """``learnig_rate`` in a recipe or on the command line: exit 2 naming it and ``learning_rate``; no data, no model."""
+    """``learnig_rate`` in a recipe or on the command line: exit 2 naming it and ``learning_rate``; no data, no
+    model."""
     from glue import data as gdata
     from glue import model as gmodel
 
@@ -163,3 +165,22 @@ def test_a_misspelled_field_fails_before_the_model_is_loaded(tmp_path, monkeypat
     assert "Did you mean 'learning_rate'?" in capsys.readouterr().err
     assert grun.main([str(RECIPE), "--learnig-rate", "1e-4"]) == 2
     assert "Did you mean '--learning-rate'?" in capsys.readouterr().err
+
+
+SHARED_GLUE = (REPO_ROOT / ".." / "shared" / "glue").resolve()
+
+
+@pytest.mark.skipif(not (SHARED_GLUE / "SST-2" / "train.tsv").is_file(), reason=f"SST-2 not found at {SHARED_GLUE}")
+def test_command_line_overrides_reach_the_run(capsys):
+    """``python -m glue.run recipes/minilm/lora-sst2.yaml peft.r=16 learning_rate=1e-4 --max-train-samples 500
+    --dry-run`` on the real SST-2: 500 training examples, and LoRA r=16's trainable parameters."""
+    argv = [str(RECIPE), f"data_dir={SHARED_GLUE}", "--dry-run"]
+    assert grun.main(argv) == 0
+    out = capsys.readouterr().out
+    r8 = json.loads(out[out.index("\n{") + 1:])
+    assert grun.main([*argv, "peft.r=16", "learning_rate=1e-4", "--max-train-samples", "500"]) == 0
+    out = capsys.readouterr().out
+    r16 = json.loads(out[out.index("\n{") + 1:])
+    assert r8["train_examples"] == 4000 and r16["train_examples"] == 500
+    # query and value of 6 layers, 384 x 384: r (384 + 384) more parameters per matrix for each rank step
+    assert r16["params"]["trainable"] - r8["params"]["trainable"] == 12 * 8 * (384 + 384)
