@@ -13,6 +13,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -170,12 +171,13 @@ def dir_bytes(folder: Path) -> int:
 # the results JSON
 
 
-def results_record(cfg: RunConfig, task: TaskSpec, data, built, training: dict, evals: list[dict],
-                   adapter: dict, method_results: dict | None, clock) -> dict[str, Any]:
+def results_record(cfg: RunConfig, data, built, training: dict, evals: list[dict], adapter: dict,
+                   method_results: dict | None, clock) -> dict[str, Any]:
     """The results of a finished run (schema :data:`RESULTS_SCHEMA`).
 
     Args:
-        cfg: the run's config; task: its task; data: the loaded data (``glue.data``; source, skipped rows).
+        cfg: the run's config.
+        data: the loaded data (:class:`glue.data.TaskData`: the task, the splits' sizes, source, skipped rows).
         built: the :class:`glue.model.BuiltModel` that was trained.
         training: ``{"examples", "global_step", "epochs", "train_loss", "wall_s"}`` of the training.
         evals: every evaluation (:func:`evals_from_log_history`), the final step's included.
@@ -183,9 +185,10 @@ def results_record(cfg: RunConfig, task: TaskSpec, data, built, training: dict, 
         method_results: the method's extras (DyLoRA's rank evaluations, SoRA's kept ranks, quantization, squeeze).
         clock: the run's :class:`glue.train.RunClock`.
     """
+    task = data.task
     final, best = final_and_best(evals, task, training["global_step"])
     trainable, total = built.params
-    now = clock.now()
+    now = time.time()
     return {
         "schema": RESULTS_SCHEMA, "task": task.name, "task_display": task.display, "method": cfg.method,
         "model": cfg.model, "model_path": built.model_path, "main_metric": task.main_metric, "metrics": task.metrics,

@@ -80,7 +80,7 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
     evals = evaluate_at_end(trainer, data.task)
     adapter, extras = finish_training(cfg, trainer, built, out, data.task, evals, squeeze_spec)
 
-    results = results_record(cfg, data.task, data, built, training, evals, adapter, extras, clock)
+    results = results_record(cfg, data, built, training, evals, adapter, extras, clock)
     if not trainer.is_world_process_zero():
         return results  # the main process writes the results and prints the summary
     results = write_results(cfg, out, results)

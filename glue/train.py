@@ -154,10 +154,6 @@ class RunClock:
         """Training seconds so far, over every segment."""
         return self.elapsed_before + time.time() - self.segment_start
 
-    @staticmethod
-    def now() -> float:
-        return time.time()
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # the Trainer
