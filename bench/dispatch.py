@@ -10,6 +10,12 @@
    ``tokens × density`` at a crossover.
 2. SDDMM alone at one token count over densities: sampled vs dense; the dispatcher's density threshold is the
    smallest density from which dense stays faster.
+3. Factored terms (sparse RandLoRA's ``scale · B·T``, r 32): one frozen ``nn.Linear`` wrapped by
+   ``SparseRandLoraConfig``, forward + backward, the layer's own dispatch forced to ``spmm`` (two SpMMs) or
+   ``fused`` (with each values-gradient route). The crossover is the smallest token count from which fused stays
+   at or below spmm; the dispatcher's constant is the largest crossover over the layer's columns.
+
+    python bench/dispatch.py --parts factored --clock cpu   # only part 3, merged into the existing file
 
     python bench/dispatch.py                  # CPU, 1 thread: writes bench/results/dispatch-cpu.json
     python bench/dispatch.py --device cuda    # writes bench/results/dispatch-<gpu>.json
@@ -74,16 +80,22 @@ def _step_fns(tokens: int, d: int, density: float, device):
     return {"spmm": spmm, "fused": fused("sampled"), "fused_dense": fused("dense")}, support
 
 
-def time_interleaved(fns: dict, device, rounds: int, warmup: int = 2) -> dict:
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+FACTORED_SHAPES = [(768, 0.1), (768, 0.01), (1024, 0.1), (1024, 0.01)]
+FACTORED_TOKENS = [32, 128, 256, 512, 1024, 2048, 4096]
+
+
+def time_interleaved(fns: dict, device, rounds: int, warmup: int = 2, clock: str = "wall") -> dict:
     samples = {k: [] for k in fns}
+    now = CLOCK[clock]
     for r in range(warmup + rounds):
         for name, fn in fns.items():
             _sync(device)
-            t = time.perf_counter()
+            t = now()
             fn()
             _sync(device)
             if r >= warmup:
-                samples[name].append(time.perf_counter() - t)
+                samples[name].append(now() - t)
     return {k: round(statistics.median(v) * 1e3, 4) for k, v in samples.items()}
 
 
@@ -140,32 +152,99 @@ def dense_threshold(rows: list[dict]) -> float | None:
     return None
 
 
+def _factored_fns(tokens: int, d: int, density: float, device):
+    import os
+
+    from peft import get_peft_model
+
+    from sparse_lowrank_peft import SparseRandLoraConfig
+
+    model = torch.nn.Sequential(torch.nn.Linear(d, d)).to(device)
+    config = SparseRandLoraConfig(r=32, basis_density=density, target_modules=["0"], init_weights=False)
+    model = get_peft_model(model, config)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, d, generator=g).to(device).requires_grad_(True)
+    grad = torch.randn(tokens, d, generator=g).to(device)
+
+    def variant(path: str, sddmm: str):
+        def run():
+            os.environ["SLPEFT_SPARSE_PATH"], os.environ["SLPEFT_SDDMM"] = path, sddmm
+            model(x).backward(grad)
+        return run
+
+    return {"spmm": variant("spmm", "auto"), "fused_sampled": variant("fused", "sampled"),
+            "fused_dense": variant("fused", "dense")}
+
+
+def factored_table(device, rounds: int, clock: str) -> list[dict]:
+    import os
+
+    rows = []
+    saved = {k: os.environ.get(k) for k in ("SLPEFT_SPARSE_PATH", "SLPEFT_SDDMM")}
+    try:
+        for d, density in FACTORED_SHAPES:
+            for tokens in FACTORED_TOKENS:
+                ms = time_interleaved(_factored_fns(tokens, d, density, device), device, rounds, clock=clock)
+                best = min(ms["fused_sampled"], ms["fused_dense"])
+                rows.append({"d": d, "density": density, "tokens": tokens, "ms": ms,
+                             "fused_vs_spmm": round(best / ms["spmm"], 3),
+                             "dense_vs_sampled": round(ms["fused_dense"] / ms["fused_sampled"], 3)})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return rows
+
+
+def factored_crossovers(rows: list[dict]) -> list[dict]:
+    out = []
+    for d, density in FACTORED_SHAPES:
+        shape_rows = [r for r in rows if r["d"] == d and r["density"] == density]
+        crossover = next((r["tokens"] for i, r in enumerate(shape_rows)
+                          if all(s["fused_vs_spmm"] <= 1.0 for s in shape_rows[i:])), None)
+        out.append({"d": d, "density": density, "crossover_tokens": crossover,
+                    "tokens_per_column": None if crossover is None else round(crossover / d, 4)})
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the speed issue's condition: 1)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--parts", nargs="+", default=["paths", "sddmm", "factored"],
+                   choices=["paths", "sddmm", "factored"], help="what to measure; the others are kept from --out")
+    p.add_argument("--clock", default="wall", choices=sorted(CLOCK), help="cpu: process time (1 thread, busy host)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     info = device_info(device)
-    commit, dirty = git_commit("bench/dispatch.py")
-    rows = paths_table(device, args.rounds)
-    sddmm = sddmm_table(device, 4096, 1024, args.rounds)
-    cross = crossovers(rows)
-    products = [c["tokens_x_density"] for c in cross]
-    result = {
-        "bench": "dispatch", "command": "python bench/dispatch.py " + " ".join(argv or sys.argv[1:]),
-        "device": info, "versions": versions(), "commit": commit, "dirty": dirty, "loadavg": loadavg(),
-        "date": time.strftime("%Y-%m-%d"), "paths": rows, "crossovers": cross, "sddmm": sddmm,
-        "fused_min_tokens_x_density": None if None in products else max(products),
-        "dense_sddmm_min_density": dense_threshold(sddmm),
-    }
     out = Path(args.out or ROOT / "bench" / "results" / f"dispatch-{device_slug(info)}.json")
+    result = json.loads(out.read_text()) if out.exists() and len(args.parts) < 3 else {}
+    commit, dirty = git_commit("bench/dispatch.py")
+    run = {"command": "python bench/dispatch.py " + " ".join(argv or sys.argv[1:]), "commit": commit, "dirty": dirty,
+           "loadavg": loadavg(), "date": time.strftime("%Y-%m-%d"), "clock": args.clock}
+    result.update({"bench": "dispatch", "device": info, "versions": versions()})
+    if "paths" in args.parts:
+        rows = paths_table(device, args.rounds)
+        cross = crossovers(rows)
+        products = [c["tokens_x_density"] for c in cross]
+        result.update({**run, "paths": rows, "crossovers": cross,
+                       "fused_min_tokens_x_density": None if None in products else max(products)})
+    if "sddmm" in args.parts:
+        sddmm = sddmm_table(device, 4096, 1024, args.rounds)
+        result.update({**run, "sddmm": sddmm, "dense_sddmm_min_density": dense_threshold(sddmm)})
+    if "factored" in args.parts:
+        rows = factored_table(device, args.rounds, args.clock)
+        cross = factored_crossovers(rows)
+        per_column = [c["tokens_per_column"] for c in cross]
+        result["factored"] = {"run": run, "rows": rows, "crossovers": cross,
+                              "min_tokens_per_column": None if None in per_column else max(per_column)}
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("crossovers", "fused_min_tokens_x_density", "dense_sddmm_min_density")},
+    keys = ("crossovers", "fused_min_tokens_x_density", "dense_sddmm_min_density")
+    print(json.dumps({k: result.get(k) for k in keys} | {"factored": result.get("factored", {}).get("crossovers")},
                      indent=1))
     return result
 

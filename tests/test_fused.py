@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 
-from sparse_lowrank_peft import SLTrainConfig
+from sparse_lowrank_peft import SLTrainConfig, SparseRandLoraConfig
 from sparse_lowrank_peft.delta import ops
-from sparse_lowrank_peft.delta.fused import fused_sparse_linear, weight_source
+from sparse_lowrank_peft.delta.fused import FrozenFactor, fused_sparse_linear, weight_source
 from sparse_lowrank_peft.delta.support import SparseSupport
 
 SHAPES = [(37, 23), (5, 64), (64, 7), (1, 1)]  # (out, in)
@@ -72,6 +72,97 @@ def test_fused_matches_the_dense_oracle(shape, sddmm, n_adapters, dtype, device)
     for got, want in zip(vt, dv_ref):
         assert got.grad.dtype == torch.float32
         torch.testing.assert_close(got.grad.double().cpu(), want, atol=2e-3 if device == "cuda" else 1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ factored terms
+def _factored_case(shape, transposed, k=6, seed=0):
+    """A plain term S0 (out × in) and a factored one ``scale · L·S`` (``ΔW`` or ``ΔWᵀ`` = ``L·S``)."""
+    gen = torch.Generator().manual_seed(seed)
+    out_f, in_f = shape
+    p, c = (in_f, out_f) if transposed else (out_f, in_f)
+    L = SparseSupport.random((p, k), 0.4, seed=seed + 7)
+    S = SparseSupport.random((k, c), 0.5, seed=seed + 8)
+    S0 = SparseSupport.random(shape, 0.3, seed=seed + 9)
+    L_values = torch.randn(L.nnz, generator=gen, dtype=torch.float64)
+    values = [torch.randn(S0.nnz, generator=gen, dtype=torch.float64), torch.randn(S.nnz, generator=gen,
+                                                                                   dtype=torch.float64)]
+    factor = FrozenFactor(L, L_values, scale=0.7, transposed=transposed)
+    return [S0, S], values, factor
+
+
+def _factored_oracle(W, b, supports, values, factor, x, g):
+    S0, S = supports
+    b = b.clone().requires_grad_(True)
+    x = x.clone().requires_grad_(True)
+    vals = [v.clone().requires_grad_(True) for v in values]
+    dense_s0 = torch.zeros(S0.shape, dtype=W.dtype).index_put((S0.rows(), S0.cols()), vals[0])
+    dense_s = torch.zeros(S.shape, dtype=W.dtype).index_put((S.rows(), S.cols()), vals[1])
+    LS = factor.support.to_dense(factor.values) @ dense_s * factor.scale
+    y = F.linear(x, W + dense_s0 + (LS.t() if factor.transposed else LS), b)
+    y.backward(g)
+    return y.detach(), x.grad, b.grad, [v.grad for v in vals]
+
+
+@pytest.mark.parametrize("shape", [(37, 23), (23, 37), (5, 64), (64, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("transposed", [False, True], ids=["BT", "TtBt"])
+@pytest.mark.parametrize("sddmm", ["sampled", "dense"])
+def test_factored_term_matches_the_dense_oracle(shape, transposed, sddmm):
+    """``W0 + S0 + scale · L·S`` (sparse RandLoRA's ``B·T`` beside a plain sparse term): outputs and the input, bias
+    and both values' gradients against float64 autograd on the dense matrices."""
+    W, b, _, _, x, g = _case(shape, 0.3, tokens=5)
+    supports, values, factor = _factored_case(shape, transposed)
+    y_ref, dx_ref, db_ref, dv_ref = _factored_oracle(W, b, supports, values, factor, x, g)
+    xt, bt = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    vt = [v.clone().requires_grad_(True) for v in values]
+    y = fused_sparse_linear(xt, lambda: W.clone(), bt, supports, vt, [sddmm, sddmm], [None, factor])
+    y.backward(g)
+    tol = {"atol": 1e-9, "rtol": 1e-9}
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(xt.grad, dx_ref, **tol)
+    torch.testing.assert_close(bt.grad, db_ref, **tol)
+    for got, want in zip(vt, dv_ref):
+        torch.testing.assert_close(got.grad, want, **tol)
+
+
+def test_factored_gradcheck_float64():
+    W, b, _, _, x, _ = _case((9, 11), 0.3, tokens=3)
+    supports, values, factor = _factored_case((9, 11), transposed=True, k=4)
+
+    def fn(x, v1):
+        return fused_sparse_linear(x, lambda: W.clone(), b, supports[1:], [v1], ["sampled"], [factor])
+
+    assert torch.autograd.gradcheck(fn, (x[:1].requires_grad_(True), values[1].requires_grad_(True)))
+
+
+@pytest.mark.parametrize("shape", [(37, 23), (23, 37)], ids=["out>in", "out<in"])
+def test_sparse_randlora_layer_fused_equals_spmm_path(shape, monkeypatch):
+    """Sparse RandLoRA's ``B·T`` folded into the base GEMM gives the two-SpMM path's outputs and gradients (both
+    orientations of ``T``), and the layer keeps SpMM where the fused path would change the math (dropout)."""
+    out_f, in_f = shape
+    x0 = torch.randn(2, 9, in_f, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(2, 9, out_f, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for path in ("spmm", "fused"):
+        monkeypatch.setenv(ops.PATH_ENV, path)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(in_f, out_f))
+        config = SparseRandLoraConfig(r=4, basis_density=0.3, target_modules=["0"], init_weights=False)
+        pm = get_peft_model(model, config)
+        layer = pm.base_model.model[0]
+        assert list(layer._fused_adapters(x0)) == (["default"] if path == "fused" else [])
+        x = x0.clone().requires_grad_(True)
+        pm(x).backward(g)
+        grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+        results[path] = (pm(x0).detach(), x.grad, grads)
+    (y1, dx1, g1), (y2, dx2, g2) = results["spmm"], results["fused"]
+    assert g1.keys() == g2.keys() and any("sparse_randlora_gamma" in n for n in g1)
+    # fp32 sums in another order: compared relative to each tensor's scale (the gradients reach ~5e4 here)
+    for name, got, want in [("output", y2, y1), ("input grad", dx2, dx1)] + [(n, g2[n], g1[n]) for n in g1]:
+        torch.testing.assert_close(got, want, atol=2e-6 * want.abs().max().item(), rtol=1e-5, msg=name)
+    config = SparseRandLoraConfig(r=4, basis_density=0.3, target_modules=["0"], randlora_dropout=0.1)
+    layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(in_f, out_f)), config).base_model.model[0]
+    assert not layer.train()._fused_adapters(x0)  # dropout: the delta sees another input than the base
+    assert list(layer.eval()._fused_adapters(x0)) == ["default"]
 
 
 def test_gradcheck_float64():
@@ -138,7 +229,7 @@ def test_layer_fused_equals_spmm_path(kind, monkeypatch):
         monkeypatch.setenv(ops.PATH_ENV, path)
         pm = get_peft_model(Net(kind), SLTrainConfig(r=2, sparsity=0.2, target_modules=["lin"], init_weights=False))
         layer = pm.base_model.model.lin
-        assert layer._fused_adapters(x0) == (["default"] if path == "fused" else [])
+        assert list(layer._fused_adapters(x0)) == (["default"] if path == "fused" else [])
         x = x0.clone().requires_grad_(True)
         y = pm(x)
         y.backward(g)
@@ -177,6 +268,22 @@ def test_dispatcher_follows_the_measured_crossover(monkeypatch):
     monkeypatch.setenv(ops.PATH_ENV, "densify")
     with pytest.raises(ValueError, match="SLPEFT_SPARSE_PATH='densify' is not one of auto, fused, spmm"):
         ops.resolve_sparse_path(1, support, cpu)
+
+
+def test_factored_dispatch_follows_the_measured_crossover(monkeypatch):
+    """A factored term's crossover is a token count per column of ``S`` (CPU measured, CUDA unmeasured: SpMM)."""
+    monkeypatch.delenv(ops.PATH_ENV, raising=False)
+    monkeypatch.delenv(ops.SDDMM_ENV, raising=False)
+    supports, values, factor = _factored_case((64, 40), transposed=False)
+    S = supports[1]  # (6, 40): 40 columns
+    cpu = torch.device("cpu")
+    per_column = ops.FACTORED_FUSED_MIN_TOKENS_PER_COLUMN["cpu"]
+    assert ops.resolve_sparse_path(int(per_column * 40), S, cpu, factor) == "fused"
+    assert ops.resolve_sparse_path(int(per_column * 40) - 1, S, cpu, factor) == "spmm"
+    assert ops.resolve_sparse_path(10**6, S, torch.device("cuda"), factor) == "spmm"
+    assert ops.resolve_sddmm(S, cpu, factor) == "sampled"
+    monkeypatch.setenv(ops.SDDMM_ENV, "dense")
+    assert ops.resolve_sddmm(S, cpu, factor) == "dense"
 
 
 def test_sddmm_choice_follows_the_measured_density(monkeypatch):

@@ -260,6 +260,34 @@ def test_sltrain_layer_triton_matches_reference(dtype, monkeypatch):
         close(gr_t[name], gr_r[name], dtype, name)
 
 
+@interpreted
+@pytest.mark.parametrize("sddmm", ["sampled", "dense"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_factored_term_triton_matches_reference(transposed, sddmm, monkeypatch):
+    """The fused path's factored term (sparse RandLoRA's ``B·T``: its build SpMM, the ``spmm_t`` of the values'
+    gradient and the SDDMM) on the Triton kernels equals the reference backend."""
+    from sparse_lowrank_peft.delta.fused import FrozenFactor, fused_sparse_linear
+
+    gen = torch.Generator().manual_seed(3)
+    out_f, in_f, k = (29, 45, 7)
+    p, c = (in_f, out_f) if transposed else (out_f, in_f)
+    L, S = SparseSupport.random((p, k), 0.4, seed=1), SparseSupport.random((k, c), 0.5, seed=2)
+    factor = FrozenFactor(L, torch.randn(L.nnz, generator=gen), scale=0.5, transposed=transposed)
+    W = torch.randn(out_f, in_f, generator=gen)
+    x = torch.randn(2, 11, in_f, generator=gen)
+    gy = torch.randn(2, 11, out_f, generator=gen)
+    v0 = torch.randn(S.nnz, generator=gen)
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv(BACKEND_ENV, backend)
+        xr, v = x.clone().requires_grad_(True), v0.clone().requires_grad_(True)
+        y = fused_sparse_linear(xr, lambda: W.clone(), None, [S], [v], [sddmm], [factor])
+        y.backward(gy)
+        results[backend] = (y, xr.grad, v.grad)
+    for name, got, want in zip(("output", "input grad", "values grad"), results["triton"], results["reference"]):
+        close(got, want, torch.float32, name)
+
+
 # ---------------------------------------------------------------------------------------------------------- dispatch
 @interpreted
 def test_auto_uses_reference_on_cpu_and_triton_when_asked(monkeypatch):

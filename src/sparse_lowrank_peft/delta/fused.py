@@ -12,11 +12,17 @@ tuner on a 4-bit base costs what QLoRA costs. Conv1D's ``(in, out)`` weight is r
 compute dtype ``W0 + S`` is rounded to that dtype, as ``merge_and_unload`` rounds the merged weight: the forward
 sees what the deployed merged model computes; the values and their gradients stay in their own dtype.
 
+A term may also be *factored*, ``ΔW = scale · L·S`` with a frozen sparse ``L`` (:class:`FrozenFactor`): sparse
+RandLoRA's ``B·T``, whose two SpMMs per product (and their transposes in backward) become one build of ``L·S`` into
+the transient weight (``nnz(L) · c`` multiply-adds, in blocks of columns so no second ``out × in`` tensor exists) and
+``∂v = scale · (Lᵀ · ∂yᵀx)[support]`` (sampled: ``∂y·L`` then the SDDMM; or from the dense ``∂yᵀx``).
+
 When it pays: see ``ops.resolve_sparse_path`` (the dispatcher) and ``bench/results/dispatch-<device>.json``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -25,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .support import SparseSupport
 
-__all__ = ["FusedSparseLinear", "fused_sparse_linear", "weight_source"]
+__all__ = ["FrozenFactor", "FusedSparseLinear", "fused_sparse_linear", "weight_source"]
 
 
 def weight_source(base: torch.nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
@@ -51,27 +57,74 @@ def weight_source(base: torch.nn.Module, dtype: torch.dtype) -> Callable[[], tor
     return fresh
 
 
-def _fused_weight(source, flats: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
+#: blocks of S's columns a factored term is built in (FrozenFactor.add_into): transient 1/8 of out × in
+BUILD_BLOCKS = 16
+
+
+@dataclass(frozen=True)
+class FrozenFactor:
+    """A frozen sparse left factor ``L`` (``p × k``) of a factored sparse term: ``ΔW = scale · L·S`` (``p × c``, the
+    layer's ``(out, in)``), or with ``transposed`` ``ΔW = scale · (L·S)ᵀ`` (``p = in``, ``c = out``), where ``S``
+    (``k × c``) carries the trainable values. Sparse RandLoRA's ``B·T`` is one (``L = B``, ``S = T``)."""
+
+    support: SparseSupport
+    values: torch.Tensor
+    scale: float = 1.0
+    transposed: bool = False
+
+    def add_into(self, W: torch.Tensor, support: SparseSupport, values: torch.Tensor) -> None:
+        """``W += ΔW`` in place (``W``: ``(out, in)``, ``values`` on ``support``): one SpMM with ``L`` per block of
+        ``S``'s columns, each block densified on its own (``nnz(L) · c`` multiply-adds in all).
+
+        Blocks keep the transient small: ``S`` densified whole would be a second ``out × in``-sized tensor beside
+        ``W`` for sparse RandLoRA (``k = N·r ≈ min(out, in)``); in ``BUILD_BLOCKS`` blocks it is 1/8 of that.
+        """
+        from .ops import get_ops
+
+        k, c = support.shape
+        _, by_column = support.layouts(W.device)  # S's entries in column-major order, with column pointers
+        rows = by_column.col
+        cols = support.cols(W.device)[by_column.perm]
+        vals = values.detach().to(W.dtype)[by_column.perm]
+        l_vals = self.values.to(W.dtype) * self.scale
+        target = W if self.transposed else W.t()  # (c, p): ΔWᵀ = S_denseᵀ · Lᵀ is what spmm computes
+        ptr = by_column.crow.tolist()
+        step = -(-c // BUILD_BLOCKS)
+        ops = get_ops(W.device)
+        for j0 in range(0, c, step):
+            j1 = min(c, j0 + step)
+            a, b = ptr[j0], ptr[j1]
+            block = W.new_zeros(j1 - j0, k)
+            block.view(-1).index_put_(((cols[a:b] - j0) * k + rows[a:b],), vals[a:b])
+            ops.spmm(block, self.support, l_vals, add_to=target[j0:j1])
+
+
+def _fused_weight(source, supports, values, factors) -> torch.Tensor:
+    """``W0 + Σ ΔW_a``: a fresh copy of W0 with each term added (plain terms scattered, factored ones by one SpMM)."""
     W = source()
     flat_w = W.view(-1)
-    for flat, v in zip(flats, values):
-        flat_w.index_add_(0, flat, v.detach().to(W.dtype))
+    for support, v, factor in zip(supports, values, factors):
+        if factor is None:
+            flat_w.index_add_(0, support.flat(W.device), v.detach().to(W.dtype))
+        else:
+            factor.add_into(W, support, v)
     return W
 
 
 class FusedSparseLinear(torch.autograd.Function):
-    """``y = x · (W0 + Σ S_a)ᵀ + b``; ``∂x = ∂y · (W0 + Σ S_a)``, ``∂v_a = (∂yᵀ x)[support_a]``, ``∂b = Σ ∂y``.
+    """``y = x · (W0 + Σ ΔW_a)ᵀ + b``; ``∂x = ∂y · (W0 + Σ ΔW_a)``, ``∂b = Σ ∂y``, and per term
+    ``∂v_a = (∂yᵀ x)[support_a]`` (``ΔW_a = S_a``) or ``scale · (Lᵀ (∂yᵀ x))[support_a]`` (``ΔW_a = scale · L·S_a``).
 
     Saves ``x`` (which the frozen layer's GEMM saves anyway) and the values; the weight is rebuilt in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, bias, source, supports, sddmm_paths, *values):
-        flats = [s.flat(x.device) for s in supports]
-        W = _fused_weight(source, flats, values)
+    def forward(ctx, x, bias, source, supports, sddmm_paths, factors, *values):
+        W = _fused_weight(source, supports, values, factors)
         y = F.linear(x, W, bias)
         del W
-        ctx.source, ctx.supports, ctx.flats, ctx.sddmm_paths = source, supports, flats, sddmm_paths
+        ctx.source, ctx.supports = source, supports
+        ctx.sddmm_paths, ctx.factors = sddmm_paths, factors
         ctx.save_for_backward(x, *values)
         return y
 
@@ -84,28 +137,57 @@ class FusedSparseLinear(torch.autograd.Function):
         # The values' gradients first: their temporaries are gone before the transient weight and the input
         # gradient exist. bench/sparse_delta.py, 4,096 x 1024², peak above LoRA: 8.54 MB in the other order
         # (bench/results/sparse_delta-cpu.json at commit ce158d5), 4.15 MB in this one (the current file).
+        dense_gx = _DenseGrad(g2d, x2d)
         grad_values = [
-            _values_grad(g2d, x2d, support, flat, v.dtype, path) if ctx.needs_input_grad[5 + i] else None
-            for i, (support, flat, v, path) in enumerate(zip(ctx.supports, ctx.flats, values, ctx.sddmm_paths))
+            _values_grad(g2d, x2d, dense_gx, support, v.dtype, path, factor) if ctx.needs_input_grad[6 + i] else None
+            for i, (support, v, path, factor) in enumerate(zip(ctx.supports, values, ctx.sddmm_paths, ctx.factors))
         ]
+        del dense_gx
         grad_bias = g2d.sum(0) if need_bias else None
         grad_x = None
         if need_x:
-            W = _fused_weight(ctx.source, ctx.flats, values)
+            W = _fused_weight(ctx.source, ctx.supports, values, ctx.factors)
             grad_x = grad.matmul(W.to(grad.dtype))
             del W
-        return (grad_x, grad_bias, None, None, None, *grad_values)
+        return (grad_x, grad_bias, None, None, None, None, *grad_values)
 
 
-def _values_grad(g2d, x2d, support: SparseSupport, flat, dtype, path: str) -> torch.Tensor:
-    """``(gᵀ x)[support]`` by a sampled SDDMM (``ops.get_ops``: reference on CPU, Triton on CUDA) or by the dense
-    ``gᵀ x`` GEMM and a gather (one transient ``out × in`` in fp32)."""
-    if path == "dense":
-        acc = torch.float64 if torch.float64 in (g2d.dtype, x2d.dtype) else torch.float32
-        return (g2d.t().to(acc) @ x2d.to(acc)).view(-1).index_select(0, flat).to(dtype)
+class _DenseGrad:
+    """``∂yᵀ·x`` (``out × in``, fp32 or fp64), computed on first use and shared by the terms that ask for it."""
+
+    def __init__(self, g2d: torch.Tensor, x2d: torch.Tensor):
+        self.g2d, self.x2d, self._value = g2d, x2d, None
+
+    def get(self) -> torch.Tensor:
+        if self._value is None:
+            acc = torch.float64 if torch.float64 in (self.g2d.dtype, self.x2d.dtype) else torch.float32
+            self._value = self.g2d.t().to(acc) @ self.x2d.to(acc)
+        return self._value
+
+
+def _values_grad(g2d, x2d, dense_gx: _DenseGrad, support: SparseSupport, dtype, path: str,
+                 factor: FrozenFactor | None) -> torch.Tensor:
+    """One term's values gradient, by the sampled SDDMM (``ops.get_ops``: reference on CPU, Triton on CUDA) or from
+    the dense ``∂yᵀ·x`` (one transient ``out × in``, shared by the layer's terms) and a gather."""
     from .ops import get_ops
 
-    return get_ops(g2d.device).sddmm(_contiguous(g2d), _contiguous(x2d), support, out_dtype=dtype)
+    ops = get_ops(g2d.device)
+    if factor is None:
+        if path == "dense":
+            return dense_gx.get().view(-1).index_select(0, support.flat(g2d.device)).to(dtype)
+        return ops.sddmm(_contiguous(g2d), _contiguous(x2d), support, out_dtype=dtype)
+    L_values = factor.values.to(g2d.dtype)
+    if path == "dense":  # ∂S = scale · Lᵀ·G' with G' = ∂yᵀx (or its transpose): (G'ᵀ·L)ᵀ by one spmm_t
+        G = dense_gx.get()
+        g_prime_t = G if factor.transposed else G.t()  # (c, p)
+        lt_g = ops.spmm_t(_contiguous(g_prime_t), factor.support, factor.values.to(G.dtype))  # (c, k)
+        flat_t = support.flat(g2d.device, transposed=True)
+        return lt_g.view(-1).index_select(0, flat_t).mul_(factor.scale).to(dtype)
+    if not factor.transposed:  # y += scale·x·Sᵀ·Lᵀ: ∂S = scale·((∂y·L)ᵀ x)[support]
+        h = ops.spmm_t(_contiguous(g2d), factor.support, L_values)
+        return ops.sddmm(h, _contiguous(x2d), support, out_dtype=dtype).mul_(factor.scale)
+    h = ops.spmm_t(_contiguous(x2d), factor.support, factor.values.to(x2d.dtype))  # y += scale·x·L·S
+    return ops.sddmm(h, _contiguous(g2d), support, out_dtype=dtype).mul_(factor.scale)
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -119,6 +201,7 @@ def fused_sparse_linear(
     supports: Sequence[SparseSupport],
     values: Sequence[torch.Tensor],
     sddmm_paths: Sequence[str],
+    factors: Sequence[FrozenFactor | None] | None = None,
 ) -> torch.Tensor:
     """``x · (W0 + Σ S_a)ᵀ + b`` for ``x`` ``(..., in)`` in the compute dtype; returns ``(..., out)``.
 
@@ -127,5 +210,7 @@ def fused_sparse_linear(
         bias: the base layer's bias (in ``x``'s dtype) or None.
         supports / values: one ``(support, (nnz,) values)`` per adapter with a sparse term.
         sddmm_paths: per adapter, ``"sampled"`` or ``"dense"`` (``ops.resolve_sddmm``).
+        factors: per adapter, None (``ΔW = S``) or the :class:`FrozenFactor` of a factored term.
     """
-    return FusedSparseLinear.apply(x, bias, source, tuple(supports), tuple(sddmm_paths), *values)
+    factors = tuple(factors) if factors is not None else (None,) * len(supports)
+    return FusedSparseLinear.apply(x, bias, source, tuple(supports), tuple(sddmm_paths), factors, *values)

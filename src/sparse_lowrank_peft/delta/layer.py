@@ -221,10 +221,10 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             return self.base_forward(x, *args, **kwargs)
         if self.merged:
             return self.base_forward(x, *args, **kwargs)
-        fused = self._fused_adapters(x) if not (args or kwargs) else []
+        fused = self._fused_adapters(x) if not (args or kwargs) else {}
         result = self._fused_forward(x, fused) if fused else self.base_forward(x, *args, **kwargs)
         for adapter_name in self.active_adapters:
-            if not self.has_adapter(adapter_name):
+            if not self.has_adapter(adapter_name) or (adapter_name in fused and self.fused_covers_lowrank):
                 continue
             delta = self.adapter_forward(x, adapter_name, sparse=adapter_name not in fused)
             if delta is not None:
@@ -239,35 +239,57 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             return getattr(base, "compute_dtype", None) or torch.float32
         return weight.dtype
 
-    def _fused_adapters(self, x: torch.Tensor) -> list[str]:
-        """The active adapters whose sparse term the dispatcher folds into the base GEMM for this input
-        (``delta.ops.resolve_sparse_path``); empty when the base cannot be read as a dense weight."""
-        if self.sparse_values_attr is None or isinstance(self.base_layer, BaseTunerLayer):
-            return []
-        if getattr(self.base_layer, "weight", None) is None:  # HQQ and other bases without a readable weight
-            return []
-        names = [n for n in self.active_adapters if self.has_adapter(n) and self.has_sparse(n)]
-        if not names:
-            return []
+    def fused_operands(self, adapter_name: str):
+        """``(support, factor)`` of the adapter's weight-shaped term the fused path can fold into W0, or None.
+
+        Default: the sparse term ``S`` (``factor`` None, ``ΔW = S``). A method whose whole low-rank part is a
+        factored sparse product (sparse RandLoRA's ``scale · B·T``) returns its :class:`~.fused.FrozenFactor` and sets
+        ``fused_covers_lowrank``; it returns None when the fused path cannot compute it (e.g. dropout in training).
+        """
+        if not self.has_sparse(adapter_name):
+            return None
+        return self.get_support(adapter_name), None
+
+    def fused_values(self, adapter_name: str) -> torch.Tensor:
+        """The trainable values on the ``fused_operands`` support (differentiable)."""
+        return getattr(self, self.sparse_values_attr)[adapter_name]
+
+    #: True when ``fused_operands`` is the adapter's whole contribution (its ``lowrank_forward`` is then skipped)
+    fused_covers_lowrank: bool = False
+
+    def _fused_adapters(self, x: torch.Tensor) -> dict[str, tuple]:
+        """The active adapters whose term the dispatcher folds into the base GEMM for this input, with their
+        ``(support, factor)`` (``delta.ops.resolve_sparse_path``); empty when the base cannot be read as a dense
+        weight."""
+        if isinstance(self.base_layer, BaseTunerLayer) or getattr(self.base_layer, "weight", None) is None:
+            return {}  # HQQ and other bases without a readable weight
+        operands = {}
+        for name in self.active_adapters:
+            found = self.fused_operands(name) if self.has_adapter(name) else None
+            if found is not None:
+                operands[name] = found
+        if not operands:
+            return {}
         tokens = x.numel() // max(x.shape[-1], 1)
-        support = self.get_support(names[0])
-        if resolve_sparse_path(tokens, support, x.device) != "fused":
-            return []
+        support, factor = next(iter(operands.values()))
+        if resolve_sparse_path(tokens, support, x.device, factor) != "fused":
+            return {}
         from .fused import weight_source
 
-        return names if weight_source(self.base_layer, self._compute_dtype()) is not None else []
+        return operands if weight_source(self.base_layer, self._compute_dtype()) is not None else {}
 
-    def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """``base(x) + Σ x·S_aᵀ`` as one GEMM with the transient ``W0 + Σ S_a`` (``delta.fused``)."""
+    def _fused_forward(self, x: torch.Tensor, operands: dict[str, tuple]) -> torch.Tensor:
+        """``base(x) + Σ x·ΔW_aᵀ`` as one GEMM with the transient ``W0 + Σ ΔW_a`` (``delta.fused``)."""
         from .fused import fused_sparse_linear, weight_source
 
         dtype = self._compute_dtype()
         base = self.base_layer
-        supports = [self.get_support(n) for n in names]
-        values = [getattr(self, self.sparse_values_attr)[n] for n in names]
+        supports = [support for support, _ in operands.values()]
+        factors = [factor for _, factor in operands.values()]
+        values = [self.fused_values(n) for n in operands]
         bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
-        sddmm = [resolve_sddmm(s, x.device) for s in supports]
-        y = fused_sparse_linear(x.to(dtype), weight_source(base, dtype), bias, supports, values, sddmm)
+        sddmm = [resolve_sddmm(s, x.device, f) for s, f in zip(supports, factors)]
+        y = fused_sparse_linear(x.to(dtype), weight_source(base, dtype), bias, supports, values, sddmm, factors)
         return y.to(x.dtype)
 
     # ------------------------------------------------------------------ 4-bit bases

@@ -54,6 +54,19 @@ FUSED_MIN_TOKENS_X_DENSITY = {"cpu": 3.2, "cuda": 2048 * 0.001}
 #   cuda: the H100 densify rows above compute ∂v as a dense GEMM + gather and won at every shape; unmeasured
 #         against the Triton SDDMM alone.
 DENSE_SDDMM_MIN_DENSITY = {"cpu": 0.2, "cuda": 0.0}
+# A factored term ``scale · L·S`` (sparse RandLoRA's ``B·T``): the SpMM path spends ~tokens · (nnz(L) + nnz(S)) per
+# product, the fused path builds ``L·S`` once per forward and once per backward (nnz(L) · c multiply-adds, c the
+# columns of S), so the crossover is a token count proportional to c whatever the density.
+#   cpu:  bench/results/dispatch-cpu.json "factored" (bench/dispatch.py --parts factored --clock cpu, 1 thread,
+#         r 32, d 768 and 1024, basis density 0.1 and 0.01, 32-4,096 tokens): fused from 1,024 tokens at d 768
+#         (0.78x at 0.1, 0.94x at 0.01) and from 1,024 / 2,048 at d 1024; at 4,096 tokens 0.55-0.75x. The latest
+#         crossover, 2,048 tokens for 1,024 columns, gives 2.0.
+#   cuda: not measured yet (bench/gpu_check.sh runs part 3 when a GPU is lent): SpMM stays.
+FACTORED_FUSED_MIN_TOKENS_PER_COLUMN = {"cpu": 2.0}
+# Its values' gradient: the sampled route (∂y·L by spmm_t, then the SDDMM) was at or within 6% of the dense
+# ``∂yᵀx`` route at every measured row above, and 16-37% faster below 2,048 tokens: sampled everywhere measured
+# (the dense route stays selectable with SLPEFT_SDDMM=dense).
+FACTORED_DENSE_SDDMM_MIN_DENSITY: dict[str, float] = {}
 
 
 def _triton_module() -> ModuleType | None:
@@ -102,26 +115,37 @@ def _env_choice(env: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def resolve_sparse_path(tokens: int, support: SparseSupport, device: torch.device) -> str:
-    """``"fused"`` (fold S into the frozen weight's GEMMs, ``delta.fused``) or ``"spmm"`` (``sparse_delta``) for a
-    layer computing ``tokens`` rows on ``device``: ``SLPEFT_SPARSE_PATH`` if set, else the measured cost model."""
+def resolve_sparse_path(tokens: int, support: SparseSupport, device: torch.device, factor=None) -> str:
+    """``"fused"`` (fold the term into the frozen weight's GEMMs, ``delta.fused``) or ``"spmm"`` (SpMM kernels) for a
+    layer computing ``tokens`` rows on ``device``: ``SLPEFT_SPARSE_PATH`` if set, else the measured cost model
+    (``factor``: the :class:`~.fused.FrozenFactor` of a factored term ``scale · L·S``, or None for ``ΔW = S``)."""
     choice = _env_choice(PATH_ENV, _PATHS)
     if choice != "auto":
         return choice
+    if factor is not None:
+        per_column = FACTORED_FUSED_MIN_TOKENS_PER_COLUMN.get(device.type)
+        columns = support.shape[1]
+        return "fused" if per_column is not None and tokens >= per_column * columns else "spmm"
     crossover = FUSED_MIN_TOKENS_X_DENSITY.get(device.type)
     if crossover is None:
         return "spmm"
     return "fused" if tokens * support.density >= crossover else "spmm"
 
 
-def resolve_sddmm(support: SparseSupport, device: torch.device) -> str:
+def resolve_sddmm(support: SparseSupport, device: torch.device, factor=None) -> str:
     """``"sampled"`` or ``"dense"`` for the values' gradient on the fused path: ``SLPEFT_SDDMM`` if set, else the
-    measured density threshold."""
+    measured density threshold. A factored term's sampled route costs ``tokens · (nnz(S) + nnz(L))`` (``∂y·L`` and
+    the SDDMM), so its density is that count over the layer's ``out · in``, against its own measured threshold."""
     choice = _env_choice(SDDMM_ENV, _SDDMMS)
     if choice != "auto":
         return choice
     threshold = DENSE_SDDMM_MIN_DENSITY.get(device.type)
-    return "dense" if threshold is not None and support.density >= threshold else "sampled"
+    density = support.density
+    if factor is not None:
+        threshold = FACTORED_DENSE_SDDMM_MIN_DENSITY.get(device.type)
+        p, c = factor.support.shape[0], support.shape[1]
+        density = (support.nnz + factor.support.nnz) / max(p * c, 1)
+    return "dense" if threshold is not None and density >= threshold else "sampled"
 
 
 def get_ops(device: torch.device, backend: str | None = None) -> ModuleType:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..._peft_compat import BufferDict
+from ...delta.fused import FrozenFactor
 from ...delta.layer import DeltaLayer
 from ...delta.ops import get_ops, sparse_delta
 from ...delta.support import SparseSupport
@@ -215,6 +216,31 @@ class SparseRandLoraLayer(DeltaLayer):
             return frozen_sparse_product(h, ops.second, ops.frozen_values) * scale
         h = frozen_sparse_product(x, ops.first, ops.frozen_values)  # frozen Bᵀ, then Tᵀ (saves h)
         return sparse_delta(h, ops.second, t_values) * scale
+
+    # ------------------------------------------------------------------ fused-weight path (delta.fused)
+    fused_covers_lowrank = True
+
+    def _fused_basis_operands(self, adapter_name: str) -> Optional[basis_cache.SparseOperands]:
+        """``T`` (``N·r × min``) and ``B`` (``max × N·r``) in the layer-independent orientation, or None when the
+        fused path cannot compute this adapter: dense bases (PEFT's two matmuls), or dropout active in training
+        (the delta then sees another input than the base)."""
+        basis = self.get_basis(adapter_name)
+        dropout = self.sparse_randlora_dropout[adapter_name]
+        if basis.dense or (self.training and not isinstance(dropout, nn.Identity)):
+            return None
+        lam = self.sparse_randlora_lambda[adapter_name]
+        return basis.operands(False, lam.device, lam.dtype)
+
+    def fused_operands(self, adapter_name: str):
+        """``ΔW = scale · B·T`` (``scale · (B·T)ᵀ`` when ``out < in``) as a factored term: ``S = T``, ``L = B``."""
+        ops = self._fused_basis_operands(adapter_name)
+        if ops is None:
+            return None
+        factor = FrozenFactor(ops.second, ops.frozen_values, self.sparse_randlora_scaling[adapter_name], self.transposed)
+        return ops.first, factor
+
+    def fused_values(self, adapter_name: str) -> torch.Tensor:
+        return self.sparse_T_values(adapter_name, self._fused_basis_operands(adapter_name))
 
     def lowrank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
         """Dense ΔW (``out × in``, fp32): ``scale·B·T`` or ``scale·Tᵀ·Bᵀ``. Merge only."""
