@@ -20,6 +20,7 @@ from .callbacks import (  # noqa: E402  (after the tuners it hooks into)
     training_callbacks,
 )
 from .export import export_to_lora
+from .pretrain import PerLayerOptimizer, SLTrainLinear, load_sltrain, save_sltrain, to_dense, to_sltrain  # noqa: F401
 
 __version__ = "0.1.0"
 
