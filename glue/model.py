@@ -293,9 +293,11 @@ def load_init_adapter(peft_model, path: str, head_modules: Sequence[str]) -> dic
 # 4-bit base
 
 
-def make_quant_plan(cfg: RunConfig, model, names: Sequence[str]) -> tuple[dict[str, str], dict[str, Any]]:
+def make_quant_plan(cfg: RunConfig, model, names: Sequence[str], fisher: dict | None = None
+                    ) -> tuple[dict[str, str], dict[str, Any]]:
     """``quantize: plan``: the configuration of every matrix in ``names`` and what was done (bits, choices). A
-    budget is solved from the recipe's measurement table, or from one measured here (LQ at the adapter's rank)."""
+    budget is solved from the recipe's measurement table, or from one measured here (LQ at the adapter's rank on
+    its targets; errors weighted by ``fisher``, :func:`fisher_weights`, when given)."""
     from sparse_lowrank_peft.delta import bitbudget as bb
 
     spec = dict(cfg.quantize_plan)
@@ -305,11 +307,44 @@ def make_quant_plan(cfg: RunConfig, model, names: Sequence[str]) -> tuple[dict[s
     if "table" in spec:
         table = bb.PlanTable.from_dict(json.loads(Path(spec["table"]).read_text())["table"])
         table = _table_for(table, names, spec["table"])
-    else:
+    else:  # measured as the run uses the layers: L only on LQ init's targets
         weights = {n: model.get_submodule(n).weight for n in names}
-        table = bb.measure(weights, rank)
+        table = bb.measure(weights, rank, fisher=fisher, lq_layers=lq_targets(cfg, model, names))
     plan = bb.solve(table, float(spec["budget_bits"]))
-    return plan, {"budget_bits": spec["budget_bits"], **bb.plan_summary(table, plan), "table_rank": table.rank}
+    info = {"budget_bits": spec["budget_bits"], **bb.plan_summary(table, plan), "table_rank": table.rank}
+    if fisher is not None:
+        info["fisher_batches"] = spec["fisher_batches"]
+    return plan, info
+
+
+def lq_targets(cfg: RunConfig, model, names: Sequence[str]) -> list[str]:
+    """The layers of ``names`` LQ init gives ``L``: the adapter's ``target_modules`` (the tuners' default for the
+    model type when the recipe names none); none without ``init: lq``."""
+    if cfg.init != "lq":
+        return []
+    from sparse_lowrank_peft._peft_compat import DEFAULT_TARGET_MODULES
+
+    targets = cfg.peft.get("target_modules") or DEFAULT_TARGET_MODULES.get(model.config.model_type, [])
+    if isinstance(targets, str):  # a regex, as PEFT matches it
+        return [n for n in names if re.fullmatch(targets, n)]
+    return [n for n in names if n.split(".")[-1] in targets or any(n.endswith("." + t) for t in targets)]
+
+
+def fisher_weights(cfg: RunConfig, model, tokenizer, train, names: Sequence[str]) -> dict:
+    """LQ-LoRA's Fisher weights (row and column sums of the squared loss gradients) of the linears ``names``, from
+    the first ``quantize_plan.fisher_batches`` training batches of the full-precision model (the head as
+    initialised: the task's loss through it is what the base is asked to keep)."""
+    from transformers import DataCollatorWithPadding
+
+    from glue.data import tokenize
+    from sparse_lowrank_peft.delta.quant import fisher_row_col_weights
+
+    n_batches, size = int(cfg.quantize_plan["fisher_batches"]), cfg.train_batch_size
+    count = min(n_batches * size, len(train))
+    examples = tokenize(train.select(range(count)), tokenizer, cfg.max_seq_len, "tokenize fisher batches")
+    collate = DataCollatorWithPadding(tokenizer)
+    batches = (collate([examples[j] for j in range(i, min(i + size, count))]) for i in range(0, count, size))
+    return fisher_row_col_weights(model, batches, names)
 
 
 def _table_for(table, names: Sequence[str], path: str):
@@ -378,7 +413,7 @@ class BuiltModel:
     params: tuple[int, int] = (0, 0)  # (trainable, total), as built (before training)
 
 
-def build_model(cfg: RunConfig, task: TaskSpec) -> BuiltModel:
+def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
     """The run's model before training, exactly as :func:`glue.run.run` trains it: ``set_seed(cfg.seed)``, the base
     model, its 4-bit base (``quantize``), the adapter (``method``; LQ init quantizes its own targets) and
     ``init_adapter``; ``params`` holds its (trainable, total) parameter counts.
@@ -392,11 +427,15 @@ def build_model(cfg: RunConfig, task: TaskSpec) -> BuiltModel:
     head = list(cfg.head_modules) if cfg.head_modules else head_module_names(model)
     built = BuiltModel(model, tokenizer, model_path, head)
     to_quantize = quantizable_linears(model, head) if cfg.quantize else []
-    plan = None
+    plan = fisher = None
     if cfg.quantize == "plan":
         from sparse_lowrank_peft.delta.bitbudget import apply_plan
 
-        plan, built.quant_info = make_quant_plan(cfg, model, to_quantize)
+        if cfg.quantize_plan.get("fisher_batches"):
+            if train is None:
+                raise GlueError("quantize_plan.fisher_batches needs the training data: build_model(cfg, task, train).")
+            fisher = fisher_weights(cfg, model, tokenizer, train, to_quantize)
+        plan, built.quant_info = make_quant_plan(cfg, model, to_quantize, fisher)
         if cfg.init != "lq":
             built.quant_info["quantized_layers"] = apply_plan(model, plan)
     elif cfg.quantize and cfg.init != "lq":
@@ -408,7 +447,7 @@ def build_model(cfg: RunConfig, task: TaskSpec) -> BuiltModel:
         if plan is not None and cfg.init == "lq":
             fields["lq_plan"] = plan
         built.peft_config = make_peft_config(cfg.method, fields, head)
-        built.model = get_peft_model(model, built.peft_config)
+        built.model = _with_fisher(fisher, get_peft_model, model, built.peft_config)
         if plan is not None and cfg.init == "lq":  # the LQ targets have their planned base; the rest plainly
             built.quant_info["quantized_layers"] = apply_plan(built.model, plan)
             built.quant_info["choices"] = {c: list(plan.values()).count(c) for c in sorted(set(plan.values()))}
@@ -420,3 +459,13 @@ def build_model(cfg: RunConfig, task: TaskSpec) -> BuiltModel:
     built.params = count_parameters(built.model)
     return built
 
+
+
+def _with_fisher(fisher: dict | None, fn, *args):
+    """``fn(*args)`` with LQ init reading ``fisher``'s row/column weights (``delta.quant.use_fisher``), if any."""
+    if fisher is None:
+        return fn(*args)
+    from sparse_lowrank_peft.delta.quant import use_fisher
+
+    with use_fisher(fisher):
+        return fn(*args)

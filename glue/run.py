@@ -65,7 +65,7 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
         import torch
 
         torch.set_num_threads(cfg.num_threads)
-    built = build_model(cfg, data.task)
+    built = build_model(cfg, data.task, data.train)
     squeeze_spec, all_callbacks = run_callbacks(cfg, built.model, callbacks)
     _print_model(cfg, built)
     if dry_run:

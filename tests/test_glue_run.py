@@ -420,7 +420,8 @@ def test_nf4_base_for_peft_lora(tiny_model, toy_task, tmp_path):
     assert is_finite_metric(res)
 
 
-@pytest.mark.parametrize("plan", [{"uniform": "hqq-4bit-g32"}, {"budget_bits": 6.0}], ids=["uniform", "budget"])
+@pytest.mark.parametrize("plan", [{"uniform": "hqq-4bit-g32"}, {"budget_bits": 6.0},
+                                  {"budget_bits": 6.0, "fisher_batches": 2}], ids=["uniform", "budget", "fisher"])
 def test_quantize_plan_from_a_recipe(tiny_model, toy_task, tmp_path, plan):
     """quantize: plan -- every encoder linear with its configuration (LQ on the targets), trained, adapter saved."""
     pytest.importorskip("bitsandbytes")
@@ -433,10 +434,44 @@ def test_quantize_plan_from_a_recipe(tiny_model, toy_task, tmp_path, plan):
     assert sum(info["choices"].values()) == 12
     if "budget_bits" in plan:
         assert info["bits_per_param"] <= 6.0
+    if "fisher_batches" in plan:  # the errors solved over are Fisher-weighted: another scale than ‖W − Q − L‖²
+        assert info["fisher_batches"] == 2
     saved = json.loads((tmp_path / "p" / "adapter" / "adapter_config.json").read_text())
     assert saved["init_weights"] == "lq" and len(saved["lq_plan"]) == 12
     assert is_finite_metric(res)
 
+
+
+def test_fisher_weights_reach_the_plan_and_lq_init(tiny_model, toy_task, monkeypatch):
+    """fisher_batches: the table is measured with the Fisher weights of that many training batches, and LQ init
+    reads the same weights for its targets (delta.quant.use_fisher)."""
+    pytest.importorskip("hqq")
+    from glue import model as gmodel
+    from sparse_lowrank_peft.delta import bitbudget, quant
+
+    seen = {}
+    measure, lq_decompose = bitbudget.measure, quant.lq_decompose
+
+    def spy_measure(weights, rank, **kw):
+        seen["measure"] = (set(kw["fisher"]), set(kw["lq_layers"]))
+        return measure(weights, rank, **kw)
+
+    def spy_lq(W, rank, fisher=None, **kw):
+        seen.setdefault("lq_fisher", []).append(fisher is not None)
+        return lq_decompose(W, rank, fisher=fisher, **kw)
+
+    monkeypatch.setattr(bitbudget, "measure", spy_measure)
+    monkeypatch.setattr(quant, "lq_decompose", spy_lq)
+    c = cfg(task="custom", custom=toy_task, model=tiny_model, method="sltrain", quantize="plan", init="lq",
+            quantize_plan={"budget_bits": 6.0, "fisher_batches": 2}, peft={"r": 2, "sparsity": 0.1, "lq_max_iter": 1})
+    data = gdata.load_run_data(c)
+    gmodel.build_model(c, data.task, data.train)
+    fisher_layers, lq_layers = seen["measure"]
+    assert len(fisher_layers) == 12 and len(lq_layers) == 4  # every encoder linear weighed; L on query/value only
+    assert seen["lq_fisher"] and all(seen["lq_fisher"])
+    with pytest.raises(GlueError, match="goes with budget_bits and without table"):
+        gconfig.validate_config(cfg(task="sst2", method="sltrain", init="lq", quantize="plan",
+                                    quantize_plan={"uniform": "bnb-nf4", "fisher_batches": 2}))
 
 
 def is_finite_metric(res) -> bool:
