@@ -67,7 +67,8 @@ class RunConfig:
                                                        "hqq-2bit-g64), and [table] (a bench/bitbudget.py result to "
                                                        "solve from; default: measured in the run) or [fisher_batches] "
                                                        "(weigh the measured errors by the empirical Fisher of that "
-                                                       "many training batches, as LQ-LoRA does; also weighs LQ init)")
+                                                       "many training batches, as LQ-LoRA does; also weighs LQ init) "
+                                                       "and [candidates] (the configurations to measure; default all)")
     init: str = _f("default", "adapter initialisation: default (the method's own) or lq (LQ-LoRA: W = Q + L, the "
                               "adapter's low-rank factors start from L; tuners with init_weights='lq'; needs quantize)",
                    choices=("default", "lq"))
@@ -407,7 +408,7 @@ def _validate_plan_fields(cfg: RunConfig) -> None:
     if cfg.quantize != "plan":
         return
     plan = dict(cfg.quantize_plan)
-    unknown = sorted(set(plan) - {"budget_bits", "uniform", "table", "fisher_batches"})
+    unknown = sorted(set(plan) - {"budget_bits", "uniform", "table", "fisher_batches", "candidates"})
     if unknown or ("budget_bits" in plan) == ("uniform" in plan):
         raise GlueError(f"quantize_plan={plan}: give exactly one of budget_bits (a number, e.g. 2.75) or uniform (a "
                         "configuration such as hqq-2bit-g64), and optionally table (a bench/bitbudget.py result file)"
@@ -417,8 +418,13 @@ def _validate_plan_fields(cfg: RunConfig) -> None:
 
         if "uniform" in plan:
             parse_choice(plan["uniform"])
+        for name in plan.get("candidates") or []:
+            parse_choice(name)
     except (ValueError, ImportError) as err:
-        raise GlueError(f"quantize_plan.uniform: {err}") from None
+        raise GlueError(f"quantize_plan.{'uniform' if 'uniform' in plan else 'candidates'}: {err}") from None
+    if "candidates" in plan and ("budget_bits" not in plan or "table" in plan or not plan["candidates"]):
+        raise GlueError("quantize_plan.candidates (a non-empty list of configurations, e.g. [hqq-3bit-g64, bnb-nf4]) "
+                        "restricts what the run measures: it goes with budget_bits and without table.")
     if "budget_bits" in plan and (isinstance(plan["budget_bits"], bool) or not isinstance(plan["budget_bits"], (int, float))):
         raise GlueError(f"quantize_plan.budget_bits={plan['budget_bits']!r} must be a number of bits per parameter.")
     _validate_fisher_batches(plan)

@@ -309,7 +309,8 @@ def make_quant_plan(cfg: RunConfig, model, names: Sequence[str], fisher: dict | 
         table = _table_for(table, names, spec["table"])
     else:  # measured as the run uses the layers: L only on LQ init's targets
         weights = {n: model.get_submodule(n).weight for n in names}
-        table = bb.measure(weights, rank, fisher=fisher, lq_layers=lq_targets(cfg, model, names))
+        choices = [bb.parse_choice(n) for n in spec["candidates"]] if spec.get("candidates") else bb.CANDIDATES
+        table = bb.measure(weights, rank, choices, fisher=fisher, lq_layers=lq_targets(cfg, model, names))
     plan = bb.solve(table, float(spec["budget_bits"]))
     info = {"budget_bits": spec["budget_bits"], **bb.plan_summary(table, plan), "table_rank": table.rank}
     if fisher is not None:

@@ -66,7 +66,13 @@ def test_quantize_plan_fields_are_checked_before_loading(tmp_path):
                         "exactly one of budget_bits"),
                        ({"quantize": "plan", "quantize_plan": {"uniform": "int3"}}, "quantization configuration"),
                        ({"quantize": "plan", "quantize_plan": {"budget_bits": 3, "table": str(tmp_path / "none")}},
-                        "is not a file")]:
+                        "is not a file"),
+                       ({"quantize": "plan", "quantize_plan": {"budget_bits": 3, "candidates": ["hqq-5bit-g64"]}},
+                        "quantize_plan.candidates"),
+                       ({"quantize": "plan", "quantize_plan": {"uniform": "bnb-nf4", "candidates": ["bnb-nf4"]}},
+                        "goes with budget_bits and without table"),
+                       ({"quantize": "plan", "quantize_plan": {"budget_bits": 3, "fisher_batches": 0}},
+                        "positive whole number")]:
         with pytest.raises(GlueError, match=match):
             gconfig.validate_config(cfg(task="sst2", method="sltrain", init="lq", **bad))
 
