@@ -2,8 +2,8 @@
 # The prepared device check: under 8 minutes on one H100, it tests the CUDA paths and times them, writing result
 # files that name the GPU. Steps (each with its own time limit, so one stuck step cannot eat the lease):
 #   1. the CUDA kernel tests and the fused-path tests (Triton SpMM/SDDMM, fused W0 + S on CUDA tensors);
-#   2. bench/dispatch.py --device cuda: the fused-vs-SpMM crossover and the SDDMM choice, measured (the constants of
-#      delta/ops.py for CUDA come from this file once it exists);
+#   2. bench/dispatch.py --device cuda: the fused-vs-SpMM crossover, the SDDMM choice and sparse RandLoRA's factored
+#      term (B·T) on both paths, measured (the constants of delta/ops.py for CUDA come from this file once it exists);
 #   3. bench/sparse_delta.py at the H100 shapes, both paths side by side;
 #   4. bench/throughput.py on the roberta-base shape (bf16, 32 x 512), every adapter method.
 #
@@ -37,7 +37,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 }
 
 step tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_cuda.py tests/test_fused.py
-step dispatch 80 "$PY" bench/dispatch.py --device cuda --rounds 10
+step dispatch 110 "$PY" bench/dispatch.py --device cuda --rounds 10
 step sparse-delta 130 "$PY" bench/sparse_delta.py --device cuda --repeats 10 \
     --shape 8192,4096,4096,0.01 --shape 16384,768,768,0.01 --shape 2048,1024,1024,0.001 \
     --variants base lora densify_lora sparse_triton sltrain sltrain_spmm
