@@ -12,7 +12,8 @@ Setup (every method the same except its linear layers and learning rate):
 * model: ``LlamaForCausalLM`` from ``LlamaConfig`` (hidden 128, MLP 352, 4 layers, 4 heads, untied embeddings; rank 40);
   every attention and MLP projection is the linear under test (the paper's target set); embeddings, norms and the
   head stay dense in all methods;
-* methods: ``full`` (dense, ordinary AdamW loop), ``lowrank`` (SLTrainLinear with density 0: ``B·A`` only) and
+* methods: ``full`` (dense, ordinary AdamW loop), ``lowrank`` (SLTrainLinear with density 0: ``B·A`` only, both
+  factors drawn at init -- with ``B = 0`` and no S every block is 0 and stays 0, see ``SLTrainLinear``) and
   ``sltrain`` (rank r, density 0.03), both trained with per-layer updates (``PerLayerOptimizer``, one AdamW per
   parameter stepped in backward); same steps, warm-up (10%) + cosine to 10% of the peak LR, no weight decay, no
   clipping (global clipping is impossible with per-layer updates, so none of the methods clips);
@@ -256,10 +257,10 @@ def base_spec(args) -> dict:
     }
 
 
-def sweep(args) -> dict:
+def sweep(args, methods) -> dict:
     """Per method: the LR of ``args.lrs`` with the lowest dev loss after ``args.sweep_steps`` steps (seed 0)."""
     rows, best = [], {}
-    for method in METHODS:
+    for method in methods:
         for lr in args.lrs:
             spec = {**base_spec(args), "method": method, "lr": lr, "seed": 0, "steps": args.sweep_steps,
                     "dev": True, "per_layer": method != "full", "eval_every": args.sweep_steps}
@@ -291,7 +292,9 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def checks(summary: dict, memory: dict[str, list[dict]]) -> list[dict]:
-    """The issue's Done-when bars, as measured."""
+    """The issue's Done-when bars, as measured (none unless all three methods ran)."""
+    if not all(m in summary for m in METHODS):
+        return []
     full, low, sl = summary["full"], summary["lowrank"], summary["sltrain"]
     out = [
         {"name": "SLTrain val ppl within 5% of full rank's", "measured": sl["val_ppl_mean"] / full["val_ppl_mean"],
@@ -361,16 +364,17 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def table(result: dict) -> str:
-    s, full = result["summary"], result["summary"]["full"]
+    s, full = result["summary"], result["summary"].get("full")
     lines = [
         "| method | lr | val ppl (mean ± std) | linear params | × full | optimizer state MiB | step s | run maxrss MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for m, r in s.items():
+        ratio = f"{r['linear_params'] / full['linear_params']:.3f}" if full else "-"
         lines.append(
             f"| {m}{' (per-layer)' if r['per_layer_updates'] else ''} | {r['lr']:g} | {r['val_ppl_mean']:.3f} ± "
-            f"{r['val_ppl_std']:.3f} | {r['linear_params']:,} | {r['linear_params'] / full['linear_params']:.3f} | "
-            f"{r['optimizer_state_bytes'] / MiB:.2f} | {r['step_s_median']:.3f} | {r['maxrss_mib']:.1f} |"
+            f"{r['val_ppl_std']:.3f} | {r['linear_params']:,} | {ratio} | {r['optimizer_state_bytes'] / MiB:.2f} | "
+            f"{r['step_s_median']:.3f} | {r['maxrss_mib']:.1f} |"
         )
     for where, mem in (result.get("memory_probe") or {}).items():
         lines += ["", f"Peak memory of one training step, {where} (hidden {mem[0]['hidden']}, batch {mem[0]['batch']} "
@@ -400,6 +404,7 @@ def parse(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--sweep-steps", type=int, default=80)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--fixed-lr", nargs="*", default=None, metavar="METHOD=LR", help="skip the sweep for these")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=128)
@@ -439,12 +444,14 @@ def main(argv=None) -> None:
                   "data": "tinyshakespeare, char level, first 90% train / last 10% val"},
     }
     fixed = dict(kv.split("=") for kv in (args.fixed_lr or []))
-    result["sweep"] = sweep(args) if len(fixed) < len(METHODS) else {"rows": [], "chosen": {}}
-    chosen = {m: float(fixed.get(m, result["sweep"]["chosen"].get(m, 0))) for m in METHODS}
+    methods = [m for m in METHODS if m in args.methods]
+    to_sweep = [m for m in methods if m not in fixed]
+    result["sweep"] = sweep(args, to_sweep) if to_sweep else {"rows": [], "chosen": {}}
+    chosen = {m: float(fixed.get(m, result["sweep"]["chosen"].get(m, 0))) for m in methods}
     result["lr"] = chosen
     runs = []
     for seed in args.seeds:
-        for method in METHODS:
+        for method in methods:
             spec = {**base_spec(args), "method": method, "lr": chosen[method], "seed": seed, "steps": args.steps,
                     "dev": False, "per_layer": method != "full"}
             r = run_child("train", spec)
@@ -453,7 +460,7 @@ def main(argv=None) -> None:
             runs.append(r)
     result["runs"] = runs
     result["summary"] = summarize(runs)
-    result["memory_probe"] = {"training model": memory_runs(args, wide=False)}
+    result["memory_probe"] = {"training model": memory_runs(args, wide=False)} if args.memory_hidden else {}
     if args.memory_hidden:
         result["memory_probe"][f"hidden {args.memory_hidden}"] = memory_runs(args, wide=True)
     result["checks"] = checks(result["summary"], result["memory_probe"])

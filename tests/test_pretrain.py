@@ -300,3 +300,16 @@ def test_load_state_dict_validates_support():
     state["sparse_indices"][0, 0] = 99
     with pytest.raises(ValueError, match="out of range"):
         layer.load_state_dict(state)
+
+
+def test_low_rank_only_layers_start_away_from_the_zero_saddle():
+    """density=0: B is drawn (not 0), else every block of the model is 0 and all its factor gradients vanish."""
+    model = to_sltrain(tiny_llama(), LLAMA_TARGETS, rank=4, density=0.0).train()
+    layer = model.model.layers[0].self_attn.v_proj
+    assert layer.sparse_values is None and layer.sparse_indices is None
+    assert torch.count_nonzero(layer.lowrank_B) == layer.lowrank_B.numel()
+    x = ids()
+    model(input_ids=x, labels=x).loss.backward()
+    for m in model.modules():
+        if isinstance(m, SLTrainLinear):
+            assert m.lowrank_B.grad.abs().sum() > 0 and m.lowrank_A.grad.abs().sum() > 0
