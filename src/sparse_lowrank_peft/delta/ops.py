@@ -59,13 +59,13 @@ DENSE_SDDMM_MIN_DENSITY = {"cpu": 0.2, "cuda": 0.0}
 # columns of S), so the crossover is a token count proportional to c whatever the density.
 #   cpu:  bench/results/dispatch-cpu.json "factored" (bench/dispatch.py --parts factored --clock cpu, 1 thread,
 #         r 32, d 768 and 1024, basis density 0.1 and 0.01, 32-4,096 tokens): fused from 1,024 tokens at d 768
-#         (0.78x at 0.1, 0.94x at 0.01) and from 1,024 / 2,048 at d 1024; at 4,096 tokens 0.55-0.75x. The latest
-#         crossover, 2,048 tokens for 1,024 columns, gives 2.0.
+#         (0.86x the two SpMMs at 0.1, 0.99x at 0.01), from 1,024 / 2,048 at d 1024; at 4,096 tokens 0.58-0.87x; at
+#         32 tokens 3.3-5.3x slower (decoding keeps SpMM). The latest crossover, 2,048 tokens for 1,024 columns, gives 2.0.
 #   cuda: not measured yet (bench/gpu_check.sh runs part 3 when a GPU is lent): SpMM stays.
 FACTORED_FUSED_MIN_TOKENS_PER_COLUMN = {"cpu": 2.0}
-# Its values' gradient: the sampled route (∂y·L by spmm_t, then the SDDMM) was at or within 6% of the dense
-# ``∂yᵀx`` route at every measured row above, and 16-37% faster below 2,048 tokens: sampled everywhere measured
-# (the dense route stays selectable with SLPEFT_SDDMM=dense).
+# Its values' gradient: the sampled route (∂y·L by spmm_t, then the SDDMM) was 4-37% faster than the dense ``∂yᵀx``
+# route at every measured row but density 0.1 from 2,048 tokens (d 1024) / 4,096 (d 768), where dense was 4-8%
+# faster: sampled everywhere (the dense route stays selectable with SLPEFT_SDDMM=dense).
 FACTORED_DENSE_SDDMM_MIN_DENSITY: dict[str, float] = {}
 
 
