@@ -34,7 +34,7 @@ Setup (every method the same except its linear layers and learning rate):
 
 Usage::
 
-    python bench/pretrain.py                        # the committed run (~20 min on an idle core)
+    python bench/pretrain.py                        # the committed run (~25 min on one core)
     python bench/pretrain.py --quick                # tiny smoke run (seconds), writes pretrain-cpu-quick.json
     python bench/pretrain.py --print bench/results/pretrain-cpu.json
 
@@ -423,7 +423,7 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--rank", type=int, default=40)
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--sweep-steps", type=int, default=80)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
