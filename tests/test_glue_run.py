@@ -452,9 +452,9 @@ def test_fisher_weights_reach_the_plan_and_lq_init(tiny_model, toy_task, monkeyp
     seen = {}
     measure, lq_decompose = bitbudget.measure, quant.lq_decompose
 
-    def spy_measure(weights, rank, **kw):
+    def spy_measure(weights, rank, *args, **kw):
         seen["measure"] = (set(kw["fisher"]), set(kw["lq_layers"]))
-        return measure(weights, rank, **kw)
+        return measure(weights, rank, *args, **kw)
 
     def spy_lq(W, rank, fisher=None, **kw):
         seen.setdefault("lq_fisher", []).append(fisher is not None)
