@@ -232,7 +232,8 @@ RELOAD = textwrap.dedent(
     r"""
     import sys, torch
     from sparse_lowrank_peft.pretrain import SLTrainLinear, load_sltrain
-    folder, x_path, out_path = sys.argv[1:4]
+    folder, x_path, out_path, threads = sys.argv[1:5]
+    torch.set_num_threads(int(threads))  # the parent's: another thread count may sum in another order
     model = load_sltrain(None, folder).eval()  # the architecture comes from the saved config.json
     assert sum(isinstance(m, SLTrainLinear) for m in model.modules()) == 14
     with torch.no_grad():
@@ -256,7 +257,8 @@ def test_save_and_reload_in_a_fresh_process(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=x).logits
     proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, "-c", RELOAD, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "out.pt"),
+         str(torch.get_num_threads())],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
