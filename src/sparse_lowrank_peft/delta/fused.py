@@ -57,8 +57,13 @@ def weight_source(base: torch.nn.Module, dtype: torch.dtype) -> Callable[[], tor
     return fresh
 
 
-#: blocks of S's columns a factored term is built in (FrozenFactor.add_into): transient 1/8 of out × in
+#: FrozenFactor.add_into builds a factored term in blocks of S's columns: at least BUILD_BLOCKS of them, and each
+#: block's buffers (the densified block of S, the SpMM's transposed input, output and row copy) at most
+#: BUILD_BLOCK_BYTES each. tests/test_memory.py, 4096², sparse RandLoRA r 256: 16 blocks alone peaked at 74.7 / 80.1
+#: MiB above the unavoidable (two environments; one transient W0 + ΔW is 64 MiB, the bound 80): the four 4 MiB block
+#: buffers sat on top of it. Capped at 1 MiB they add at most 4 MiB; at d 768 the 16 blocks are already smaller.
 BUILD_BLOCKS = 16
+BUILD_BLOCK_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class FrozenFactor:
         ``S``'s columns, each block densified on its own (``nnz(L) · c`` multiply-adds in all).
 
         Blocks keep the transient small: ``S`` densified whole would be a second ``out × in``-sized tensor beside
-        ``W`` for sparse RandLoRA (``k = N·r ≈ min(out, in)``); in ``BUILD_BLOCKS`` blocks it is 1/8 of that.
+        ``W`` for sparse RandLoRA (``k = N·r ≈ min(out, in)``); see ``BUILD_BLOCKS`` / ``BUILD_BLOCK_BYTES``.
         """
         from .ops import get_ops
 
@@ -89,7 +94,8 @@ class FrozenFactor:
         l_vals = self.values.to(W.dtype) * self.scale
         target = W if self.transposed else W.t()  # (c, p): ΔWᵀ = S_denseᵀ · Lᵀ is what spmm computes
         ptr = by_column.crow.tolist()
-        step = -(-c // BUILD_BLOCKS)
+        row_bytes = max(k, self.support.shape[0]) * W.element_size()
+        step = max(1, min(-(-c // BUILD_BLOCKS), BUILD_BLOCK_BYTES // row_bytes))
         ops = get_ops(W.device)
         for j0 in range(0, c, step):
             j1 = min(c, j0 + step)
