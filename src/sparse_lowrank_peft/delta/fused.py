@@ -182,18 +182,16 @@ def _values_grad(g2d, x2d, dense_gx: _DenseGrad, support: SparseSupport, dtype, 
         if path == "dense":
             return dense_gx.get().view(-1).index_select(0, support.flat(g2d.device)).to(dtype)
         return ops.sddmm(_contiguous(g2d), _contiguous(x2d), support, out_dtype=dtype)
-    L_values = factor.values.to(g2d.dtype)
     if path == "dense":  # ∂S = scale · Lᵀ·G' with G' = ∂yᵀx (or its transpose): (G'ᵀ·L)ᵀ by one spmm_t
         G = dense_gx.get()
         g_prime_t = G if factor.transposed else G.t()  # (c, p)
         lt_g = ops.spmm_t(_contiguous(g_prime_t), factor.support, factor.values.to(G.dtype))  # (c, k)
         flat_t = support.flat(g2d.device, transposed=True)
         return lt_g.view(-1).index_select(0, flat_t).mul_(factor.scale).to(dtype)
-    if not factor.transposed:  # y += scale·x·Sᵀ·Lᵀ: ∂S = scale·((∂y·L)ᵀ x)[support]
-        h = ops.spmm_t(_contiguous(g2d), factor.support, L_values)
-        return ops.sddmm(h, _contiguous(x2d), support, out_dtype=dtype).mul_(factor.scale)
-    h = ops.spmm_t(_contiguous(x2d), factor.support, factor.values.to(x2d.dtype))  # y += scale·x·L·S
-    return ops.sddmm(h, _contiguous(g2d), support, out_dtype=dtype).mul_(factor.scale)
+    # y += scale·x·Sᵀ·Lᵀ: ∂S = scale·((∂y·L)ᵀ x)[support]; transposed, y += scale·x·L·S: ∂S = scale·((x·L)ᵀ ∂y)[support]
+    through_l, other = (x2d, g2d) if factor.transposed else (g2d, x2d)
+    h = ops.spmm_t(_contiguous(through_l), factor.support, factor.values.to(through_l.dtype))
+    return ops.sddmm(h, _contiguous(other), support, out_dtype=dtype).mul_(factor.scale)
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
