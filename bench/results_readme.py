@@ -416,35 +416,61 @@ def quant_section(results: Path, base: Path) -> list[str]:
     return lines + [""]
 
 
+def _bitbudget_table(data: dict, path: Path, base: Path) -> list[str]:
+    """One bench/bitbudget.py result: per budget the plan against the best uniform configuration within its bits,
+    by the objective and by the measured change of the output."""
+    output = data.get("objective") == "output"
+    lq = data.get("lq_targets")
+    what = ("relative change of the output, one layer at a time, summed (the objective)" if output
+            else "relative weight error ‖W − Q − L‖_F / ‖W‖_F over all layers (the objective)")
+    lines = [
+        f"`{data.get('command')}` ({data.get('objective', 'weight')} objective, LQ at rank {data.get('rank')} on "
+        f"{'every linear' if not lq else f'{len(lq)} of the linears (query, value)'}, "
+        f"{len(data['table']['numel'])} encoder linears, commit {_commit(data.get('commit'), data.get('dirty'))}; "
+        f"file `{_link(path, base)}`, plot `{_link(path.with_suffix('.png'), base)}`). Error: {what}; output "
+        f"change: ‖H_plan − H‖ / ‖H‖ of the last hidden state with every layer quantized at once, measured on "
+        f"{data.get('calibration_sentences', '?')} SST-2 training sentences"
+        + (f" (added by `{data['resolved_by']}`)" if data.get("resolved_by") else "") + ".",
+        "",
+        "| budget | plan bits | plan error | plan output change | best uniform within those bits | its error | "
+        "its output change | configurations picked |",
+        "|---:|---:|---:|---:|:---|---:|---:|:---|",
+    ]
+    uniform = {u["choice"]: u for u in data["curve"]["uniform"]}
+    for row in data["curve"]["plans"]:
+        if "error" not in row:
+            lines.append(f"| {row['budget']} | infeasible | | | | | | |")
+            continue
+        best = row.get("best_uniform_within_bits") or {}
+        best_change = uniform.get(best.get("choice"), {}).get("output_change")
+        picked = ", ".join(f"{k} ×{v}" for k, v in sorted(row["choices"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {row['budget']} | {row['bits_per_param']:.3f} | {row['relative_error']:.4f} | "
+                     f"{_num(row.get('output_change'))} | {best.get('choice', '–')} "
+                     f"({best.get('bits_per_param', 0):.2f} bits) | {best.get('relative_error', float('nan')):.4f} | "
+                     f"{_num(best_change)} | {picked} |")
+    if any("output_change" in u for u in uniform.values()):
+        lines += ["", "Uniform configurations, measured output change: " + ", ".join(
+            f"{c} ({u['bits_per_param']:.2f} bits) {_num(u.get('output_change'))}" for c, u in
+            sorted(uniform.items(), key=lambda kv: kv[1]["bits_per_param"])) + "."]
+    sizes = data.get("model_bytes") or {}
+    if sizes:
+        lines += ["", "MiniLM base bytes as stored (encoder linears quantized; embeddings stay fp32): " + ", ".join(
+            f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()) + "."]
+    return lines + [""]
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
 def bitbudget_section(results: Path, base: Path) -> list[str]:
-    """LQ-LoRA bit budgets on MiniLM (``bench/bitbudget.py``) and NOLA's quantized coefficients
-    (``bench/nola_quant.py``)."""
+    """LQ-LoRA bit budgets on MiniLM (``bench/bitbudget.py``: the weight objective with L on every linear or on
+    query/value, the output objective) and NOLA's quantized coefficients (``bench/nola_quant.py``)."""
     lines = ["### Bit budgets: mixed quantization plans and quantized NOLA coefficients", ""]
-    path = results / "bitbudget-minilm.json"
-    data = _load(path)
-    if data:
-        lines += [
-            f"`{data.get('command')}` (LQ at rank {data.get('rank')}, {len(data['table']['numel'])} encoder linears, "
-            f"commit {_commit(data.get('commit'), data.get('dirty'))}; file `{_link(path, base)}`, plot "
-            f"`{_link(path.with_suffix('.png'), base)}`): relative error ‖W − Q − L‖_F / ‖W‖_F over all layers.",
-            "",
-            "| budget | plan bits | plan error | best uniform within those bits | its error | configurations picked |",
-            "|---:|---:|---:|:---|---:|:---|",
-        ]
-        for row in data["curve"]["plans"]:
-            if "error" not in row:
-                lines.append(f"| {row['budget']} | infeasible | | | | |")
-                continue
-            best = row.get("best_uniform_within_bits") or {}
-            picked = ", ".join(f"{k} ×{v}" for k, v in sorted(row["choices"].items(), key=lambda kv: -kv[1]))
-            lines.append(f"| {row['budget']} | {row['bits_per_param']:.3f} | {row['relative_error']:.4f} | "
-                         f"{best.get('choice', '–')} ({best.get('bits_per_param', 0):.2f} bits) | "
-                         f"{best.get('relative_error', float('nan')):.4f} | {picked} |")
-        sizes = data.get("model_bytes") or {}
-        if sizes:
-            lines += ["", "MiniLM base bytes as stored (encoder linears quantized; embeddings stay fp32): " + ", ".join(
-                f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()) + "."]
-        lines.append("")
+    for name in ("bitbudget-minilm.json", "bitbudget-minilm-qv.json", "bitbudget-minilm-qv-output.json"):
+        data = _load(results / name)
+        if data:
+            lines += _bitbudget_table(data, results / name, base)
     nola = _load(results / "nola-quant-minilm.json")
     if nola:
         scores = nola["scores"]

@@ -68,7 +68,10 @@ class RunConfig:
                                                        "solve from; default: measured in the run) or [fisher_batches] "
                                                        "(weigh the measured errors by the empirical Fisher of that "
                                                        "many training batches, as LQ-LoRA does; also weighs LQ init) "
-                                                       "and [candidates] (the configurations to measure; default all)")
+                                                       "or [output_batches] (measure each configuration's change of "
+                                                       "the model's output on that many training batches instead of "
+                                                       "its weight error) and [candidates] (the configurations to "
+                                                       "measure; default all)")
     init: str = _f("default", "adapter initialisation: default (the method's own) or lq (LQ-LoRA: W = Q + L, the "
                               "adapter's low-rank factors start from L; tuners with init_weights='lq'; needs quantize)",
                    choices=("default", "lq"))
@@ -408,7 +411,8 @@ def _validate_plan_fields(cfg: RunConfig) -> None:
     if cfg.quantize != "plan":
         return
     plan = dict(cfg.quantize_plan)
-    unknown = sorted(set(plan) - {"budget_bits", "uniform", "table", "fisher_batches", "candidates"})
+    unknown = sorted(set(plan) - {"budget_bits", "uniform", "table", "fisher_batches", "output_batches",
+                                 "candidates"})
     if unknown or ("budget_bits" in plan) == ("uniform" in plan):
         raise GlueError(f"quantize_plan={plan}: give exactly one of budget_bits (a number, e.g. 2.75) or uniform (a "
                         "configuration such as hqq-2bit-g64), and optionally table (a bench/bitbudget.py result file)"
@@ -427,25 +431,31 @@ def _validate_plan_fields(cfg: RunConfig) -> None:
                         "restricts what the run measures: it goes with budget_bits and without table.")
     if "budget_bits" in plan and (isinstance(plan["budget_bits"], bool) or not isinstance(plan["budget_bits"], (int, float))):
         raise GlueError(f"quantize_plan.budget_bits={plan['budget_bits']!r} must be a number of bits per parameter.")
-    _validate_fisher_batches(plan)
+    _validate_calibration_batches(plan)
     if "table" in plan and not Path(plan["table"]).is_file():
         raise GlueError(f"quantize_plan.table={plan['table']!r} is not a file. Fix: the path of a bench/bitbudget.py "
                         "result (e.g. bench/results/bitbudget-minilm.json), or drop it to measure in the run.")
 
 
-def _validate_fisher_batches(plan: dict) -> None:
-    """``fisher_batches``: a positive whole number, with a budget measured in the run (a table was measured without
-    the run's Fisher weights, and a uniform configuration has nothing to weigh)."""
-    if "fisher_batches" not in plan:
+def _validate_calibration_batches(plan: dict) -> None:
+    """``fisher_batches`` / ``output_batches``: a positive whole number, at most one of them, with a budget measured
+    in the run (a table was measured without the run's batches, and a uniform configuration has nothing to weigh)."""
+    given = [k for k in ("fisher_batches", "output_batches") if k in plan]
+    if not given:
         return
-    n = plan["fisher_batches"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise GlueError(f"quantize_plan.fisher_batches={n!r} must be a positive whole number of training batches "
-                        "(LQ-LoRA's Fisher weighting of the reconstruction error), e.g. 32.")
+    for key in given:
+        n = plan[key]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise GlueError(f"quantize_plan.{key}={n!r} must be a positive whole number of training batches, e.g. "
+                            + ("32 (LQ-LoRA's Fisher weighting of the reconstruction error)." if key == "fisher_batches"
+                               else "4 (the calibration batches whose output change each configuration is measured by)."))
+    if len(given) == 2:
+        raise GlueError("quantize_plan takes one of fisher_batches (weigh the weight error by the Fisher) and "
+                        "output_batches (measure the output change instead): they are two objectives. Fix: drop one.")
     if "budget_bits" not in plan or "table" in plan:
-        raise GlueError("quantize_plan.fisher_batches weighs the errors the run measures itself: it goes with "
-                        "budget_bits and without table (a committed table was measured without this run's Fisher "
-                        "weights). Fix: drop table, or drop fisher_batches.")
+        raise GlueError(f"quantize_plan.{given[0]} shapes the errors the run measures itself: it goes with "
+                        "budget_bits and without table (a committed table was measured without this run's batches). "
+                        f"Fix: drop table, or drop {given[0]}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -293,11 +293,12 @@ def load_init_adapter(peft_model, path: str, head_modules: Sequence[str]) -> dic
 # 4-bit base
 
 
-def make_quant_plan(cfg: RunConfig, model, names: Sequence[str], fisher: dict | None = None
-                    ) -> tuple[dict[str, str], dict[str, Any]]:
+def make_quant_plan(cfg: RunConfig, model, names: Sequence[str], fisher: dict | None = None,
+                    batches: Sequence[dict] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
     """``quantize: plan``: the configuration of every matrix in ``names`` and what was done (bits, choices). A
     budget is solved from the recipe's measurement table, or from one measured here (LQ at the adapter's rank on
-    its targets; errors weighted by ``fisher``, :func:`fisher_weights`, when given)."""
+    its targets): each configuration's weight error (weighted by ``fisher``, :func:`fisher_weights`, when given),
+    or, given calibration ``batches``, its change of the model's output (``bitbudget.measure_output``)."""
     from sparse_lowrank_peft.delta import bitbudget as bb
 
     spec = dict(cfg.quantize_plan)
@@ -308,13 +309,19 @@ def make_quant_plan(cfg: RunConfig, model, names: Sequence[str], fisher: dict | 
         table = bb.PlanTable.from_dict(json.loads(Path(spec["table"]).read_text())["table"])
         table = _table_for(table, names, spec["table"])
     else:  # measured as the run uses the layers: L only on LQ init's targets
-        weights = {n: model.get_submodule(n).weight for n in names}
         choices = [bb.parse_choice(n) for n in spec["candidates"]] if spec.get("candidates") else bb.CANDIDATES
-        table = bb.measure(weights, rank, choices, fisher=fisher, lq_layers=lq_targets(cfg, model, names))
+        targets = lq_targets(cfg, model, names)
+        if batches is not None:
+            table = bb.measure_output(model, batches, names, rank, choices, lq_layers=targets)
+        else:
+            weights = {n: model.get_submodule(n).weight for n in names}
+            table = bb.measure(weights, rank, choices, fisher=fisher, lq_layers=targets)
     plan = bb.solve(table, float(spec["budget_bits"]))
-    info = {"budget_bits": spec["budget_bits"], **bb.plan_summary(table, plan), "table_rank": table.rank}
-    if fisher is not None:
-        info["fisher_batches"] = spec["fisher_batches"]
+    info = {"budget_bits": spec["budget_bits"], **bb.plan_summary(table, plan), "table_rank": table.rank,
+            "objective": table.objective}
+    for key in ("fisher_batches", "output_batches"):
+        if key in spec:
+            info[key] = spec[key]
     return plan, info
 
 
@@ -335,17 +342,24 @@ def fisher_weights(cfg: RunConfig, model, tokenizer, train, names: Sequence[str]
     """LQ-LoRA's Fisher weights (row and column sums of the squared loss gradients) of the linears ``names``, from
     the first ``quantize_plan.fisher_batches`` training batches of the full-precision model (the head as
     initialised: the task's loss through it is what the base is asked to keep)."""
+    from sparse_lowrank_peft.delta.quant import fisher_row_col_weights
+
+    batches = calibration_batches(cfg, tokenizer, train, int(cfg.quantize_plan["fisher_batches"]))
+    return fisher_row_col_weights(model, batches, names)
+
+
+def calibration_batches(cfg: RunConfig, tokenizer, train, n_batches: int) -> list[dict]:
+    """The first ``n_batches`` training batches (``train_batch_size`` examples each, tokenized and padded as the
+    run trains on them)."""
     from transformers import DataCollatorWithPadding
 
     from glue.data import tokenize
-    from sparse_lowrank_peft.delta.quant import fisher_row_col_weights
 
-    n_batches, size = int(cfg.quantize_plan["fisher_batches"]), cfg.train_batch_size
+    size = cfg.train_batch_size
     count = min(n_batches * size, len(train))
-    examples = tokenize(train.select(range(count)), tokenizer, cfg.max_seq_len, "tokenize fisher batches")
+    examples = tokenize(train.select(range(count)), tokenizer, cfg.max_seq_len, "tokenize calibration batches")
     collate = DataCollatorWithPadding(tokenizer)
-    batches = (collate([examples[j] for j in range(i, min(i + size, count))]) for i in range(0, count, size))
-    return fisher_row_col_weights(model, batches, names)
+    return [collate([examples[j] for j in range(i, min(i + size, count))]) for i in range(0, count, size)]
 
 
 def _table_for(table, names: Sequence[str], path: str):
@@ -428,15 +442,18 @@ def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
     head = list(cfg.head_modules) if cfg.head_modules else head_module_names(model)
     built = BuiltModel(model, tokenizer, model_path, head)
     to_quantize = quantizable_linears(model, head) if cfg.quantize else []
-    plan = fisher = None
+    plan = fisher = batches = None
     if cfg.quantize == "plan":
         from sparse_lowrank_peft.delta.bitbudget import apply_plan
 
+        needs = [k for k in ("fisher_batches", "output_batches") if cfg.quantize_plan.get(k)]
+        if needs and train is None:
+            raise GlueError(f"quantize_plan.{needs[0]} needs the training data: build_model(cfg, task, train).")
         if cfg.quantize_plan.get("fisher_batches"):
-            if train is None:
-                raise GlueError("quantize_plan.fisher_batches needs the training data: build_model(cfg, task, train).")
             fisher = fisher_weights(cfg, model, tokenizer, train, to_quantize)
-        plan, built.quant_info = make_quant_plan(cfg, model, to_quantize, fisher)
+        if cfg.quantize_plan.get("output_batches"):
+            batches = calibration_batches(cfg, tokenizer, train, int(cfg.quantize_plan["output_batches"]))
+        plan, built.quant_info = make_quant_plan(cfg, model, to_quantize, fisher, batches)
         if cfg.init != "lq":
             built.quant_info["quantized_layers"] = apply_plan(model, plan)
     elif cfg.quantize and cfg.init != "lq":

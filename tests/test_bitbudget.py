@@ -232,3 +232,82 @@ def test_layers_without_an_adapter_are_measured_quantized_alone():
         with_l = tab.error["target"][choice.name]
         W = weights["target"]
         assert with_l < float((W - choice.quantize_dequantize(W)).square().sum())
+
+
+def _hidden(model, batches):
+    with torch.no_grad():
+        return [model(**b, output_hidden_states=True).hidden_states[-1][b["attention_mask"].bool()] for b in batches]
+
+
+def test_output_objective_is_each_layers_change_of_the_models_output():
+    """measure_output: e[l, c] = ‖H(W_l → Q_c + L) − H‖² / ‖H‖², L only on the LQ layers; weights restored."""
+    from _builders import build_bert
+
+    from sparse_lowrank_peft.delta.quant import lq_decompose
+
+    model, ids, _ = build_bert(hidden=64)
+    batches = [ids(0, batch=2, length=9), ids(1, batch=3, length=5)]
+    batches[1]["attention_mask"][0, 3:] = 0  # padding is not output
+    names = ["bert.encoder.layer.0.attention.self.value", "bert.encoder.layer.1.attention.output.dense"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tab = bb.measure_output(model, batches, names, rank=2, choices=SMALL[:2], max_iter=1, lq_layers=names[:1])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert tab.objective == "output" and tab.numel == {n: model.get_submodule(n).weight.numel() for n in names}
+    reference = _hidden(model, batches)
+    norm2 = sum(float(h.square().sum()) for h in reference)
+    for name, with_l in zip(names, (True, False)):
+        weight = model.get_submodule(name).weight
+        W = weight.detach().clone()
+        for choice in SMALL[:2]:
+            if with_l:
+                lq = lq_decompose(W, 2, max_iter=1, quantizer=choice.quantize_dequantize)
+                W_hat = lq.Q + lq.B @ lq.A
+            else:
+                W_hat = choice.quantize_dequantize(W)
+            with torch.no_grad():
+                weight.copy_(W_hat)
+            changed = _hidden(model, batches)
+            with torch.no_grad():
+                weight.copy_(W)
+            expected = sum(float((h - r).square().sum()) for h, r in zip(changed, reference)) / norm2
+            assert tab.error[name][choice.name] == pytest.approx(expected, rel=1e-5)
+            assert tab.relative[name][choice.name] == pytest.approx(float((W - W_hat).norm() / W.norm()), rel=1e-5)
+        # fewer bits change the output more
+        assert tab.error[name]["hqq-2bit-g64"] > tab.error[name]["hqq-3bit-g64"] > 0
+    again = bb.PlanTable.from_dict(json.loads(json.dumps(tab.to_dict())))
+    assert again.objective == "output" and again.error == tab.error
+    legacy = {k: v for k, v in tab.to_dict().items() if k != "objective"}  # tables saved before the field existed
+    assert bb.PlanTable.from_dict(legacy).objective == "weight"
+
+
+def test_output_measurement_restores_the_weight_when_the_forward_fails():
+    from _builders import build_bert
+
+    model, ids, _ = build_bert(hidden=64)
+    name = "bert.encoder.layer.0.attention.self.query"
+    module = model.get_submodule(name)
+    W = module.weight.detach().clone()
+
+    def fail_on_a_changed_weight(mod, args):
+        if not torch.equal(mod.weight, W):
+            raise RuntimeError("forward failed with the quantized weight in place")
+
+    module.register_forward_pre_hook(fail_on_a_changed_weight)
+    with pytest.raises(RuntimeError, match="quantized weight in place"):
+        bb.measure_output(model, [ids(1)], [name], rank=2, choices=SMALL[:1], max_iter=1)
+    assert torch.equal(module.weight, W)
+
+
+@pytest.mark.parametrize("shape", [(37, 64), (64, 37), (36, 64), (64, 40), (8, 24)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unsupported_says_exactly_when_hqq_cannot_quantize_a_shape(shape, bits):
+    """HQQ packs the codes of several groups together without padding (2-bit: 4, 4-bit: 2): the shapes it cannot
+    take are named before anything is quantized, and every other shape quantizes."""
+    choice = bb.QuantChoice("hqq", bits, 64)
+    reason = choice.unsupported(shape)
+    if reason is None:
+        W = torch.randn(*shape)
+        assert choice.quantize_dequantize(W).shape == W.shape
+    else:
+        with pytest.raises(Exception):
+            choice.quantize_dequantize(torch.randn(*shape))

@@ -72,7 +72,14 @@ def test_quantize_plan_fields_are_checked_before_loading(tmp_path):
                        ({"quantize": "plan", "quantize_plan": {"uniform": "bnb-nf4", "candidates": ["bnb-nf4"]}},
                         "goes with budget_bits and without table"),
                        ({"quantize": "plan", "quantize_plan": {"budget_bits": 3, "fisher_batches": 0}},
-                        "positive whole number")]:
+                        "positive whole number"),
+                       ({"quantize": "plan", "quantize_plan": {"budget_bits": 3, "output_batches": 1.5}},
+                        "output_batches=1.5 must be a positive whole number"),
+                       ({"quantize": "plan", "quantize_plan": {"budget_bits": 3, "output_batches": 2,
+                                                               "fisher_batches": 2}}, "two objectives"),
+                       ({"quantize": "plan", "quantize_plan": {"budget_bits": 3, "output_batches": 2,
+                                                               "table": "bench/results/bitbudget-minilm.json"}},
+                        "output_batches shapes the errors the run measures itself")]:
         with pytest.raises(GlueError, match=match):
             gconfig.validate_config(cfg(task="sst2", method="sltrain", init="lq", **bad))
 

@@ -421,7 +421,9 @@ def test_nf4_base_for_peft_lora(tiny_model, toy_task, tmp_path):
 
 
 @pytest.mark.parametrize("plan", [{"uniform": "hqq-4bit-g32"}, {"budget_bits": 6.0},
-                                  {"budget_bits": 6.0, "fisher_batches": 2}], ids=["uniform", "budget", "fisher"])
+                                  {"budget_bits": 6.0, "fisher_batches": 2},
+                                  {"budget_bits": 4.4, "output_batches": 2, "candidates": ["hqq-2bit-g32", "hqq-4bit-g32"]}],
+                         ids=["uniform", "budget", "fisher", "output"])
 def test_quantize_plan_from_a_recipe(tiny_model, toy_task, tmp_path, plan):
     """quantize: plan -- every encoder linear with its configuration (LQ on the targets), trained, adapter saved."""
     pytest.importorskip("bitsandbytes")
@@ -436,6 +438,9 @@ def test_quantize_plan_from_a_recipe(tiny_model, toy_task, tmp_path, plan):
         assert info["bits_per_param"] <= 6.0
     if "fisher_batches" in plan:  # the errors solved over are Fisher-weighted: another scale than ‖W − Q − L‖²
         assert info["fisher_batches"] == 2
+    if "output_batches" in plan:  # the errors are relative changes of the output: the budget mixes 2 and 4 bits
+        assert info["objective"] == "output" and info["output_batches"] == 2
+        assert set(info["choices"]) == {"hqq-2bit-g32", "hqq-4bit-g32"}, info
     saved = json.loads((tmp_path / "p" / "adapter" / "adapter_config.json").read_text())
     assert saved["init_weights"] == "lq" and len(saved["lq_plan"]) == 12
     assert is_finite_metric(res)

@@ -124,18 +124,23 @@ def _run_plan(args) -> None:
         raise CliError(f"{path} is not a bench/bitbudget.py result file ({e!r}).") from None
     plan = bb.solve(table, args.budget)
     width = max(len(n) for n in plan)
-    print(f"{'layer':<{width}}  {'configuration':<14} {'bits/param':>10} {'rel. error':>10}")
+    objective = _OBJECTIVE_LABEL.get(table.objective, table.objective)
+    print(f"{'layer':<{width}}  {'configuration':<14} {'bits/param':>10} {'rel. weight error':>17} {objective:>22}")
     for name, choice in plan.items():
         print(f"{name:<{width}}  {choice:<14} {table.bits[name][choice] / table.numel[name]:>10.3f} "
-              f"{table.relative[name][choice]:>10.4f}")
+              f"{table.relative[name][choice]:>17.4f} {table.error[name][choice]:>22.4g}")
     summary = bb.plan_summary(table, plan)
-    print(f"plan: {summary['bits_per_param']:.3f} bits per parameter (budget {args.budget}), summed squared error "
+    print(f"plan: {summary['bits_per_param']:.3f} bits per parameter (budget {args.budget}), summed {objective} "
           f"{summary['error']:.4g}")
     if args.json:
         Path(args.json).write_text(json.dumps(plan, indent=1))
         print(f"plan written to {args.json}")
     if args.plot:
         print(f"curve plotted to {_plot_plan_curve(table, args.plot)}")
+
+
+#: what a measurement table's ``error`` is, by its objective (delta/bitbudget.py)
+_OBJECTIVE_LABEL = {"weight": "‖W − Q − L‖²", "output": "‖ΔH‖² / ‖H‖²"}
 
 
 def _plot_plan_curve(table, png: str) -> str:
@@ -155,7 +160,7 @@ def _plot_plan_curve(table, png: str) -> str:
     ax.scatter([u["bits_per_param"] for u in uniform], [u["error"] for u in uniform], c="grey", s=16, label="uniform")
     ax.plot([q["bits_per_param"] for q in points], [q["error"] for q in points], "o-", ms=3, label="ILP plan")
     ax.set_xlabel("stored bits per parameter")
-    ax.set_ylabel("summed ‖W − Q − L‖²")
+    ax.set_ylabel("summed " + _OBJECTIVE_LABEL.get(table.objective, table.objective))
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()

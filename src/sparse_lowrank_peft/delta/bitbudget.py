@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "CANDIDATES", "QuantChoice", "PlanTable", "apply_plan", "measure", "parse_choice", "plan_summary", "solve",
+    "CANDIDATES", "QuantChoice", "PlanTable", "apply_plan", "measure", "measure_output", "output_change",
+    "parse_choice", "plan_summary", "solve",
     "storage_bits", "uniform_points",
 ]
 
@@ -53,8 +54,15 @@ class QuantChoice:
     def unsupported(self, shape: tuple[int, int]) -> Optional[str]:
         """Why the library cannot quantize an ``(out, in)`` weight this way, or None if it can."""
         numel = int(shape[0]) * int(shape[1])
-        if self.library == "hqq" and numel % self.group_size:
+        if self.library != "hqq":
+            return None
+        if numel % self.group_size:
             return f"HQQ needs the weight's size ({shape[0]}x{shape[1]} = {numel}) divisible by the group size {self.group_size}"
+        per_byte = _HQQ_VALUES_PER_PACKED_ROW.get(self.bits, 1)
+        if (numel // self.group_size) % per_byte:
+            return (f"HQQ packs {per_byte} groups' {self.bits}-bit codes together, so the weight's number of groups "
+                    f"({shape[0]}x{shape[1]} / {self.group_size} = {numel // self.group_size}) must be divisible by "
+                    f"{per_byte}")
         return None
 
     def quantize(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Module:
@@ -90,6 +98,10 @@ class QuantChoice:
 
         return dequantize_weight(self.quantize(weight))
 
+
+#: HQQ's bit packing (hqq.core.bitpack) stacks this many rows of codes (one row per group) into one stored row and
+#: does not pad them: 2-bit into a uint8 (4 rows), 4-bit into a uint8 (2 rows). 3-bit (10 rows in an int32) pads.
+_HQQ_VALUES_PER_PACKED_ROW = {2: 4, 4: 2}
 
 _CHOICE_RE = re.compile(r"^(?:hqq-(\d+)bit-g(\d+)|bnb-nf4(-dq)?)$")
 HQQ_BITS = (2, 3, 4, 8)
@@ -148,27 +160,40 @@ def storage_bits(module: nn.Module) -> int:
 
 @dataclass
 class PlanTable:
-    """The measurement pass: per layer (module name) its parameter count and, per choice name, the LQ error
-    ``‖W − Q − L‖²_F`` (Fisher-weighted if measured so), the relative error ``‖W − Q − L‖_F / ‖W‖_F`` and the
-    stored bits."""
+    """The measurement pass: per layer (module name) its parameter count and, per choice name, the error the program
+    minimises, the relative weight error ``‖W − Q − L‖_F / ‖W‖_F`` and the stored bits. ``objective`` says what the
+    error is: ``"weight"``, the LQ error ``‖W − Q − L‖²_F`` (Fisher-weighted if measured so; :func:`measure`), or
+    ``"output"``, the relative change of the model's output (:func:`measure_output`)."""
 
     numel: dict[str, int]
     error: dict[str, dict[str, float]]
     relative: dict[str, dict[str, float]]
     bits: dict[str, dict[str, int]]
     rank: int
+    objective: str = "weight"
+
+    def add_layer(self, name: str, numel: int) -> None:
+        self.numel[name] = numel
+        for field in (self.error, self.relative, self.bits):
+            field[name] = {}
+
+    def record(self, name: str, choice: QuantChoice, error: float, relative: float, W: torch.Tensor) -> None:
+        """Store one (layer, choice) measurement: its error, relative weight error and stored bits."""
+        for field, value in ((self.error, error), (self.relative, relative),
+                             (self.bits, storage_bits(choice.quantize(W)))):
+            field[name][choice.name] = value
 
     def choices(self) -> list[str]:
         return sorted({c for per in self.error.values() for c in per})
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "numel": self.numel, "error": self.error, "relative": self.relative,
-                "bits": self.bits}
+                "bits": self.bits, "objective": self.objective}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PlanTable":
         return cls(numel=data["numel"], error=data["error"], relative=data["relative"], bits=data["bits"],
-                   rank=data["rank"])
+                   rank=data["rank"], objective=data.get("objective", "weight"))
 
 
 def measure(
@@ -186,34 +211,126 @@ def measure(
     ``lq_layers``: the weights an adapter will start from ``L`` (its targets); the others are measured as they will
     be used, quantized alone (``‖W − Q‖²``). Default: every weight gets ``L``.
     """
-    from .quant import lq_decompose
-
     lq = None if lq_layers is None else set(lq_layers)
-
     table = PlanTable(numel={}, error={}, relative={}, bits={}, rank=rank)
     for name, W in weights.items():
         W = W.detach().to("cpu", torch.float32)
-        table.numel[name] = W.numel()
-        table.error[name], table.relative[name], table.bits[name] = {}, {}, {}
-        for choice in choices:
-            if choice.unsupported(tuple(W.shape)):
-                continue  # not a candidate for this matrix (the program never picks it)
-            if lq is None or name in lq:
-                result = lq_decompose(W, rank, max_iter=max_iter, fisher=None if fisher is None else fisher.get(name),
-                                      quantizer=choice.quantize_dequantize)
-                residual, relative = W - result.Q - result.B @ result.A, result.error
-            else:
-                residual = W - choice.quantize_dequantize(W)
-                relative = float(residual.norm() / W.norm().clamp_min(1e-30))
-            if fisher is not None and name in fisher:
-                d_row, d_col = (t.to(torch.float32).clamp_min(1e-8).sqrt() for t in fisher[name])
+        weight = None if fisher is None else fisher.get(name)
+        table.add_layer(name, W.numel())
+        for choice in _supported(choices, W):
+            W_hat, relative = _reconstruct(W, choice, rank, max_iter, lq is None or name in lq, weight)
+            residual = W - W_hat
+            if weight is not None:
+                d_row, d_col = (t.to(torch.float32).clamp_min(1e-8).sqrt() for t in weight)
                 residual = d_row[:, None] * residual * d_col[None, :]
-            table.error[name][choice.name] = float(residual.square().sum())
-            table.relative[name][choice.name] = relative
-            table.bits[name][choice.name] = storage_bits(choice.quantize(W))
+            table.record(name, choice, float(residual.square().sum()), relative, W)
         if progress is not None:
             progress(name)
     return table
+
+
+def measure_output(
+    model: nn.Module,
+    batches: Sequence[dict],
+    names: Sequence[str],
+    rank: int,
+    choices: Sequence[QuantChoice] = CANDIDATES,
+    max_iter: int = 3,
+    progress: Optional[Callable[[str], None]] = None,
+    lq_layers: Optional[Iterable[str]] = None,
+) -> PlanTable:
+    """Like :func:`measure`, but a (layer, choice)'s error is what it does to the model's output: the squared
+    change of the last hidden state over the real tokens of ``batches`` when that layer alone holds ``Q + L``
+    (every other layer in full precision), relative to the squared norm of the full-precision output::
+
+        e[l, c] = Σ_batches ‖H(W_l → Q_c + L) − H‖²_F / Σ_batches ‖H‖²_F
+
+    The program then minimises the summed output change, a first-order (additive) model of the whole plan's. On
+    MiniLM the weight error ``‖W − Q − L‖²`` treats a 2-bit value matrix and a 2-bit FFN output matrix alike; their
+    effect on the output differs by up to 10x (bench/results/bitbudget-minilm-output.json). ``model`` is any
+    Hugging Face model returning ``hidden_states``; ``names`` its ``nn.Linear`` modules to plan. Weights are
+    restored after each measurement (also on error)."""
+    lq = None if lq_layers is None else set(lq_layers)
+    reference = _last_hidden_states(model, batches)
+    norm2 = sum(float(h.square().sum()) for h in reference)
+    table = PlanTable(numel={}, error={}, relative={}, bits={}, rank=rank, objective="output")
+    for name in names:
+        weight = model.get_submodule(name).weight
+        W = weight.detach().to("cpu", torch.float32).clone()
+        table.add_layer(name, W.numel())
+        for choice in _supported(choices, W):
+            W_hat, relative = _reconstruct(W, choice, rank, max_iter, lq is None or name in lq, None)
+            try:
+                with torch.no_grad():
+                    weight.copy_(W_hat)
+                changed = _last_hidden_states(model, batches)
+            finally:
+                with torch.no_grad():
+                    weight.copy_(W)
+            error = sum(float((h - h0).square().sum()) for h, h0 in zip(changed, reference)) / norm2
+            table.record(name, choice, error, relative, W)
+        if progress is not None:
+            progress(name)
+    return table
+
+
+def output_change(model: nn.Module, batches: Sequence[dict], plan: dict[str, str], rank: int, max_iter: int = 3,
+                  lq_layers: Optional[Iterable[str]] = None) -> float:
+    """Relative change ``‖H_plan − H‖_F / ‖H‖_F`` of the model's last hidden state (real tokens of ``batches``) when
+    every layer of ``plan`` holds its configuration's ``Q`` (+ the LQ ``L`` on ``lq_layers``; default all) at once:
+    what a whole plan does to the model, measured rather than summed. Weights are restored (also on error)."""
+    lq = None if lq_layers is None else set(lq_layers)
+    reference = _last_hidden_states(model, batches)
+    weights = {n: model.get_submodule(n).weight for n in plan}
+    originals = {n: w.detach().clone() for n, w in weights.items()}
+    try:
+        with torch.no_grad():
+            for n, choice in plan.items():
+                W = originals[n].to("cpu", torch.float32)
+                weights[n].copy_(_reconstruct(W, parse_choice(choice), rank, max_iter, lq is None or n in lq, None)[0])
+        changed = _last_hidden_states(model, batches)
+    finally:
+        with torch.no_grad():
+            for n, W in originals.items():
+                weights[n].copy_(W)
+    num = sum(float((h - r).square().sum()) for h, r in zip(changed, reference))
+    return (num / max(sum(float(r.square().sum()) for r in reference), 1e-30)) ** 0.5
+
+
+def _supported(choices: Sequence[QuantChoice], W: torch.Tensor) -> list[QuantChoice]:
+    """The choices the library can apply to ``W`` (the program never picks the others)."""
+    return [c for c in choices if not c.unsupported(tuple(W.shape))]
+
+
+def _reconstruct(W: torch.Tensor, choice: QuantChoice, rank: int, max_iter: int, with_lq: bool,
+                 fisher: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, float]:
+    """What the base (and, ``with_lq``, the adapter's initial ``L``) reproduce of ``W`` under ``choice``, and the
+    relative error ``‖W − Ŵ‖ / ‖W‖``."""
+    if with_lq:
+        from .quant import lq_decompose
+
+        result = lq_decompose(W, rank, max_iter=max_iter, fisher=fisher, quantizer=choice.quantize_dequantize)
+        return result.Q + result.B @ result.A, result.error
+    W_hat = choice.quantize_dequantize(W)
+    return W_hat, float((W - W_hat).norm() / W.norm().clamp_min(1e-30))
+
+
+def _last_hidden_states(model: nn.Module, batches: Sequence[dict]) -> list[torch.Tensor]:
+    """The model's last hidden state at each batch's real tokens (``attention_mask``), in eval mode, without
+    gradients; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+                mask = inputs.get("attention_mask")
+                out.append(hidden[mask.bool()] if mask is not None else hidden.reshape(-1, hidden.shape[-1]))
+    finally:
+        model.train(was_training)
+    return out
 
 
 def solve(table: PlanTable, budget_bits: float, choices: Optional[Iterable[str]] = None) -> dict[str, str]:
