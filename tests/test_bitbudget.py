@@ -181,6 +181,14 @@ def test_a_configuration_the_library_cannot_do_is_refused_before_quantizing():
                                          r"group size 64.*not changed"):
         get_peft_model(model, plan_config(plan=plan))
     assert type(model.roberta.encoder.layer[0].attention.self.query) is torch.nn.Linear
+    # HQQ's 2-bit packing takes the groups four at a time, unpadded: 37 groups of 64 (a 37x64 weight) it cannot do
+    model = RobertaForSequenceClassification(RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1,
+                                                           num_attention_heads=4, intermediate_size=37,
+                                                           max_position_embeddings=40))
+    plan = {"roberta.encoder.layer.0.intermediate.dense": "hqq-2bit-g64"}
+    with pytest.raises(ValueError, match=r"cannot do: HQQ packs 4 groups' 2-bit codes together.*37.*not changed"):
+        get_peft_model(model, plan_config(plan=plan, target_modules=["intermediate.dense"]))
+    assert type(model.roberta.encoder.layer[0].intermediate.dense) is torch.nn.Linear
 
 
 def test_bad_plan_in_the_config():
