@@ -102,3 +102,12 @@ def reset_hwm() -> None:
     """Reset the kernel's peak-RSS mark (``VmHWM``) of this process to its current RSS."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def print_saved(path: str, markdown) -> dict:
+    """``--print FILE``: the saved result, printed as its markdown table and returned."""
+    import json
+
+    saved = json.loads(Path(path).read_text())
+    print(markdown(saved))
+    return saved

@@ -59,7 +59,9 @@ from torch import nn
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # bench/_env.py, also when loaded by file path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import device_info, device_slug, git_commit, loadavg, proc_status, reset_hwm, versions  # noqa: E402
+from _env import (  # noqa: E402
+    device_info, device_slug, git_commit, loadavg, print_saved, proc_status, reset_hwm, versions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND_ENV = "SLPEFT_SPARSE_BACKEND"
@@ -443,7 +445,7 @@ def markdown(result: dict) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------------- main
-def main(argv=None) -> dict:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one tiny shape, 1 warm-up + 2 rounds (CI smoke)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -463,11 +465,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="results JSON path (default bench/results/sparse_delta-<device>.json)")
     parser.add_argument("--print", dest="print_json", default=None, help="print the markdown of a results file, exit")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.print_json:
-        saved = json.loads(Path(args.print_json).read_text())
-        print(markdown(saved))
-        return saved
+        return print_saved(args.print_json, markdown)
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -60,7 +60,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -73,7 +72,9 @@ import torch
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # bench/_env.py, also when loaded by file path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import device_info, device_slug, git_commit, loadavg, proc_status, reset_hwm, versions  # noqa: E402
+from _env import (  # noqa: E402
+    device_info, device_slug, git_commit, loadavg, print_saved, proc_status, reset_hwm, versions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["query", "value"]
@@ -459,12 +460,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.print_json:
-        saved = json.loads(Path(args.print_json).read_text())
-        print(markdown(saved))
-        return saved
+def resolve_defaults(args) -> torch.device:
+    """Fill the device-dependent defaults (dtype, batch, sequence, warm-up) and set threads and clock."""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -475,18 +472,21 @@ def main(argv=None) -> dict:
         args.batch = 2 if args.quick else 32 if cuda else 16
     if args.seq is None:
         args.seq = 16 if args.quick else 512 if cuda else 128
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 20 if cuda else 5
+    if args.warmup is None:
+        args.warmup = 3 if cuda and not args.quick else 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
         if cuda:
             raise SystemExit("--clock cpu measures CPU time; on CUDA use the default wall clock")
         Step.clock = staticmethod(time.process_time)
+    return device
 
-    import sparse_lowrank_peft  # noqa: F401  (registers the tuners with PEFT)
 
-    if args.memory_worker:
-        memory_worker(args)
-        return {}
+def select_methods(args) -> tuple[list[str], list[str], dict[str, str]]:
+    """The methods asked for (all by default), those of them that can run here, and why the others cannot."""
     if args.methods:
         unknown = sorted(set(args.methods) - set(METHODS))
         if unknown:
@@ -496,21 +496,21 @@ def main(argv=None) -> dict:
     for n in wanted:
         ok, why = available(n)
         (names.append(n) if ok else skipped.__setitem__(n, why))
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 20 if cuda else 5)
-    if args.warmup is None:
-        args.warmup = 3 if cuda and not args.quick else 1
-    dtype = getattr(torch, args.dtype)
-    config = roberta_config(args.quick, args.seq)
-    info = device_info(device)
+    return wanted, names, skipped
+
+
+def result_header(args, argv, config, info: dict, names: list[str]) -> dict:
+    """Everything the result file records before the first timing: command, machine, versions, settings."""
     commit, dirty = git_commit("bench/throughput.py")
-    result = {
+    cuda = args.device.startswith("cuda")
+    return {
         "bench": "throughput", "schema": 1,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python bench/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
         "device": info, "versions": versions(), "commit": commit, "dirty": dirty,
         "settings": {
             "quick": args.quick, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "warmup": args.warmup,
-            "repeats": repeats, "clock": args.clock, "methods": names, "targets": TARGETS, "head": HEAD,
+            "repeats": args.repeats, "clock": args.clock, "methods": names, "targets": TARGETS, "head": HEAD,
             "adapter_dropout": 0.0, "optimizer": f"AdamW lr {LR}",
             "model": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                       "intermediate_size", "vocab_size", "max_position_embeddings")},
@@ -521,31 +521,53 @@ def main(argv=None) -> dict:
         "results": {},
         "complete": False,
     }
+
+
+def add_memory(result: dict, names: list[str], args) -> None:
+    """Each method's peak and step memory, measured in child processes (CPU) or on the device (CUDA)."""
+    memory = memory_methods(names, args)
+    for n in names:
+        m = memory.get(n)
+        row = result["results"][n]
+        for key in ("peak", "step", "before"):
+            row[f"{key}_mib"] = None if m is None else round(m[f"{key}_bytes"] / 2**20, 1)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.print_json:
+        return print_saved(args.print_json, markdown)
+    device = resolve_defaults(args)
+
+    import sparse_lowrank_peft  # noqa: F401  (registers the tuners with PEFT)
+
+    if args.memory_worker:
+        memory_worker(args)
+        return {}
+    wanted, names, skipped = select_methods(args)
+    config = roberta_config(args.quick, args.seq)
+    info = device_info(device)
+    result = result_header(args, argv, config, info, names)
     suffix = "-quick" if args.quick else ""
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"throughput-{device_slug(info)}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
     batch = make_batch(config, args.batch, args.seq, device)
-    timing = time_methods(names, config, batch, device, dtype, args.warmup, repeats) if names else {}
+    dtype = getattr(torch, args.dtype)
+    timing = time_methods(names, config, batch, device, dtype, args.warmup, args.repeats) if names else {}
     for n in wanted:
-        label = METHODS[n][0]
+        row = {"label": METHODS[n][0], "group": METHODS[n][1]}
         if n in skipped:
-            result["results"][n] = {"label": label, "group": METHODS[n][1], "skipped": skipped[n]}
+            row["skipped"] = skipped[n]
         else:
-            result["results"][n] = {"label": label, "group": METHODS[n][1],
-                                    **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in timing[n].items()}}
+            row.update({k: (round(v, 5) if isinstance(v, float) else v) for k, v in timing[n].items()})
+        result["results"][n] = row
     result["conditions"]["timing_s"] = round(time.time() - t0, 1)
     out.write_text(json.dumps(result, indent=1) + "\n")  # partial: timings without memory
 
     if not args.no_memory and names:
-        memory = memory_methods(names, args)
-        for n in names:
-            m = memory.get(n)
-            row = result["results"][n]
-            row["peak_mib"] = None if m is None else round(m["peak_bytes"] / 2**20, 1)
-            row["step_mib"] = None if m is None else round(m["step_bytes"] / 2**20, 1)
-            row["before_mib"] = None if m is None else round(m["before_bytes"] / 2**20, 1)
+        add_memory(result, names, args)
     result["conditions"]["loadavg_end"] = loadavg()
     result["conditions"]["total_s"] = round(time.time() - t0, 1)
     result["targets"] = evaluate_targets({n: r for n, r in result["results"].items() if not r.get("skipped")})

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _builders import VOCAB, _ids, output_of
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 
 from sparse_lowrank_peft import SLTrainConfig, SoraConfig
 from sparse_lowrank_peft.delta import bitbudget as bb

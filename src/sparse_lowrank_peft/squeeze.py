@@ -604,9 +604,6 @@ def squeeze_state(
         max_energy_rank: with an energy threshold, the largest per-layer rank accepted on the randomized path
             (default ``min(out, in) // 2``).
     """
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     if rank is not None:
         check_rank_spec(rank)
     if lora_alpha is not None and not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
@@ -617,7 +614,23 @@ def squeeze_state(
     opts = {"oversampling": oversampling, "power_iters": power_iters, "seed": seed,
             "max_energy_rank": max_energy_rank, "adapter_name": adapter_name}
     is_lora = config.peft_type == "LORA"
-    prefix = "base_model.model."
+    state = _state_besides_factors(peft_model, adapter_name, is_lora)
+    layers, kept = _squeeze_factors_into(state, targets, rank, lora_alpha, opts, is_lora)
+    if not kept:
+        raise SqueezeError(
+            f"adapter '{adapter_name}' has no layer with a nonzero delta to write (every rank pruned?). A LoRA "
+            "adapter needs at least one layer of rank >= 1."
+        )
+    lora_config = _squeezed_lora_config(config, targets, kept, lora_alpha, is_lora)
+    source = getattr(config.peft_type, "value", str(config.peft_type))
+    return SqueezeResult(lora_config, state, layers, source)
+
+
+def _state_besides_factors(peft_model, adapter_name: str, is_lora: bool) -> dict:
+    """The adapter's tensors that squeezing keeps as they are (the head, biases): for PEFT's LoRA every tensor but
+    its factors, for this package's tuners every tensor outside the adapted layers' own."""
+    from peft.utils import get_peft_model_state_dict
+
     state: dict = {}
     for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items():
         if is_lora:
@@ -626,15 +639,23 @@ def squeeze_state(
         elif peft_model.base_model.prefix in key:
             continue
         state[key] = value.detach()
+    return state
+
+
+def _squeeze_factors_into(state: dict, targets, rank, lora_alpha, opts: dict, is_lora: bool
+                          ) -> tuple[dict[str, "LayerSqueeze"], dict[str, int]]:
+    """Squeeze every target and write its LoRA factors into ``state``; returns the per-layer reports and the rank
+    written per layer (a zero delta of this package's tuners is left out; PEFT LoRA keeps the layer at rank 1
+    with zero factors, so its target list is unchanged)."""
+    prefix = "base_model.model."
     layers: dict[str, LayerSqueeze] = {}
-    kept: dict[str, int] = {}  # layers written (a zero delta of this package's tuners is left out)
+    kept: dict[str, int] = {}
     for t in targets:
         B, A, rep = _squeeze_target(t, rank, lora_alpha, opts)
         layers[t.name] = rep
         if rep.rank == 0:
             if not is_lora:
                 continue
-            # PEFT LoRA keeps its target list: the layer stays, as rank 1 with zero factors (ΔW = 0)
             B, A = torch.zeros(t.shape[0], 1, dtype=t.dtype), torch.zeros(1, t.shape[1], dtype=t.dtype)
             rep.rank = 1
         k = rep.rank
@@ -644,44 +665,40 @@ def squeeze_state(
         state[prefix + t.key_A] = A
         state[prefix + t.key_B] = B
         kept[t.name] = k
-    if not kept:
-        raise SqueezeError(
-            f"adapter '{adapter_name}' has no layer with a nonzero delta to write (every rank pruned?). A LoRA "
-            "adapter needs at least one layer of rank >= 1."
-        )
+    return layers, kept
+
+
+def _squeezed_lora_config(config, targets, kept: dict[str, int], lora_alpha, is_lora: bool):
+    """The ``LoraConfig`` of the squeezed adapter: ``r`` the largest kept rank, the others in ``rank_pattern``;
+    scale 1 per layer (``alpha = r``) unless ``lora_alpha`` is given. PEFT's LoRA keeps its own fields."""
+    from peft import LoraConfig
+
     r = max(kept.values())
-    alpha = float(lora_alpha) if lora_alpha is not None else None
     rank_pattern = {_pattern_key(n): k for n, k in kept.items() if k != r}
-    if alpha is None:
-        alpha_pattern = dict(rank_pattern)
-        alpha_global = r
+    if lora_alpha is None:
+        alpha_pattern, alpha_global = dict(rank_pattern), r
     else:
-        alpha_pattern, alpha_global = {}, alpha
+        alpha_pattern, alpha_global = {}, float(lora_alpha)
     if is_lora:
         fields = config.to_dict()
         fields.update(r=r, lora_alpha=alpha_global, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                       use_rslora=False, lora_dropout=fields.get("lora_dropout", 0.0), inference_mode=False)
         for drop in ("peft_type", "auto_mapping", "peft_version"):
             fields.pop(drop, None)
-        lora_config = LoraConfig(**fields)
-    else:
-        fan = {t.fan_in_fan_out for t in targets if t.name in kept}
-        if len(fan) > 1:
-            raise SqueezeError(
-                "the adapted layers mix Conv1D (GPT-2 style) and Linear, which one LoRA config cannot hold "
-                "(fan_in_fan_out is one flag). Fix: export the two kinds as separate adapters."
-            )
-        own_bias = getattr(config, "bias", "none")
-        bias = "lora_only" if own_bias.endswith("_only") else own_bias
-        lora_config = LoraConfig(
-            r=r, lora_alpha=alpha_global, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-            target_modules=sorted(kept), lora_dropout=0.0, bias=bias, modules_to_save=config.modules_to_save,
-            fan_in_fan_out=fan.pop(), task_type=config.task_type,
-            base_model_name_or_path=config.base_model_name_or_path, revision=config.revision,
-            init_lora_weights=True,
+        return LoraConfig(**fields)
+    fan = {t.fan_in_fan_out for t in targets if t.name in kept}
+    if len(fan) > 1:
+        raise SqueezeError(
+            "the adapted layers mix Conv1D (GPT-2 style) and Linear, which one LoRA config cannot hold "
+            "(fan_in_fan_out is one flag). Fix: export the two kinds as separate adapters."
         )
-    source = getattr(config.peft_type, "value", str(config.peft_type))
-    return SqueezeResult(lora_config, state, layers, source)
+    own_bias = getattr(config, "bias", "none")
+    return LoraConfig(
+        r=r, lora_alpha=alpha_global, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        target_modules=sorted(kept), lora_dropout=0.0, bias="lora_only" if own_bias.endswith("_only") else own_bias,
+        modules_to_save=config.modules_to_save, fan_in_fan_out=fan.pop(), task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path, revision=config.revision, init_lora_weights=True,
+    )
 
 
 def squeeze(
