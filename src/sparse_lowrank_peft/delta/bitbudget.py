@@ -215,13 +215,13 @@ def measure(
     table = PlanTable(numel={}, error={}, relative={}, bits={}, rank=rank)
     for name, W in weights.items():
         W = W.detach().to("cpu", torch.float32)
-        weight = None if fisher is None else fisher.get(name)
+        row_col = None if fisher is None else fisher.get(name)  # this layer's Fisher row / column weights
         table.add_layer(name, W.numel())
         for choice in _supported(choices, W):
-            W_hat, relative = _reconstruct(W, choice, rank, max_iter, lq is None or name in lq, weight)
+            W_hat, relative = _reconstruct(W, choice, rank, max_iter, lq is None or name in lq, row_col)
             residual = W - W_hat
-            if weight is not None:
-                d_row, d_col = (t.to(torch.float32).clamp_min(1e-8).sqrt() for t in weight)
+            if row_col is not None:
+                d_row, d_col = (t.to(torch.float32).clamp_min(1e-8).sqrt() for t in row_col)
                 residual = d_row[:, None] * residual * d_col[None, :]
             table.record(name, choice, float(residual.square().sum()), relative, W)
         if progress is not None:
@@ -246,8 +246,9 @@ def measure_output(
         e[l, c] = Σ_batches ‖H(W_l → Q_c + L) − H‖²_F / Σ_batches ‖H‖²_F
 
     The program then minimises the summed output change, a first-order (additive) model of the whole plan's. On
-    MiniLM the weight error ``‖W − Q − L‖²`` treats a 2-bit value matrix and a 2-bit FFN output matrix alike; their
-    effect on the output differs by up to 10x (bench/results/bitbudget-minilm-output.json). ``model`` is any
+    MiniLM the weight error ``‖W − Q − L‖²`` treats a 2-bit query matrix and a 2-bit FFN input matrix of one layer
+    about alike (relative 0.41 vs 0.44); their effect on the output differs 10-44x
+    (bench/results/bitbudget-minilm-qv-output.json). ``model`` is any
     Hugging Face model returning ``hidden_states``; ``names`` its ``nn.Linear`` modules to plan. Weights are
     restored after each measurement (also on error)."""
     lq = None if lq_layers is None else set(lq_layers)
