@@ -99,12 +99,21 @@ def curve(table: bb.PlanTable, norm2: float) -> dict:
     return {"uniform": [{**u, "relative_error": (u["error"] / norm2) ** 0.5} for u in uniform], "plans": rows}
 
 
-def model_bytes(plan: dict[str, str] | None) -> int:
-    """Bytes of the MiniLM encoder's state dict (every tensor, as stored) with each linear of ``plan`` quantized
-    (None: full precision): what a base quantized this way occupies."""
-    model = minilm()
-    bb.apply_plan(model, plan or {})
+def fp32_bytes(model) -> int:
+    """Bytes of the model's state dict in full precision (every tensor at its dtype's size)."""
     return sum(v.numel() * v.element_size() for v in model.state_dict().values() if isinstance(v, torch.Tensor))
+
+
+def base_bytes(table: bb.PlanTable, full_bytes: int, plan: dict[str, str]) -> int:
+    """Bytes of the base with each linear of ``plan`` stored as its configuration stores it (the table's bits,
+    counted from the library's tensors: HQQ with fp16 scales and zeros, bitsandbytes as it saves) and every other
+    tensor (embeddings, norms, biases, unplanned weights) as in ``full_bytes``, its fp32 state dict. Layers are
+    matched by name or dotted suffix (a GLUE run's ``bert.encoder...`` against the table's ``encoder...``)."""
+    bits = 8 * full_bytes
+    for name, choice in plan.items():
+        layer = next(l for l in table.numel if name == l or name.endswith("." + l))
+        bits += table.bits[layer][choice] - 32 * table.numel[layer]
+    return bits // 8
 
 
 def plot(result: dict, path: Path) -> None:
@@ -215,11 +224,12 @@ def main(argv=None) -> dict:
               "objective": table.objective, "norm2": norm2, "table": table.to_dict(), "curve": curve(table, norm2)}
     if batches is not None:
         add_output_changes(result, model, batches, meta.get("max_iter", args.max_iter))
-    names = list(table.numel)
-    result["model_bytes"] = {"fp32": model_bytes(None),
-                             **{f"plan-{row['budget']}": model_bytes(row["plan"])
+    full = fp32_bytes(model)
+    result["model_bytes"] = {"fp32": full,
+                             **{f"plan-{row['budget']}": base_bytes(table, full, row["plan"])
                                 for row in result["curve"]["plans"] if "plan" in row},
-                             **{c: model_bytes({n: c for n in names}) for c in ("bnb-nf4-dq", "hqq-2bit-g64")}}
+                             **{u["choice"]: base_bytes(table, full, {n: u["choice"] for n in table.numel})
+                                for u in result["curve"]["uniform"]}}
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))

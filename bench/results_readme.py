@@ -463,6 +463,60 @@ def _num(value) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
+def _base_plan(record: dict, layers) -> dict[str, str] | None:
+    """The quantization configuration of each encoder linear a GLUE run's base held: its LQ-LoRA plan, NF4 with
+    double quantization (``quantize: nf4``, how glue/model.py quantizes) on every one, or ``{}`` in full precision;
+    None for a base this table cannot name."""
+    plan = (record.get("peft_config") or {}).get("lq_plan")
+    if isinstance(plan, dict) and plan:
+        return plan
+    quantize = (record.get("config") or {}).get("quantize")
+    if quantize == "nf4":
+        return {layer: "bnb-nf4-dq" for layer in layers}
+    return {} if quantize in (None, "none") else None
+
+
+def quantized_sst2_table(results: Path, base: Path) -> list[str]:
+    """SLTrain on SST-2 (MiniLM, query/value adapters, the recipe budget) by base: each base's stored bits per
+    encoder-linear parameter and bytes (``bench/bitbudget.py: base_bytes`` from the committed measurement
+    ``bitbudget-minilm-qv.json``), the dev accuracy over seeds and its distance to the NF4 base."""
+    from glue.report import main_value
+
+    measured = _load(results / "bitbudget-minilm-qv.json")
+    if not measured:
+        return []
+    bitbudget = _bench_module("bitbudget")
+    table = bitbudget.bb.PlanTable.from_dict(measured["table"])
+    full, numel = measured["model_bytes"]["fp32"], sum(table.numel.values())
+    by_variant: dict[str, dict[int, dict]] = {}
+    for path in sorted((results / "glue").glob("minilm-sltrain*-sst2*.json")):
+        record = _load(path)
+        if record and not path.stem.endswith("-h100"):
+            variant, column, seed = _parse_stem(path, record)
+            if column == "sst2":
+                by_variant.setdefault(variant, {})[seed] = record
+    rows = []
+    for variant, by_seed in by_variant.items():
+        plan = _base_plan(next(iter(by_seed.values())), table.numel)
+        if plan is None:
+            continue
+        layer = lambda name: next(l for l in table.numel if name == l or name.endswith("." + l))  # noqa: E731
+        bits = sum(table.bits[layer(n)][c] for n, c in plan.items()) / numel if plan else 32.0
+        values = [main_value(r) for r in by_seed.values()]
+        rows.append((bits, variant, bitbudget.base_bytes(table, full, plan), values, _seeds_cell(by_seed)))
+    reference = next((sum(v) / len(v) for _, name, _, v, _ in rows if name == "sltrain-nf4-lq"), None)
+    lines = [
+        "SLTrain on SST-2 by base (MiniLM, query/value adapters, `recipes/minilm/<variant>-sst2.yaml`; bits per "
+        "encoder-linear parameter and base bytes as the libraries store them, from `bitbudget-minilm-qv.json`; "
+        "embeddings, norms and biases stay fp32 in every base):", "",
+        "| base (recipe variant) | bits / linear param | base MiB | SST-2 accuracy | vs NF4-LQ (points) |",
+        "|:---|---:|---:|:---|---:|"]
+    for bits, variant, nbytes, values, cell in sorted(rows, key=lambda r: (-r[0], r[1])):
+        delta = "–" if reference is None else f"{100 * (sum(values) / len(values) - reference):+.2f}"
+        lines.append(f"| {variant} | {bits:.2f} | {nbytes / 2**20:.1f} | {cell} | {delta} |")
+    return lines + [""]
+
+
 def bitbudget_section(results: Path, base: Path) -> list[str]:
     """LQ-LoRA bit budgets on MiniLM (``bench/bitbudget.py``: the weight objective with L on every linear or on
     query/value, the output objective) and NOLA's quantized coefficients (``bench/nola_quant.py``)."""
@@ -471,6 +525,7 @@ def bitbudget_section(results: Path, base: Path) -> list[str]:
         data = _load(results / name)
         if data:
             lines += _bitbudget_table(data, results / name, base)
+    lines += quantized_sst2_table(results, base)
     nola = _load(results / "nola-quant-minilm.json")
     if nola:
         scores = nola["scores"]

