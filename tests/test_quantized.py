@@ -157,3 +157,64 @@ def test_quantize_linears_errors():
     model, _, _ = BUILDERS["bert"]()
     with pytest.raises(ValueError, match="no nn.Linear matches"):
         quantize_linears(model, ["nothing_here"])
+
+
+def _queries(pm) -> list:
+    return [layer.attention.self.query.base_layer for layer in pm.base_model.model.bert.encoder.layer]
+
+
+@pytest.mark.parametrize("cls", [SLTrainConfig, SoraConfig, DyLoraConfig])
+def test_fisher_weighted_lq_adapter_reloads_onto_the_same_base(cls, tmp_path):
+    """The Fisher weights an LQ initialisation used are saved beside the adapter (lq_fisher.safetensors), so loading
+    without them re-derives the same quantized base: a trained adapter's outputs are equal after reload. Without the
+    file the load is refused before the model is touched."""
+    import copy
+    import json
+
+    model, make_inputs, task_type = BUILDERS["bert"]()
+    fresh, spare, plain_base = (copy.deepcopy(model) for _ in range(3))
+    gen = torch.Generator().manual_seed(0)
+    fisher = {f"bert.encoder.layer.{i}.attention.self.query": (torch.rand(36, generator=gen) * 10 + 0.01,
+                                                               torch.rand(36, generator=gen) * 10 + 0.01)
+              for i in range(2)}
+    config = lambda: cls(r=2, target_modules=["query"], init_weights="lq", task_type=task_type)  # noqa: E731
+    with use_fisher(fisher):
+        pm = get_peft_model(model, config())
+    plain = get_peft_model(plain_base, config())
+    # the weighting moved the quantized base, so a reload that ignored it would differ
+    assert any(not torch.equal(dequantize_weight(a), dequantize_weight(b)) for a, b in zip(_queries(pm), _queries(plain)))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        pm(**make_inputs(step), labels=torch.tensor([0, 1, 2])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    with torch.no_grad():
+        expected = output_of(pm, make_inputs(9))
+    pm.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lq_fisher"] == "lq_fisher.safetensors"
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(reloaded, make_inputs(9)), expected, atol=0, rtol=0)
+    for a, b in zip(_queries(pm), _queries(reloaded)):
+        assert torch.equal(dequantize_weight(a), dequantize_weight(b))
+
+    (tmp_path / "lq_fisher.safetensors").unlink()
+    before = {n: type(m).__name__ for n, m in spare.named_modules()}
+    with pytest.raises(ValueError, match=r"Fisher weights in 'lq_fisher.safetensors'.*Fix: copy lq_fisher"):
+        PeftModel.from_pretrained(spare, tmp_path)
+    assert {n: type(m).__name__ for n, m in spare.named_modules()} == before
+
+
+def test_lq_fisher_field_is_checked():
+    pair = (torch.ones(4), torch.ones(4))
+    with pytest.raises(ValueError, match="lq_fisher is set but init_weights=True"):
+        SLTrainConfig(lq_fisher={"q": pair})
+    with pytest.raises(ValueError, match=r"lq_fisher must map module names to \(row, column\) 1-D tensors"):
+        SLTrainConfig(init_weights="lq", lq_fisher={"q": torch.ones(4)})
+    assert not SLTrainConfig(init_weights="lq").to_dict()["lq_fisher"]  # nothing recorded without use_fisher
+    model, _, task_type = BUILDERS["bert"]()
+    named = SLTrainConfig(r=2, target_modules=["query"], init_weights="lq", lq_fisher="lq_fisher.safetensors",
+                          task_type=task_type)
+    with pytest.raises(ValueError, match="names the file 'lq_fisher.safetensors'.*PeftModel.from_pretrained"):
+        get_peft_model(model, named)

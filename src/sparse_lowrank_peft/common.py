@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -52,11 +53,65 @@ class LQInitFields:
             planned configuration instead of ``lq_quant_type``; every targeted layer must have an entry. It is saved in
             ``adapter_config.json``, and loading re-derives the same quantized base (the LQ decomposition and both
             libraries are deterministic) before the trained adapter weights are loaded onto it.
+        lq_fisher (`dict[str, tuple[torch.Tensor, torch.Tensor]]`, *optional*):
+            Recorded, not set by hand: the Fisher row/column weights (``delta.quant.use_fisher``) each targeted
+            layer's LQ decomposition was weighted by. ``save_pretrained`` writes them beside the adapter as
+            ``lq_fisher.safetensors`` (``adapter_config.json`` names the file) and ``from_pretrained`` reads them back,
+            so a Fisher-weighted adapter reloads onto the same quantized base without the calibration data.
     """
 
     lq_quant_type: str = field(default="nf4", metadata={"help": "4-bit format of the LQ base: nf4 or fp4."})
     lq_max_iter: int = field(default=20, metadata={"help": "Maximum LQ alternations."})
     lq_plan: Optional[dict] = field(default=None, metadata={"help": "Per-module quantization configuration (LQ)."})
+    lq_fisher: Optional[Union[dict, str]] = field(
+        default=None, metadata={"help": "Fisher weights the LQ decomposition used (recorded; saved beside the adapter)."})
+
+    def to_dict(self) -> dict:
+        """PEFT's dict of the config, with recorded Fisher weights replaced by the name of their file."""
+        from .delta.quant import LQ_FISHER_FILE
+
+        out = super().to_dict()
+        if isinstance(out.get("lq_fisher"), dict):
+            out["lq_fisher"] = LQ_FISHER_FILE
+        return out
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's ``adapter_config.json``, and the recorded Fisher weights beside it (``lq_fisher.safetensors``)."""
+        super().save_pretrained(save_directory, **kwargs)
+        if isinstance(self.lq_fisher, dict):
+            from .delta.quant import LQ_FISHER_FILE, save_fisher
+
+            save_fisher(self.lq_fisher, os.path.join(save_directory, LQ_FISHER_FILE))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's loading of ``adapter_config.json``, then the Fisher weights file it names, if any."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config.lq_fisher, str):
+            from .delta.quant import load_fisher
+
+            config.lq_fisher = load_fisher(_adapter_file(pretrained_model_name_or_path, config.lq_fisher, subfolder,
+                                                         kwargs))
+        return config
+
+
+def _adapter_file(path_or_repo: str, name: str, subfolder: Optional[str], kwargs: dict) -> str:
+    """The local path of file ``name`` of an adapter folder, or of a Hub repository's (downloaded as PEFT downloads
+    ``adapter_config.json``: revision, token and cache_dir from ``kwargs``)."""
+    folder = os.path.join(path_or_repo, subfolder) if subfolder else path_or_repo
+    if os.path.isfile(os.path.join(folder, name)):
+        return os.path.join(folder, name)
+    from huggingface_hub import hf_hub_download
+
+    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+    try:
+        return hf_hub_download(path_or_repo, name, subfolder=subfolder, **hub)
+    except Exception as exc:
+        raise ValueError(
+            f"adapter_config.json in {path_or_repo!r} says the LQ base was derived with the Fisher weights in {name!r}, "
+            f"but that file is neither in {folder!r} nor downloadable ({type(exc).__name__}). Without it the quantized "
+            f"base cannot be re-derived as trained. Fix: copy {name} saved with the adapter into that folder."
+        ) from exc
 
 
 def check_init_weights(config) -> None:
@@ -70,6 +125,7 @@ def check_init_weights(config) -> None:
     if config.lq_quant_type not in ("nf4", "fp4"):
         raise ValueError(f"{type(config).__name__}.lq_quant_type={config.lq_quant_type!r} must be 'nf4' or 'fp4'.")
     check_positive_int(config, "lq_max_iter")
+    _check_lq_fisher(config)
     plan = getattr(config, "lq_plan", None)
     if plan is None:
         return
@@ -90,6 +146,29 @@ def check_init_weights(config) -> None:
             parse_choice(choice)
         except (ValueError, ImportError) as err:
             raise type(err)(f"{type(config).__name__}.lq_plan['{name}']: {err}") from None
+
+
+def _check_lq_fisher(config) -> None:
+    """``lq_fisher`` is None, the name of the weights file, or ``{module: (row, col)}`` of 1-D tensors, with LQ."""
+    value = getattr(config, "lq_fisher", None)
+    if value is None:
+        return
+    if config.init_weights != "lq":
+        raise ValueError(
+            f"{type(config).__name__}.lq_fisher is set but init_weights={config.init_weights!r}: the weights are "
+            "recorded by LQ initialisation. Fix: init_weights='lq', or drop lq_fisher."
+        )
+    if isinstance(value, str):
+        return
+    import torch
+
+    pairs = value.items() if isinstance(value, dict) else ()
+    if not pairs or not all(isinstance(k, str) and isinstance(p, (tuple, list)) and len(p) == 2
+                            and all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in p) for k, p in pairs):
+        raise ValueError(
+            f"{type(config).__name__}.lq_fisher must map module names to (row, column) 1-D tensors. It is recorded "
+            "for you: create the adapter inside delta.quant.use_fisher(fisher_row_col_weights(...)) instead."
+        )
 
 
 def check_positive_int(config, field_name: str, hint: str = "") -> None:

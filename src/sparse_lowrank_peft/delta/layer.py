@@ -104,8 +104,9 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         """LQ-LoRA: decompose the full-precision base weight ``W ≈ Q + L`` (``delta.quant.lq_decompose``), replace the
         base layer by a 4-bit ``Linear4bit`` holding ``Q``, and return ``(B, A)`` with ``scaling · B · A = L``.
 
-        Needs a full-precision ``nn.Linear`` base (LQ quantizes it itself); the Fisher weights of ``use_fisher`` are
-        used if set.
+        Needs a full-precision ``nn.Linear`` base (LQ quantizes it itself); the decomposition is weighted by the
+        Fisher weights ``config.lq_fisher`` holds for this layer (recorded from ``use_fisher`` by the tuner, or read
+        back from the adapter folder).
         """
         from . import quant
 
@@ -125,7 +126,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         choice = quant.plan_choice(getattr(config, "lq_plan", None), key)
         result = quant.lq_decompose(
             base.weight, rank, quant_type=config.lq_quant_type, max_iter=config.lq_max_iter,
-            fisher=quant.fisher_for(key), quantizer=None if choice is None else choice.quantize_dequantize,
+            fisher=quant.recorded_fisher(config, key), quantizer=None if choice is None else choice.quantize_dequantize,
         )
         if choice is not None:  # a mixed-configuration plan (delta.bitbudget): this layer's own configuration
             self.base_layer = choice.quantize(result.source, base.bias).to(base.weight.device)

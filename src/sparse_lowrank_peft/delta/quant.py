@@ -450,12 +450,56 @@ def use_fisher(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         fisher = fisher_row_col_weights(base, calibration_batches)
         with use_fisher(fisher):
             model = get_peft_model(base, SLTrainConfig(init_weights="lq", ...))
+
+    The weights of the targeted layers are recorded in the adapter's config (``lq_fisher``) and saved beside it
+    (``lq_fisher.safetensors``), so ``PeftModel.from_pretrained`` re-derives the same quantized base without them.
     """
     token = _FISHER.set(dict(weights))
     try:
         yield
     finally:
         _FISHER.reset(token)
+
+
+#: the file beside ``adapter_config.json`` that holds the Fisher weights an LQ initialisation used (``lq_fisher``)
+LQ_FISHER_FILE = "lq_fisher.safetensors"
+
+
+def active_fisher() -> Optional[dict]:
+    """The weights of the enclosing :func:`use_fisher` block, or None outside one."""
+    return _FISHER.get()
+
+
+def recorded_fisher(config, key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The Fisher row/column weights ``config.lq_fisher`` holds for module ``key`` (exact name or dotted suffix
+    either way), else None: what LQ initialisation of that layer is weighted by."""
+    weights = getattr(config, "lq_fisher", None)
+    if not isinstance(weights, dict):
+        return None
+    if key in weights:
+        return weights[key]
+    return next((value for name, value in weights.items() if _matches(key, name)), None)
+
+
+def save_fisher(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str) -> None:
+    """Write ``{module: (row, col)}`` Fisher weights to a safetensors file (tensors ``<module>.row`` / ``.col``)."""
+    from safetensors.torch import save_file
+
+    save_file({f"{name}.{part}": t.detach().to("cpu", torch.float32).contiguous()
+               for name, pair in weights.items() for part, t in zip(("row", "col"), pair)}, path)
+
+
+def load_fisher(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Read the file :func:`save_fisher` wrote; raises ``ValueError`` naming the file if a module lacks a half."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    missing = [n for n in names if f"{n}.row" not in tensors or f"{n}.col" not in tensors]
+    if missing or any(not k.endswith((".row", ".col")) for k in tensors):
+        raise ValueError(f"{path} is not a Fisher weights file of this package (module {missing[:1]} lacks its row or "
+                         "column weights). Fix: save the adapter again with save_pretrained.")
+    return {n: (tensors[f"{n}.row"], tensors[f"{n}.col"]) for n in sorted(names)}
 
 
 def _matches(key: str, name: str) -> bool:

@@ -33,9 +33,31 @@ class DeltaModel(BaseTuner):
 
     # ------------------------------------------------------------------ injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        self._validate_targets(model, adapter_name)
+        targeted = self._validate_targets(model, adapter_name)
+        self._record_fisher(self.peft_config[adapter_name], targeted)
         self._prepare_quantized_model(model, adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    @staticmethod
+    def _record_fisher(config, targeted: list[str]) -> None:
+        """LQ initialisation inside ``use_fisher``: keep the targeted layers' Fisher weights in the config
+        (``lq_fisher``), which saves them beside the adapter, so that loading re-derives the same quantized base.
+        Outside such a block a config's recorded weights (read back by ``from_pretrained``) are used as they are."""
+        if getattr(config, "init_weights", None) != "lq":
+            return
+        from .quant import LQ_FISHER_FILE, active_fisher, fisher_for
+
+        if active_fisher() is not None:
+            pairs = {key: fisher_for(key) for key in targeted}
+            config.lq_fisher = {key: tuple(t.detach().to("cpu", torch.float32).clone() for t in pair)
+                                for key, pair in pairs.items() if pair is not None} or None
+        if isinstance(config.lq_fisher, str):
+            raise ValueError(
+                f"{type(config).__name__}.lq_fisher names the file {config.lq_fisher!r} instead of holding its Fisher "
+                f"weights: the config was built from adapter_config.json without reading {LQ_FISHER_FILE} beside "
+                "it. Fix: load the adapter with PeftModel.from_pretrained (or the config with "
+                f"{type(config).__name__}.from_pretrained), which reads it. The model was not changed."
+            )
 
     def _prepare_quantized_model(self, model: nn.Module, adapter_name: str) -> None:
         """Before PEFT wraps anything: quantized linears in ``modules_to_save`` (a head transformers quantized at load
@@ -49,12 +71,12 @@ class DeltaModel(BaseTuner):
         restore_full_precision(model, getattr(self.peft_config[adapter_name], "modules_to_save", None))
         keep_standard_layouts(model)
 
-    def _validate_targets(self, model: nn.Module, adapter_name: str) -> None:
-        """Raise before any module is replaced if a targeted module cannot be wrapped."""
+    def _validate_targets(self, model: nn.Module, adapter_name: str) -> list[str]:
+        """Raise before any module is replaced if a targeted module cannot be wrapped; returns the targeted names."""
         config = self.peft_config[adapter_name]
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         if not isinstance(config.target_modules, (list, set, str)):
-            return
+            return []
         inside_tuner_layers: list[str] = []
         bad: list[str] = []
         targeted: list[str] = []
@@ -77,6 +99,7 @@ class DeltaModel(BaseTuner):
                 f"wrap: {shown}. Only torch.nn.Linear, transformers' Conv1D and quantized linear layers are supported. "
                 "Fix: target the linear layers only (a list of their names or a regex). The model was not changed."
             )
+        return targeted
 
     @staticmethod
     def _validate_plan(model: nn.Module, config, targeted: list[str]) -> None:
