@@ -470,10 +470,12 @@ def test_fisher_weights_reach_the_plan_and_lq_init(tiny_model, toy_task, monkeyp
     c = cfg(task="custom", custom=toy_task, model=tiny_model, method="sltrain", quantize="plan", init="lq",
             quantize_plan={"budget_bits": 6.0, "fisher_batches": 2}, peft={"r": 2, "sparsity": 0.1, "lq_max_iter": 1})
     data = gdata.load_run_data(c)
-    gmodel.build_model(c, data.task, data.train)
+    built = gmodel.build_model(c, data.task, data.train)
     fisher_layers, lq_layers = seen["measure"]
     assert len(fisher_layers) == 12 and len(lq_layers) == 4  # every encoder linear weighed; L on query/value only
     assert seen["lq_fisher"] and all(seen["lq_fisher"])
+    # the weights LQ used are recorded for the adapter folder, so a saved run reloads onto the same base
+    assert sorted(built.model.peft_config["default"].lq_fisher) == sorted(lq_layers)
     with pytest.raises(GlueError, match="goes with budget_bits and without table"):
         gconfig.validate_config(cfg(task="sst2", method="sltrain", init="lq", quantize="plan",
                                     quantize_plan={"uniform": "bnb-nf4", "fisher_batches": 2}))
