@@ -127,6 +127,20 @@ def output_of(model, inputs) -> torch.Tensor:
     return out.logits
 
 
+def train_then_output(model, make_inputs, labels: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> torch.Tensor:
+    """``steps`` AdamW steps on the trainable parameters (inputs ``make_inputs(step)``), then the eval-mode output
+    on ``make_inputs(9)``: a trained adapter's reference output for save/reload checks."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        model(**make_inputs(step), labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        return output_of(model, make_inputs(9))
+
+
 def build_roberta_other_width():
     """A RoBERTa like ``build_roberta``'s but 40 wide: a base an adapter trained on ``build_roberta`` must refuse."""
     from transformers import RobertaConfig, RobertaForSequenceClassification

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _builders import VOCAB, _ids, output_of
+from _builders import VOCAB, _ids, output_of, train_then_output
 from peft import get_peft_model
 
 from sparse_lowrank_peft import SLTrainConfig, SoraConfig
@@ -133,15 +133,7 @@ def test_plan_trains_saves_and_reloads_in_a_fresh_process(cls, tmp_path):
     kinds = {n: type(m.base_layer).__name__ for n, m in pm.named_modules()
              if n.endswith(("query", "value")) and hasattr(m, "base_layer")}
     assert sorted(kinds.values()) == ["HQQLinear", "HQQLinear", "Linear4bit", "Linear4bit"], kinds
-    pm.train()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(3):
-        pm(**_ids(step), labels=torch.tensor([0, 1, 0])).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    pm.eval()
-    with torch.no_grad():
-        expected = output_of(pm, _ids(9))
+    expected = train_then_output(pm, _ids, torch.tensor([0, 1, 0]))
     pm.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["lq_plan"] == PLAN
     proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), str(Path(__file__).parent)],

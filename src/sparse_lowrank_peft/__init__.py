@@ -20,6 +20,7 @@ from .callbacks import (  # noqa: E402  (after the tuners it hooks into)
     training_callbacks,
 )
 from .export import export_to_lora
+from .lq_lora import get_lq_lora_model, load_lq_lora, save_lq_lora
 from .pretrain import PerLayerOptimizer, SLTrainLinear, load_sltrain, save_sltrain, to_dense, to_sltrain  # noqa: F401
 
 __version__ = "0.1.0"
@@ -44,6 +45,9 @@ __all__ = [
     "adapter_param_groups",
     "dylora_sample_rank",
     "export_to_lora",
+    "get_lq_lora_model",
+    "load_lq_lora",
+    "save_lq_lora",
     "sora_prox_step",
     "training_callbacks",
     "SLTrainConfig",

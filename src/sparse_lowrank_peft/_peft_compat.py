@@ -16,7 +16,7 @@ import enum
 import peft
 from packaging.version import Version
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
 from peft.tuners.tuners_utils import _get_in_out_features as get_in_out_features
 from peft.utils import (
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
@@ -34,6 +34,7 @@ __all__ = [
     "add_peft_type",
     "check_adapters_to_merge",
     "check_peft_version",
+    "check_target_module_exists",
     "get_in_out_features",
     "register_method",
     "resolve_quantization_backend",

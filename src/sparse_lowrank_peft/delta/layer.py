@@ -123,16 +123,10 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
                 f"init_weights='lq' replaces the base weight of '{key}' by its quantized part, so it can only be used "
                 "for the first adapter of a layer. Fix: add further adapters with init_weights=True."
             )
-        choice = quant.plan_choice(getattr(config, "lq_plan", None), key)
-        result = quant.lq_decompose(
-            base.weight, rank, quant_type=config.lq_quant_type, max_iter=config.lq_max_iter,
-            fisher=quant.recorded_fisher(config, key), quantizer=None if choice is None else choice.quantize_dequantize,
+        self.base_layer, result = quant.lq_quantize(
+            base, rank, config.lq_quant_type, config.lq_max_iter, fisher=quant.recorded_fisher(config, key),
+            choice=quant.plan_choice(getattr(config, "lq_plan", None), key),
         )
-        if choice is not None:  # a mixed-configuration plan (delta.bitbudget): this layer's own configuration
-            self.base_layer = choice.quantize(result.source, base.bias).to(base.weight.device)
-        else:
-            compute_dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
-            self.base_layer = quant.to_linear4bit(base, result.source, config.lq_quant_type, compute_dtype=compute_dtype)
         self.quantization_backend = resolve_quantization_backend(self.base_layer)
         self._keep_4bit_layout(self.base_layer)
         self.lq_errors = {"quant_only": result.quant_only_error, "loftq": result.errors[0], "lq": result.error}

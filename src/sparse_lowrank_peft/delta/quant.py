@@ -461,6 +461,19 @@ def use_fisher(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         _FISHER.reset(token)
 
 
+def lq_quantize(linear: nn.Linear, rank: int, quant_type: str = "nf4", max_iter: int = 20,
+                fisher: Optional[tuple[torch.Tensor, torch.Tensor]] = None, choice=None) -> tuple[nn.Module, LQResult]:
+    """LQ-LoRA's split of one full-precision linear layer: the quantized layer holding ``Q`` (``choice``, a
+    ``delta.bitbudget.QuantChoice``, or else a bitsandbytes ``quant_type`` ``Linear4bit``), with ``linear``'s bias,
+    and the decomposition whose ``B·A`` is the ``L`` an adapter starts from."""
+    result = lq_decompose(linear.weight, rank, quant_type=quant_type, max_iter=max_iter, fisher=fisher,
+                          quantizer=None if choice is None else choice.quantize_dequantize)
+    if choice is not None:  # a mixed-configuration plan (delta.bitbudget): this layer's own configuration
+        return choice.quantize(result.source, linear.bias).to(linear.weight.device), result
+    dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
+    return to_linear4bit(linear, result.source, quant_type, compute_dtype=dtype), result
+
+
 #: the file beside ``adapter_config.json`` that holds the Fisher weights an LQ initialisation used (``lq_fisher``)
 LQ_FISHER_FILE = "lq_fisher.safetensors"
 
@@ -520,6 +533,31 @@ def plan_choice(plan: Optional[dict], key: str):
         f"lq_plan has no configuration for the targeted module '{key}'. The plan was made for other modules (or "
         "another model). Fix: measure and solve a plan over the modules this config targets (delta.bitbudget)."
     )
+
+
+def check_plan(model: nn.Module, plan: dict, targeted: Iterable[str], owner: str) -> None:
+    """Raise ``ValueError`` (naming ``owner``, e.g. ``"SLTrainConfig.lq_plan"``) unless the plan gives every module in
+    ``targeted`` a configuration the installed library can apply to its weight's shape, and names only modules of
+    ``model``: checked before anything is quantized."""
+    for key in targeted:
+        choice = plan_choice(plan, key)  # raises, naming the module without a configuration
+        weight = getattr(model.get_submodule(key), "weight", None)
+        reason = None if weight is None else choice.unsupported(tuple(weight.shape))
+        if reason:
+            raise ValueError(
+                f"{owner}['{key}'] = '{choice.name}', which the installed library cannot do: {reason}. Fix: another "
+                "configuration for that module (delta.bitbudget.measure lists only the ones each matrix allows). The "
+                "model was not changed."
+            )
+    names = [n for n, _ in model.named_modules() if n]
+    unknown = [p for p in plan if not any(_matches(n, p) for n in names)]
+    if unknown:
+        raise ValueError(
+            f"{owner} names modules this model does not have: {unknown[:3]}"
+            + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+            + ". The plan was made for another model. Fix: measure and solve a plan on this model "
+            "(delta.bitbudget.measure / solve). The model was not changed."
+        )
 
 
 def fisher_for(key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

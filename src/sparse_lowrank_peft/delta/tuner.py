@@ -106,30 +106,10 @@ class DeltaModel(BaseTuner):
         """An ``lq_plan`` must name modules of this model and give every targeted module a configuration: checked
         before anything is quantized."""
         plan = getattr(config, "lq_plan", None)
-        if not plan or getattr(config, "init_weights", None) != "lq":
-            return
-        from .quant import _matches, plan_choice
+        if plan and getattr(config, "init_weights", None) == "lq":
+            from .quant import check_plan
 
-        for key in targeted:
-            choice = plan_choice(plan, key)  # raises, naming the module without a configuration
-            weight = getattr(model.get_submodule(key), "weight", None)
-            reason = None if weight is None else choice.unsupported(tuple(weight.shape))
-            if reason:
-                raise ValueError(
-                    f"{type(config).__name__}.lq_plan['{key}'] = '{choice.name}', which the installed library cannot "
-                    f"do: {reason}. Fix: another configuration for that module (delta.bitbudget.measure lists only "
-                    "the ones each matrix allows). The model was not changed."
-                )
-
-        names = [n for n, _ in model.named_modules() if n]
-        unknown = [p for p in plan if not any(_matches(n, p) for n in names)]
-        if unknown:
-            raise ValueError(
-                f"{type(config).__name__}.lq_plan names modules this model does not have: {unknown[:3]}"
-                + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-                + ". The plan was made for another model. Fix: measure and solve a plan on this model "
-                "(delta.bitbudget.measure / solve). The model was not changed."
-            )
+            check_plan(model, plan, targeted, f"{type(config).__name__}.lq_plan")
 
     def _create_and_replace(
         self, config, adapter_name, target, target_name, parent, current_key=None, parameter_name=None, **kwargs

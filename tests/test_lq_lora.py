@@ -1,0 +1,132 @@
+"""LQ-LoRA with PEFT's own LoRA (sparse_lowrank_peft.lq_lora): the adapter starts at L on the planned quantized
+bases (HQQ and bitsandbytes), trains, saves and reloads in a fresh process to equal outputs (Fisher-weighted too),
+merges with PEFT; bad requests are refused before the model changes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from _builders import _ids, output_of, train_then_output
+from peft import LoraConfig
+
+from sparse_lowrank_peft.delta import quant
+from sparse_lowrank_peft.lq_lora import LQ_LORA_FILE, get_lq_lora_model, load_lq_lora, save_lq_lora
+
+pytest.importorskip("bitsandbytes", reason="NF4 bases need bitsandbytes")
+pytest.importorskip("hqq", reason="the plan uses HQQ configurations")
+from test_bitbudget import PLAN, tiny_roberta  # noqa: E402
+
+QV = ["roberta.encoder.layer.0.attention.self.query", "roberta.encoder.layer.0.attention.self.value",
+      "roberta.encoder.layer.1.attention.self.query", "roberta.encoder.layer.1.attention.self.value"]
+
+
+def lora(**extra) -> LoraConfig:
+    return LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", **extra)
+
+
+def structure(model) -> dict:
+    return {n: type(m).__name__ for n, m in model.named_modules()}
+
+
+def test_lora_starts_at_l_on_the_planned_bases():
+    """Each targeted layer computes dequantize(Q) + scaling·B·A = Q + L of the LQ decomposition, on the library the
+    plan names (PEFT's HQQ and bitsandbytes LoRA layers)."""
+    full = tiny_roberta()
+    pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=3)
+    kinds = {key: type(pm.base_model.model.get_submodule(key).base_layer).__name__ for key in QV}
+    assert kinds == {QV[0]: "HQQLinear", QV[1]: "Linear4bit", QV[2]: "HQQLinear", QV[3]: "Linear4bit"}
+    for key in QV:
+        layer = pm.base_model.model.get_submodule(key)
+        W = full.get_submodule(key).weight.detach()
+        result = quant.lq_decompose(W, 2, max_iter=3, quantizer=quant.plan_choice(PLAN, key).quantize_dequantize)
+        effective = quant.dequantize_weight(layer.base_layer) + layer.get_delta_weight("default")
+        torch.testing.assert_close(effective, result.Q + result.B @ result.A, atol=1e-6, rtol=1e-6)
+
+
+RELOAD = textwrap.dedent(
+    r"""
+    import json, sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from test_bitbudget import tiny_roberta
+    from _builders import _ids, output_of, train_then_output
+    from sparse_lowrank_peft.lq_lora import load_lq_lora
+    model = load_lq_lora(tiny_roberta(), sys.argv[1]).eval()
+    with torch.no_grad():
+        print("OUT " + json.dumps(output_of(model, _ids(9)).tolist()))
+    """
+)
+
+
+@pytest.mark.parametrize("fisher", [False, True], ids=["plain", "fisher"])
+def test_trains_saves_and_reloads_in_a_fresh_process(tmp_path, fisher):
+    gen = torch.Generator().manual_seed(0)
+    weights = {key: (torch.rand(64, generator=gen) * 10 + 0.01, torch.rand(64, generator=gen) * 10 + 0.01)
+               for key in QV}
+    if fisher:
+        with quant.use_fisher(weights):
+            pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=3)
+    else:
+        pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=3)
+    expected = train_then_output(pm, _ids, torch.tensor([0, 1, 0]))
+    save_lq_lora(pm, tmp_path)
+    saved = json.loads((tmp_path / LQ_LORA_FILE).read_text())
+    assert saved["targets"] == QV and saved["plan"] == PLAN and saved["rank"] == 2
+    assert (saved.get("fisher_file") == quant.LQ_FISHER_FILE) is fisher
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.tensor(json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("OUT "))[4:]))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # PEFT's merge re-quantizes Q + ΔW in each layer's configuration: close, not exact
+    merged = pm.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(merged, _ids(9)), expected, atol=0.05, rtol=0)
+
+
+def test_nf4_without_a_plan():
+    pm = get_lq_lora_model(tiny_roberta(), lora(), max_iter=2)
+    assert {type(pm.base_model.model.get_submodule(k).base_layer).__name__ for k in QV} == {"Linear4bit"}
+
+
+@pytest.mark.parametrize("config,kwargs,match", [
+    (lora(use_dora=True), {}, r"sets \['use_dora'\]"),
+    (lora(init_lora_weights="gaussian"), {}, r"sets \['init_lora_weights'\]"),
+    (LoraConfig(r=2, task_type="SEQ_CLS"), {}, "target_modules is None"),
+    (LoraConfig(r=2, target_modules=["nothing"]), {}, "matches no module"),
+    (LoraConfig(r=2, target_modules=["dense"], task_type="SEQ_CLS"), {"plan": {"dense": "bnb-nf4"}},
+     "not a full-precision|are not"),
+    (lora(), {"plan": {"query": "hqq-3bit-g64"}}, "no configuration for the targeted module"),
+    (lora(), {"plan": {**PLAN, "roberta.encoder.layer.0.attention.self.query": "hqq-2bit-g2048"}},
+     "cannot do"),
+    (lora(), {"quant_type": "int3"}, "quant_type"),
+    (lora(), {"max_iter": 0}, "max_iter=0"),
+])
+def test_bad_requests_are_refused_before_the_model_changes(config, kwargs, match):
+    model = tiny_roberta()
+    if "dense" in str(config.target_modules):
+        quant.quantize_linears(model, ["roberta.encoder.layer.0.output.dense"])  # one target already 4-bit
+    before = structure(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        get_lq_lora_model(model, config, **kwargs)
+    assert structure(model) == before
+
+
+def test_save_and_load_refuse_what_they_cannot_rebuild(tmp_path):
+    from peft import get_peft_model
+
+    plain = get_peft_model(tiny_roberta(), lora())
+    with pytest.raises(ValueError, match="not made by get_lq_lora_model"):
+        save_lq_lora(plain, tmp_path)
+    plain.save_pretrained(tmp_path)
+    model = tiny_roberta()
+    before = structure(model)
+    with pytest.raises(ValueError, match=f"has no {LQ_LORA_FILE}"):
+        load_lq_lora(model, tmp_path)
+    assert structure(model) == before
