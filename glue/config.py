@@ -73,7 +73,8 @@ class RunConfig:
                                                        "its weight error) and [candidates] (the configurations to "
                                                        "measure; default all)")
     init: str = _f("default", "adapter initialisation: default (the method's own) or lq (LQ-LoRA: W = Q + L, the "
-                              "adapter's low-rank factors start from L; tuners with init_weights='lq'; needs quantize)",
+                              "adapter's low-rank factors start from L; tuners with init_weights='lq' and PEFT's lora; needs "
+                              "quantize)",
                    choices=("default", "lq"))
     squeeze: Optional[Dict[str, Any]] = _f(None, "LoRA-Squeeze after (post, cont) or during (in) training: mapping "
                                                  "with mode, rank or energy, [lora_alpha, cont_steps, "
@@ -375,10 +376,12 @@ def _validate_quantize_and_squeeze(cfg: RunConfig) -> None:
             )
         methods = glue_model.available_methods()
         cls = methods.get(cfg.method)
-        if cfg.method in methods and (cls is None or "lq_quant_type" not in {f.name for f in dataclasses.fields(cls)}):
+        lq_capable = cfg.method == "lora" or (cls is not None and "lq_quant_type" in {f.name for f in dataclasses.fields(cls)})
+        if cfg.method in methods and not lq_capable:
             raise GlueError(
-                f"init: lq is implemented by this library's factored tuners (sltrain, sora, dylora), not by "
-                f"'{cfg.method}'. PEFT's own LoftQ for LoRA needs a GPU. Use one of those methods or init: default."
+                f"init: lq is implemented for PEFT's LoRA (sparse_lowrank_peft.get_lq_lora_model) and this library's "
+                f"factored tuners (sltrain, sora, dylora), not for '{cfg.method}'. Use one of those methods or init: "
+                "default."
             )
     _validate_plan_fields(cfg)
     if cfg.squeeze is not None:

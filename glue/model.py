@@ -130,7 +130,7 @@ def make_peft_config(method: str, fields: Mapping[str, Any], head_modules: Seque
 def effective_peft_fields(cfg: RunConfig) -> dict[str, Any]:
     """The method's config fields with what ``init: lq`` implies (``init_weights: lq`` in the quantize format)."""
     fields = dict(cfg.peft)
-    if cfg.init == "lq":
+    if cfg.init == "lq" and cfg.method != "lora":  # PEFT's LoRA: get_lq_lora_model does the LQ split (wrap_model)
         fields["init_weights"] = "lq"
         if cfg.quantize != "plan":
             fields["lq_quant_type"] = cfg.quantize
@@ -459,13 +459,11 @@ def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
     elif cfg.quantize and cfg.init != "lq":
         built.quant_info = quantize_base(model, to_quantize, cfg.quantize)
     if cfg.method != "full":
-        from peft import get_peft_model
-
         fields = effective_peft_fields(cfg)
-        if plan is not None and cfg.init == "lq":
+        if plan is not None and cfg.init == "lq" and cfg.method != "lora":
             fields["lq_plan"] = plan
         built.peft_config = make_peft_config(cfg.method, fields, head)
-        built.model = _with_fisher(fisher, get_peft_model, model, built.peft_config)
+        built.model = _with_fisher(fisher, wrap_model, cfg, model, built.peft_config, plan)
         if plan is not None and cfg.init == "lq":  # the LQ targets have their planned base; the rest plainly
             built.quant_info["quantized_layers"] = apply_plan(built.model, plan)
             built.quant_info["choices"] = {c: list(plan.values()).count(c) for c in sorted(set(plan.values()))}
@@ -477,6 +475,20 @@ def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
     built.params = count_parameters(built.model)
     return built
 
+
+
+def wrap_model(cfg: RunConfig, model, peft_config, plan: dict | None):
+    """``get_peft_model(model, peft_config)``; for PEFT's LoRA with ``init: lq``, LQ-LoRA's split first
+    (``sparse_lowrank_peft.get_lq_lora_model``: the targets quantized to ``Q`` by the plan or ``quantize``, LoRA
+    starting at ``L``)."""
+    if cfg.method == "lora" and cfg.init == "lq":
+        from sparse_lowrank_peft import get_lq_lora_model
+
+        quant_type = "nf4" if cfg.quantize == "plan" else cfg.quantize
+        return get_lq_lora_model(model, peft_config, plan=plan, quant_type=quant_type)
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)
 
 
 def _with_fisher(fisher: dict | None, fn, *args):

@@ -301,7 +301,11 @@ def save_trained(cfg: RunConfig, trainer, model, out: Path) -> dict[str, Any]:
         names = ["model.safetensors", "pytorch_model.bin"]
     else:
         save_dir = out / "adapter"
-        if trainer.is_world_process_zero():
+        if trainer.is_world_process_zero() and hasattr(model, "lq_lora_settings"):  # PEFT LoRA on an LQ base
+            from sparse_lowrank_peft import save_lq_lora
+
+            save_lq_lora(model, str(save_dir))
+        elif trainer.is_world_process_zero():
             model.save_pretrained(str(save_dir))
         names = ["adapter_model.safetensors", "adapter_model.bin"]
     trainer.accelerator.wait_for_everyone()

@@ -89,8 +89,8 @@ def test_quantize_plan_fields_are_checked_before_loading(tmp_path):
     [
         ({"method": "sltrain", "init": "lq"}, "needs quantize: nf4"),
         ({"method": "full", "quantize": "nf4"}, "cannot be trained"),
-        ({"method": "nola", "quantize": "nf4", "init": "lq"}, "init: lq is implemented by"),
-        ({"method": "lora", "quantize": "nf4", "init": "lq"}, "LoftQ for LoRA needs a GPU"),
+        ({"method": "nola", "quantize": "nf4", "init": "lq"}, "init: lq is implemented for PEFT's LoRA .* not for 'nola'"),
+        ({"method": "randlora", "quantize": "nf4", "init": "lq"}, "not for 'randlora'"),
         ({"quantize": "int3"}, "must be one of"),
         ({"method": "sltrain", "squeeze": {"mode": "in", "rank": 2}}, "In-Squeeze"),
         ({"squeeze": {"mode": "post"}}, "exactly one of rank"),

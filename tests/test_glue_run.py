@@ -511,3 +511,37 @@ def test_squeeze_from_a_recipe(tiny_model, toy_task, tmp_path, mode):
                     assert abs(sq["after"][split][k] - v) < 1e-6, (k, v, sq["after"])
     if mode == "post":
         assert config["lora_alpha"] == 2  # scale 1 unless the recipe sets lora_alpha
+
+
+@pytest.mark.parametrize("quantize,plan", [("nf4", None), ("plan", {"budget_bits": 6.0, "fisher_batches": 2})],
+                         ids=["nf4", "plan-fisher"])
+def test_peft_lora_with_lq_init_from_a_recipe(tiny_model, toy_task, tmp_path, quantize, plan):
+    """method: lora with init: lq runs LQ-LoRA with PEFT's LoRA (sparse_lowrank_peft.get_lq_lora_model): the targets
+    hold Q, the other encoder linears are quantized plainly, and the saved adapter reloads onto the same base."""
+    pytest.importorskip("bitsandbytes")
+    if plan:
+        pytest.importorskip("hqq")
+    import torch
+
+    from glue import model as gmodel
+    from sparse_lowrank_peft import load_lq_lora
+    from sparse_lowrank_peft.delta.quant import dequantize_weight
+
+    extra = {"quantize_plan": plan} if plan else {}
+    c = cfg(task="custom", custom=toy_task, model=tiny_model, method="lora", quantize=quantize, init="lq",
+            peft={"r": 2, "target_modules": ["query", "value"]}, max_steps=2, save_steps=0,
+            output_dir=str(tmp_path / "l"), **extra)
+    res = grun.run(c)
+    folder = tmp_path / "l" / "adapter"
+    saved = json.loads((folder / "lq_lora.json").read_text())
+    assert len(saved["targets"]) == 4 and (saved["plan"] is not None) == bool(plan)
+    assert (saved.get("fisher_file") is not None) == bool(plan)
+    assert is_finite_metric(res)
+    data = gdata.load_run_data(c)
+    trained = gmodel.build_model(c, data.task, data.train)  # the run's model before training (same seed)
+    fresh, _, _ = gmodel.load_model_and_tokenizer(c, data.task)
+    reloaded = load_lq_lora(fresh, str(folder))
+    for key in saved["targets"]:
+        a = trained.model.base_model.model.get_submodule(key).base_layer
+        b = reloaded.base_model.model.get_submodule(key).base_layer
+        assert torch.equal(dequantize_weight(a), dequantize_weight(b)), key

@@ -211,3 +211,22 @@ def test_lq_fisher_field_is_checked():
                           task_type=task_type)
     with pytest.raises(ValueError, match="names the file 'lq_fisher.safetensors'.*PeftModel.from_pretrained"):
         get_peft_model(model, named)
+
+
+def test_peft_lora_on_a_model_quantized_after_loading_merges():
+    """quantize_linears marks the model as loaded in 4-bit, as BitsAndBytesConfig does, so PEFT's own LoRA wraps the
+    4-bit layers in its bitsandbytes layer and merge_and_unload works (a plain LoRA Linear's merge fails on them)."""
+    from peft import LoraConfig
+
+    model, make_inputs, task_type = BUILDERS["bert"]()
+    quantize_linears(model, ["query", "value"])
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["query", "value"], task_type=task_type))
+    assert {type(m).__name__ for n, m in pm.named_modules() if n.endswith(("query", "value"))} == {"Linear4bit"}
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    pm.eval()
+    with torch.no_grad():
+        expected = output_of(pm, make_inputs(0))
+        merged = pm.merge_and_unload()  # re-quantizes W + ΔW: close, not exact
+        torch.testing.assert_close(output_of(merged, make_inputs(0)), expected, atol=0.05, rtol=0)

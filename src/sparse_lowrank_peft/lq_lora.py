@@ -160,7 +160,7 @@ def _quantize_targets(model, settings: dict, fisher: dict) -> dict[str, quant.LQ
                                                     settings["max_iter"], fisher=fisher.get(key), choice=choice)
         setattr(parent, child, quantized.train(linear.training))
     if any(quant._is_linear4bit(m) for m in model.modules()):
-        model.is_loaded_in_4bit = True  # PEFT dispatches its bitsandbytes LoRA layer only for such a model
+        quant.mark_loaded_in_4bit(model)
         quant.keep_standard_layouts(model)
     return results
 

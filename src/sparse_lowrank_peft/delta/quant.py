@@ -634,7 +634,16 @@ def quantize_linears(
         replaced.append(name)
     if wanted is not None and not replaced:
         raise ValueError(f"quantize_linears: no nn.Linear matches {wanted}. Fix: pass module names such as ['query'].")
+    if replaced:
+        mark_loaded_in_4bit(model)
     return replaced
+
+
+def mark_loaded_in_4bit(model: nn.Module) -> None:
+    """Mark ``model`` as ``BitsAndBytesConfig(load_in_4bit=True)`` does: PEFT's own LoRA wraps a ``Linear4bit`` in
+    its bitsandbytes layer only for such a model (else in its plain ``Linear``, whose merge fails on the packed
+    weight: ``The size of tensor a (32) must match the size of tensor b (64)``)."""
+    model.is_loaded_in_4bit = True
 
 
 def _is_bnb_linear(module: nn.Module) -> bool:
