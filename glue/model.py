@@ -128,9 +128,12 @@ def make_peft_config(method: str, fields: Mapping[str, Any], head_modules: Seque
 
 
 def effective_peft_fields(cfg: RunConfig) -> dict[str, Any]:
-    """The method's config fields with what ``init: lq`` implies (``init_weights: lq`` in the quantize format)."""
+    """The method's config fields with what ``init: lq`` implies (``init_weights: lq`` in the quantize format; for
+    PEFT's LoRA, ``lq_max_iter`` is get_lq_lora_model's ``max_iter``, not a LoraConfig field)."""
     fields = dict(cfg.peft)
-    if cfg.init == "lq" and cfg.method != "lora":  # PEFT's LoRA: get_lq_lora_model does the LQ split (wrap_model)
+    if cfg.init == "lq" and cfg.method == "lora":  # get_lq_lora_model does the LQ split (wrap_model)
+        fields.pop("lq_max_iter", None)
+    elif cfg.init == "lq":
         fields["init_weights"] = "lq"
         if cfg.quantize != "plan":
             fields["lq_quant_type"] = cfg.quantize
@@ -485,7 +488,8 @@ def wrap_model(cfg: RunConfig, model, peft_config, plan: dict | None):
         from sparse_lowrank_peft import get_lq_lora_model
 
         quant_type = "nf4" if cfg.quantize == "plan" else cfg.quantize
-        return get_lq_lora_model(model, peft_config, plan=plan, quant_type=quant_type)
+        return get_lq_lora_model(model, peft_config, plan=plan, quant_type=quant_type,
+                                 max_iter=cfg.peft.get("lq_max_iter", 20))
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config)
