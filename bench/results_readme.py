@@ -477,9 +477,10 @@ def _base_plan(record: dict, layers) -> dict[str, str] | None:
 
 
 def quantized_sst2_table(results: Path, base: Path) -> list[str]:
-    """SLTrain on SST-2 (MiniLM, query/value adapters, the recipe budget) by base: each base's stored bits per
-    encoder-linear parameter and bytes (``bench/bitbudget.py: base_bytes`` from the committed measurement
-    ``bitbudget-minilm-qv.json``), the dev accuracy over seeds and its distance to the NF4 base."""
+    """SST-2 (MiniLM, query/value adapters, the recipe budget) by base, for each method with an NF4-LQ run: its
+    full-precision recipe and every quantized-base variant, with the base's stored bits per encoder-linear parameter
+    and bytes (``bench/bitbudget.py: base_bytes`` from the committed measurement ``bitbudget-minilm-qv.json``), the
+    dev accuracy over seeds and its distance to the same method on the NF4-LQ base."""
     from glue.report import main_value
 
     measured = _load(results / "bitbudget-minilm-qv.json")
@@ -488,33 +489,41 @@ def quantized_sst2_table(results: Path, base: Path) -> list[str]:
     bitbudget = _bench_module("bitbudget")
     table = bitbudget.bb.PlanTable.from_dict(measured["table"])
     full, numel = measured["model_bytes"]["fp32"], sum(table.numel.values())
+    layer = lambda name: next(l for l in table.numel if name == l or name.endswith("." + l))  # noqa: E731
+    rows = []
+    for variant, by_seed in _sst2_runs(results).items():
+        record = next(iter(by_seed.values()))
+        method, plan = record.get("method"), _base_plan(record, table.numel)
+        if plan is None or (not plan and variant != method):  # one full-precision row per method: its own recipe
+            continue
+        bits = sum(table.bits[layer(n)][c] for n, c in plan.items()) / numel if plan else 32.0
+        values = [main_value(r) for r in by_seed.values()]
+        rows.append((method, bits, variant, bitbudget.base_bytes(table, full, plan), sum(values) / len(values),
+                     _seeds_cell(by_seed)))
+    reference = {m: mean for m, _, v, _, mean, _ in rows if v == f"{m}-nf4-lq"}
+    lines = [
+        "SST-2 by base (MiniLM, query/value adapters, `recipes/minilm/<variant>-sst2.yaml`; bits per encoder-linear "
+        "parameter and base bytes as the libraries store them, from `bitbudget-minilm-qv.json`; embeddings, norms "
+        "and biases stay fp32 in every base; the last column against the same method on its NF4-LQ base):", "",
+        "| base (recipe variant) | bits / linear param | base MiB | SST-2 accuracy | vs NF4-LQ (points) |",
+        "|:---|---:|---:|:---|---:|"]
+    for method, bits, variant, nbytes, mean, cell in sorted(rows, key=lambda r: (r[0] != "sltrain", r[0], -r[1], r[2])):
+        if method in reference:
+            lines.append(f"| {variant} | {bits:.2f} | {nbytes / 2**20:.1f} | {cell} | "
+                         f"{100 * (mean - reference[method]):+.2f} |")
+    return lines + [""]
+
+
+def _sst2_runs(results: Path) -> dict[str, dict[int, dict]]:
+    """The CPU MiniLM SST-2 results files by recipe variant, then seed."""
     by_variant: dict[str, dict[int, dict]] = {}
-    for path in sorted((results / "glue").glob("minilm-sltrain*-sst2*.json")):
+    for path in sorted((results / "glue").glob("minilm-*-sst2*.json")):
         record = _load(path)
         if record and not path.stem.endswith("-h100"):
             variant, column, seed = _parse_stem(path, record)
             if column == "sst2":
                 by_variant.setdefault(variant, {})[seed] = record
-    rows = []
-    for variant, by_seed in by_variant.items():
-        plan = _base_plan(next(iter(by_seed.values())), table.numel)
-        if plan is None:
-            continue
-        layer = lambda name: next(l for l in table.numel if name == l or name.endswith("." + l))  # noqa: E731
-        bits = sum(table.bits[layer(n)][c] for n, c in plan.items()) / numel if plan else 32.0
-        values = [main_value(r) for r in by_seed.values()]
-        rows.append((bits, variant, bitbudget.base_bytes(table, full, plan), values, _seeds_cell(by_seed)))
-    reference = next((sum(v) / len(v) for _, name, _, v, _ in rows if name == "sltrain-nf4-lq"), None)
-    lines = [
-        "SLTrain on SST-2 by base (MiniLM, query/value adapters, `recipes/minilm/<variant>-sst2.yaml`; bits per "
-        "encoder-linear parameter and base bytes as the libraries store them, from `bitbudget-minilm-qv.json`; "
-        "embeddings, norms and biases stay fp32 in every base):", "",
-        "| base (recipe variant) | bits / linear param | base MiB | SST-2 accuracy | vs NF4-LQ (points) |",
-        "|:---|---:|---:|:---|---:|"]
-    for bits, variant, nbytes, values, cell in sorted(rows, key=lambda r: (-r[0], r[1])):
-        delta = "–" if reference is None else f"{100 * (sum(values) / len(values) - reference):+.2f}"
-        lines.append(f"| {variant} | {bits:.2f} | {nbytes / 2**20:.1f} | {cell} | {delta} |")
-    return lines + [""]
+    return by_variant
 
 
 def bitbudget_section(results: Path, base: Path) -> list[str]:

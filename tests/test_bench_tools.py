@@ -532,7 +532,7 @@ def test_results_readme_sst2_by_base_names_bits_bytes_and_distance_to_nf4(tmp_pa
     (tmp_path / "glue").mkdir()
 
     def write(name, seed, acc, quantize=None, plan=None):
-        data = {**real, "config": {**real["config"], "seed": seed, "quantize": quantize},
+        data = {**real, "method": name.split("-")[1], "config": {**real["config"], "seed": seed, "quantize": quantize},
                 "peft_config": {"lq_plan": plan} if plan else {}, "final": {"validation": {"accuracy": acc}}}
         (tmp_path / "glue" / name).write_text(json.dumps(data))
 
@@ -541,10 +541,16 @@ def test_results_readme_sst2_by_base_names_bits_bytes_and_distance_to_nf4(tmp_pa
     write("minilm-sltrain-nf4-lq-sst2-seed1.json", 1, 0.84, quantize="nf4")
     plan = {"bert." + layers[0]: "bnb-nf4-dq", "bert." + layers[1]: "hqq-2bit-g64"}
     write("minilm-sltrain-plan2.75-lq-sst2.json", 0, 0.80, quantize="plan", plan=plan)
-    rows = [line for line in readme_mod.quantized_sst2_table(tmp_path, tmp_path) if line.startswith("| sltrain")]
+    write("minilm-sltrain-lr2-sst2.json", 0, 0.70)  # another full-precision recipe of the method: not a base row
+    write("minilm-lora-sst2.json", 0, 0.82)
+    write("minilm-lora-nf4-lq-sst2.json", 0, 0.81, quantize="nf4")
+    write("minilm-dylora-sst2.json", 0, 0.79)  # no NF4-LQ run: no rows
+    rows = [line for line in readme_mod.quantized_sst2_table(tmp_path, tmp_path) if line.startswith("| ")][1:]
     # MiB: fp32 100; NF4 100 - 4*4 + 4.25*4/8 = 86.125; plan 100 - 16 + (4.25*1 + 2.5*3)/8 = 85.469 (2.94 bits)
     assert rows == [
         "| sltrain | 32.00 | 100.0 | 0.8300 | +0.00 |",
         "| sltrain-nf4-lq | 4.25 | 86.1 | 0.8300 ± 0.0141 (2 seeds: 0.8200 / 0.8400) | +0.00 |",
         "| sltrain-plan2.75-lq | 2.94 | 85.5 | 0.8000 | -3.00 |",
+        "| lora | 32.00 | 100.0 | 0.8200 | +1.00 |",
+        "| lora-nf4-lq | 4.25 | 86.1 | 0.8100 | +0.00 |",
     ]
