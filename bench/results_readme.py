@@ -467,12 +467,20 @@ def _base_plan(record: dict, layers) -> dict[str, str] | None:
     """The quantization configuration of each encoder linear a GLUE run's base held: its LQ-LoRA plan, NF4 with
     double quantization (``quantize: nf4``, how glue/model.py quantizes) on every one, or ``{}`` in full precision;
     None for a base this table cannot name."""
-    plan = (record.get("peft_config") or {}).get("lq_plan")
+    quantization = (record.get("method_results") or {}).get("quantization") or {}
+    plan = quantization.get("plan") or (record.get("peft_config") or {}).get("lq_plan")
     if isinstance(plan, dict) and plan:
         return plan
-    quantize = (record.get("config") or {}).get("quantize")
+    config = record.get("config") or {}
+    quantize, spec = config.get("quantize"), config.get("quantize_plan") or {}
     if quantize == "nf4":
         return {layer: "bnb-nf4-dq" for layer in layers}
+    if quantize == "plan" and "uniform" in spec:
+        return {layer: spec["uniform"] for layer in layers}
+    if quantize == "plan" and spec.get("table") and spec.get("budget_bits") and (ROOT / spec["table"]).is_file():
+        # runs before the harness recorded its plan: the same deterministic solve of the committed table
+        bb = _bench_module("bitbudget").bb
+        return bb.solve(bb.PlanTable.from_dict(_load(ROOT / spec["table"])["table"]), float(spec["budget_bits"]))
     return {} if quantize in (None, "none") else None
 
 

@@ -306,7 +306,8 @@ def make_quant_plan(cfg: RunConfig, model, names: Sequence[str], fisher: dict | 
 
     spec = dict(cfg.quantize_plan)
     if "uniform" in spec:
-        return {n: bb.parse_choice(spec["uniform"]).name for n in names}, {"uniform": spec["uniform"]}
+        plan = {n: bb.parse_choice(spec["uniform"]).name for n in names}
+        return plan, {"uniform": spec["uniform"], "plan": plan}
     rank = int(cfg.peft.get("r", 8))
     if "table" in spec:
         table = bb.PlanTable.from_dict(json.loads(Path(spec["table"]).read_text())["table"])
@@ -321,7 +322,7 @@ def make_quant_plan(cfg: RunConfig, model, names: Sequence[str], fisher: dict | 
             table = bb.measure(weights, rank, choices, fisher=fisher, lq_layers=targets)
     plan = bb.solve(table, float(spec["budget_bits"]))
     info = {"budget_bits": spec["budget_bits"], **bb.plan_summary(table, plan), "table_rank": table.rank,
-            "objective": table.objective}
+            "objective": table.objective, "plan": plan}
     for key in ("fisher_batches", "output_batches"):
         if key in spec:
             info[key] = spec[key]

@@ -156,9 +156,11 @@ def _quantize_targets(model, settings: dict, fisher: dict) -> dict[str, quant.LQ
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
         choice = quant.plan_choice(settings["plan"], key)
-        quantized, results[key] = quant.lq_quantize(linear, settings["rank"], settings["quant_type"],
-                                                    settings["max_iter"], fisher=fisher.get(key), choice=choice)
+        quantized, result = quant.lq_quantize(linear, settings["rank"], settings["quant_type"], settings["max_iter"],
+                                              fisher=fisher.get(key), choice=choice)
+        quantized.lq_errors = {"quant_only": result.quant_only_error, "loftq": result.errors[0], "lq": result.error}
         setattr(parent, child, quantized.train(linear.training))
+        results[key] = result
     if any(quant._is_linear4bit(m) for m in model.modules()):
         quant.mark_loaded_in_4bit(model)
         quant.keep_standard_layouts(model)
