@@ -1,4 +1,5 @@
-"""Validation helpers shared by the configs of every tuner (data checks only; no PEFT internals)."""
+"""Config mixins and validation helpers shared by the configs of every tuner (no PEFT internals): targeting fields, LQ
+initialisation fields (with the Fisher weights file saved beside the adapter), value checks."""
 
 from __future__ import annotations
 
