@@ -468,8 +468,9 @@ def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
             fields["lq_plan"] = plan
         built.peft_config = make_peft_config(cfg.method, fields, head)
         built.model = _with_fisher(fisher, wrap_model, cfg, model, built.peft_config, plan)
-        if plan is not None and cfg.init == "lq":  # the LQ targets have their planned base; the rest plainly
-            built.quant_info["quantized_layers"] = apply_plan(built.model, plan)
+        if plan is not None and cfg.init == "lq":  # the adapter quantized the whole plan: targets by LQ, rest plainly
+            targets = lq_targets(cfg, model, to_quantize)
+            built.quant_info["quantized_layers"] = sum(1 for n in plan if n not in targets)
             built.quant_info["choices"] = {c: list(plan.values()).count(c) for c in sorted(set(plan.values()))}
         elif cfg.quantize and cfg.init == "lq":
             # LQ-LoRA quantized the target layers itself (W = Q + L); the other encoder linears get plain 4-bit

@@ -311,3 +311,25 @@ def test_unsupported_says_exactly_when_hqq_cannot_quantize_a_shape(shape, bits):
     else:
         with pytest.raises(Exception):
             choice.quantize_dequantize(torch.randn(*shape))
+
+
+def test_a_plan_quantizes_the_linears_it_names_beyond_the_targets_and_reload_rebuilds_them(tmp_path):
+    """The plan describes the whole base: an attention-output linear it names (not a target) is quantized plainly
+    with its configuration when the adapter is created and again when it is loaded, so outputs are equal."""
+    from peft import PeftModel
+
+    extra = "roberta.encoder.layer.0.attention.output.dense"
+    plan = {**PLAN, extra: "hqq-4bit-g64"}
+    pm = get_peft_model(tiny_roberta(), plan_config(plan=plan))
+    assert type(pm.base_model.model.get_submodule(extra)).__name__ == "HQQLinear"
+    expected = train_then_output(pm, _ids, torch.tensor([0, 1, 0]))
+    pm.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_roberta(), tmp_path).eval()
+    assert type(reloaded.base_model.model.get_submodule(extra)).__name__ == "HQQLinear"
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(reloaded, _ids(9)), expected, atol=0, rtol=0)
+    bad = {**PLAN, "roberta.encoder.layer.0.intermediate.dense": "hqq-2bit-g64"}  # 37x64: HQQ cannot pack it
+    model = tiny_roberta()
+    with pytest.raises(ValueError, match=r"intermediate.dense'\] = 'hqq-2bit-g64', which the installed library"):
+        get_peft_model(model, plan_config(plan=bad))
+    assert all(type(m).__name__ != "HQQLinear" for m in model.modules())

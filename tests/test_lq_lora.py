@@ -130,3 +130,15 @@ def test_save_and_load_refuse_what_they_cannot_rebuild(tmp_path):
     with pytest.raises(ValueError, match=f"has no {LQ_LORA_FILE}"):
         load_lq_lora(model, tmp_path)
     assert structure(model) == before
+
+
+def test_the_plans_other_linears_are_quantized_and_rebuilt(tmp_path):
+    extra = "roberta.encoder.layer.1.attention.output.dense"
+    pm = get_lq_lora_model(tiny_roberta(), lora(), plan={**PLAN, extra: "bnb-nf4"}, max_iter=2)
+    assert type(pm.base_model.model.get_submodule(extra)).__name__ == "Linear4bit"
+    expected = train_then_output(pm, _ids, torch.tensor([0, 1, 0]))
+    save_lq_lora(pm, tmp_path)
+    reloaded = load_lq_lora(tiny_roberta(), tmp_path).eval()
+    assert type(reloaded.base_model.model.get_submodule(extra)).__name__ == "Linear4bit"
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(reloaded, _ids(9)), expected, atol=0, rtol=0)

@@ -51,8 +51,9 @@ class LQInitFields:
         lq_plan (`dict[str, str]`, *optional*):
             A mixed-configuration plan (``delta.bitbudget.solve``): module name -> configuration
             (``"hqq-3bit-g64"``, ``"bnb-nf4"``, ``"bnb-nf4-dq"``). Each targeted layer's base is quantized with its
-            planned configuration instead of ``lq_quant_type``; every targeted layer must have an entry. It is saved in
-            ``adapter_config.json``, and loading re-derives the same quantized base (the LQ decomposition and both
+            planned configuration instead of ``lq_quant_type``; every targeted layer must have an entry. The other
+            linears the plan names are quantized plainly with theirs (the plan describes the whole base). It is saved
+            in ``adapter_config.json``, and loading re-derives the same quantized base (the LQ decomposition and both
             libraries are deterministic) before the trained adapter weights are loaded onto it.
         lq_fisher (`dict[str, tuple[torch.Tensor, torch.Tensor]]`, *optional*):
             Recorded, not set by hand: the Fisher row/column weights (``delta.quant.use_fisher``) each targeted

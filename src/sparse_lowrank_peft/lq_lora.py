@@ -45,7 +45,8 @@ def get_lq_lora_model(model: nn.Module, config, plan: Optional[dict] = None, qua
     Args:
         model: a full-precision model (its targeted layers ``nn.Linear``); it is changed in place, as by PEFT.
         config: a ``peft.LoraConfig`` with ``target_modules``; plain LoRA (no DoRA, rank/alpha patterns or bias).
-        plan: ``{module name: configuration}`` (``delta.bitbudget.solve``) covering every target; None: all
+        plan: ``{module name: configuration}`` (``delta.bitbudget.solve``) covering every target; the other
+            linears it names are quantized plainly (the whole base the plan describes). None: the targets in
             ``quant_type`` (bitsandbytes ``"nf4"`` / ``"fp4"``, with double quantization).
         max_iter: LQ alternations per layer (the best iterate is kept; the first is LoftQ's pass).
 
@@ -161,6 +162,10 @@ def _quantize_targets(model, settings: dict, fisher: dict) -> dict[str, quant.LQ
         quantized.lq_errors = {"quant_only": result.quant_only_error, "loftq": result.errors[0], "lq": result.error}
         setattr(parent, child, quantized.train(linear.training))
         results[key] = result
+    if settings["plan"]:  # the plan's other linears: quantized plainly, so the whole base is the trained one
+        from .delta.bitbudget import apply_plan
+
+        apply_plan(model, settings["plan"])
     if any(quant._is_linear4bit(m) for m in model.modules()):
         quant.mark_loaded_in_4bit(model)
         quant.keep_standard_layouts(model)

@@ -537,8 +537,8 @@ def plan_choice(plan: Optional[dict], key: str):
 
 def check_plan(model: nn.Module, plan: dict, targeted: Iterable[str], owner: str) -> None:
     """Raise ``ValueError`` (naming ``owner``, e.g. ``"SLTrainConfig.lq_plan"``) unless the plan gives every module in
-    ``targeted`` a configuration the installed library can apply to its weight's shape, and names only modules of
-    ``model``: checked before anything is quantized."""
+    ``targeted`` a configuration, every linear it names one the installed library can apply to its weight's shape,
+    and names only modules of ``model``: checked before anything is quantized."""
     for key in targeted:
         choice = plan_choice(plan, key)  # raises, naming the module without a configuration
         weight = getattr(model.get_submodule(key), "weight", None)
@@ -549,6 +549,14 @@ def check_plan(model: nn.Module, plan: dict, targeted: Iterable[str], owner: str
                 "configuration for that module (delta.bitbudget.measure lists only the ones each matrix allows). The "
                 "model was not changed."
             )
+    for name, module in model.named_modules():  # the other linears the plan quantizes
+        key = next((p for p in plan if name == p or name.endswith("." + p)), None)
+        if key is not None and type(module) is nn.Linear and name not in targeted:
+            choice = plan_choice(plan, key)
+            reason = choice.unsupported(tuple(module.weight.shape))
+            if reason:
+                raise ValueError(f"{owner}['{key}'] = '{choice.name}', which the installed library cannot do: "
+                                 f"{reason}. Fix: another configuration for that module. The model was not changed.")
     names = [n for n, _ in model.named_modules() if n]
     unknown = [p for p in plan if not any(_matches(n, p) for n in names)]
     if unknown:

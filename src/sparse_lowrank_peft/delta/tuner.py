@@ -37,6 +37,18 @@ class DeltaModel(BaseTuner):
         self._record_fisher(self.peft_config[adapter_name], targeted)
         self._prepare_quantized_model(model, adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._quantize_rest_of_plan(model, self.peft_config[adapter_name])
+
+    @staticmethod
+    def _quantize_rest_of_plan(model: nn.Module, config) -> None:
+        """An LQ plan describes the whole quantized base: the linears it names beyond the adapter's targets (which
+        LQ init quantized) are quantized plainly with their configurations, at creation and at load alike, so a
+        saved adapter reloads onto the base it was trained on."""
+        plan = getattr(config, "lq_plan", None)
+        if plan and getattr(config, "init_weights", None) == "lq":
+            from .bitbudget import apply_plan
+
+            apply_plan(model, plan)
 
     @staticmethod
     def _record_fisher(config, targeted: list[str]) -> None:
