@@ -444,6 +444,16 @@ def test_quantize_plan_from_a_recipe(tiny_model, toy_task, tmp_path, plan):
     saved = json.loads((tmp_path / "p" / "adapter" / "adapter_config.json").read_text())
     assert saved["init_weights"] == "lq" and len(saved["lq_plan"]) == 12
     assert is_finite_metric(res)
+    # the adapter reloads onto the whole planned base: every encoder linear quantized again, not only the targets
+    from peft import PeftModel
+
+    from glue import model as gmodel
+
+    c = cfg(task="custom", custom=toy_task, model=tiny_model, method="sltrain")
+    fresh, _, _ = gmodel.load_model_and_tokenizer(c, gdata.load_run_data(c).task)
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "p" / "adapter"))
+    kinds = [type(m).__name__ for m in reloaded.modules()]
+    assert kinds.count("HQQLinear") + kinds.count("Linear4bit") == 12, kinds
 
 
 
