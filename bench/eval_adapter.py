@@ -6,7 +6,8 @@ Usage::
         r16=runs/glue/minilm/lora-r16-sst2/adapter squeezed-r4=runs/squeeze/sst2-r16-to-r4 \\
         r4=runs/glue/minilm/lora-r4-sst2/adapter --json bench/results/squeeze-quality-minilm.json
 
-Each ``LABEL=FOLDER`` is loaded with ``PeftModel.from_pretrained`` onto the same base model the GLUE runner trains
+Each ``LABEL=FOLDER`` is loaded with ``PeftModel.from_pretrained`` (``load_lq_lora`` for a folder with
+``lq_lora.json``, which rebuilds its quantized base) onto the same base model the GLUE runner trains
 (``--model``, default the bundled MiniLM, with the task's label count), and scored on the task's evaluation splits
 with the harness's own data reading (``glue.data``), tokenisation (``glue.data.tokenize``) and metrics
 (``glue.tasks``), so the numbers are comparable with the runner's ``results.json``. ``--json`` merges the scores into
@@ -44,7 +45,12 @@ def evaluate(folder: str, task_name: str, model: str, max_seq_len: int, data_dir
     task = data.task
     cfg = RunConfig(task=task_name, model=model, max_seq_len=max_seq_len)
     base, tokenizer, _ = load_model_and_tokenizer(cfg, task)
-    peft_model = PeftModel.from_pretrained(base, folder).eval()
+    if (Path(folder) / "lq_lora.json").is_file():  # PEFT LoRA on an LQ base: rebuild that base first
+        from sparse_lowrank_peft import load_lq_lora
+
+        peft_model = load_lq_lora(base, folder).eval()
+    else:
+        peft_model = PeftModel.from_pretrained(base, folder).eval()
     collate = DataCollatorWithPadding(tokenizer)
     out = {}
     for split, dataset in data.evals.items():
