@@ -56,7 +56,7 @@ def get_lq_lora_model(model: nn.Module, config, plan: Optional[dict] = None, qua
     targets = _check_request(model, config, plan, quant_type, max_iter)
     settings = {"format": _FORMAT, "targets": targets, "rank": config.r, "quant_type": quant_type,
                 "max_iter": max_iter, "plan": plan}
-    fisher = {key: pair for key in targets if (pair := quant.fisher_for(key)) is not None}
+    fisher = quant.fisher_for_modules(targets)
     factors = _quantize_targets(model, settings, fisher)
     from peft import get_peft_model
 
@@ -159,7 +159,7 @@ def _quantize_targets(model, settings: dict, fisher: dict) -> dict[str, quant.LQ
         choice = quant.plan_choice(settings["plan"], key)
         quantized, result = quant.lq_quantize(linear, settings["rank"], settings["quant_type"], settings["max_iter"],
                                               fisher=fisher.get(key), choice=choice)
-        quantized.lq_errors = {"quant_only": result.quant_only_error, "loftq": result.errors[0], "lq": result.error}
+        quantized.lq_errors = result.summary()
         setattr(parent, child, quantized.train(linear.training))
         results[key] = result
     if settings["plan"]:  # the plan's other linears: quantized plainly, so the whole base is the trained one

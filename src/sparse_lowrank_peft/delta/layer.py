@@ -129,7 +129,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         )
         self.quantization_backend = resolve_quantization_backend(self.base_layer)
         self._keep_4bit_layout(self.base_layer)
-        self.lq_errors = {"quant_only": result.quant_only_error, "loftq": result.errors[0], "lq": result.error}
+        self.lq_errors = result.summary()
         root = scaling**0.5
         return result.B / root, result.A / root
 

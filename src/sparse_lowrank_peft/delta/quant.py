@@ -353,6 +353,11 @@ class LQResult:
     def error(self) -> float:
         return self.errors[self.best]
 
+    def summary(self) -> dict[str, float]:
+        """Relative errors of quantizing alone, of LoftQ's single pass and of the kept LQ iterate (what a layer
+        reports as ``lq_errors``)."""
+        return {"quant_only": self.quant_only_error, "loftq": self.errors[0], "lq": self.error}
+
 
 def _weighted_svd_r(R: torch.Tensor, rank: int, d_row: Optional[torch.Tensor], d_col: Optional[torch.Tensor]):
     """Best rank-``rank`` ``(B, A)`` of ``R`` in the (optionally diagonally weighted) Frobenius norm."""
@@ -486,12 +491,7 @@ def active_fisher() -> Optional[dict]:
 def recorded_fisher(config, key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The Fisher row/column weights ``config.lq_fisher`` holds for module ``key`` (exact name or dotted suffix
     either way), else None: what LQ initialisation of that layer is weighted by."""
-    weights = getattr(config, "lq_fisher", None)
-    if not isinstance(weights, dict):
-        return None
-    if key in weights:
-        return weights[key]
-    return next((value for name, value in weights.items() if _matches(key, name)), None)
+    return _fisher_of(getattr(config, "lq_fisher", None), key)
 
 
 def save_fisher(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str) -> None:
@@ -539,24 +539,21 @@ def check_plan(model: nn.Module, plan: dict, targeted: Iterable[str], owner: str
     """Raise ``ValueError`` (naming ``owner``, e.g. ``"SLTrainConfig.lq_plan"``) unless the plan gives every module in
     ``targeted`` a configuration, every linear it names one the installed library can apply to its weight's shape,
     and names only modules of ``model``: checked before anything is quantized."""
+    targeted = set(targeted)
     for key in targeted:
-        choice = plan_choice(plan, key)  # raises, naming the module without a configuration
-        weight = getattr(model.get_submodule(key), "weight", None)
-        reason = None if weight is None else choice.unsupported(tuple(weight.shape))
-        if reason:
-            raise ValueError(
-                f"{owner}['{key}'] = '{choice.name}', which the installed library cannot do: {reason}. Fix: another "
-                "configuration for that module (delta.bitbudget.measure lists only the ones each matrix allows). The "
-                "model was not changed."
-            )
-    for name, module in model.named_modules():  # the other linears the plan quantizes
-        key = next((p for p in plan if name == p or name.endswith("." + p)), None)
-        if key is not None and type(module) is nn.Linear and name not in targeted:
-            choice = plan_choice(plan, key)
-            reason = choice.unsupported(tuple(module.weight.shape))
+        plan_choice(plan, key)  # raises, naming the target without a configuration
+    for name, module in model.named_modules():  # the targets and the other linears the plan quantizes
+        named = type(module) is nn.Linear and any(name == p or name.endswith("." + p) for p in plan)
+        weight = getattr(module, "weight", None)
+        if (name in targeted or named) and weight is not None:
+            choice = plan_choice(plan, name)
+            reason = choice.unsupported(tuple(weight.shape))
             if reason:
-                raise ValueError(f"{owner}['{key}'] = '{choice.name}', which the installed library cannot do: "
-                                 f"{reason}. Fix: another configuration for that module. The model was not changed.")
+                raise ValueError(
+                    f"{owner}['{name}'] = '{choice.name}', which the installed library cannot do: {reason}. Fix: "
+                    "another configuration for that module (delta.bitbudget.measure lists only the ones each matrix "
+                    "allows). The model was not changed."
+                )
     names = [n for n, _ in model.named_modules() if n]
     unknown = [p for p in plan if not any(_matches(n, p) for n in names)]
     if unknown:
@@ -570,13 +567,24 @@ def check_plan(model: nn.Module, plan: dict, targeted: Iterable[str], owner: str
 
 def fisher_for(key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The Fisher weights ``use_fisher`` set for module ``key`` (exact name or a dotted suffix), else None."""
-    weights = _FISHER.get()
-    if not weights:
+    return _fisher_of(_FISHER.get(), key)
+
+
+def fisher_for_modules(keys: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{key: (row, col)}`` of the enclosing :func:`use_fisher` block for each of ``keys`` it has weights for, as
+    fp32 CPU copies (what an adapter records and saves); empty outside such a block."""
+    pairs = {key: fisher_for(key) for key in keys}
+    return {key: tuple(t.detach().to("cpu", torch.float32).clone() for t in pair)
+            for key, pair in pairs.items() if pair is not None}
+
+
+def _fisher_of(weights: Optional[dict], key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``weights``' entry for module ``key``: its exact name, else a name one is a dotted suffix of the other."""
+    if not isinstance(weights, dict):
         return None
-    for name, value in weights.items():
-        if key == name or key.endswith("." + name) or name.endswith("." + key):
-            return value
-    return None
+    if key in weights:
+        return weights[key]
+    return next((value for name, value in weights.items() if _matches(key, name)), None)
 
 
 @torch.no_grad()

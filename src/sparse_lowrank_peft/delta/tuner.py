@@ -57,12 +57,10 @@ class DeltaModel(BaseTuner):
         Outside such a block a config's recorded weights (read back by ``from_pretrained``) are used as they are."""
         if getattr(config, "init_weights", None) != "lq":
             return
-        from .quant import LQ_FISHER_FILE, active_fisher, fisher_for
+        from .quant import LQ_FISHER_FILE, active_fisher, fisher_for_modules
 
         if active_fisher() is not None:
-            pairs = {key: fisher_for(key) for key in targeted}
-            config.lq_fisher = {key: tuple(t.detach().to("cpu", torch.float32).clone() for t in pair)
-                                for key, pair in pairs.items() if pair is not None} or None
+            config.lq_fisher = fisher_for_modules(targeted) or None
         if isinstance(config.lq_fisher, str):
             raise ValueError(
                 f"{type(config).__name__}.lq_fisher names the file {config.lq_fisher!r} instead of holding its Fisher "
