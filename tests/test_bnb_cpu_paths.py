@@ -215,3 +215,26 @@ def test_stand_in_matches_the_native_packed_kernel():
     x = torch.randn(5, 128)
     native = F.gemv_4bit(x, layer.weight.data, state=state).float()
     torch.testing.assert_close(packed_gemv_reference(x, layer.weight.data, state).float(), native, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_rest_of_an_lq_plan_keeps_its_layout(path, tmp_path):
+    """An LQ plan's non-target linears are quantized by the tuner after PEFT wrapped the targets; those 4-bit layers
+    too keep bitsandbytes' standard layout (an eval forward would repack them on the AVX-512-BF16 path, and a save
+    between two evaluations would move their outputs)."""
+    net = TinyNet(64, path)
+    for name in ("a", "b"):  # TinyNet with full-precision linears, for LQ init to quantize
+        setattr(net, name, torch.nn.Linear(64, 64))
+    plan = {"a": "bnb-nf4-dq", "b": "bnb-nf4"}
+    with bnb_cpu_path(path):
+        pm = get_peft_model(net, SLTrainConfig(r=2, sparsity=0.1, target_modules=["a"], init_weights="lq",
+                                               lq_plan=plan, lq_max_iter=1)).eval()
+    rest = pm.base_model.model.b
+    assert type(rest).__name__ == "Linear4bit" and rest.support_avx512bf16_for_cpu is False
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        first = pm(x)
+        pm.save_pretrained(tmp_path / "a")
+        again = pm(x)
+    assert not is_packed(rest)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)

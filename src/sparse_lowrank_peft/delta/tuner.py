@@ -43,12 +43,15 @@ class DeltaModel(BaseTuner):
     def _quantize_rest_of_plan(model: nn.Module, config) -> None:
         """An LQ plan describes the whole quantized base: the linears it names beyond the adapter's targets (which
         LQ init quantized) are quantized plainly with their configurations, at creation and at load alike, so a
-        saved adapter reloads onto the base it was trained on."""
+        saved adapter reloads onto the base it was trained on. Its 4-bit layers keep bitsandbytes' standard layout,
+        as the layers an adapter wraps do (``_prepare_quantized_model``)."""
         plan = getattr(config, "lq_plan", None)
         if plan and getattr(config, "init_weights", None) == "lq":
             from .bitbudget import apply_plan
+            from .quant import keep_standard_layouts
 
-            apply_plan(model, plan)
+            if apply_plan(model, plan):
+                keep_standard_layouts(model)
 
     @staticmethod
     def _record_fisher(config, targeted: list[str]) -> None:
