@@ -8,7 +8,10 @@ Usage::
 
 Each ``LABEL=FOLDER`` is loaded with ``PeftModel.from_pretrained`` (``load_lq_lora`` for a folder with
 ``lq_lora.json``, which rebuilds its quantized base) onto the same base model the GLUE runner trains
-(``--model``, default the bundled MiniLM, with the task's label count), and scored on the task's evaluation splits
+(``--model``, default the bundled MiniLM, with the task's label count). A GLUE run's adapter whose 4-bit base it does
+not record (``quantize`` without LQ init, as in QLoRA; or an LQ run saved before adapters recorded the whole base)
+gets that base rebuilt from the run's ``run_config.json`` beside the folder (:func:`run_base`). It is scored on the
+task's evaluation splits
 with the harness's own data reading (``glue.data``), tokenisation (``glue.data.tokenize``) and metrics
 (``glue.tasks``), so the numbers are comparable with the runner's ``results.json``. ``--json`` merges the scores into
 the file under ``[task][label]`` (with each folder's ``export_info.json`` ranks when it has one).
@@ -32,7 +35,6 @@ def evaluate(folder: str, task_name: str, model: str, max_seq_len: int, data_dir
     """``{split: metrics}`` of the adapter folder on ``task_name``'s evaluation splits."""
     import numpy as np
     import torch
-    from peft import PeftModel
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
@@ -45,12 +47,7 @@ def evaluate(folder: str, task_name: str, model: str, max_seq_len: int, data_dir
     task = data.task
     cfg = RunConfig(task=task_name, model=model, max_seq_len=max_seq_len)
     base, tokenizer, _ = load_model_and_tokenizer(cfg, task)
-    if (Path(folder) / "lq_lora.json").is_file():  # PEFT LoRA on an LQ base: rebuild that base first
-        from sparse_lowrank_peft import load_lq_lora
-
-        peft_model = load_lq_lora(base, folder).eval()
-    else:
-        peft_model = PeftModel.from_pretrained(base, folder).eval()
+    peft_model = load_adapter(base, folder).eval()
     collate = DataCollatorWithPadding(tokenizer)
     out = {}
     for split, dataset in data.evals.items():
@@ -64,6 +61,80 @@ def evaluate(folder: str, task_name: str, model: str, max_seq_len: int, data_dir
         out[split] = task.compute_metrics(preds, np.concatenate(labels))
         out[split]["examples"] = int(len(encoded))
     return out
+
+
+def load_adapter(base, folder: str):
+    """The adapter ``folder`` (PEFT's or one of this package's methods) on ``base``, with the 4-bit base it was
+    trained on (:func:`run_base`)."""
+    from peft import PeftModel
+
+    import sparse_lowrank_peft  # noqa: F401  (registers this package's methods with PEFT)
+
+    before, after = run_base(folder)
+    before(base)
+    if (Path(folder) / "lq_lora.json").is_file():  # PEFT LoRA on an LQ base: rebuild that base first
+        from sparse_lowrank_peft import load_lq_lora
+
+        model = load_lq_lora(base, folder)
+    else:
+        model = PeftModel.from_pretrained(base, folder)
+    after(model)
+    return model
+
+
+def run_base(folder: str):
+    """``(before, after)``: what to do to the base model before loading the adapter ``folder`` and to the loaded model
+    after, so that the base is the 4-bit one its GLUE run trained on, read from the run's ``run_config.json`` (the
+    folder's parent). Both do nothing for a folder outside a GLUE run, a full-precision run, or an adapter that
+    records its base itself (``lq_plan`` / ``lq_lora.json`` plan).
+
+    * ``quantize: nf4|fp4`` without LQ init (QLoRA: the base is the user's): its linears, head excepted, before;
+    * ``quantize: plan`` without LQ init: the plan the run recorded in its ``results.json``, before;
+    * ``quantize: nf4|fp4`` with LQ init saved before the adapter recorded the whole base: the linears LQ left in
+      full precision, after (LQ init needs them full precision while it runs).
+    """
+    nothing = lambda model: None  # noqa: E731
+    run_config = Path(folder).parent / "run_config.json"
+    if not run_config.is_file():
+        return nothing, nothing
+    run = json.loads(run_config.read_text())
+    quantize, lq = run.get("quantize"), run.get("init") == "lq"
+    if not quantize or (lq and _records_its_base(folder)):
+        return nothing, nothing
+    if quantize == "plan" and not lq:
+        results = Path(folder).parent / "results.json"
+        plan = (json.loads(results.read_text()).get("method_results", {}).get("quantization", {}).get("plan")
+                if results.is_file() else None)
+        if not plan:
+            raise SystemExit(f"{folder}: its run quantized the base by a plan ({run_config}), but {results} does not "
+                             "hold the plan (method_results.quantization.plan). Fix: run the recipe again, or load "
+                             "the adapter in code onto the base quantized with that plan (bitbudget.apply_plan).")
+        from sparse_lowrank_peft.delta.bitbudget import apply_plan
+
+        return (lambda model: print(f"[eval_adapter] base: {apply_plan(model, plan)} linears by the run's plan")), nothing
+    if quantize == "plan":
+        raise SystemExit(f"{folder}: an LQ plan run's adapter without lq_plan in adapter_config.json; it cannot be "
+                         "rebuilt. Fix: run the recipe again.")
+
+    from glue.model import head_module_names, quantizable_linears, quantize_base
+
+    names: list[str] = []  # the base's linears, head excepted, named on the plain model (no adapter layers yet)
+
+    def find(model):
+        names.extend(quantizable_linears(model, run.get("head_modules") or head_module_names(model)))
+
+    def quantize_found(model):  # LQ's wrapped targets are no nn.Linear any more, so only the rest is quantized
+        quantize_base(model, names, quantize)
+
+    return (find, quantize_found) if lq else ((lambda model: (find(model), quantize_found(model))), nothing)
+
+
+def _records_its_base(folder: str) -> bool:
+    """Whether an LQ adapter folder names its whole quantized base (``lq_plan``, or the plan in ``lq_lora.json``)."""
+    lq_lora = Path(folder) / "lq_lora.json"
+    if lq_lora.is_file():
+        return bool(json.loads(lq_lora.read_text()).get("plan"))
+    return bool(json.loads((Path(folder) / "adapter_config.json").read_text()).get("lq_plan"))
 
 
 def main(argv=None) -> int:

@@ -58,7 +58,7 @@ class RunConfig:
                                            "its head is not loaded")
     quantize: Optional[str] = _f(None, "4-bit base (QLoRA style): nf4 or fp4 quantizes every nn.Linear of the "
                                        "encoder except the trained head with bitsandbytes after loading (null: full "
-                                       "precision); plan: one configuration per matrix from quantize_plan (LQ-LoRA's "
+                                       "precision; with init: lq the adapter records that base as a uniform plan); plan: one configuration per matrix from quantize_plan (LQ-LoRA's "
                                        "bit budget)",
                                  choices=(None, "nf4", "fp4", "plan"))
     quantize_plan: Optional[Dict[str, Any]] = _f(None, "for quantize: plan -- mapping with budget_bits (average stored "

@@ -389,12 +389,11 @@ def quantizable_linears(model, head: Sequence[str]) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and not set(n.split(".")) & head_set]
 
 
-def quantize_base(model, names: Sequence[str], quant_type: str, lq: bool = False) -> dict[str, Any]:
-    """Quantize the ``nn.Linear`` layers ``names`` (suffixes of module names) of ``model`` to 4-bit in place;
-    layers already quantized (LQ-LoRA's targets) are skipped. Every 4-bit layer keeps bitsandbytes' standard layout
-    (no AVX-512-BF16 repack at eval), so a run computes the same on every CPU and its evaluations between checkpoint
-    saves see the same base (``delta.quant.keep_standard_layout``). Returns what was done, with LQ-LoRA's
-    reconstruction errors (mean over the target layers) when ``lq``."""
+def quantize_base(model, names: Sequence[str], quant_type: str) -> dict[str, Any]:
+    """Quantize the ``nn.Linear`` layers ``names`` (suffixes of module names) of ``model`` to 4-bit in place (QLoRA's
+    base, for an adapter without LQ init). Every 4-bit layer keeps bitsandbytes' standard layout (no AVX-512-BF16
+    repack at eval), so a run computes the same on every CPU and its evaluations between checkpoint saves see the
+    same base (``delta.quant.keep_standard_layout``). Returns what was done."""
     import torch.nn as nn
 
     from sparse_lowrank_peft.delta.quant import keep_standard_layouts, quantize_linears
@@ -403,13 +402,26 @@ def quantize_base(model, names: Sequence[str], quant_type: str, lq: bool = False
                                        for k, m in model.named_modules())]
     replaced = quantize_linears(model, present, quant_type=quant_type) if present else []
     keep_standard_layouts(model)
-    info: dict[str, Any] = {"quant_type": quant_type, "init": "lq" if lq else "default",
-                            "plain_4bit_layers": len(replaced)}
-    if lq:
-        errors = [m.lq_errors for m in model.modules() if getattr(m, "lq_errors", None)]
-        info["lq_layers"] = len(errors)
-        if errors:
-            info["lq_relative_error_mean"] = {k: sum(e[k] for e in errors) / len(errors) for k in errors[0]}
+    info: dict[str, Any] = {"quant_type": quant_type, "init": "default", "plain_4bit_layers": len(replaced)}
+    print(f"[glue] 4-bit base ({quant_type}): {info}", flush=True)
+    return info
+
+
+def uniform_lq_plan(quant_type: str, names: Sequence[str]) -> dict[str, str]:
+    """``quantize: nf4`` (or fp4) with ``init: lq``: every linear of ``names`` in that 4-bit format with double
+    quantization (what ``quantize_linears`` does), as a plan. The adapter records it (``lq_plan``; ``lq_lora.json``
+    for PEFT's LoRA), so its reload rebuilds the whole 4-bit base, not only LQ's targets."""
+    return {n: f"bnb-{quant_type}-dq" for n in names}
+
+
+def lq_base_info(model, quant_type: str, plan: dict[str, str]) -> dict[str, Any]:
+    """What a uniform 4-bit base with LQ init is: its LQ layers (with their reconstruction errors, mean over them)
+    and the plan's other linears, quantized plainly."""
+    errors = [m.lq_errors for m in model.modules() if getattr(m, "lq_errors", None)]
+    info: dict[str, Any] = {"quant_type": quant_type, "init": "lq", "plain_4bit_layers": len(plan) - len(errors),
+                            "lq_layers": len(errors)}
+    if errors:
+        info["lq_relative_error_mean"] = {k: sum(e[k] for e in errors) / len(errors) for k in errors[0]}
     print(f"[glue] 4-bit base ({quant_type}): {info}", flush=True)
     return info
 
@@ -460,7 +472,9 @@ def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
         plan, built.quant_info = make_quant_plan(cfg, model, to_quantize, fisher, batches)
         if cfg.init != "lq":
             built.quant_info["quantized_layers"] = apply_plan(model, plan)
-    elif cfg.quantize and cfg.init != "lq":
+    elif cfg.quantize and cfg.init == "lq":
+        plan = uniform_lq_plan(cfg.quantize, to_quantize)
+    elif cfg.quantize:
         built.quant_info = quantize_base(model, to_quantize, cfg.quantize)
     if cfg.method != "full":
         fields = effective_peft_fields(cfg)
@@ -468,13 +482,12 @@ def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
             fields["lq_plan"] = plan
         built.peft_config = make_peft_config(cfg.method, fields, head)
         built.model = _with_fisher(fisher, wrap_model, cfg, model, built.peft_config, plan)
-        if plan is not None and cfg.init == "lq":  # the adapter quantized the whole plan: targets by LQ, rest plainly
+        if cfg.quantize == "plan" and cfg.init == "lq":  # the adapter quantized the plan: targets by LQ, rest plainly
             targets = lq_targets(cfg, model, to_quantize)
             built.quant_info["quantized_layers"] = sum(1 for n in plan if n not in targets)
             built.quant_info["choices"] = {c: list(plan.values()).count(c) for c in sorted(set(plan.values()))}
-        elif cfg.quantize and cfg.init == "lq":
-            # LQ-LoRA quantized the target layers itself (W = Q + L); the other encoder linears get plain 4-bit
-            built.quant_info = quantize_base(built.model, to_quantize, cfg.quantize, lq=True)
+        elif plan is not None:  # the same for a uniform 4-bit base
+            built.quant_info = lq_base_info(built.model, cfg.quantize, plan)
         if cfg.init_adapter:
             built.init_info = load_init_adapter(built.model, cfg.init_adapter, head)
     built.params = count_parameters(built.model)
@@ -489,8 +502,7 @@ def wrap_model(cfg: RunConfig, model, peft_config, plan: dict | None):
     if cfg.method == "lora" and cfg.init == "lq":
         from sparse_lowrank_peft import get_lq_lora_model
 
-        quant_type = "nf4" if cfg.quantize == "plan" else cfg.quantize
-        return get_lq_lora_model(model, peft_config, plan=plan, quant_type=quant_type,
+        return get_lq_lora_model(model, peft_config, plan=plan,
                                  max_iter=cfg.peft.get("lq_max_iter", 20))
     from peft import get_peft_model
 

@@ -79,11 +79,27 @@ def test_budget_below_the_cheapest_plan_is_refused(table):
 def test_choice_spellings():
     assert bb.parse_choice("hqq-3bit-g64") == bb.QuantChoice("hqq", 3, 64)
     assert bb.parse_choice("bnb-nf4-dq").double_quant
-    for bad in ("hqq-5bit-g64", "hqq-3bit-g48", "int4", "bnb-fp4"):
+    for name in ("bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq", "hqq-2bit-g128"):  # a spelling names its choice
+        assert bb.parse_choice(name).name == name
+    assert bb.parse_choice("bnb-fp4-dq") == bb.QuantChoice("bnb", 4, 64, True, "fp4")
+    for bad in ("hqq-5bit-g64", "hqq-3bit-g48", "int4", "bnb-fp8", "bnb-fp4-q"):
         with pytest.raises(ValueError, match="quantization configuration"):
             bb.parse_choice(bad)
     assert bb.QuantChoice("hqq", 2, 64).unsupported((36, 36))  # 1296 values: not a multiple of 64
     assert bb.QuantChoice("bnb", 4, 64).unsupported((36, 36)) is None
+
+
+@pytest.mark.parametrize("name", ["bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq"])
+def test_bnb_choice_quantizes_as_its_name_says(name):
+    """The layer a bitsandbytes choice builds holds its quant type and double quantization (its error: bnb's own)."""
+    pytest.importorskip("bitsandbytes")
+    from sparse_lowrank_peft.delta.quant import quantize_dequantize
+
+    choice = bb.parse_choice(name)
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    state = choice.quantize(W).weight.quant_state
+    assert state.quant_type == choice.quant_type and bool(state.nested) == choice.double_quant
+    torch.testing.assert_close(choice.quantize_dequantize(W), quantize_dequantize(W, choice.quant_type, choice.double_quant))
 
 
 # ---------------------------------------------------------------------------------------------- a plan applied

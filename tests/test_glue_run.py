@@ -409,6 +409,21 @@ def test_nf4_base_with_lq_init_quantizes_the_encoder_but_not_the_head(tiny_model
     assert err["lq"] <= err["loftq"] <= err["quant_only"] + 1e-6, err
     assert res["peft_config"]["init_weights"] == "lq" and res["peft_config"]["lq_quant_type"] == "nf4"
     assert is_finite_metric(res)
+    # the adapter records the whole 4-bit base, so a reload quantizes all 12 encoder linears again, not only LQ's 4
+    assert set(res["peft_config"]["lq_plan"].values()) == {"bnb-nf4-dq"} and len(res["peft_config"]["lq_plan"]) == 12
+    assert reloaded_4bit_layers(tiny_model, toy_task, tmp_path / "q" / "adapter") == 12
+
+
+def reloaded_4bit_layers(tiny_model, toy_task, folder) -> int:
+    """How many quantized linears the adapter ``folder`` has after ``PeftModel.from_pretrained`` on a fresh model."""
+    from peft import PeftModel
+
+    from glue import model as gmodel
+
+    c = cfg(task="custom", custom=toy_task, model=tiny_model, method="sltrain")
+    fresh, _, _ = gmodel.load_model_and_tokenizer(c, gdata.load_run_data(c).task)
+    kinds = [type(m).__name__ for m in PeftModel.from_pretrained(fresh, str(folder)).modules()]
+    return kinds.count("HQQLinear") + kinds.count("Linear4bit")
 
 
 def test_nf4_base_for_peft_lora(tiny_model, toy_task, tmp_path):
@@ -445,15 +460,7 @@ def test_quantize_plan_from_a_recipe(tiny_model, toy_task, tmp_path, plan):
     assert saved["init_weights"] == "lq" and len(saved["lq_plan"]) == 12
     assert is_finite_metric(res)
     # the adapter reloads onto the whole planned base: every encoder linear quantized again, not only the targets
-    from peft import PeftModel
-
-    from glue import model as gmodel
-
-    c = cfg(task="custom", custom=toy_task, model=tiny_model, method="sltrain")
-    fresh, _, _ = gmodel.load_model_and_tokenizer(c, gdata.load_run_data(c).task)
-    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "p" / "adapter"))
-    kinds = [type(m).__name__ for m in reloaded.modules()]
-    assert kinds.count("HQQLinear") + kinds.count("Linear4bit") == 12, kinds
+    assert reloaded_4bit_layers(tiny_model, toy_task, tmp_path / "p" / "adapter") == 12
 
 
 
@@ -546,14 +553,61 @@ def test_peft_lora_with_lq_init_from_a_recipe(tiny_model, toy_task, tmp_path, qu
     assert info.get("lq_layers") == 4 or len(info.get("plan", {})) == 12, info  # nf4: LQ errors; plan: every linear
     folder = tmp_path / "l" / "adapter"
     saved = json.loads((folder / "lq_lora.json").read_text())
-    assert len(saved["targets"]) == 4 and (saved["plan"] is not None) == bool(plan)
+    assert len(saved["targets"]) == 4 and len(saved["plan"]) == 12  # nf4: the uniform plan of the whole 4-bit base
     assert (saved.get("fisher_file") is not None) == bool(plan)
     assert is_finite_metric(res)
     data = gdata.load_run_data(c)
     trained = gmodel.build_model(c, data.task, data.train)  # the run's model before training (same seed)
     fresh, _, _ = gmodel.load_model_and_tokenizer(c, data.task)
     reloaded = load_lq_lora(fresh, str(folder))
-    for key in saved["targets"]:
-        a = trained.model.base_model.model.get_submodule(key).base_layer
-        b = reloaded.base_model.model.get_submodule(key).base_layer
+    for key in saved["plan"]:  # every quantized linear, LQ's targets (under LoRA) and the rest
+        a, b = (getattr(m, "base_layer", m) for m in (trained.model.base_model.model.get_submodule(key),
+                                                      reloaded.base_model.model.get_submodule(key)))
+        assert type(b).__name__ in ("Linear4bit", "HQQLinear"), (key, type(b))
         assert torch.equal(dequantize_weight(a), dequantize_weight(b)), key
+
+
+def _eval_adapter_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_test_eval_adapter", REPO_ROOT / "bench" / "eval_adapter.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("method,init,legacy", [("sltrain", "default", False), ("sltrain", "lq", True),
+                                                ("lora", "default", False), ("lora", "lq", True)],
+                         ids=["sltrain-qlora", "sltrain-lq-old-folder", "lora-qlora", "lora-lq-old-folder"])
+def test_eval_adapter_rebuilds_the_run_base(tiny_model, toy_task, tmp_path, method, init, legacy):
+    """bench/eval_adapter.py loads a run's adapter onto the 4-bit base the run trained on, also where the adapter does
+    not record it (QLoRA style; LQ folders saved before adapters recorded the whole base): all 12 encoder linears are
+    4-bit, and the reloaded model's dev loss is the run's final dev loss."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    c = cfg(task="custom", custom=toy_task, model=tiny_model, method=method, quantize="nf4", init=init,
+            peft={"r": 2, "target_modules": ["query", "value"], **({"lq_max_iter": 2} if method != "lora" else {})},
+            max_steps=2, save_steps=0, learning_rate=1e-2, output_dir=str(tmp_path / "run"))
+    res = grun.run(c)
+    folder = tmp_path / "run" / "adapter"
+    if legacy:  # an LQ folder as saved before this change: it names only LQ's targets
+        name = "lq_lora.json" if method == "lora" else "adapter_config.json"
+        saved = json.loads((folder / name).read_text())
+        saved["plan" if method == "lora" else "lq_plan"] = None
+        (folder / name).write_text(json.dumps(saved))
+    data = gdata.load_run_data(c)
+    base, tokenizer, _ = gmodel.load_model_and_tokenizer(c, data.task)
+    model = _eval_adapter_module().load_adapter(base, str(folder)).eval()
+    bnb_layers = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
+    assert len(bnb_layers) == 12, bnb_layers  # (PEFT's LoRA wrapper of a 4-bit layer is also named Linear4bit)
+    encoded = gdata.tokenize(data.evals["validation"], tokenizer, c.max_seq_len, "dev")
+    losses = []
+    with torch.no_grad():
+        for batch in DataLoader(encoded, batch_size=16, collate_fn=DataCollatorWithPadding(tokenizer)):
+            losses.append(torch.nn.functional.cross_entropy(model(**{k: v for k, v in batch.items() if k != "labels"})
+                                                            .logits, batch["labels"], reduction="sum"))
+    loss = float(sum(losses)) / len(encoded)
+    assert loss == pytest.approx(res["final"]["validation"]["loss"], abs=1e-5), (loss, res["final"])

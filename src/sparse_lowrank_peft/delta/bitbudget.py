@@ -38,17 +38,19 @@ __all__ = [
 @dataclass(frozen=True)
 class QuantChoice:
     """One quantization configuration of a matrix: ``library`` ``"hqq"`` (``bits`` 2/3/4/8, ``group_size``) or
-    ``"bnb"`` (NF4 in blocks of 64; ``double_quant`` quantizes the absmax too). ``name`` is its plan spelling."""
+    ``"bnb"`` (``quant_type`` NF4 or FP4 in blocks of 64; ``double_quant`` quantizes the absmax too). ``name`` is its
+    plan spelling."""
 
     library: str
     bits: int
     group_size: int = 64
     double_quant: bool = False
+    quant_type: str = "nf4"
 
     @property
     def name(self) -> str:
         if self.library == "bnb":
-            return "bnb-nf4-dq" if self.double_quant else "bnb-nf4"
+            return f"bnb-{self.quant_type}" + ("-dq" if self.double_quant else "")
         return f"hqq-{self.bits}bit-g{self.group_size}"
 
     def unsupported(self, shape: tuple[int, int]) -> Optional[str]:
@@ -76,7 +78,7 @@ class QuantChoice:
         if self.library == "bnb":
             from .quant import to_linear4bit
 
-            return to_linear4bit(linear, quant_type="nf4", compress_statistics=self.double_quant)
+            return to_linear4bit(linear, quant_type=self.quant_type, compress_statistics=self.double_quant)
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
         # HQQ stores each group's scale and zero in its compute dtype: quantized with fp16 (the format counted by
@@ -103,10 +105,12 @@ class QuantChoice:
 #: does not pad them: 2-bit into a uint8 (4 rows), 4-bit into a uint8 (2 rows). 3-bit (10 rows in an int32) pads.
 _HQQ_VALUES_PER_PACKED_ROW = {2: 4, 4: 2}
 
-_CHOICE_RE = re.compile(r"^(?:hqq-(\d+)bit-g(\d+)|bnb-nf4(-dq)?)$")
+_CHOICE_RE = re.compile(r"^(?:hqq-(\d+)bit-g(\d+)|bnb-(nf4|fp4)(-dq)?)$")
 HQQ_BITS = (2, 3, 4, 8)
 HQQ_GROUPS = (32, 64, 128)
-#: the default candidates: HQQ at 2/3/4/8 bits x groups 32/64/128, and bitsandbytes NF4 with and without double quant
+#: the default candidates: HQQ at 2/3/4/8 bits x groups 32/64/128, and bitsandbytes NF4 with and without double
+#: quant. FP4 ('bnb-fp4', 'bnb-fp4-dq') is accepted in a plan (a GLUE run's ``quantize: fp4`` is one) but not a default
+#: candidate: it stores the same bits as NF4 with a larger error (QLoRA, arXiv 2305.14314, Table 2).
 CANDIDATES: tuple[QuantChoice, ...] = tuple(
     [QuantChoice("hqq", b, g) for b in HQQ_BITS for g in HQQ_GROUPS]
     + [QuantChoice("bnb", 4, 64, False), QuantChoice("bnb", 4, 64, True)]
@@ -114,13 +118,14 @@ CANDIDATES: tuple[QuantChoice, ...] = tuple(
 
 
 def parse_choice(name: str) -> QuantChoice:
-    """The :class:`QuantChoice` a plan spells ``name`` (``"hqq-3bit-g64"``, ``"bnb-nf4"``, ``"bnb-nf4-dq"``); raises
+    """The :class:`QuantChoice` a plan spells ``name`` (``"hqq-3bit-g64"``, ``"bnb-nf4"``, ``"bnb-nf4-dq"``,
+    ``"bnb-fp4"``, ``"bnb-fp4-dq"``); raises
     ``ValueError`` naming the valid spellings, or ``ImportError`` if the library for it is not installed."""
     match = _CHOICE_RE.match(str(name))
     if not match:
         raise ValueError(
             f"quantization configuration {name!r} is not one this package knows. Valid: 'hqq-<bits>bit-g<group>' with "
-            f"bits in {HQQ_BITS} (e.g. 'hqq-3bit-g64'), 'bnb-nf4', 'bnb-nf4-dq'."
+            f"bits in {HQQ_BITS} (e.g. 'hqq-3bit-g64'), 'bnb-nf4', 'bnb-nf4-dq', 'bnb-fp4', 'bnb-fp4-dq'."
         )
     if match.group(1):
         bits, group = int(match.group(1)), int(match.group(2))
@@ -132,7 +137,7 @@ def parse_choice(name: str) -> QuantChoice:
         _require("hqq", "pip install hqq")
         return QuantChoice("hqq", bits, group)
     _require("bitsandbytes", "pip install 'sparse-lowrank-peft[bnb]'")
-    return QuantChoice("bnb", 4, 64, bool(match.group(3)))
+    return QuantChoice("bnb", 4, 64, bool(match.group(4)), match.group(3))
 
 
 def _require(module: str, fix: str) -> None:
