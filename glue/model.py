@@ -129,10 +129,12 @@ def make_peft_config(method: str, fields: Mapping[str, Any], head_modules: Seque
 
 def effective_peft_fields(cfg: RunConfig) -> dict[str, Any]:
     """The method's config fields with what ``init: lq`` implies (``init_weights: lq`` in the quantize format; for
-    PEFT's LoRA, ``lq_max_iter`` is get_lq_lora_model's ``max_iter``, not a LoraConfig field)."""
+    PEFT's LoRA, ``lq_max_iter`` and ``lq_svd`` are get_lq_lora_model's ``max_iter`` and ``svd``, not LoraConfig
+    fields)."""
     fields = dict(cfg.peft)
     if cfg.init == "lq" and cfg.method == "lora":  # get_lq_lora_model does the LQ split (wrap_model)
         fields.pop("lq_max_iter", None)
+        fields.pop("lq_svd", None)
     elif cfg.init == "lq":
         fields["init_weights"] = "lq"
         if cfg.quantize != "plan":
@@ -503,7 +505,7 @@ def wrap_model(cfg: RunConfig, model, peft_config, plan: dict | None):
         from sparse_lowrank_peft import get_lq_lora_model
 
         return get_lq_lora_model(model, peft_config, plan=plan,
-                                 max_iter=cfg.peft.get("lq_max_iter", 20))
+                                 max_iter=cfg.peft.get("lq_max_iter", 20), svd=cfg.peft.get("lq_svd", "auto"))
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config)

@@ -554,3 +554,14 @@ def test_results_readme_sst2_by_base_names_bits_bytes_and_distance_to_nf4(tmp_pa
         "| lora | 32.00 | 100.0 | 0.8200 | +1.00 |",
         "| lora-nf4-lq | 4.25 | 86.1 | 0.8100 | +0.00 |",
     ]
+
+
+def test_lq_svd_bench_pairs_exact_and_randomized(tmp_path):
+    """bench/lq_svd.py --quick: both SVDs on two small matrices; the randomized error within 2% of the exact one."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "lq-svd.json"
+    result = _bench("lq_svd").main(["--quick", "--max-iter", "4", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == result["rows"] and len(saved["rows"]) == 4 and len(saved["pairs"]) == 2
+    for pair in saved["pairs"]:
+        assert pair["speedup"] > 0 and abs(pair["error_ratio"] - 1) < 0.02, pair

@@ -63,20 +63,21 @@ RELOAD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("fisher", [False, True], ids=["plain", "fisher"])
-def test_trains_saves_and_reloads_in_a_fresh_process(tmp_path, fisher):
+@pytest.mark.parametrize("fisher,svd", [(False, "auto"), (True, "auto"), (False, "randomized")],
+                         ids=["plain", "fisher", "randomized-svd"])
+def test_trains_saves_and_reloads_in_a_fresh_process(tmp_path, fisher, svd):
     gen = torch.Generator().manual_seed(0)
     weights = {key: (torch.rand(64, generator=gen) * 10 + 0.01, torch.rand(64, generator=gen) * 10 + 0.01)
                for key in QV}
     if fisher:
         with quant.use_fisher(weights):
-            pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=3)
+            pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=3, svd=svd)
     else:
-        pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=3)
+        pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=3, svd=svd)
     expected = train_then_output(pm, _ids, torch.tensor([0, 1, 0]))
     save_lq_lora(pm, tmp_path)
     saved = json.loads((tmp_path / LQ_LORA_FILE).read_text())
-    assert saved["targets"] == QV and saved["plan"] == PLAN and saved["rank"] == 2
+    assert saved["targets"] == QV and saved["plan"] == PLAN and saved["rank"] == 2 and saved["svd"] == svd
     assert (saved.get("fisher_file") == quant.LQ_FISHER_FILE) is fisher
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
     proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), str(Path(__file__).parent)],
@@ -107,6 +108,7 @@ def test_nf4_without_a_plan():
      "cannot do"),
     (lora(), {"quant_type": "int3"}, "quant_type"),
     (lora(), {"max_iter": 0}, "max_iter=0"),
+    (lora(), {"svd": "fast"}, "svd='fast'"),
 ])
 def test_bad_requests_are_refused_before_the_model_changes(config, kwargs, match):
     model = tiny_roberta()

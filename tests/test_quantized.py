@@ -11,11 +11,13 @@ from peft import PeftModel, get_peft_model
 
 from sparse_lowrank_peft import DyLoraConfig, SLTrainConfig, SoraConfig
 from sparse_lowrank_peft.delta.quant import (
+    SubspaceSVD,
     dequantize_weight,
     fisher_row_col_weights,
     lq_decompose,
     quantize_dequantize,
     quantize_linears,
+    resolve_lq_svd,
     to_linear4bit,
     use_fisher,
 )
@@ -71,7 +73,53 @@ def test_bad_lq_arguments():
         SLTrainConfig(init_weights="pissa", target_modules=["q"])
 
 
-@pytest.mark.parametrize("cfg_cls,extra", [(SLTrainConfig, {"sparsity": 0.05}), (SoraConfig, {}), (DyLoraConfig, {})])
+@pytest.mark.parametrize("fisher", [False, True], ids=["plain", "fisher"])
+def test_randomized_svd_lq_matches_the_exact_one(fisher):
+    """LQ with the randomized, warm-started SVD ends within 1% of the exact SVD's error, is deterministic (a reload
+    re-derives the same Q) and leaves the global RNG alone."""
+    W = structured_weight(seed=4)
+    g = torch.Generator().manual_seed(5)
+    weights = (torch.rand(W.shape[0], generator=g) + 0.1, torch.rand(W.shape[1], generator=g) + 0.1) if fisher else None
+    exact = lq_decompose(W, 4, max_iter=6, fisher=weights, svd="exact")
+    state = torch.random.get_rng_state()
+    fast = lq_decompose(W, 4, max_iter=6, fisher=weights, svd="randomized")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert fast.error == pytest.approx(exact.error, rel=0.01)
+    assert fast.errors[0] == pytest.approx(exact.errors[0], rel=0.01)  # LoftQ's pass: first SVD from a random start
+    again = lq_decompose(W, 4, max_iter=6, fisher=weights, svd="randomized")
+    assert all(torch.equal(a, b) for a, b in ((fast.Q, again.Q), (fast.B, again.B), (fast.A, again.A)))
+
+
+def test_subspace_svd_finds_the_top_singular_triplets_and_follows_a_moving_matrix():
+    g = torch.Generator().manual_seed(6)
+    U, _ = torch.linalg.qr(torch.randn(300, 40, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(200, 40, generator=g))
+    R = (U * torch.logspace(0, -2, 40)) @ V.T + 1e-4 * torch.randn(300, 200, generator=g)
+    svd = SubspaceSVD(rank=6)
+    for step in range(3):  # each call warm-starts from the last one's subspace
+        R = R + 1e-3 * torch.randn(300, 200, generator=g)
+        Us, S, Vh = svd(R)
+        exact = torch.linalg.svdvals(R)
+        k = 6 + svd.oversample
+        assert Us.shape == (300, k) and S.shape == (k,) and Vh.shape == (k, 200)
+        torch.testing.assert_close(S[:6], exact[:6], rtol=1e-3, atol=0)
+        torch.testing.assert_close(Us.T @ Us, torch.eye(k), atol=1e-5, rtol=0)
+
+
+def test_auto_svd_is_exact_for_small_matrices_and_randomized_for_large_ones():
+    assert resolve_lq_svd("auto", (384, 1536), 8) == "exact"  # every adapter made before the randomized solver
+    assert resolve_lq_svd("auto", (4096, 11008), 16) == "randomized"
+    assert resolve_lq_svd("auto", (768, 768), 200) == "exact"  # rank + oversample too large a part of the matrix
+    assert resolve_lq_svd("randomized", (64, 64), 4) == "randomized"
+    with pytest.raises(ValueError, match="svd='fast'"):
+        lq_decompose(structured_weight(), 2, svd="fast")
+    with pytest.raises(ValueError, match="lq_svd='fast'"):
+        SLTrainConfig(target_modules=["q"], init_weights="lq", lq_svd="fast")
+
+
+@pytest.mark.parametrize("cfg_cls,extra", [(SLTrainConfig, {"sparsity": 0.05}), (SoraConfig, {}), (DyLoraConfig, {}),
+                                           (SLTrainConfig, {"sparsity": 0.05, "lq_svd": "randomized"})],
+                         ids=["sltrain", "sora", "dylora", "sltrain-randomized-svd"])
 def test_lq_init(cfg_cls, extra, tmp_path):
     model, make_inputs, task_type = BUILDERS["bert"]()
     inputs = make_inputs(0)

@@ -47,7 +47,13 @@ class LQInitFields:
         lq_max_iter (`int`, defaults to `20`):
             Maximum alternations of ``L ← SVD_r(W − Q)``, ``Q ← quantize(W − L)``; the best iterate is kept. More lowers
             the reconstruction error a little more (measured on MiniLM: see the README's table) at the cost of one
-            SVD and one quantization per layer and iteration, once, when the adapter is created.
+            SVD and one quantization per layer and iteration, once, when the adapter is created (and again when it
+            is loaded, which re-derives the base).
+        lq_svd (`str`, defaults to `"auto"`):
+            The SVD of each alternation: ``"exact"`` (LAPACK), ``"randomized"`` (subspace iteration warm-started
+            from the previous alternation, ``O(out·in·(r + 8))``) or ``"auto"``: exact while the weight's smaller side
+            is at most 512, randomized above (a 4096x4096 NF4 LQ at rank 16: 282 s exact, 10 s randomized on 2 CPU
+            cores, errors within 0.2%). Saved with the adapter, as loading re-derives the base with it.
         lq_plan (`dict[str, str]`, *optional*):
             A mixed-configuration plan (``delta.bitbudget.solve``): module name -> configuration
             (``"hqq-3bit-g64"``, ``"bnb-nf4"``, ``"bnb-nf4-dq"``). Each targeted layer's base is quantized with its
@@ -64,6 +70,7 @@ class LQInitFields:
 
     lq_quant_type: str = field(default="nf4", metadata={"help": "4-bit format of the LQ base: nf4 or fp4."})
     lq_max_iter: int = field(default=20, metadata={"help": "Maximum LQ alternations."})
+    lq_svd: str = field(default="auto", metadata={"help": "LQ's SVD: auto, exact or randomized."})
     lq_plan: Optional[dict] = field(default=None, metadata={"help": "Per-module quantization configuration (LQ)."})
     lq_fisher: Optional[Union[dict, str]] = field(
         default=None, metadata={"help": "Fisher weights the LQ decomposition used (recorded; saved beside the adapter)."})
@@ -127,6 +134,11 @@ def check_init_weights(config) -> None:
     if config.lq_quant_type not in ("nf4", "fp4"):
         raise ValueError(f"{type(config).__name__}.lq_quant_type={config.lq_quant_type!r} must be 'nf4' or 'fp4'.")
     check_positive_int(config, "lq_max_iter")
+    from .delta.quant import LQ_SVD_MODES
+
+    if config.lq_svd not in LQ_SVD_MODES:
+        raise ValueError(f"{type(config).__name__}.lq_svd={config.lq_svd!r} must be one of {LQ_SVD_MODES}. Fix: "
+                         "'auto' (exact SVD for small matrices, randomized for large ones).")
     _check_lq_fisher(config)
     plan = getattr(config, "lq_plan", None)
     if plan is None:

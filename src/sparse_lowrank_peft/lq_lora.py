@@ -38,7 +38,7 @@ _FORMAT = 1
 
 
 def get_lq_lora_model(model: nn.Module, config, plan: Optional[dict] = None, quant_type: str = "nf4",
-                      max_iter: int = 20, adapter_name: str = "default"):
+                      max_iter: int = 20, adapter_name: str = "default", svd: str = "auto"):
     """PEFT's ``get_peft_model(model, config)`` on a base whose targeted linears hold LQ-LoRA's ``Q``, with every
     LoRA adapter starting at its layer's ``L`` (so the model computes ``Q + L ≈ W`` at step 0).
 
@@ -49,13 +49,15 @@ def get_lq_lora_model(model: nn.Module, config, plan: Optional[dict] = None, qua
             linears it names are quantized plainly (the whole base the plan describes). None: the targets in
             ``quant_type`` (bitsandbytes ``"nf4"`` / ``"fp4"``, with double quantization).
         max_iter: LQ alternations per layer (the best iterate is kept; the first is LoftQ's pass).
+        svd: LQ's SVD: ``"auto"`` (exact for small matrices, randomized for large), ``"exact"`` or ``"randomized"``
+            (``delta.quant.resolve_lq_svd``).
 
     Everything is checked before the model is changed. Within ``delta.quant.use_fisher(...)`` the decompositions
     are Fisher-weighted, and :func:`save_lq_lora` keeps those weights for reloading.
     """
-    targets = _check_request(model, config, plan, quant_type, max_iter)
+    targets = _check_request(model, config, plan, quant_type, max_iter, svd)
     settings = {"format": _FORMAT, "targets": targets, "rank": config.r, "quant_type": quant_type,
-                "max_iter": max_iter, "plan": plan}
+                "max_iter": max_iter, "plan": plan, "svd": svd}
     fisher = quant.fisher_for_modules(targets)
     factors = _quantize_targets(model, settings, fisher)
     from peft import get_peft_model
@@ -99,7 +101,7 @@ def load_lq_lora(model: nn.Module, path: str, adapter_name: str = "default", **k
 
 
 # ---------------------------------------------------------------------------------------------------------- steps
-def _check_request(model, config, plan, quant_type, max_iter) -> list[str]:
+def _check_request(model, config, plan, quant_type, max_iter, svd) -> list[str]:
     """The targeted module names, after every check of the request (nothing is changed)."""
     from peft import LoraConfig
 
@@ -120,6 +122,8 @@ def _check_request(model, config, plan, quant_type, max_iter) -> list[str]:
         quant._check_quant_type(quant_type)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"get_lq_lora_model: max_iter={max_iter!r} must be a positive integer. Fix: e.g. 20.")
+    if svd not in quant.LQ_SVD_MODES:
+        raise ValueError(f"get_lq_lora_model: svd={svd!r} must be one of {quant.LQ_SVD_MODES}. Fix: 'auto'.")
     targets = [key for key, _ in model.named_modules() if key and check_target_module_exists(config, key)]
     _check_targets(model, targets, f"LoraConfig.target_modules={config.target_modules!r}")
     if plan is not None:
@@ -158,7 +162,8 @@ def _quantize_targets(model, settings: dict, fisher: dict) -> dict[str, quant.LQ
         linear = getattr(parent, child)
         choice = quant.plan_choice(settings["plan"], key)
         quantized, result = quant.lq_quantize(linear, settings["rank"], settings["quant_type"], settings["max_iter"],
-                                              fisher=fisher.get(key), choice=choice)
+                                              fisher=fisher.get(key), choice=choice,
+                                              svd=settings.get("svd", "auto"))  # files saved before svd: auto
         quantized.lq_errors = result.summary()
         setattr(parent, child, quantized.train(linear.training))
         results[key] = result

@@ -125,7 +125,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             )
         self.base_layer, result = quant.lq_quantize(
             base, rank, config.lq_quant_type, config.lq_max_iter, fisher=quant.recorded_fisher(config, key),
-            choice=quant.plan_choice(getattr(config, "lq_plan", None), key),
+            choice=quant.plan_choice(getattr(config, "lq_plan", None), key), svd=getattr(config, "lq_svd", "auto"),
         )
         self.quantization_backend = resolve_quantization_backend(self.base_layer)
         self._keep_4bit_layout(self.base_layer)

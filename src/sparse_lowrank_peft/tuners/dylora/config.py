@@ -46,7 +46,7 @@ class DyLoraConfig(LQInitFields, TargetFields, PeftConfig):
             (``lq_quant_type``) and ``L`` rank ``r``; the base layer becomes a ``Linear4bit`` holding ``Q`` and the
             factors start at ``L`` at full rank ``r`` (a truncation to ``b < r`` then starts at ``(r/b)·L_b``), so the adapted model starts at ``Q + L ≈ W`` with the quantization error
             partly absorbed. Needs full-precision ``nn.Linear`` targets (see ``delta.quant`` for Fisher weighting).
-        lq_quant_type, lq_max_iter: see ``sparse_lowrank_peft.common.LQInitFields``.
+        lq_quant_type, lq_max_iter, lq_svd: see ``sparse_lowrank_peft.common.LQInitFields``.
     """
 
     r: int = field(default=8, metadata={"help": "Maximum rank."})

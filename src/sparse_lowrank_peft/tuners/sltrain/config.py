@@ -47,7 +47,7 @@ class SLTrainConfig(LQInitFields, TargetFields, PeftConfig):
             (``lq_quant_type``) and ``L`` rank ``r``; the base layer becomes a ``Linear4bit`` holding ``Q`` and the
             factors start at ``L`` (``S = 0``), so the adapted model starts at ``Q + L ≈ W`` with the quantization error
             partly absorbed. Needs full-precision ``nn.Linear`` targets (see ``delta.quant`` for Fisher weighting).
-        lq_quant_type, lq_max_iter: see ``sparse_lowrank_peft.common.LQInitFields``.
+        lq_quant_type, lq_max_iter, lq_svd: see ``sparse_lowrank_peft.common.LQInitFields``.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the low-rank term."})

@@ -68,7 +68,7 @@ class SoraConfig(LQInitFields, TargetFields, PeftConfig):
             ``sparse_lambda × Σ lr``, so a short run prunes few ranks or none (MiniLM SST-2 at the recipe's λ, total
             0.375: 96 of 96 kept with ``"lq"``, 64 of 96 with ``True`` on the same NF4 base). To prune, bring the total
             shrinkage near 1.
-        lq_quant_type, lq_max_iter: see ``sparse_lowrank_peft.common.LQInitFields``.
+        lq_quant_type, lq_max_iter, lq_svd: see ``sparse_lowrank_peft.common.LQInitFields``.
     """
 
     r: int = field(default=8, metadata={"help": "Maximum rank per layer."})
