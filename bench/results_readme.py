@@ -416,6 +416,36 @@ def quant_section(results: Path, base: Path) -> list[str]:
     return lines + [""]
 
 
+def lq_svd_section(results: Path, base: Path) -> list[str]:
+    """LQ decomposition time and error with the exact and the randomized SVD (``bench/lq_svd.py``)."""
+    path = results / "lq-svd-cpu.json"
+    data = _load(path)
+    lines = ["### LQ-LoRA decomposition: exact vs randomized SVD", ""]
+    if not data:
+        return lines + ["Not run yet: `python bench/lq_svd.py` writes `bench/results/lq-svd-cpu.json`.", ""]
+    dev = data.get("device") or {}
+    lines += [
+        f"`{data.get('command')}` ({str(data.get('quant_type')).upper()}, {data.get('max_iter')} alternations, "
+        f"{dev.get('name')} with {data.get('threads')} threads; commit {_commit(data.get('commit'), data.get('dirty'))};"
+        f" file `{_link(path, base)}`): seconds for one matrix's whole decomposition and its relative error "
+        "‖W − Q − L‖_F / ‖W‖_F. `lq_svd=\"auto\"` takes the exact SVD up to 512 on the smaller side.",
+        "",
+        "| matrix | shape | rank | exact: s | randomized: s | speed-up | exact: error | randomized: error |",
+        "|:---|:---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = data.get("rows") or []
+    keys = list(dict.fromkeys((r["matrix"], tuple(r["shape"]), r["rank"]) for r in rows))
+    for matrix, shape, rank in keys:
+        by = {r["svd"]: r for r in rows if (r["matrix"], tuple(r["shape"]), r["rank"]) == (matrix, shape, rank)}
+        exact, fast = by.get("exact"), by.get("randomized")
+        speedup = f"{exact['seconds'] / fast['seconds']:.1f}×" if exact and fast else "–"
+        cells = [f"{r[key]:{spec}}" if r else "–" for key, spec in (("seconds", ".2f"), ("error", ".5f"))
+                 for r in (exact, fast)]
+        lines.append(f"| {matrix} | {shape[0]}×{shape[1]} | {rank} | {cells[0]} | {cells[1]} | {speedup} | "
+                     f"{cells[2]} | {cells[3]} |")
+    return lines + [""]
+
+
 def _bitbudget_table(data: dict, path: Path, base: Path) -> list[str]:
     """One bench/bitbudget.py result: per budget the plan against the best uniform configuration within its bits,
     by the objective and by the measured change of the output."""
@@ -649,7 +679,7 @@ def generate(results: Path, base: Path) -> str:
         "",
     ]
     for section in (minilm_section, sora_gates_section, quality_section, throughput_section, sparse_delta_section,
-                    quant_section, bitbudget_section, squeeze_section, glue_section):
+                    quant_section, lq_svd_section, bitbudget_section, squeeze_section, glue_section):
         lines += section(results, base)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -559,9 +559,13 @@ def test_results_readme_sst2_by_base_names_bits_bytes_and_distance_to_nf4(tmp_pa
 def test_lq_svd_bench_pairs_exact_and_randomized(tmp_path):
     """bench/lq_svd.py --quick: both SVDs on two small matrices; the randomized error within 2% of the exact one."""
     pytest.importorskip("bitsandbytes")
-    out = tmp_path / "lq-svd.json"
+    out = tmp_path / "lq-svd-cpu.json"
     result = _bench("lq_svd").main(["--quick", "--max-iter", "4", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["rows"] == result["rows"] and len(saved["rows"]) == 4 and len(saved["pairs"]) == 2
     for pair in saved["pairs"]:
         assert pair["speedup"] > 0 and abs(pair["error_ratio"] - 1) < 0.02, pair
+    # docs/results.md's section: one line per (matrix, rank) with both timings and errors from the file
+    table = [line for line in _bench("results_readme").lq_svd_section(tmp_path, tmp_path) if line.startswith("| gauss")]
+    first = saved["rows"][0]
+    assert len(table) == 2 and f"{first['seconds']:.2f}" in table[0] and f"{first['error']:.5f}" in table[0]
