@@ -90,6 +90,28 @@ def test_randomized_svd_lq_matches_the_exact_one(fisher):
     assert all(torch.equal(a, b) for a, b in ((fast.Q, again.Q), (fast.B, again.B), (fast.A, again.A)))
 
 
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_lq_does_not_depend_on_the_thread_count(svd):
+    """The base a reload re-derives is the trained one on a machine with another thread count: LQ computes in float64
+    (in fp32, 1 vs 2 threads changed 105,621 of this weight's 122,880 Q entries after 5 alternations)."""
+    W = structured_weight(384, 320, seed=7) * 0.05
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(lq_decompose(W, 8, max_iter=5, svd=svd))
+    finally:
+        torch.set_num_threads(threads)
+    one, two = results
+    assert torch.equal(one.Q, two.Q)  # the base: what a reload re-derives, under the trained factors
+    # the initial factors (overwritten by the trained ones at a reload) round float64 values that differ by ~1e-16,
+    # so one of their fp32 roundings may land on the other side of a tie
+    torch.testing.assert_close(one.B, two.B, rtol=1e-6, atol=0)
+    torch.testing.assert_close(one.A, two.A, rtol=1e-6, atol=0)
+    assert one.errors == pytest.approx(two.errors, rel=1e-12) and one.best == two.best  # float64 noise only
+
+
 def test_subspace_svd_finds_the_top_singular_triplets_and_follows_a_moving_matrix():
     g = torch.Generator().manual_seed(6)
     U, _ = torch.linalg.qr(torch.randn(300, 40, generator=g))
@@ -115,6 +137,21 @@ def test_auto_svd_is_exact_for_small_matrices_and_randomized_for_large_ones():
         lq_decompose(structured_weight(), 2, svd="fast")
     with pytest.raises(ValueError, match="lq_svd='fast'"):
         SLTrainConfig(target_modules=["q"], init_weights="lq", lq_svd="fast")
+
+
+def test_an_lq_adapter_saved_before_lq_svd_existed_reloads_with_the_exact_svd(tmp_path):
+    """Adapters saved before the field re-derive their base as they were made: the exact SVD in fp32, not 'auto'."""
+    import json
+
+    model, _, task_type = BUILDERS["bert"]()
+    pm = get_peft_model(model, SLTrainConfig(r=2, target_modules=["query"], init_weights="lq", lq_max_iter=2,
+                                             task_type=task_type))
+    pm.save_pretrained(tmp_path)
+    assert SLTrainConfig.from_pretrained(tmp_path).lq_svd == "auto"
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    del saved["lq_svd"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    assert SLTrainConfig.from_pretrained(tmp_path).lq_svd == "exact-fp32"
 
 
 @pytest.mark.parametrize("cfg_cls,extra", [(SLTrainConfig, {"sparsity": 0.05}), (SoraConfig, {}), (DyLoraConfig, {}),
@@ -242,7 +279,8 @@ def test_fisher_weighted_lq_adapter_reloads_onto_the_same_base(cls, tmp_path):
 
     (tmp_path / "lq_fisher.safetensors").unlink()
     before = {n: type(m).__name__ for n, m in spare.named_modules()}
-    with pytest.raises(ValueError, match=r"Fisher weights in 'lq_fisher.safetensors'.*Fix: copy lq_fisher"):
+    with pytest.raises(ValueError, match=r"needs 'lq_fisher.safetensors' \(its LQ base was derived with the Fisher "
+                                         r"weights.*Fix: copy lq_fisher"):
         PeftModel.from_pretrained(spare, tmp_path)
     assert {n: type(m).__name__ for n, m in spare.named_modules()} == before
 

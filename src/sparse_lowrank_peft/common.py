@@ -51,9 +51,11 @@ class LQInitFields:
             is loaded, which re-derives the base).
         lq_svd (`str`, defaults to `"auto"`):
             The SVD of each alternation: ``"exact"`` (LAPACK), ``"randomized"`` (subspace iteration warm-started
-            from the previous alternation, ``O(out·in·(r + 8))``) or ``"auto"``: exact while the weight's smaller side
-            is at most 512, randomized above (a 4096x4096 NF4 LQ at rank 16: 282 s exact, 10 s randomized on 2 CPU
-            cores, errors within 0.2%). Saved with the adapter, as loading re-derives the base with it.
+            from the previous alternation, ``O(out·in·(r + 16))``) or ``"auto"``: exact while the weight's smaller
+            side is at most 512, randomized above (a 4096x4096 NF4 LQ at rank 16: 452 s exact, 20 s randomized on 2
+            CPU cores, errors within 0.2%). All three compute in float64, so the base re-derived at load does not
+            depend on the thread count. ``"exact-fp32"`` is the fp32 computation of adapters saved before this field
+            existed; loading such an adapter selects it. Saved with the adapter, as loading re-derives the base.
         lq_plan (`dict[str, str]`, *optional*):
             A mixed-configuration plan (``delta.bitbudget.solve``): module name -> configuration
             (``"hqq-3bit-g64"``, ``"bnb-nf4"``, ``"bnb-nf4-dq"``). Each targeted layer's base is quantized with its
@@ -94,8 +96,11 @@ class LQInitFields:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """PEFT's loading of ``adapter_config.json``, then the Fisher weights file it names, if any."""
+        """PEFT's loading of ``adapter_config.json``, then the Fisher weights file it names, if any. An LQ adapter
+        saved before ``lq_svd`` existed re-derives its base with the exact SVD it was made with."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if config.init_weights == "lq" and not _saved_with(pretrained_model_name_or_path, "lq_svd", subfolder, kwargs):
+            config.lq_svd = "exact-fp32"
         if isinstance(config.lq_fisher, str):
             from .delta.quant import load_fisher
 
@@ -104,9 +109,18 @@ class LQInitFields:
         return config
 
 
-def _adapter_file(path_or_repo: str, name: str, subfolder: Optional[str], kwargs: dict) -> str:
+def _saved_with(path_or_repo: str, field_name: str, subfolder: Optional[str], kwargs: dict) -> bool:
+    """Whether the adapter's saved ``adapter_config.json`` has the field ``field_name``."""
+    import json
+
+    with open(_adapter_file(path_or_repo, "adapter_config.json", subfolder, kwargs, "the adapter's settings")) as f:
+        return field_name in json.load(f)
+
+
+def _adapter_file(path_or_repo: str, name: str, subfolder: Optional[str], kwargs: dict,
+                  why: str = "its LQ base was derived with the Fisher weights in it") -> str:
     """The local path of file ``name`` of an adapter folder, or of a Hub repository's (downloaded as PEFT downloads
-    ``adapter_config.json``: revision, token and cache_dir from ``kwargs``)."""
+    ``adapter_config.json``: revision, token and cache_dir from ``kwargs``); ``why`` it is needed goes into the error."""
     folder = os.path.join(path_or_repo, subfolder) if subfolder else path_or_repo
     if os.path.isfile(os.path.join(folder, name)):
         return os.path.join(folder, name)
@@ -117,9 +131,9 @@ def _adapter_file(path_or_repo: str, name: str, subfolder: Optional[str], kwargs
         return hf_hub_download(path_or_repo, name, subfolder=subfolder, **hub)
     except Exception as exc:
         raise ValueError(
-            f"adapter_config.json in {path_or_repo!r} says the LQ base was derived with the Fisher weights in {name!r}, "
-            f"but that file is neither in {folder!r} nor downloadable ({type(exc).__name__}). Without it the quantized "
-            f"base cannot be re-derived as trained. Fix: copy {name} saved with the adapter into that folder."
+            f"The adapter {path_or_repo!r} needs {name!r} ({why}), but that file is neither in {folder!r} nor "
+            f"downloadable ({type(exc).__name__}). Without it the quantized base cannot be re-derived as trained. "
+            f"Fix: copy {name} saved with the adapter into that folder."
         ) from exc
 
 

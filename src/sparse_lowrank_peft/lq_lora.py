@@ -163,7 +163,7 @@ def _quantize_targets(model, settings: dict, fisher: dict) -> dict[str, quant.LQ
         choice = quant.plan_choice(settings["plan"], key)
         quantized, result = quant.lq_quantize(linear, settings["rank"], settings["quant_type"], settings["max_iter"],
                                               fisher=fisher.get(key), choice=choice,
-                                              svd=settings.get("svd", "auto"))  # files saved before svd: auto
+                                              svd=settings.get("svd", "exact-fp32"))  # saved before svd existed
         quantized.lq_errors = result.summary()
         setattr(parent, child, quantized.train(linear.training))
         results[key] = result

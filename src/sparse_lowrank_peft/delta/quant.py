@@ -361,9 +361,9 @@ class LQResult:
 
 #: ``svd="auto"`` takes LAPACK's exact SVD while the weight's smaller side is at most this, randomized subspace
 #: iteration above it. Measured (``python bench/lq_svd.py``, bench/results/lq-svd-cpu.json, 2 CPU cores): a
-#: 20-alternation NF4 LQ at rank 16 takes 0.81 s exact vs 0.26 s randomized on MiniLM's 384x384 query, 6.0 vs 0.56 s
-#: at 1024x1024, 35.9 vs 2.0 s at 2048x2048 and 281.7 vs 10.0 s at 4096x4096; the randomized error is at most 0.34%
-#: above the exact one in every pair. The bound sits above every model an LQ adapter was made for before the
+#: 20-alternation NF4 LQ at rank 16 (in float64, see LQ_SVD_MODES) takes 0.59 s exact vs 0.12 s randomized on
+#: MiniLM's 384x384 query, 7.2 vs 0.89 s at 1024x1024, 52.7 vs 4.6 s at 2048x2048 and 452 vs 20.5 s at 4096x4096; the
+#: randomized error is at most 0.34% above the exact one in every pair. The bound sits above every model an LQ adapter was made for before the
 #: randomized solver existed (MiniLM and the tests' models, at most 384 wide), so those re-derive their base
 #: bit-exactly on load; below it the exact SVD costs under a second. "auto" is part of the saved format: changing
 #: this bound changes what old adapters re-derive, so a new rule needs a new mode name.
@@ -372,11 +372,18 @@ LQ_EXACT_SVD_MAX_DIM = 512
 #: spectra; LQ's residual ``W − Q`` is mostly quantization noise (flat), where 8 left a Fisher-weighted LQ of a 96x80
 #: weight 1.5% above the exact SVD's error after 6 alternations and 16 matched it (0.0752 vs 0.0753).
 LQ_SVD_OVERSAMPLE = 16
-LQ_SVD_MODES = ("auto", "exact", "randomized")
+#: ``"exact"`` and ``"randomized"`` compute the SVD, ``L = B·A`` and the errors in float64 and round ``W − L`` to fp32
+#: for the quantizer. In fp32 a different thread count changes the BLAS/LAPACK summation order, ``W − L`` by ~1e-7,
+#: and that flips bitsandbytes' double-quantized absmax codes: MiniLM's 12 query/value LQ bases re-derived at 1 and at 2
+#: threads differed in 55% of their entries (‖ΔQ‖/‖W‖ = 3%), so a reload on another machine was not the trained
+#: base. In float64 the difference is ~1e-16 and vanishes in the rounding to fp32. ``"exact-fp32"`` is the fp32
+#: computation of adapters saved before ``lq_svd`` existed (loading one selects it, so it re-derives as before).
+LQ_SVD_MODES = ("auto", "exact", "randomized", "exact-fp32")
 
 
 def resolve_lq_svd(svd: str, shape: tuple[int, int], rank: int) -> str:
-    """``"exact"`` or ``"randomized"``: the SVD an LQ decomposition of an ``(out, in)`` weight at ``rank`` uses."""
+    """The SVD an LQ decomposition of an ``(out, in)`` weight at ``rank`` uses: ``svd`` itself, or for ``"auto"``
+    ``"exact"`` / ``"randomized"`` by size."""
     if svd not in LQ_SVD_MODES:
         raise ValueError(f"LQ svd={svd!r} must be one of {LQ_SVD_MODES}. Fix: 'auto' (exact for small matrices).")
     if svd != "auto":
@@ -461,51 +468,56 @@ def lq_decompose(
         quantizer: ``dequantize(quantize(M))`` of another configuration (``delta.bitbudget.QuantChoice``); default:
             bitsandbytes ``quant_type`` in blocks of 64.
         svd: ``"exact"`` (LAPACK), ``"randomized"`` (:class:`SubspaceSVD`) or ``"auto"`` (exact up to
-            ``LQ_EXACT_SVD_MAX_DIM`` on the smaller side, :func:`resolve_lq_svd`).
+            ``LQ_EXACT_SVD_MAX_DIM`` on the smaller side, :func:`resolve_lq_svd`), computed in float64;
+            ``"exact-fp32"``: the fp32 computation of adapters saved before this argument existed.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"lq_decompose: rank={rank!r} must be a positive int.")
-    W = W.detach().to(torch.float32)
+    W = W.detach().to(torch.float32)  # what the quantizer sees
     if rank > min(W.shape):
         raise ValueError(f"lq_decompose: rank={rank} exceeds min(out, in)={min(W.shape)}.")
+    mode = resolve_lq_svd(svd, tuple(W.shape), rank)
+    work = torch.float32 if mode == "exact-fp32" else torch.float64  # LQ_SVD_MODES says why float64
+    Wd = W.to(work)
     d_row = d_col = None
     if fisher is not None:
-        d_row, d_col = (t.detach().to(W.device, torch.float32).clamp_min(1e-8).sqrt() for t in fisher)
+        d_row, d_col = (t.detach().to(W.device, work).clamp_min(1e-8).sqrt() for t in fisher)
         if d_row.shape != (W.shape[0],) or d_col.shape != (W.shape[1],):
             raise ValueError(f"lq_decompose: Fisher weights have shapes {d_row.shape}, {d_col.shape} for W {tuple(W.shape)}.")
-    norm = W.norm().clamp_min(1e-30)
-    solver = SubspaceSVD(rank) if resolve_lq_svd(svd, tuple(W.shape), rank) == "randomized" else None
+    norm = Wd.norm().clamp_min(1e-30)
+    solver = SubspaceSVD(rank) if mode == "randomized" else None
 
-    def weighted_error(Q, B, A):
-        R = W - Q - B @ A
+    def weighted_error(Q, L):
+        R = Wd - Q.to(work) - L
         if d_row is not None:
             R = d_row[:, None] * R * d_col[None, :]
-        return float(R.norm() / (norm if d_row is None else (d_row[:, None] * W * d_col[None, :]).norm()))
+        return float(R.norm() / (norm if d_row is None else (d_row[:, None] * Wd * d_col[None, :]).norm()))
 
     if quantizer is None:
         def quantizer(M):
             return quantize_dequantize(M, quant_type, compress_statistics)
     source = W
     Q = quantizer(source)
-    quant_only = float((W - Q).norm() / norm)
+    quant_only = float((Wd - Q.to(work)).norm() / norm)
     best = None
     errors: list[float] = []
     rising = 0
     for it in range(max_iter):
-        B, A = _weighted_svd_r(W - Q, rank, d_row, d_col, solver)
-        err = weighted_error(Q, B, A)
+        B, A = _weighted_svd_r(Wd - Q.to(work), rank, d_row, d_col, solver)
+        L = B @ A
+        err = weighted_error(Q, L)
         errors.append(err)
         if best is None or err < errors[best.best]:
-            if best is not None and errors[best.best] - err < tol * errors[best.best]:
-                best = LQResult(Q, B, A, source, best=it)
+            stop = best is not None and errors[best.best] - err < tol * errors[best.best]
+            best = LQResult(Q, B.to(torch.float32), A.to(torch.float32), source, best=it)
+            if stop:
                 break
-            best = LQResult(Q, B, A, source, best=it)
             rising = 0
         else:
             rising += 1
             if rising >= 3:
                 break
-        source = W - B @ A
+        source = (Wd - L).to(torch.float32)
         Q = quantizer(source)
     best.errors = errors
     best.quant_only_error = quant_only
