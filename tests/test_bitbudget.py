@@ -349,3 +349,21 @@ def test_a_plan_quantizes_the_linears_it_names_beyond_the_targets_and_reload_reb
     with pytest.raises(ValueError, match=r"intermediate.dense'\] = 'hqq-2bit-g64', which the installed library"):
         get_peft_model(model, plan_config(plan=bad))
     assert all(type(m).__name__ != "HQQLinear" for m in model.modules())
+
+
+def test_hqq_codes_do_not_depend_on_the_thread_count():
+    """A plan's HQQ base is re-derived at load: the quantizer runs on one thread, so the machine's thread count does
+    not change its codes (without that, this weight's 4-bit g64 codes differed in one group at 1 vs 2 threads)."""
+    pytest.importorskip("hqq")
+    choice = bb.parse_choice("hqq-4bit-g64")
+    W = torch.randn(384, 1536, generator=torch.Generator().manual_seed(5)) * 0.02
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            outs.append(choice.quantize_dequantize(W))
+            assert torch.get_num_threads() == count  # given back after quantizing
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])

@@ -21,6 +21,7 @@ per group) and bitsandbytes (NF4, with and without double quantization of the ab
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
@@ -85,7 +86,8 @@ class QuantChoice:
         # storage_bits: 2 x 16 bits a group, against 2 x 32 in fp32, i.e. 2.5 instead of 3.0 bits at 2-bit g64), then
         # computed in fp32 with those same values (upcast exactly), like an fp32 model's other layers.
         config = BaseQuantizeConfig(nbits=self.bits, group_size=self.group_size)
-        layer = HQQLinear(linear, quant_config=config, compute_dtype=torch.float16, device="cpu", del_orig=True)
+        with _one_thread():
+            layer = HQQLinear(linear, quant_config=config, compute_dtype=torch.float16, device="cpu", del_orig=True)
         layer._slpeft_storage_bits = storage_bits(layer)
         for key in ("scale", "zero"):
             layer.meta[key] = layer.meta[key].to(torch.float32)
@@ -99,6 +101,19 @@ class QuantChoice:
         from .quant import dequantize_weight
 
         return dequantize_weight(self.quantize(weight))
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run HQQ's quantizer on one thread, so the codes it picks do not depend on the machine. Its optimizer's sums
+    follow the thread count: a 384x1536 Gaussian weight (seed 5) got different 4-bit g64 codes in one group of 64
+    at 1 and at 2 threads, and a plan's base is re-derived when its adapter loads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 #: HQQ's bit packing (hqq.core.bitpack) stacks this many rows of codes (one row per group) into one stored row and
