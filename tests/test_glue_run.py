@@ -546,7 +546,7 @@ def test_peft_lora_with_lq_init_from_a_recipe(tiny_model, toy_task, tmp_path, qu
 
     extra = {"quantize_plan": plan} if plan else {}
     c = cfg(task="custom", custom=toy_task, model=tiny_model, method="lora", quantize=quantize, init="lq",
-            peft={"r": 2, "target_modules": ["query", "value"]}, max_steps=2, save_steps=0,
+            peft={"r": 2, "target_modules": ["query", "value"], "lq_svd": "randomized"}, max_steps=2, save_steps=0,
             output_dir=str(tmp_path / "l"), **extra)
     res = grun.run(c)
     info = res["method_results"]["quantization"]
@@ -554,6 +554,7 @@ def test_peft_lora_with_lq_init_from_a_recipe(tiny_model, toy_task, tmp_path, qu
     folder = tmp_path / "l" / "adapter"
     saved = json.loads((folder / "lq_lora.json").read_text())
     assert len(saved["targets"]) == 4 and len(saved["plan"]) == 12  # nf4: the uniform plan of the whole 4-bit base
+    assert saved["svd"] == "randomized"  # the recipe's peft.lq_svd reaches get_lq_lora_model
     assert (saved.get("fisher_file") is not None) == bool(plan)
     assert is_finite_metric(res)
     data = gdata.load_run_data(c)
