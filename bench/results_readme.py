@@ -390,13 +390,23 @@ def sora_gates_section(results: Path, base: Path) -> list[str]:
     return lines + [""]
 
 
+def _one_file_section(results: Path, name: str, title: str, script: str) -> tuple[dict | None, Path, list[str]]:
+    """A section made from the one result file ``name``: its data (None if missing), its path, and the section's
+    first lines (saying which command writes the file when it is missing)."""
+    path = results / name
+    data = _load(path)
+    lines = [f"### {title}", ""]
+    if not data:
+        lines += [f"Not run yet: `python bench/{script}` writes `bench/results/{name}`.", ""]
+    return data, path, lines
+
+
 def quant_section(results: Path, base: Path) -> list[str]:
     """LQ-LoRA reconstruction error per layer type and model bytes (``bench/quant.py``)."""
-    path = results / "quant-minilm.json"
-    data = _load(path)
-    lines = ["### 4-bit bases: LQ-LoRA reconstruction on MiniLM", ""]
+    data, path, lines = _one_file_section(results, "quant-minilm.json",
+                                          "4-bit bases: LQ-LoRA reconstruction on MiniLM", "quant.py")
     if not data:
-        return lines + ["Not run yet: `python bench/quant.py` writes `bench/results/quant-minilm.json`.", ""]
+        return lines
     lines += [
         f"`python bench/quant.py` (rank {data.get('rank')}, {str(data.get('quant_type')).upper()}, at most "
         f"{data.get('max_iter')} alternations; commit {_commit(data.get('commit'), None)}, torch {data.get('torch')}, "
@@ -418,11 +428,10 @@ def quant_section(results: Path, base: Path) -> list[str]:
 
 def lq_svd_section(results: Path, base: Path) -> list[str]:
     """LQ decomposition time and error with the exact and the randomized SVD (``bench/lq_svd.py``)."""
-    path = results / "lq-svd-cpu.json"
-    data = _load(path)
-    lines = ["### LQ-LoRA decomposition: exact vs randomized SVD", ""]
+    data, path, lines = _one_file_section(results, "lq-svd-cpu.json", "LQ-LoRA decomposition: exact vs randomized SVD",
+                                          "lq_svd.py")
     if not data:
-        return lines + ["Not run yet: `python bench/lq_svd.py` writes `bench/results/lq-svd-cpu.json`.", ""]
+        return lines
     dev = data.get("device") or {}
     lines += [
         f"`{data.get('command')}` ({str(data.get('quant_type')).upper()}, {data.get('max_iter')} alternations, "
