@@ -144,3 +144,22 @@ def test_the_plans_other_linears_are_quantized_and_rebuilt(tmp_path):
     assert type(reloaded.base_model.model.get_submodule(extra)).__name__ == "Linear4bit"
     with torch.no_grad():
         torch.testing.assert_close(output_of(reloaded, _ids(9)), expected, atol=0, rtol=0)
+
+
+def test_load_warns_when_the_quantizers_differ_from_the_recorded_ones(tmp_path):
+    """lq_lora.json records the versions of the libraries the plan quantizes with; loading with others warns."""
+    import warnings
+    from importlib.metadata import version
+
+    pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=2)
+    save_lq_lora(pm, tmp_path)
+    saved = json.loads((tmp_path / LQ_LORA_FILE).read_text())
+    assert saved["quantizers"] == {"bitsandbytes": version("bitsandbytes"), "hqq": version("hqq")}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_lq_lora(tiny_roberta(), tmp_path)
+    assert not [w for w in seen if "quantizer versions" in str(w.message)]
+    saved["quantizers"]["hqq"] = "0.1.0"
+    (tmp_path / LQ_LORA_FILE).write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match=r"hqq 0.1.0 -> "):
+        load_lq_lora(tiny_roberta(), tmp_path)

@@ -316,3 +316,27 @@ def test_peft_lora_on_a_model_quantized_after_loading_merges():
         expected = output_of(pm, make_inputs(0))
         merged = pm.merge_and_unload()  # re-quantizes W + ΔW: close, not exact
         torch.testing.assert_close(output_of(merged, make_inputs(0)), expected, atol=0.05, rtol=0)
+
+
+def test_an_lq_adapter_records_its_quantizers_and_warns_when_loaded_with_others(tmp_path):
+    """The base is re-derived at load: the adapter records the quantizer versions it was made with, and a load with
+    other versions warns (with the same ones it does not)."""
+    import json
+    from importlib.metadata import version
+
+    model, _, task_type = BUILDERS["bert"]()
+    pm = get_peft_model(model, SLTrainConfig(r=2, target_modules=["query"], init_weights="lq", lq_max_iter=2,
+                                             task_type=task_type))
+    pm.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["lq_quantizers"] == {"bitsandbytes": version("bitsandbytes")}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(BUILDERS["bert"]()[0], tmp_path)
+    assert not [w for w in seen if "quantizer versions" in str(w.message)]
+    saved["lq_quantizers"] = {"bitsandbytes": "0.0.1"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match=r"other quantizer versions .*bitsandbytes 0.0.1 -> "):
+        PeftModel.from_pretrained(BUILDERS["bert"]()[0], tmp_path)
+    with pytest.raises(ValueError, match="lq_quantizers"):
+        SLTrainConfig(target_modules=["q"], lq_quantizers={"bitsandbytes": "0.50.2"})  # without LQ init

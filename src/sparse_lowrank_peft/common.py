@@ -68,6 +68,10 @@ class LQInitFields:
             layer's LQ decomposition was weighted by. ``save_pretrained`` writes them beside the adapter as
             ``lq_fisher.safetensors`` (``adapter_config.json`` names the file) and ``from_pretrained`` reads them back,
             so a Fisher-weighted adapter reloads onto the same quantized base without the calibration data.
+        lq_quantizers (`dict[str, str]`, *optional*):
+            Recorded, not set by hand: the versions of the libraries the LQ base was quantized with (bitsandbytes,
+            HQQ). Loading re-derives the base and warns if the installed versions differ, since another version may
+            quantize some entries differently.
     """
 
     lq_quant_type: str = field(default="nf4", metadata={"help": "4-bit format of the LQ base: nf4 or fp4."})
@@ -76,6 +80,8 @@ class LQInitFields:
     lq_plan: Optional[dict] = field(default=None, metadata={"help": "Per-module quantization configuration (LQ)."})
     lq_fisher: Optional[Union[dict, str]] = field(
         default=None, metadata={"help": "Fisher weights the LQ decomposition used (recorded; saved beside the adapter)."})
+    lq_quantizers: Optional[dict] = field(
+        default=None, metadata={"help": "Quantizer library versions the LQ base was made with (recorded)."})
 
     def to_dict(self) -> dict:
         """PEFT's dict of the config, with recorded Fisher weights replaced by the name of their file."""
@@ -154,6 +160,13 @@ def check_init_weights(config) -> None:
         raise ValueError(f"{type(config).__name__}.lq_svd={config.lq_svd!r} must be one of {LQ_SVD_MODES}. Fix: "
                          "'auto' (exact SVD for small matrices, randomized for large ones).")
     _check_lq_fisher(config)
+    versions = config.lq_quantizers
+    if versions is not None and (value != "lq" or not isinstance(versions, dict)
+                                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items())):
+        raise ValueError(
+            f"{type(config).__name__}.lq_quantizers={versions!r}: it is recorded by LQ initialisation (init_weights='lq') "
+            "as {library: version}. Fix: leave it unset."
+        )
     plan = getattr(config, "lq_plan", None)
     if plan is None:
         return

@@ -57,7 +57,7 @@ def get_lq_lora_model(model: nn.Module, config, plan: Optional[dict] = None, qua
     """
     targets = _check_request(model, config, plan, quant_type, max_iter, svd)
     settings = {"format": _FORMAT, "targets": targets, "rank": config.r, "quant_type": quant_type,
-                "max_iter": max_iter, "plan": plan, "svd": svd}
+                "max_iter": max_iter, "plan": plan, "svd": svd, "quantizers": quant.quantizer_versions(plan)}
     fisher = quant.fisher_for_modules(targets)
     factors = _quantize_targets(model, settings, fisher)
     from peft import get_peft_model
@@ -90,6 +90,7 @@ def load_lq_lora(model: nn.Module, path: str, adapter_name: str = "default", **k
     ``path`` loaded onto it (``PeftModel.from_pretrained(model, path, adapter_name, **kwargs)``)."""
     settings = _read_settings(path)
     _check_targets(model, settings["targets"], f"{LQ_LORA_FILE} in {path!r}")
+    quant.warn_on_other_quantizers(settings.get("quantizers"), settings["plan"], f"{LQ_LORA_FILE} in {path!r}")
     fisher = (quant.load_fisher(os.path.join(path, settings["fisher_file"]))
               if settings.get("fisher_file") else {})
     _quantize_targets(model, settings, fisher)

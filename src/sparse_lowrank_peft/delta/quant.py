@@ -596,6 +596,40 @@ def load_fisher(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {n: (tensors[f"{n}.row"], tensors[f"{n}.col"]) for n in sorted(names)}
 
 
+def quantizer_versions(plan: Optional[dict] = None) -> dict[str, str]:
+    """The installed versions of the libraries an LQ base is quantized with: bitsandbytes without a plan, and the
+    libraries of the configurations a ``plan`` names. An adapter records them, since loading re-derives its base."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = [str(c) for c in plan.values()] if plan else ["bnb"]
+    libraries = sorted({"bitsandbytes" if n.startswith("bnb") else "hqq" for n in names})
+    out = {}
+    for library in libraries:
+        try:
+            out[library] = version(library)
+        except PackageNotFoundError:
+            out[library] = "not installed"
+    return out
+
+
+def warn_on_other_quantizers(recorded: Optional[dict], plan: Optional[dict], owner: str) -> None:
+    """Warn when the installed quantization libraries differ from the versions ``recorded`` with an adapter: its base
+    is re-derived at load, and another version may quantize some entries differently."""
+    if not recorded:
+        return
+    installed = quantizer_versions(plan)
+    changed = [f"{lib} {made} -> {installed.get(lib)}" for lib, made in sorted(recorded.items())
+               if installed.get(lib, made) != made]
+    if changed:
+        warnings.warn(
+            f"{owner}: this LQ adapter's quantized base is re-derived now with other quantizer versions than it was "
+            f"trained on ({', '.join(changed)}). The base may differ slightly (bitsandbytes 0.49.2 vs 0.50.2 quantize a "
+            "768x1024 weight to NF4 with double quantization with ||dQ||/||W|| = 2.5e-4), so outputs may not equal the "
+            "trained model's. Fix: install the recorded versions where exact equality matters.",
+            stacklevel=3,
+        )
+
+
 def _matches(key: str, name: str) -> bool:
     return key == name or key.endswith("." + name) or name.endswith("." + key)
 

@@ -35,6 +35,7 @@ class DeltaModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         targeted = self._validate_targets(model, adapter_name)
         self._record_fisher(self.peft_config[adapter_name], targeted)
+        self._record_quantizers(self.peft_config[adapter_name])
         self._prepare_quantized_model(model, adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._quantize_rest_of_plan(model, self.peft_config[adapter_name])
@@ -52,6 +53,20 @@ class DeltaModel(BaseTuner):
 
             if apply_plan(model, plan):
                 keep_standard_layouts(model)
+
+    @staticmethod
+    def _record_quantizers(config) -> None:
+        """LQ initialisation: a config that recorded its quantizer versions (a loaded adapter) is checked against the
+        installed ones (``delta.quant.warn_on_other_quantizers``); a new one records them."""
+        if getattr(config, "init_weights", None) != "lq":
+            return
+        from .quant import quantizer_versions, warn_on_other_quantizers
+
+        plan = getattr(config, "lq_plan", None)
+        if config.lq_quantizers:
+            warn_on_other_quantizers(config.lq_quantizers, plan, type(config).__name__)
+        else:
+            config.lq_quantizers = quantizer_versions(plan)
 
     @staticmethod
     def _record_fisher(config, targeted: list[str]) -> None:
