@@ -488,7 +488,7 @@ def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
             targets = lq_targets(cfg, model, to_quantize)
             built.quant_info["quantized_layers"] = sum(1 for n in plan if n not in targets)
             built.quant_info["choices"] = {c: list(plan.values()).count(c) for c in sorted(set(plan.values()))}
-        elif plan is not None:  # the same for a uniform 4-bit base
+        elif cfg.quantize and cfg.init == "lq":  # the same for a uniform 4-bit base (plan: uniform_lq_plan)
             built.quant_info = lq_base_info(built.model, cfg.quantize, plan)
         if cfg.init_adapter:
             built.init_info = load_init_adapter(built.model, cfg.init_adapter, head)

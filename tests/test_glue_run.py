@@ -577,19 +577,25 @@ def _eval_adapter_module():
     return module
 
 
-@pytest.mark.parametrize("method,init,legacy", [("sltrain", "default", False), ("sltrain", "lq", True),
-                                                ("lora", "default", False), ("lora", "lq", True)],
-                         ids=["sltrain-qlora", "sltrain-lq-old-folder", "lora-qlora", "lora-lq-old-folder"])
-def test_eval_adapter_rebuilds_the_run_base(tiny_model, toy_task, tmp_path, method, init, legacy):
+@pytest.mark.parametrize("method,init,legacy,plan", [("sltrain", "default", False, None),
+                                                     ("sltrain", "lq", True, None), ("lora", "default", False, None),
+                                                     ("lora", "lq", True, None),
+                                                     ("sltrain", "default", False, {"uniform": "hqq-4bit-g32"})],
+                         ids=["sltrain-qlora", "sltrain-lq-old-folder", "lora-qlora", "lora-lq-old-folder",
+                              "sltrain-hqq-plan"])
+def test_eval_adapter_rebuilds_the_run_base(tiny_model, toy_task, tmp_path, method, init, legacy, plan):
     """bench/eval_adapter.py loads a run's adapter onto the 4-bit base the run trained on, also where the adapter does
     not record it (QLoRA style; LQ folders saved before adapters recorded the whole base): all 12 encoder linears are
     4-bit, and the reloaded model's dev loss is the run's final dev loss."""
     pytest.importorskip("bitsandbytes")
+    if plan:
+        pytest.importorskip("hqq")
     import torch
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
-    c = cfg(task="custom", custom=toy_task, model=tiny_model, method=method, quantize="nf4", init=init,
+    base = {"quantize": "plan", "quantize_plan": plan} if plan else {"quantize": "nf4"}
+    c = cfg(task="custom", custom=toy_task, model=tiny_model, method=method, init=init, **base,
             peft={"r": 2, "target_modules": ["query", "value"], **({"lq_max_iter": 2} if method != "lora" else {})},
             max_steps=2, save_steps=0, learning_rate=1e-2, output_dir=str(tmp_path / "run"))
     res = grun.run(c)
@@ -602,8 +608,8 @@ def test_eval_adapter_rebuilds_the_run_base(tiny_model, toy_task, tmp_path, meth
     data = gdata.load_run_data(c)
     base, tokenizer, _ = gmodel.load_model_and_tokenizer(c, data.task)
     model = _eval_adapter_module().load_adapter(base, str(folder)).eval()
-    bnb_layers = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
-    assert len(bnb_layers) == 12, bnb_layers  # (PEFT's LoRA wrapper of a 4-bit layer is also named Linear4bit)
+    quantized = [n for n, m in model.named_modules() if type(m).__module__.startswith(("bitsandbytes", "hqq"))]
+    assert len(quantized) == 12, quantized  # (PEFT's LoRA wrapper of a 4-bit layer is also named Linear4bit)
     encoded = gdata.tokenize(data.evals["validation"], tokenizer, c.max_seq_len, "dev")
     losses = []
     with torch.no_grad():
