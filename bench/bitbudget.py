@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import ROOT, device_info, git_commit, versions  # noqa: E402
 
 from sparse_lowrank_peft.delta import bitbudget as bb  # noqa: E402
+from sparse_lowrank_peft.delta.quant import names_module  # noqa: E402
 
 BUDGETS = [2.5, 2.75, 3.0, 3.5, 4.2, 4.6]  # 4.2: uniform NF4 with double quant stores 4.19 bits on a 384x384 matrix
 # the candidates measured here: the issue's 2/3/4/8 bits at two or three group sizes, and NF4 with and without double
@@ -111,9 +112,15 @@ def base_bytes(table: bb.PlanTable, full_bytes: int, plan: dict[str, str]) -> in
     matched by name or dotted suffix (a GLUE run's ``bert.encoder...`` against the table's ``encoder...``)."""
     bits = 8 * full_bytes
     for name, choice in plan.items():
-        layer = next(l for l in table.numel if name == l or name.endswith("." + l))
+        layer = table_layer(table, name)
         bits += table.bits[layer][choice] - 32 * table.numel[layer]
     return bits // 8
+
+
+def table_layer(table: bb.PlanTable, name: str) -> str:
+    """The table's layer that module ``name`` is (its name, or a dotted suffix of it: a GLUE run's ``bert.encoder...``
+    against the table's ``encoder...``)."""
+    return next(layer for layer in table.numel if names_module(layer, name))
 
 
 def plot(result: dict, path: Path) -> None:

@@ -93,40 +93,50 @@ def run_base(folder: str):
     * ``quantize: nf4|fp4`` with LQ init saved before the adapter recorded the whole base: the linears LQ left in
       full precision, after (LQ init needs them full precision while it runs).
     """
-    nothing = lambda model: None  # noqa: E731
     run_config = Path(folder).parent / "run_config.json"
-    if not run_config.is_file():
-        return nothing, nothing
-    run = json.loads(run_config.read_text())
+    run = json.loads(run_config.read_text()) if run_config.is_file() else {}
     quantize, lq = run.get("quantize"), run.get("init") == "lq"
     if not quantize or (lq and _records_its_base(folder)):
-        return nothing, nothing
-    if quantize == "plan" and not lq:
-        results = Path(folder).parent / "results.json"
-        plan = (json.loads(results.read_text()).get("method_results", {}).get("quantization", {}).get("plan")
-                if results.is_file() else None)
-        if not plan:
-            raise SystemExit(f"{folder}: its run quantized the base by a plan ({run_config}), but {results} does not "
-                             "hold the plan (method_results.quantization.plan). Fix: run the recipe again, or load "
-                             "the adapter in code onto the base quantized with that plan (bitbudget.apply_plan).")
-        from sparse_lowrank_peft.delta.bitbudget import apply_plan
-
-        return (lambda model: print(f"[eval_adapter] base: {apply_plan(model, plan)} linears by the run's plan")), nothing
-    if quantize == "plan":
+        return _nothing, _nothing
+    if quantize == "plan" and lq:
         raise SystemExit(f"{folder}: an LQ plan run's adapter without lq_plan in adapter_config.json; it cannot be "
                          "rebuilt. Fix: run the recipe again.")
+    if quantize == "plan":
+        plan = _run_plan(Path(folder).parent, run_config)
+        from sparse_lowrank_peft.delta.bitbudget import apply_plan
 
+        return (lambda model: print(f"[eval_adapter] base: {apply_plan(model, plan)} linears by the run's plan"),
+                _nothing)
     from glue.model import head_module_names, quantizable_linears, quantize_base
 
     names: list[str] = []  # the base's linears, head excepted, named on the plain model (no adapter layers yet)
 
-    def find(model):
+    def before(model):
         names.extend(quantizable_linears(model, run.get("head_modules") or head_module_names(model)))
+        if not lq:
+            quantize_base(model, names, quantize)
 
-    def quantize_found(model):  # LQ's wrapped targets are no nn.Linear any more, so only the rest is quantized
-        quantize_base(model, names, quantize)
+    def after(model):  # LQ's wrapped targets are no nn.Linear any more, so only the rest is quantized
+        if lq:
+            quantize_base(model, names, quantize)
 
-    return (find, quantize_found) if lq else ((lambda model: (find(model), quantize_found(model))), nothing)
+    return before, after
+
+
+def _nothing(model) -> None:
+    return None
+
+
+def _run_plan(run_dir: Path, run_config: Path) -> dict[str, str]:
+    """The plan a non-LQ ``quantize: plan`` run recorded in its ``results.json``."""
+    results = run_dir / "results.json"
+    plan = (json.loads(results.read_text()).get("method_results", {}).get("quantization", {}).get("plan")
+            if results.is_file() else None)
+    if not plan:
+        raise SystemExit(f"{run_dir}: its run quantized the base by a plan ({run_config}), but {results} does not "
+                         "hold the plan (method_results.quantization.plan). Fix: run the recipe again, or load "
+                         "the adapter in code onto the base quantized with that plan (bitbudget.apply_plan).")
+    return plan
 
 
 def _records_its_base(folder: str) -> bool:

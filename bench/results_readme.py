@@ -536,14 +536,13 @@ def quantized_sst2_table(results: Path, base: Path) -> list[str]:
     bitbudget = _bench_module("bitbudget")
     table = bitbudget.bb.PlanTable.from_dict(measured["table"])
     full, numel = measured["model_bytes"]["fp32"], sum(table.numel.values())
-    layer = lambda name: next(l for l in table.numel if name == l or name.endswith("." + l))  # noqa: E731
     rows = []
     for variant, by_seed in _sst2_runs(results).items():
         record = next(iter(by_seed.values()))
         method, plan = record.get("method"), _base_plan(record, table.numel)
         if plan is None or (not plan and variant != method):  # one full-precision row per method: its own recipe
             continue
-        bits = sum(table.bits[layer(n)][c] for n, c in plan.items()) / numel if plan else 32.0
+        bits = sum(table.bits[bitbudget.table_layer(table, n)][c] for n, c in plan.items()) / numel if plan else 32.0
         values = [main_value(r) for r in by_seed.values()]
         rows.append((method, bits, variant, bitbudget.base_bytes(table, full, plan), sum(values) / len(values),
                      _seeds_cell(by_seed)))

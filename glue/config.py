@@ -58,8 +58,8 @@ class RunConfig:
                                            "its head is not loaded")
     quantize: Optional[str] = _f(None, "4-bit base (QLoRA style): nf4 or fp4 quantizes every nn.Linear of the "
                                        "encoder except the trained head with bitsandbytes after loading (null: full "
-                                       "precision; with init: lq the adapter records that base as a uniform plan); plan: one configuration per matrix from quantize_plan (LQ-LoRA's "
-                                       "bit budget)",
+                                       "precision; with init: lq the adapter records that base as a uniform plan); "
+                                       "plan: one configuration per matrix from quantize_plan (LQ-LoRA's bit budget)",
                                  choices=(None, "nf4", "fp4", "plan"))
     quantize_plan: Optional[Dict[str, Any]] = _f(None, "for quantize: plan -- mapping with budget_bits (average stored "
                                                        "bits per parameter; the integer program picks each matrix's "
@@ -73,8 +73,8 @@ class RunConfig:
                                                        "its weight error) and [candidates] (the configurations to "
                                                        "measure; default all)")
     init: str = _f("default", "adapter initialisation: default (the method's own) or lq (LQ-LoRA: W = Q + L, the "
-                              "adapter's low-rank factors start from L; tuners with init_weights='lq' and PEFT's lora; needs "
-                              "quantize)",
+                              "adapter's low-rank factors start from L; tuners with init_weights='lq' and PEFT's "
+                              "lora; needs quantize)",
                    choices=("default", "lq"))
     squeeze: Optional[Dict[str, Any]] = _f(None, "LoRA-Squeeze after (post, cont) or during (in) training: mapping "
                                                  "with mode, rank or energy, [lora_alpha, cont_steps, "
@@ -376,7 +376,8 @@ def _validate_quantize_and_squeeze(cfg: RunConfig) -> None:
             )
         methods = glue_model.available_methods()
         cls = methods.get(cfg.method)
-        lq_capable = cfg.method == "lora" or (cls is not None and "lq_quant_type" in {f.name for f in dataclasses.fields(cls)})
+        lq_capable = cfg.method == "lora" or (
+            cls is not None and "lq_quant_type" in {f.name for f in dataclasses.fields(cls)})
         if cfg.method in methods and not lq_capable:
             raise GlueError(
                 f"init: lq is implemented for PEFT's LoRA (sparse_lowrank_peft.get_lq_lora_model) and this library's "

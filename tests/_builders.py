@@ -160,6 +160,21 @@ def edit_adapter_config(folder, **fields) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
+def at_thread_counts(fn, counts=(1, 2)) -> list:
+    """``[fn() at each thread count]``, the process's thread count given back afterwards (for results that must not
+    depend on the machine's thread count)."""
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            out.append(fn())
+            assert torch.get_num_threads() == count, "fn did not give the thread count back"
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def structured_weight(out=96, inp=80, seed=0):
     """A weight with a decaying spectrum plus outliers, like pretrained layers (random Gaussian has a flat one)."""
     g = torch.Generator().manual_seed(seed)

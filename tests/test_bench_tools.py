@@ -509,7 +509,8 @@ def test_bitbudget_base_bytes_match_the_quantized_model(tmp_path):
     first, second = weights
     plan = {first: "hqq-2bit-g64", second: "bnb-nf4-dq"}
     full = bench.fp32_bytes(model)
-    assert bench.base_bytes(table, full, {"bert." + k: v for k, v in plan.items()}) == bench.base_bytes(table, full, plan)
+    prefixed = {"bert." + k: v for k, v in plan.items()}
+    assert bench.base_bytes(table, full, prefixed) == bench.base_bytes(table, full, plan)
     bb.apply_plan(model, plan)
     counted = sum(bb.storage_bits(model.get_submodule(n)) // 8 for n in plan)  # codes and their statistics
     counted += sum(t.numel() * t.element_size() for key, t in model.state_dict().items()  # everything else, biases

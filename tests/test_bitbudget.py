@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _builders import VOCAB, _ids, output_of, train_then_output
+from _builders import VOCAB, _ids, at_thread_counts, output_of, train_then_output
 from peft import get_peft_model
 
 from sparse_lowrank_peft import SLTrainConfig, SoraConfig
@@ -357,13 +357,5 @@ def test_hqq_codes_do_not_depend_on_the_thread_count():
     pytest.importorskip("hqq")
     choice = bb.parse_choice("hqq-4bit-g64")
     W = torch.randn(384, 1536, generator=torch.Generator().manual_seed(5)) * 0.02
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            outs.append(choice.quantize_dequantize(W))
-            assert torch.get_num_threads() == count  # given back after quantizing
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1])
+    one, two = at_thread_counts(lambda: choice.quantize_dequantize(W))  # also: the quantizer gives the count back
+    assert torch.equal(one, two)

@@ -437,7 +437,8 @@ def test_nf4_base_for_peft_lora(tiny_model, toy_task, tmp_path):
 
 @pytest.mark.parametrize("plan", [{"uniform": "hqq-4bit-g32"}, {"budget_bits": 6.0},
                                   {"budget_bits": 6.0, "fisher_batches": 2},
-                                  {"budget_bits": 4.4, "output_batches": 2, "candidates": ["hqq-2bit-g32", "hqq-4bit-g32"]}],
+                                  {"budget_bits": 4.4, "output_batches": 2,
+                                   "candidates": ["hqq-2bit-g32", "hqq-4bit-g32"]}],
                          ids=["uniform", "budget", "fisher", "output"])
 def test_quantize_plan_from_a_recipe(tiny_model, toy_task, tmp_path, plan):
     """quantize: plan -- every encoder linear with its configuration (LQ on the targets), trained, adapter saved."""
@@ -568,15 +569,6 @@ def test_peft_lora_with_lq_init_from_a_recipe(tiny_model, toy_task, tmp_path, qu
         assert torch.equal(dequantize_weight(a), dequantize_weight(b)), key
 
 
-def _eval_adapter_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_test_eval_adapter", REPO_ROOT / "bench" / "eval_adapter.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("method,init,legacy,plan", [("sltrain", "default", False, None),
                                                      ("sltrain", "lq", True, None), ("lora", "default", False, None),
                                                      ("lora", "lq", True, None),
@@ -607,7 +599,9 @@ def test_eval_adapter_rebuilds_the_run_base(tiny_model, toy_task, tmp_path, meth
         (folder / name).write_text(json.dumps(saved))
     data = gdata.load_run_data(c)
     base, tokenizer, _ = gmodel.load_model_and_tokenizer(c, data.task)
-    model = _eval_adapter_module().load_adapter(base, str(folder)).eval()
+    from test_bench_tools import _bench
+
+    model = _bench("eval_adapter").load_adapter(base, str(folder)).eval()
     quantized = [n for n, m in model.named_modules() if type(m).__module__.startswith(("bitsandbytes", "hqq"))]
     assert len(quantized) == 12, quantized  # (PEFT's LoRA wrapper of a 4-bit layer is also named Linear4bit)
     encoded = gdata.tokenize(data.evals["validation"], tokenizer, c.max_seq_len, "dev")

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from _builders import BUILDERS, output_of, structured_weight, train_then_output
+from _builders import BUILDERS, at_thread_counts, output_of, structured_weight, train_then_output
 from peft import PeftModel, get_peft_model
 
 from sparse_lowrank_peft import DyLoraConfig, SLTrainConfig, SoraConfig
@@ -95,15 +95,7 @@ def test_lq_does_not_depend_on_the_thread_count(svd):
     """The base a reload re-derives is the trained one on a machine with another thread count: LQ computes in float64
     (in fp32, 1 vs 2 threads changed 105,621 of this weight's 122,880 Q entries after 5 alternations)."""
     W = structured_weight(384, 320, seed=7) * 0.05
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results.append(lq_decompose(W, 8, max_iter=5, svd=svd))
-    finally:
-        torch.set_num_threads(threads)
-    one, two = results
+    one, two = at_thread_counts(lambda: lq_decompose(W, 8, max_iter=5, svd=svd))
     assert torch.equal(one.Q, two.Q)  # the base: what a reload re-derives, under the trained factors
     # the initial factors (overwritten by the trained ones at a reload) round float64 values that differ by ~1e-16,
     # so one of their fp32 roundings may land on the other side of a tie
@@ -267,7 +259,8 @@ def test_fisher_weighted_lq_adapter_reloads_onto_the_same_base(cls, tmp_path):
         pm = get_peft_model(model, config())
     plain = get_peft_model(plain_base, config())
     # the weighting moved the quantized base, so a reload that ignored it would differ
-    assert any(not torch.equal(dequantize_weight(a), dequantize_weight(b)) for a, b in zip(_queries(pm), _queries(plain)))
+    assert any(not torch.equal(dequantize_weight(a), dequantize_weight(b))
+               for a, b in zip(_queries(pm), _queries(plain)))
     expected = train_then_output(pm, make_inputs, torch.tensor([0, 1, 2]))
     pm.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["lq_fisher"] == "lq_fisher.safetensors"

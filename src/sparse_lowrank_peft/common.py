@@ -76,10 +76,11 @@ class LQInitFields:
 
     lq_quant_type: str = field(default="nf4", metadata={"help": "4-bit format of the LQ base: nf4 or fp4."})
     lq_max_iter: int = field(default=20, metadata={"help": "Maximum LQ alternations."})
-    lq_svd: str = field(default="auto", metadata={"help": "LQ's SVD: auto, exact or randomized."})
+    lq_svd: str = field(default="auto", metadata={"help": "LQ's SVD: auto, exact, randomized (or exact-fp32)."})
     lq_plan: Optional[dict] = field(default=None, metadata={"help": "Per-module quantization configuration (LQ)."})
     lq_fisher: Optional[Union[dict, str]] = field(
-        default=None, metadata={"help": "Fisher weights the LQ decomposition used (recorded; saved beside the adapter)."})
+        default=None,
+        metadata={"help": "Fisher weights the LQ decomposition used (recorded; saved beside the adapter)."})
     lq_quantizers: Optional[dict] = field(
         default=None, metadata={"help": "Quantizer library versions the LQ base was made with (recorded)."})
 
@@ -164,8 +165,8 @@ def check_init_weights(config) -> None:
     if versions is not None and (value != "lq" or not isinstance(versions, dict)
                                  or not all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items())):
         raise ValueError(
-            f"{type(config).__name__}.lq_quantizers={versions!r}: it is recorded by LQ initialisation (init_weights='lq') "
-            "as {library: version}. Fix: leave it unset."
+            f"{type(config).__name__}.lq_quantizers={versions!r}: it is recorded by LQ initialisation "
+            "(init_weights='lq') as {library: version}. Fix: leave it unset."
         )
     plan = getattr(config, "lq_plan", None)
     if plan is None:

@@ -29,6 +29,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from .quant import names_module
+
 __all__ = [
     "CANDIDATES", "QuantChoice", "PlanTable", "apply_plan", "measure", "measure_output", "output_change",
     "parse_choice", "plan_summary", "solve",
@@ -407,7 +409,7 @@ def apply_plan(model: nn.Module, plan: dict[str, str]) -> int:
     and are left alone); returns how many."""
     count = 0
     for name, module in list(model.named_modules()):
-        key = next((k for k in plan if name == k or name.endswith("." + k)), None)
+        key = next((k for k in plan if names_module(k, name)), None)
         if key is None or type(module) is not nn.Linear:
             continue
         parent_name, _, child = name.rpartition(".")

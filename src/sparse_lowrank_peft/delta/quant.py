@@ -363,10 +363,10 @@ class LQResult:
 #: iteration above it. Measured (``python bench/lq_svd.py``, bench/results/lq-svd-cpu.json, 2 CPU cores): a
 #: 20-alternation NF4 LQ at rank 16 (in float64, see LQ_SVD_MODES) takes 0.59 s exact vs 0.12 s randomized on
 #: MiniLM's 384x384 query, 7.2 vs 0.89 s at 1024x1024, 52.7 vs 4.6 s at 2048x2048 and 452 vs 20.5 s at 4096x4096; the
-#: randomized error is at most 0.34% above the exact one in every pair. The bound sits above every model an LQ adapter was made for before the
-#: randomized solver existed (MiniLM and the tests' models, at most 384 wide), so those re-derive their base
-#: bit-exactly on load; below it the exact SVD costs under a second. "auto" is part of the saved format: changing
-#: this bound changes what old adapters re-derive, so a new rule needs a new mode name.
+#: randomized error is at most 0.34% above the exact one in every pair (the most on MiniLM's query). Up to the bound
+#: the exact SVD is affordable (MiniLM's 1536x384 FFN weight: 1.47 s exact vs 0.47 s randomized) and keeps that error;
+#: above it the exact one grows as min(out, in)³. "auto" is part of the saved format: changing this bound changes
+#: what saved adapters re-derive, so a new rule needs a new mode name.
 LQ_EXACT_SVD_MAX_DIM = 512
 #: extra directions the randomized solver carries beyond the rank. Halko et al. suggest 5-10 for fast-decaying
 #: spectra; LQ's residual ``W − Q`` is mostly quantization noise (flat), where 8 left a Fisher-weighted LQ of a 96x80
@@ -601,8 +601,10 @@ def quantizer_versions(plan: Optional[dict] = None) -> dict[str, str]:
     libraries of the configurations a ``plan`` names. An adapter records them, since loading re-derives its base."""
     from importlib.metadata import PackageNotFoundError, version
 
-    names = [str(c) for c in plan.values()] if plan else ["bnb"]
-    libraries = sorted({"bitsandbytes" if n.startswith("bnb") else "hqq" for n in names})
+    from .bitbudget import parse_choice
+
+    packages = {"bnb": "bitsandbytes", "hqq": "hqq"}  # QuantChoice.library -> its distribution
+    libraries = sorted({packages[parse_choice(c).library] for c in plan.values()}) if plan else ["bitsandbytes"]
     out = {}
     for library in libraries:
         try:
@@ -630,8 +632,14 @@ def warn_on_other_quantizers(recorded: Optional[dict], plan: Optional[dict], own
         )
 
 
+def names_module(key: str, name: str) -> bool:
+    """Whether ``key`` (a plan entry, a target) names the module ``name``: equal, or a dotted suffix of it."""
+    return name == key or name.endswith("." + key)
+
+
 def _matches(key: str, name: str) -> bool:
-    return key == name or key.endswith("." + name) or name.endswith("." + key)
+    """Either name names the other (a loaded adapter's names may carry a prefix the model lacks, or the reverse)."""
+    return names_module(name, key) or names_module(key, name)
 
 
 def plan_choice(plan: Optional[dict], key: str):
@@ -658,7 +666,7 @@ def check_plan(model: nn.Module, plan: dict, targeted: Iterable[str], owner: str
     for key in targeted:
         plan_choice(plan, key)  # raises, naming the target without a configuration
     for name, module in model.named_modules():  # the targets and the other linears the plan quantizes
-        named = type(module) is nn.Linear and any(name == p or name.endswith("." + p) for p in plan)
+        named = type(module) is nn.Linear and any(names_module(p, name) for p in plan)
         weight = getattr(module, "weight", None)
         if (name in targeted or named) and weight is not None:
             choice = plan_choice(plan, name)
@@ -756,7 +764,7 @@ def quantize_linears(
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
-        if wanted is not None and not any(name == w or name.endswith("." + w) for w in wanted):
+        if wanted is not None and not any(names_module(w, name) for w in wanted):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -801,7 +809,7 @@ def restore_full_precision(model: nn.Module, module_names: Optional[Iterable[str
     replaced: list[str] = []
     heads: list[str] = []
     for name, module in list(model.named_modules()):
-        matches = [w for w in wanted if name == w or name.endswith("." + w)]
+        matches = [w for w in wanted if names_module(w, name)]
         if not name or not matches:
             continue
         for child_name, child in list(module.named_modules()):
