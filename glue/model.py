@@ -332,13 +332,18 @@ def make_quant_plan(cfg: RunConfig, model, names: Sequence[str], fisher: dict | 
 
 
 def lq_targets(cfg: RunConfig, model, names: Sequence[str]) -> list[str]:
-    """The layers of ``names`` LQ init gives ``L``: the adapter's ``target_modules`` (the tuners' default for the
-    model type when the recipe names none); none without ``init: lq``."""
+    """The layers of ``names`` LQ init gives ``L``: the adapter's ``target_modules`` as PEFT matches them (suffixes,
+    a regex, or ``all-linear``: every one of ``names``, the linears outside the head), the tuners' default for the
+    model type when the recipe names none; none without ``init: lq``."""
     if cfg.init != "lq":
         return []
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
     from sparse_lowrank_peft._peft_compat import DEFAULT_TARGET_MODULES
 
     targets = cfg.peft.get("target_modules") or DEFAULT_TARGET_MODULES.get(model.config.model_type, [])
+    if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        return list(names)
     if isinstance(targets, str):  # a regex, as PEFT matches it
         return [n for n in names if re.fullmatch(targets, n)]
     return [n for n in names if n.split(".")[-1] in targets or any(n.endswith("." + t) for t in targets)]

@@ -465,6 +465,23 @@ def test_quantize_plan_from_a_recipe(tiny_model, toy_task, tmp_path, plan):
 
 
 
+@pytest.mark.parametrize("targets, rest", [(["query", "value"], 8), (r".*layer\.\d+\..*(query|key|value|dense)", 0),
+                                           ("all-linear", 0)], ids=["suffixes", "regex", "all-linear"])
+def test_plan_lq_targets_follow_target_modules(tiny_model, toy_task, tmp_path, targets, rest):
+    """LQ on a plan measures and reports L on exactly the adapter's targets, however ``target_modules`` names them:
+    suffixes, a regex, or PEFT's ``all-linear`` (every encoder linear; the head is trained, not adapted)."""
+    pytest.importorskip("hqq")
+    res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, method="sltrain", quantize="plan",
+                       quantize_plan={"uniform": "hqq-4bit-g32"}, init="lq",
+                       peft={"r": 2, "sparsity": 0.1, "lq_max_iter": 2, "target_modules": targets}, max_steps=1,
+                       save_steps=0, output_dir=str(tmp_path / "p")))
+    assert res["method_results"]["quantization"]["quantized_layers"] == rest  # quantized without L
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "p" / "adapter" / "adapter_model.safetensors"))
+    assert len([k for k in saved if "sltrain_A" in k]) == 12 - rest
+
+
 def test_fisher_weights_reach_the_plan_and_lq_init(tiny_model, toy_task, monkeypatch):
     """fisher_batches: the table is measured with the Fisher weights of that many training batches, and LQ init
     reads the same weights for its targets (delta.quant.use_fisher)."""
