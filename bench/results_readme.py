@@ -210,6 +210,8 @@ TASK_ORDER = ("sst2", "rte", "mrpc", "cola", "stsb")
 KEPT_RANK_PLOT_VARIANTS = ("sora", "sora-lambda0.375")
 METHOD_ORDER = ("lora", "sltrain", "sora", "dylora", "nola", "sparse_randlora", "randlora")
 _SEED = re.compile(r"-seed(\d+)$")
+#: Recipe variants that adapt every encoder linear (LQ-LoRA's setting) end so: ``sltrain-plan2.75-lq-all``.
+ALL_LINEAR_SUFFIX = "-all"
 
 
 def _parse_stem(path: Path, record: dict) -> tuple[str, str, int]:
@@ -524,10 +526,11 @@ def _base_plan(record: dict, layers) -> dict[str, str] | None:
 
 
 def quantized_sst2_table(results: Path, base: Path) -> list[str]:
-    """SST-2 (MiniLM, query/value adapters, the recipe budget) by base, for each method with an NF4-LQ run: its
-    full-precision recipe and every quantized-base variant, with the base's stored bits per encoder-linear parameter
-    and bytes (``bench/bitbudget.py: base_bytes`` from the committed measurement ``bitbudget-minilm-qv.json``), the
-    dev accuracy over seeds and its distance to the same method on the NF4-LQ base."""
+    """SST-2 (MiniLM, the recipe budget) by base, for each method with an NF4-LQ run: its full-precision recipe and
+    every quantized-base variant, with the adapted linears (query/value, or every encoder linear for the ``-all``
+    recipes), the base's stored bits per encoder-linear parameter and bytes (``bench/bitbudget.py: base_bytes``
+    from the committed measurement ``bitbudget-minilm-qv.json``), the adapter file's bytes, the dev accuracy over
+    seeds and its distance to the same method on the NF4-LQ base with the same adapted linears."""
     from glue.report import main_value
 
     measured = _load(results / "bitbudget-minilm-qv.json")
@@ -544,19 +547,28 @@ def quantized_sst2_table(results: Path, base: Path) -> list[str]:
             continue
         bits = sum(table.bits[bitbudget.table_layer(table, n)][c] for n, c in plan.items()) / numel if plan else 32.0
         values = [main_value(r) for r in by_seed.values()]
-        rows.append((method, bits, variant, bitbudget.base_bytes(table, full, plan), sum(values) / len(values),
+        targets = "all" if variant.endswith(ALL_LINEAR_SUFFIX) else "query, value"
+        rows.append((method, targets, bits, variant, bitbudget.base_bytes(table, full, plan),
+                     (record.get("adapter") or {}).get("weights_bytes"), sum(values) / len(values),
                      _seeds_cell(by_seed)))
-    reference = {m: mean for m, _, v, _, mean, _ in rows if v == f"{m}-nf4-lq"}
+    reference = {(m, t): mean for m, t, _, variant, _, _, mean, _ in rows
+                 if variant == f"{m}-nf4-lq" + (ALL_LINEAR_SUFFIX if t == "all" else "")}
     lines = [
-        "SST-2 by base (MiniLM, query/value adapters, `recipes/minilm/<variant>-sst2.yaml`; bits per encoder-linear "
+        "SST-2 by base (MiniLM, `recipes/minilm/<variant>-sst2.yaml`; adapted linears: query/value, or every encoder "
+        "linear for the `-all` recipes, as LQ-LoRA adapts every matrix it quantizes; bits per encoder-linear "
         "parameter and base bytes as the libraries store them, from `bitbudget-minilm-qv.json`; embeddings, norms "
-        "and biases stay fp32 in every base; the last column against the same method on its NF4-LQ base):", "",
-        "| base (recipe variant) | bits / linear param | base MiB | SST-2 accuracy | vs NF4-LQ (points) |",
-        "|:---|---:|---:|:---|---:|"]
-    for method, bits, variant, nbytes, mean, cell in sorted(rows, key=lambda r: (r[0] != "sltrain", r[0], -r[1], r[2])):
-        if method in reference:
-            lines.append(f"| {variant} | {bits:.2f} | {nbytes / 2**20:.1f} | {cell} | "
-                         f"{100 * (mean - reference[method]):+.2f} |")
+        "and biases stay fp32 in every base; adapter: the saved adapter file with the trained pooler and classifier "
+        "(0.6 MiB of it); the last column against the same method on its NF4-LQ base with the same adapted "
+        "linears):", "",
+        "| base (recipe variant) | adapted linears | bits / linear param | base MiB | adapter MiB | SST-2 accuracy "
+        "| vs NF4-LQ (points) |",
+        "|:---|:---|---:|---:|---:|:---|---:|"]
+    for method, targets, bits, variant, nbytes, adapter, mean, cell in sorted(
+            rows, key=lambda r: (r[0] != "sltrain", r[0], r[1] == "all", -r[2], r[3])):
+        if (method, targets) in reference:
+            adapter_mib = "–" if adapter is None else f"{adapter / 2**20:.1f}"
+            lines.append(f"| {variant} | {targets} | {bits:.2f} | {nbytes / 2**20:.1f} | {adapter_mib} | {cell} | "
+                         f"{100 * (mean - reference[method, targets]):+.2f} |")
     return lines + [""]
 
 

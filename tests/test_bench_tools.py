@@ -519,8 +519,9 @@ def test_bitbudget_base_bytes_match_the_quantized_model(tmp_path):
 
 
 def test_results_readme_sst2_by_base_names_bits_bytes_and_distance_to_nf4(tmp_path):
-    """The SST-2-by-base table: a full-precision, an NF4 and a planned base, each with its bits per encoder-linear
-    parameter and bytes from the measurement table, its seeds, and its distance to NF4-LQ in points."""
+    """The SST-2-by-base table: a full-precision, an NF4 and a planned base, each with its adapted linears, bits per
+    encoder-linear parameter and bytes from the measurement table, its adapter's bytes, its seeds, and its distance
+    to NF4-LQ in points; the all-linear recipes (``-all``) against the all-linear NF4-LQ run."""
     readme_mod = _bench("results_readme")
     layers = ["encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense"]
     mi = 2**20
@@ -532,9 +533,10 @@ def test_results_readme_sst2_by_base_names_bits_bytes_and_distance_to_nf4(tmp_pa
     real = json.loads((ROOT / "bench" / "results" / "glue" / "minilm-lora-sst2.json").read_text())
     (tmp_path / "glue").mkdir()
 
-    def write(name, seed, acc, quantize=None, plan=None):
+    def write(name, seed, acc, quantize=None, plan=None, adapter_mib=1):
         data = {**real, "method": name.split("-")[1], "config": {**real["config"], "seed": seed, "quantize": quantize},
-                "peft_config": {"lq_plan": plan} if plan else {}, "final": {"validation": {"accuracy": acc}}}
+                "peft_config": {"lq_plan": plan} if plan else {}, "final": {"validation": {"accuracy": acc}},
+                "adapter": {"weights_bytes": adapter_mib * mi}}
         (tmp_path / "glue" / name).write_text(json.dumps(data))
 
     write("minilm-sltrain-sst2.json", 0, 0.83)
@@ -542,6 +544,8 @@ def test_results_readme_sst2_by_base_names_bits_bytes_and_distance_to_nf4(tmp_pa
     write("minilm-sltrain-nf4-lq-sst2-seed1.json", 1, 0.84, quantize="nf4")
     plan = {"bert." + layers[0]: "bnb-nf4-dq", "bert." + layers[1]: "hqq-2bit-g64"}
     write("minilm-sltrain-plan2.75-lq-sst2.json", 0, 0.80, quantize="plan", plan=plan)
+    write("minilm-sltrain-nf4-lq-all-sst2.json", 0, 0.83, quantize="nf4", adapter_mib=3)
+    write("minilm-sltrain-plan2.75-lq-all-sst2.json", 0, 0.825, quantize="plan", plan=plan, adapter_mib=3)
     write("minilm-sltrain-lr2-sst2.json", 0, 0.70)  # another full-precision recipe of the method: not a base row
     write("minilm-lora-sst2.json", 0, 0.82)
     write("minilm-lora-nf4-lq-sst2.json", 0, 0.81, quantize="nf4")
@@ -549,11 +553,13 @@ def test_results_readme_sst2_by_base_names_bits_bytes_and_distance_to_nf4(tmp_pa
     rows = [line for line in readme_mod.quantized_sst2_table(tmp_path, tmp_path) if line.startswith("| ")][1:]
     # MiB: fp32 100; NF4 100 - 4*4 + 4.25*4/8 = 86.125; plan 100 - 16 + (4.25*1 + 2.5*3)/8 = 85.469 (2.94 bits)
     assert rows == [
-        "| sltrain | 32.00 | 100.0 | 0.8300 | +0.00 |",
-        "| sltrain-nf4-lq | 4.25 | 86.1 | 0.8300 ± 0.0141 (2 seeds: 0.8200 / 0.8400) | +0.00 |",
-        "| sltrain-plan2.75-lq | 2.94 | 85.5 | 0.8000 | -3.00 |",
-        "| lora | 32.00 | 100.0 | 0.8200 | +1.00 |",
-        "| lora-nf4-lq | 4.25 | 86.1 | 0.8100 | +0.00 |",
+        "| sltrain | query, value | 32.00 | 100.0 | 1.0 | 0.8300 | +0.00 |",
+        "| sltrain-nf4-lq | query, value | 4.25 | 86.1 | 1.0 | 0.8300 ± 0.0141 (2 seeds: 0.8200 / 0.8400) | +0.00 |",
+        "| sltrain-plan2.75-lq | query, value | 2.94 | 85.5 | 1.0 | 0.8000 | -3.00 |",
+        "| sltrain-nf4-lq-all | all | 4.25 | 86.1 | 3.0 | 0.8300 | +0.00 |",
+        "| sltrain-plan2.75-lq-all | all | 2.94 | 85.5 | 3.0 | 0.8250 | -0.50 |",
+        "| lora | query, value | 32.00 | 100.0 | 1.0 | 0.8200 | +1.00 |",
+        "| lora-nf4-lq | query, value | 4.25 | 86.1 | 1.0 | 0.8100 | +0.00 |",
     ]
 
 
