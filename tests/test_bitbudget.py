@@ -176,6 +176,29 @@ def test_plan_errors_come_before_anything_is_quantized():
     assert {n: type(m).__name__ for n, m in model.named_modules()} == before
 
 
+def test_all_linear_targets_are_resolved_before_the_checks():
+    """PEFT's ``target_modules="all-linear"`` is resolved (as PEFT's injection will) before the checks that precede
+    it: a plan missing one of those linears is refused with the model untouched, a whole plan quantizes every one,
+    and the Fisher weights of every target are recorded for the reload. Matching the shorthand as a module name
+    found no target, so the plan check came after quantizing and no Fisher weight was recorded."""
+    from sparse_lowrank_peft.delta.quant import use_fisher
+
+    model = tiny_roberta()
+    before = {n: type(m).__name__ for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"no configuration for the targeted module.*attention\.self\.key"):
+        get_peft_model(model, plan_config(target_modules="all-linear"))
+    assert {n: type(m).__name__ for n, m in model.named_modules()} == before
+    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".encoder." in n]
+    fisher = {n: (torch.rand(model.get_submodule(n).out_features) + 0.5,
+                  torch.rand(model.get_submodule(n).in_features) + 0.5) for n in linears}
+    config = plan_config(plan={n: "bnb-nf4" for n in linears}, target_modules="all-linear")
+    with use_fisher(fisher):
+        pm = get_peft_model(model, config)
+    bases = [type(m.base_layer).__name__ for m in pm.modules() if hasattr(m, "sltrain_A")]
+    assert bases == ["Linear4bit"] * 12  # 2 layers x 6 encoder linears; the classifier is the SEQ_CLS head
+    assert sorted(config.lq_fisher) == sorted(linears)
+
+
 def test_a_configuration_the_library_cannot_do_is_refused_before_quantizing():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 

@@ -96,6 +96,19 @@ def test_nf4_without_a_plan():
     assert {type(pm.base_model.model.get_submodule(k).base_layer).__name__ for k in QV} == {"Linear4bit"}
 
 
+@pytest.mark.parametrize("targets, wrapped", [("all-linear", 12), (["dense"], 6)], ids=["all-linear", "dense"])
+def test_the_targets_are_the_linears_peft_wraps(targets, wrapped):
+    """LQ quantizes exactly the linears PEFT's LoRA then wraps: ``all-linear`` (PEFT's shorthand; it once matched
+    no module) is every encoder linear, and a SEQ_CLS head PEFT trains instead (RoBERTa's ``classifier.dense``,
+    which ``dense`` also names) stays full precision (quantizing it made PEFT fail to train it)."""
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, task_type="SEQ_CLS")
+    pm = get_lq_lora_model(tiny_roberta(), config, max_iter=2)
+    bases = [type(m.base_layer).__name__ for m in pm.modules() if hasattr(m, "lora_A")]
+    assert bases == ["Linear4bit"] * wrapped  # 2 layers x 6 encoder linears, of which 3 are named dense
+    head = pm.base_model.model.classifier.modules_to_save["default"]
+    assert type(head.dense) is torch.nn.Linear and head.dense.weight.requires_grad
+
+
 @pytest.mark.parametrize("config,kwargs,match", [
     (lora(use_dora=True), {}, r"sets \['use_dora'\]"),
     (lora(init_lora_weights="gaussian"), {}, r"sets \['init_lora_weights'\]"),

@@ -11,6 +11,7 @@ this package is imported, instead of failing later in some unrelated place.
 
 from __future__ import annotations
 
+import copy
 import enum
 
 import peft
@@ -18,12 +19,15 @@ from packaging.version import Version
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
 from peft.tuners.tuners_utils import _get_in_out_features as get_in_out_features
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 from peft.utils import (
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     PeftType,
+    TaskType,
     register_peft_method,
     resolve_quantization_backend,
 )
+from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 
 __all__ = [
     "BaseTuner",
@@ -35,6 +39,7 @@ __all__ = [
     "check_adapters_to_merge",
     "check_peft_version",
     "check_target_module_exists",
+    "as_injected",
     "get_in_out_features",
     "register_method",
     "resolve_quantization_backend",
@@ -42,6 +47,17 @@ __all__ = [
 
 #: Default target modules per transformers model type (LoRA's: attention query/value), used when a config sets none.
 DEFAULT_TARGET_MODULES = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+def as_injected(config, model):
+    """A copy of ``config`` as PEFT's injection matches it against ``model``: a ``SEQ_CLS`` config's head names
+    (``classifier``, ``score``) in ``modules_to_save``, which ``PeftModelForSequenceClassification`` adds before it
+    injects, and ``target_modules="all-linear"`` resolved to module names. Checks made before injection (and LQ-LoRA,
+    which quantizes the targets before ``get_peft_model``) then see the modules PEFT will wrap."""
+    config = copy.copy(config)
+    if getattr(config, "task_type", None) == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
+        config.modules_to_save = list(config.modules_to_save or []) + list(SEQ_CLS_HEAD_NAMES)
+    return _maybe_include_all_linear_layers(config, model)
+
 
 #: The PEFT versions this package is tested against: [min, max).
 PEFT_MIN_VERSION = "0.21.0"

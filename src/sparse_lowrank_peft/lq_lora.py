@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._peft_compat import check_target_module_exists
+from ._peft_compat import as_injected, check_target_module_exists
 from .delta import quant
 
 __all__ = ["LQ_LORA_FILE", "get_lq_lora_model", "load_lq_lora", "save_lq_lora"]
@@ -125,7 +125,8 @@ def _check_request(model, config, plan, quant_type, max_iter, svd) -> list[str]:
         raise ValueError(f"get_lq_lora_model: max_iter={max_iter!r} must be a positive integer. Fix: e.g. 20.")
     if svd not in quant.LQ_SVD_MODES:
         raise ValueError(f"get_lq_lora_model: svd={svd!r} must be one of {quant.LQ_SVD_MODES}. Fix: 'auto'.")
-    targets = [key for key, _ in model.named_modules() if key and check_target_module_exists(config, key)]
+    resolved = as_injected(config, model)  # the modules PEFT will wrap (all-linear resolved, SEQ_CLS head out)
+    targets = [key for key, _ in model.named_modules() if key and check_target_module_exists(resolved, key)]
     _check_targets(model, targets, f"LoraConfig.target_modules={config.target_modules!r}")
     if plan is not None:
         quant.check_plan(model, plan, targets, "get_lq_lora_model: plan")

@@ -662,9 +662,10 @@ def check_plan(model: nn.Module, plan: dict, targeted: Iterable[str], owner: str
     """Raise ``ValueError`` (naming ``owner``, e.g. ``"SLTrainConfig.lq_plan"``) unless the plan gives every module in
     ``targeted`` a configuration, every linear it names one the installed library can apply to its weight's shape,
     and names only modules of ``model``: checked before anything is quantized."""
-    targeted = set(targeted)
-    for key in targeted:
+    targeted = list(targeted)
+    for key in targeted:  # in the given (the model's) order, so the first target without one is named
         plan_choice(plan, key)  # raises, naming the target without a configuration
+    targeted = set(targeted)
     for name, module in model.named_modules():  # the targets and the other linears the plan quantizes
         named = type(module) is nn.Linear and any(names_module(p, name) for p in plan)
         weight = getattr(module, "weight", None)
