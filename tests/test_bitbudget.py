@@ -199,6 +199,18 @@ def test_all_linear_targets_are_resolved_before_the_checks():
     assert sorted(config.lq_fisher) == sorted(linears)
 
 
+def test_all_linear_adapts_an_hqq_base_too():
+    """On a base already quantized by a plan, ``all-linear`` adapts the HQQ linears as well as the bitsandbytes
+    ones: PEFT's shorthand takes only ``nn.Linear`` subclasses, which HQQ's layer is not, so PEFT (its LoRA too)
+    skips those silently."""
+    model = tiny_roberta()
+    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".encoder." in n]
+    bb.apply_plan(model, {n: "hqq-4bit-g64" if n.endswith("attention.output.dense") else "bnb-nf4" for n in linears})
+    pm = get_peft_model(model, SLTrainConfig(r=2, sparsity=0.1, target_modules="all-linear", task_type="SEQ_CLS"))
+    bases = sorted(type(m.base_layer).__name__ for m in pm.modules() if hasattr(m, "sltrain_A"))
+    assert bases == ["HQQLinear"] * 2 + ["Linear4bit"] * 10
+
+
 def test_a_configuration_the_library_cannot_do_is_refused_before_quantizing():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 

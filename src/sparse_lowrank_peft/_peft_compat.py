@@ -15,6 +15,7 @@ import copy
 import enum
 
 import peft
+import torch
 from packaging.version import Version
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
@@ -27,7 +28,8 @@ from peft.utils import (
     register_peft_method,
     resolve_quantization_backend,
 )
-from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
+from transformers.pytorch_utils import Conv1D
 
 __all__ = [
     "BaseTuner",
@@ -40,6 +42,7 @@ __all__ = [
     "check_peft_version",
     "check_target_module_exists",
     "as_injected",
+    "resolve_all_linear",
     "get_in_out_features",
     "register_method",
     "resolve_quantization_backend",
@@ -47,6 +50,25 @@ __all__ = [
 
 #: Default target modules per transformers model type (LoRA's: attention query/value), used when a config sets none.
 DEFAULT_TARGET_MODULES = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+def resolve_all_linear(config, model, also=None) -> None:
+    """Resolve ``target_modules="all-linear"`` in place to module names, as PEFT's injection does, adding every
+    module ``also`` accepts that PEFT's list lacks because it is no ``nn.Linear`` / ``Conv1D`` (HQQ's
+    ``HQQLinear``: PEFT's ``all-linear`` skips an HQQ base silently), except the output embeddings and modules
+    inside existing adapter layers. Any other ``target_modules`` is left as is."""
+    targets = getattr(config, "target_modules", None)
+    if not (isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return
+    _maybe_include_all_linear_layers(config, model)
+    if also is None:
+        return
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrapped = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    extra = {name for name, m in model.named_modules()
+             if name and m is not output and not isinstance(m, (torch.nn.Linear, Conv1D, BaseTunerLayer))
+             and also(m) and not name.startswith(tuple(wrapped))}
+    config.target_modules = set(config.target_modules) | extra
+
 
 def as_injected(config, model):
     """A copy of ``config`` as PEFT's injection matches it against ``model``: a ``SEQ_CLS`` config's head names

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._peft_compat import DEFAULT_TARGET_MODULES, BaseTuner, BaseTunerLayer, as_injected
+from .._peft_compat import DEFAULT_TARGET_MODULES, BaseTuner, BaseTunerLayer, as_injected, resolve_all_linear
 from .layer import DeltaLayer, is_supported_base_layer
 from .support import SparseSupport
 
@@ -33,6 +33,7 @@ class DeltaModel(BaseTuner):
 
     # ------------------------------------------------------------------ injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        resolve_all_linear(self.peft_config[adapter_name], model, also=is_supported_base_layer)  # HQQ bases too
         targeted = self._validate_targets(model, adapter_name)
         self._record_fisher(self.peft_config[adapter_name], targeted)
         self._record_quantizers(self.peft_config[adapter_name])
