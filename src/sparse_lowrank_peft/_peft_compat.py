@@ -38,18 +38,19 @@ __all__ = [
     "REGISTERED",
     "DEFAULT_TARGET_MODULES",
     "add_peft_type",
+    "as_injected",
     "check_adapters_to_merge",
     "check_peft_version",
     "check_target_module_exists",
-    "as_injected",
-    "resolve_all_linear",
     "get_in_out_features",
     "register_method",
+    "resolve_all_linear",
     "resolve_quantization_backend",
 ]
 
 #: Default target modules per transformers model type (LoRA's: attention query/value), used when a config sets none.
 DEFAULT_TARGET_MODULES = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
 
 def resolve_all_linear(config, model, also=None) -> None:
     """Resolve ``target_modules="all-linear"`` in place to module names, as PEFT's injection does, adding every
