@@ -342,7 +342,7 @@ def lq_targets(cfg: RunConfig, model, names: Sequence[str]) -> list[str]:
     from sparse_lowrank_peft._peft_compat import DEFAULT_TARGET_MODULES
 
     targets = cfg.peft.get("target_modules") or DEFAULT_TARGET_MODULES.get(model.config.model_type, [])
-    if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+    if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
         return list(names)
     if isinstance(targets, str):  # a regex, as PEFT matches it
         return [n for n in names if re.fullmatch(targets, n)]
