@@ -337,12 +337,10 @@ def lq_targets(cfg: RunConfig, model, names: Sequence[str]) -> list[str]:
     model type when the recipe names none; none without ``init: lq``."""
     if cfg.init != "lq":
         return []
-    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
-
-    from sparse_lowrank_peft._peft_compat import DEFAULT_TARGET_MODULES
+    from sparse_lowrank_peft._peft_compat import DEFAULT_TARGET_MODULES, is_all_linear
 
     targets = cfg.peft.get("target_modules") or DEFAULT_TARGET_MODULES.get(model.config.model_type, [])
-    if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+    if is_all_linear(targets):
         return list(names)
     if isinstance(targets, str):  # a regex, as PEFT matches it
         return [n for n in names if re.fullmatch(targets, n)]

@@ -96,15 +96,23 @@ def test_nf4_without_a_plan():
     assert {type(pm.base_model.model.get_submodule(k).base_layer).__name__ for k in QV} == {"Linear4bit"}
 
 
-@pytest.mark.parametrize("targets, wrapped", [("all-linear", 12), (["dense"], 6)], ids=["all-linear", "dense"])
-def test_the_targets_are_the_linears_peft_wraps(targets, wrapped):
-    """LQ quantizes exactly the linears PEFT's LoRA then wraps: ``all-linear`` (PEFT's shorthand; it once matched
-    no module) is every encoder linear, and a SEQ_CLS head PEFT trains instead (RoBERTa's ``classifier.dense``,
-    which ``dense`` also names) stays full precision (quantizing it made PEFT fail to train it)."""
+@pytest.mark.parametrize("targets, plan, wrapped", [("all-linear", None, ["Linear4bit"] * 12),
+                                                   ("all-linear", "hqq", ["HQQLinear"] * 4 + ["Linear4bit"] * 8),
+                                                   (["dense"], None, ["Linear4bit"] * 6)],
+                         ids=["all-linear", "all-linear-hqq", "dense"])
+def test_the_targets_are_the_linears_peft_wraps(targets, plan, wrapped):
+    """LQ quantizes exactly the linears PEFT's LoRA then wraps, and LoRA wraps every one: ``all-linear`` (PEFT's
+    shorthand; it once matched no module, and PEFT skips a target that HQQ holds) is every encoder linear, and a
+    SEQ_CLS head PEFT trains instead (RoBERTa's ``classifier.dense``, which ``dense`` also names) stays full
+    precision (quantizing it made PEFT fail to train it)."""
+    model = tiny_roberta()
+    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".encoder." in n]
+    if plan:  # the query/key of each layer in HQQ, the rest NF4
+        plan = {n: "hqq-4bit-g64" if n.endswith(("query", "key")) else "bnb-nf4" for n in linears}
     config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, task_type="SEQ_CLS")
-    pm = get_lq_lora_model(tiny_roberta(), config, max_iter=2)
-    bases = [type(m.base_layer).__name__ for m in pm.modules() if hasattr(m, "lora_A")]
-    assert bases == ["Linear4bit"] * wrapped  # 2 layers x 6 encoder linears, of which 3 are named dense
+    pm = get_lq_lora_model(model, config, plan=plan, max_iter=2)
+    bases = sorted(type(m.base_layer).__name__ for m in pm.modules() if hasattr(m, "lora_A"))
+    assert bases == wrapped  # 2 layers x 6 encoder linears, of which 3 are named dense
     head = pm.base_model.model.classifier.modules_to_save["default"]
     assert type(head.dense) is torch.nn.Linear and head.dense.weight.requires_grad
 

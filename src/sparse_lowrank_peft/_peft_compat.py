@@ -43,6 +43,7 @@ __all__ = [
     "check_peft_version",
     "check_target_module_exists",
     "get_in_out_features",
+    "is_all_linear",
     "register_method",
     "resolve_all_linear",
     "resolve_quantization_backend",
@@ -52,13 +53,17 @@ __all__ = [
 DEFAULT_TARGET_MODULES = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 
+def is_all_linear(target_modules) -> bool:
+    """Whether ``target_modules`` is PEFT's ``"all-linear"`` shorthand (matched case-insensitively, as PEFT does)."""
+    return isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+
 def resolve_all_linear(config, model, also=None) -> None:
     """Resolve ``target_modules="all-linear"`` in place to module names, as PEFT's injection does, adding every
     module ``also`` accepts that PEFT's list lacks because it is no ``nn.Linear`` / ``Conv1D`` (HQQ's
     ``HQQLinear``: PEFT's ``all-linear`` skips an HQQ base silently), except the output embeddings and modules
     inside existing adapter layers. Any other ``target_modules`` is left as is."""
-    targets = getattr(config, "target_modules", None)
-    if not (isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+    if not is_all_linear(getattr(config, "target_modules", None)):
         return
     _maybe_include_all_linear_layers(config, model)
     if also is None:

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._peft_compat import as_injected, check_target_module_exists
+from ._peft_compat import as_injected, check_target_module_exists, is_all_linear
 from .delta import quant
 
 __all__ = ["LQ_LORA_FILE", "get_lq_lora_model", "load_lq_lora", "save_lq_lora"]
@@ -60,6 +60,8 @@ def get_lq_lora_model(model: nn.Module, config, plan: Optional[dict] = None, qua
                 "max_iter": max_iter, "plan": plan, "svd": svd, "quantizers": quant.quantizer_versions(plan)}
     fisher = quant.fisher_for_modules(targets)
     factors = _quantize_targets(model, settings, fisher)
+    if is_all_linear(config.target_modules):  # PEFT's shorthand would now skip the targets HQQ holds
+        config.target_modules = set(targets)
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
