@@ -287,6 +287,24 @@ def test_auto_peft_model(cfg_cls, kwargs, family, tmp_path):
         torch.testing.assert_close(output_of(loaded, inputs), expected, atol=0, rtol=0)
 
 
+ONE_CASE_PER_TUNER = list({case[1]: pytest.param(case[1], case[2], id=case[0]) for case in reversed(TUNER_CASES)}.values())
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
+@pytest.mark.parametrize("family", ["bert", "bert-nf4"])
+def test_all_linear_takes_a_second_adapter(cfg_cls, kwargs, family):
+    """``target_modules="all-linear"`` adapts every encoder linear, and a second adapter with it lands on the same
+    layers. PEFT's shorthand recognises an adapted layer only by "Linear" in its class name, which ours lack, so the
+    second adapter once matched nothing (NoMatchingPeftModuleError)."""
+    model, _, task_type = build(family)
+    config = lambda: make_config(cfg_cls, kwargs, family, task_type, target_modules="all-linear")  # noqa: E731
+    pm = get_peft_model(model, config())
+    pm.add_adapter("second", config())
+    layers = [m for n, m in pm.named_modules() if isinstance(m, BaseTunerLayer) and ".encoder." in n]
+    held = [{key for attr in m.adapter_layer_names for key in getattr(m, attr).keys()} for m in layers]
+    assert len(layers) == 12 and all(names == {"default", "second"} for names in held), held
+
+
 def test_deepcopy_and_repr():
     pm, make_inputs, _ = peft_model(SLTrainConfig, {"r": 2}, "mlp", init_weights=False)
     clone = copy.deepcopy(pm)

@@ -59,20 +59,26 @@ def is_all_linear(target_modules) -> bool:
 
 
 def resolve_all_linear(config, model, also=None) -> None:
-    """Resolve ``target_modules="all-linear"`` in place to module names, as PEFT's injection does, adding every
-    module ``also`` accepts that PEFT's list lacks because it is no ``nn.Linear`` / ``Conv1D`` (HQQ's
-    ``HQQLinear``: PEFT's ``all-linear`` skips an HQQ base silently), except the output embeddings and modules
-    inside existing adapter layers. Any other ``target_modules`` is left as is."""
+    """Resolve ``target_modules="all-linear"`` in place to module names, as PEFT's injection does, adding what
+    PEFT's list lacks: every module ``also`` accepts that is no ``nn.Linear`` / ``Conv1D`` (HQQ's ``HQQLinear``:
+    PEFT's ``all-linear`` skips an HQQ base silently), and every adapter layer over such a base (a second adapter:
+    PEFT recognises adapter layers by "Linear" in the class name, which ours lack), except the output embeddings
+    and modules inside adapter layers. Any other ``target_modules`` is left as is."""
     if not is_all_linear(getattr(config, "target_modules", None)):
         return
     _maybe_include_all_linear_layers(config, model)
     if also is None:
         return
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    wrapped = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    inside = tuple(name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+
+    def missed(m) -> bool:  # PEFT takes an adapter layer only if "Linear" is in its class name (ours: SLTrainLayer)
+        if isinstance(m, BaseTunerLayer):
+            return also(m.get_base_layer())
+        return not isinstance(m, (torch.nn.Linear, Conv1D)) and also(m)
+
     extra = {name for name, m in model.named_modules()
-             if name and m is not output and not isinstance(m, (torch.nn.Linear, Conv1D, BaseTunerLayer))
-             and also(m) and not name.startswith(tuple(wrapped))}
+             if name and m is not output and not name.startswith(inside) and missed(m)}
     config.target_modules = set(config.target_modules) | extra
 
 
