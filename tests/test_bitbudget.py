@@ -103,6 +103,11 @@ def test_bnb_choice_quantizes_as_its_name_says(name):
 
 
 # ---------------------------------------------------------------------------------------------- a plan applied
+def encoder_linears(model) -> list[str]:
+    """The names of the model's encoder ``nn.Linear`` layers (what ``all-linear`` adapts on a SEQ_CLS model)."""
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".encoder." in n]
+
+
 def tiny_roberta():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
@@ -188,7 +193,7 @@ def test_all_linear_targets_are_resolved_before_the_checks():
     with pytest.raises(ValueError, match=r"no configuration for the targeted module.*attention\.self\.key"):
         get_peft_model(model, plan_config(target_modules="all-linear"))
     assert {n: type(m).__name__ for n, m in model.named_modules()} == before
-    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".encoder." in n]
+    linears = encoder_linears(model)
     fisher = {n: (torch.rand(model.get_submodule(n).out_features) + 0.5,
                   torch.rand(model.get_submodule(n).in_features) + 0.5) for n in linears}
     config = plan_config(plan={n: "bnb-nf4" for n in linears}, target_modules="all-linear")
@@ -204,7 +209,7 @@ def test_all_linear_adapts_an_hqq_base_too():
     ones: PEFT's shorthand takes only ``nn.Linear`` subclasses, which HQQ's layer is not, so PEFT (its LoRA too)
     skips those silently."""
     model = tiny_roberta()
-    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".encoder." in n]
+    linears = encoder_linears(model)
     bb.apply_plan(model, {n: "hqq-4bit-g64" if n.endswith("attention.output.dense") else "bnb-nf4" for n in linears})
     pm = get_peft_model(model, SLTrainConfig(r=2, sparsity=0.1, target_modules="all-linear", task_type="SEQ_CLS"))
     bases = sorted(type(m.base_layer).__name__ for m in pm.modules() if hasattr(m, "sltrain_A"))

@@ -287,7 +287,10 @@ def test_auto_peft_model(cfg_cls, kwargs, family, tmp_path):
         torch.testing.assert_close(output_of(loaded, inputs), expected, atol=0, rtol=0)
 
 
-ONE_CASE_PER_TUNER = list({case[1]: pytest.param(case[1], case[2], id=case[0]) for case in reversed(TUNER_CASES)}.values())
+_FIRST_CASE = {}
+for _case in TUNER_CASES:
+    _FIRST_CASE.setdefault(_case[1], _case)
+ONE_CASE_PER_TUNER = [pytest.param(case[1], case[2], id=case[0]) for case in _FIRST_CASE.values()]
 
 
 @pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)

@@ -482,6 +482,23 @@ def test_plan_lq_targets_follow_target_modules(tiny_model, toy_task, tmp_path, t
     assert len([k for k in saved if "sltrain_A" in k]) == 12 - rest
 
 
+def test_all_linear_builds_what_the_recipes_regex_built(tiny_model, toy_task):
+    """The ``-all`` recipes name ``all-linear``; their committed runs named this regex. Both build the same model
+    (every tensor equal) with a budget plan and LQ init."""
+    pytest.importorskip("hqq")
+    import torch
+
+    def built(targets):
+        c = cfg(task="custom", custom=toy_task, model=tiny_model, method="sltrain", quantize="plan",
+                quantize_plan={"budget_bits": 5.0}, init="lq",
+                peft={"r": 2, "sparsity": 0.1, "lq_max_iter": 2, "target_modules": targets})
+        return gmodel.build_model(c, gdata.load_run_data(c).task).model.state_dict()
+
+    regex, shorthand = built(r".*encoder\.layer\.\d+\..*(query|key|value|dense)"), built("all-linear")
+    assert regex.keys() == shorthand.keys()
+    assert all(torch.equal(regex[k], shorthand[k]) for k in regex if isinstance(regex[k], torch.Tensor))
+
+
 def test_fisher_weights_reach_the_plan_and_lq_init(tiny_model, toy_task, monkeypatch):
     """fisher_batches: the table is measured with the Fisher weights of that many training batches, and LQ init
     reads the same weights for its targets (delta.quant.use_fisher)."""

@@ -20,7 +20,7 @@ from sparse_lowrank_peft.lq_lora import LQ_LORA_FILE, get_lq_lora_model, load_lq
 
 pytest.importorskip("bitsandbytes", reason="NF4 bases need bitsandbytes")
 pytest.importorskip("hqq", reason="the plan uses HQQ configurations")
-from test_bitbudget import PLAN, tiny_roberta  # noqa: E402
+from test_bitbudget import PLAN, encoder_linears, tiny_roberta  # noqa: E402
 
 QV = ["roberta.encoder.layer.0.attention.self.query", "roberta.encoder.layer.0.attention.self.value",
       "roberta.encoder.layer.1.attention.self.query", "roberta.encoder.layer.1.attention.self.value"]
@@ -106,7 +106,7 @@ def test_the_targets_are_the_linears_peft_wraps(targets, plan, wrapped):
     SEQ_CLS head PEFT trains instead (RoBERTa's ``classifier.dense``, which ``dense`` also names) stays full
     precision (quantizing it made PEFT fail to train it)."""
     model = tiny_roberta()
-    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".encoder." in n]
+    linears = encoder_linears(model)
     if plan:  # the query/key of each layer in HQQ, the rest NF4
         plan = {n: "hqq-4bit-g64" if n.endswith(("query", "key")) else "bnb-nf4" for n in linears}
     config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, task_type="SEQ_CLS")

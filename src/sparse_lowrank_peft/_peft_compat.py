@@ -58,7 +58,7 @@ def is_all_linear(target_modules) -> bool:
     return isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
 
 
-def resolve_all_linear(config, model, also=None) -> None:
+def resolve_all_linear(config, model, also) -> None:
     """Resolve ``target_modules="all-linear"`` in place to module names, as PEFT's injection does, adding what
     PEFT's list lacks: every module ``also`` accepts that is no ``nn.Linear`` / ``Conv1D`` (HQQ's ``HQQLinear``:
     PEFT's ``all-linear`` skips an HQQ base silently), and every adapter layer over such a base (a second adapter:
@@ -67,8 +67,6 @@ def resolve_all_linear(config, model, also=None) -> None:
     if not is_all_linear(getattr(config, "target_modules", None)):
         return
     _maybe_include_all_linear_layers(config, model)
-    if also is None:
-        return
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inside = tuple(name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer))
 
@@ -85,8 +83,8 @@ def resolve_all_linear(config, model, also=None) -> None:
 def as_injected(config, model):
     """A copy of ``config`` as PEFT's injection matches it against ``model``: a ``SEQ_CLS`` config's head names
     (``classifier``, ``score``) in ``modules_to_save``, which ``PeftModelForSequenceClassification`` adds before it
-    injects, and ``target_modules="all-linear"`` resolved to module names. Checks made before injection (and LQ-LoRA,
-    which quantizes the targets before ``get_peft_model``) then see the modules PEFT will wrap."""
+    injects, and ``target_modules="all-linear"`` resolved to module names: what LQ-LoRA, which quantizes the targets
+    before ``get_peft_model``, must match to quantize the modules PEFT will wrap."""
     config = copy.copy(config)
     if getattr(config, "task_type", None) == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
         config.modules_to_save = list(config.modules_to_save or []) + list(SEQ_CLS_HEAD_NAMES)

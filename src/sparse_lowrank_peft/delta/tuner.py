@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._peft_compat import DEFAULT_TARGET_MODULES, BaseTuner, BaseTunerLayer, as_injected, resolve_all_linear
+from .._peft_compat import DEFAULT_TARGET_MODULES, BaseTuner, BaseTunerLayer, resolve_all_linear
 from .layer import DeltaLayer, is_supported_base_layer
 from .support import SparseSupport
 
@@ -103,7 +103,7 @@ class DeltaModel(BaseTuner):
     def _validate_targets(self, model: nn.Module, adapter_name: str) -> list[str]:
         """Raise before any module is replaced if a targeted module cannot be wrapped; returns the targeted names."""
         config = self.peft_config[adapter_name]
-        config = as_injected(self._prepare_adapter_config(config, self.get_model_config(model)), model)
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
         if not isinstance(config.target_modules, (list, set, str)):
             return []
         inside_tuner_layers: list[str] = []
