@@ -22,6 +22,11 @@ Every adapter is on ``query``/``value`` with the head (``classifier``) trained i
 adapter dropout is 0 for all (PEFT's default) so every method does the same work apart from its adapter.
 Batch: 16 x 128 tokens fp32 on CPU; 32 x 512 bf16 (weights and compute) on CUDA.
 
+``--base nf4`` measures the same on QLoRA's base: every encoder linear a bitsandbytes NF4 ``Linear4bit`` (double
+quantization, compute in the run's dtype; embeddings and head stay in full precision), so ``lora`` is QLoRA and each
+ratio says what a method costs over QLoRA on the same 4-bit base. Full fine-tuning and the PEFT methods without a
+bitsandbytes layer are skipped there. Written to ``throughput-<device>-nf4.json``.
+
 Timing: the methods run interleaved, one training step each per round (so a change of load on the shared machine hits
 all of them), after warm-up rounds; figures are medians over the timed rounds. Ratios to PEFT LoRA from the same run
 are given as the ratio of medians and as the median of the per-round (paired) ratios, the more robust of the two
@@ -101,6 +106,9 @@ METHODS = OrderedDict(
 
 # step-time bound vs PEFT LoRA for the tuners compared at equal rank (issue #10)
 SPEED_BOUNDS = {"sltrain": 1.05, "sora": 1.10, "dylora": 1.10, "nola": 1.10}
+#: the methods that can train on a bitsandbytes 4-bit base (PEFT's SHiRA and Super-Tuning have no bitsandbytes layer)
+NF4_METHODS = {"lora", "randlora", "adalora", "sltrain", "sora", "dylora", "nola", "sparse_randlora_0.1",
+               "sparse_randlora_0.01"}
 MEMORY_SLACK = 1.05  # peak <= LoRA's + 5%
 
 
@@ -121,10 +129,13 @@ def roberta_config(quick: bool, seq: int):
     return RobertaConfig(num_labels=2, max_position_embeddings=positions)
 
 
-def available(name: str) -> tuple[bool, str | None]:
-    """Whether the installed PEFT has the PeftType ``name`` needs (PEFT's SHiRA and Super-Tuning are recent)."""
+def available(name: str, base: str = "dense") -> tuple[bool, str | None]:
+    """Whether ``name`` can run here: the installed PEFT has the PeftType it needs (PEFT's SHiRA and Super-Tuning are
+    recent), and on ``base="nf4"`` it can train on a 4-bit base."""
     from peft import PeftType
 
+    if base == "nf4" and name not in NF4_METHODS:
+        return False, "does not train on a bitsandbytes 4-bit base"
     needs = METHODS[name][2]
     if needs is None or hasattr(PeftType, needs):
         return True, None
@@ -177,9 +188,23 @@ def base_state(config) -> dict:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def build_model(name: str, config, state: dict | None, device, dtype):
+def quantize_encoder(model, dtype) -> None:
+    """QLoRA's base: every linear of the encoder becomes a bitsandbytes NF4 ``Linear4bit`` computing in ``dtype``.
+    The model is flagged as ``from_pretrained(..., quantization_config=...)`` flags it: PEFT's own tuners pick their
+    bitsandbytes layers only on that flag (without it PEFT's AdaLoRA wraps a ``Linear4bit`` as a plain linear and fails
+    in backward)."""
+    from sparse_lowrank_peft.delta.quant import to_linear4bit
+
+    for parent in list(model.roberta.encoder.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, child_name, to_linear4bit(child, compute_dtype=dtype, compress_statistics=True))
+    model.is_loaded_in_4bit = True
+
+
+def build_model(name: str, config, state: dict | None, device, dtype, base: str = "dense"):
     """The model of method ``name`` in train mode; adapter methods' frozen weights are ``state``'s tensors (shared),
-    full fine-tuning owns a copy."""
+    full fine-tuning owns a copy. ``base="nf4"``: the encoder's linears in NF4 (each model its own 4-bit copy)."""
     from peft import get_peft_model
     from transformers import RobertaForSequenceClassification
 
@@ -187,6 +212,8 @@ def build_model(name: str, config, state: dict | None, device, dtype):
     model = RobertaForSequenceClassification(config)
     if state is not None:
         model.load_state_dict(state, assign=name != "full")
+    if base == "nf4":
+        quantize_encoder(model, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = peft_config(name)
@@ -211,10 +238,10 @@ class Step:
 
     clock = staticmethod(time.perf_counter)  # --clock cpu: time.process_time (CPU time of this process)
 
-    def __init__(self, name, config, state, batch, device, dtype):
+    def __init__(self, name, config, state, batch, device, dtype, base="dense"):
         self.name = name
         self.device = device
-        self.model = build_model(name, config, state, device, dtype)
+        self.model = build_model(name, config, state, device, dtype, base)
         self.batch = batch
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self.params)
@@ -252,13 +279,13 @@ class Step:
 
 
 # ------------------------------------------------------------------------------------------------------------ timing
-def time_methods(names, config, batch, device, dtype, warmup, repeats) -> dict:
+def time_methods(names, config, batch, device, dtype, warmup, repeats, base="dense") -> dict:
     """Interleaved rounds; per method the median step time and, against ``lora``, the paired ratios."""
     state = base_state(config)
     steps = []
     for name in names:
         t0 = time.time()
-        steps.append(Step(name, config, state, batch, device, dtype))
+        steps.append(Step(name, config, state, batch, device, dtype, base))
         print(f"  built {name} in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     samples = {s.name: [] for s in steps}
     for rnd in range(warmup + repeats):
@@ -317,7 +344,7 @@ def memory_worker(args) -> None:
     batch = make_batch(config, args.batch, args.seq, device)
     out = {}
     for name in args.methods:
-        step = Step(name, config, None, batch, device, dtype)
+        step = Step(name, config, None, batch, device, dtype, args.base)
         out[name] = measure_peak(step)
         del step
         if device.type == "cuda":
@@ -335,7 +362,8 @@ def memory_methods(names, args) -> dict:
     for group in groups:
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--memory-worker", "--device", args.device,
-            "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--methods", *group,
+            "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--base", args.base,
+            "--methods", *group,
         ]
         if args.quick:
             cmd.append("--quick")
@@ -404,7 +432,8 @@ def markdown(result: dict) -> str:
     """The results as a markdown table (and the targets), with the conditions of the run."""
     s, dev, v = result["settings"], result["device"], result["versions"]
     lines = [
-        f"Device: {dev['name']} ({dev['type']}), roberta-base shape{' (quick: tiny config)' if s['quick'] else ''}, "
+        f"Device: {dev['name']} ({dev['type']}), roberta-base shape{' (quick: tiny config)' if s['quick'] else ''}"
+        f"{', encoder linears in NF4 (LoRA: QLoRA)' if s.get('base') == 'nf4' else ''}, "
         f"batch {s['batch']} x {s['seq']} tokens, {s['dtype']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"peft {v['peft']}, commit {(result.get('commit') or '?')[:10]}{' (dirty)' if result.get('dirty') else ''}, "
         f"load average {result['conditions']['loadavg_start']} -> {result['conditions'].get('loadavg_end', '(running)')}"
@@ -448,6 +477,9 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1; CUDA 3)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; CUDA 20; quick 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--base", choices=("dense", "nf4"), default="dense",
+                        help="dense: the frozen weights in the run's dtype (default); nf4: every encoder linear in "
+                        "bitsandbytes NF4, QLoRA's base")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall",
@@ -494,7 +526,7 @@ def select_methods(args) -> tuple[list[str], list[str], dict[str, str]]:
     wanted = [n for n in METHODS if not args.methods or n in args.methods]
     names, skipped = [], {}
     for n in wanted:
-        ok, why = available(n)
+        ok, why = available(n, args.base)
         (names.append(n) if ok else skipped.__setitem__(n, why))
     return wanted, names, skipped
 
@@ -511,6 +543,7 @@ def result_header(args, argv, config, info: dict, names: list[str]) -> dict:
         "settings": {
             "quick": args.quick, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "warmup": args.warmup,
             "repeats": args.repeats, "clock": args.clock, "methods": names, "targets": TARGETS, "head": HEAD,
+            "base": args.base,
             "adapter_dropout": 0.0, "optimizer": f"AdamW lr {LR}",
             "model": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                       "intermediate_size", "vocab_size", "max_position_embeddings")},
@@ -548,14 +581,14 @@ def main(argv=None) -> dict:
     config = roberta_config(args.quick, args.seq)
     info = device_info(device)
     result = result_header(args, argv, config, info, names)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-nf4" if args.base == "nf4" else "") + ("-quick" if args.quick else "")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"throughput-{device_slug(info)}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
     batch = make_batch(config, args.batch, args.seq, device)
     dtype = getattr(torch, args.dtype)
-    timing = time_methods(names, config, batch, device, dtype, args.warmup, args.repeats) if names else {}
+    timing = time_methods(names, config, batch, device, dtype, args.warmup, args.repeats, args.base) if names else {}
     for n in wanted:
         row = {"label": METHODS[n][0], "group": METHODS[n][1]}
         if n in skipped:
