@@ -5,7 +5,9 @@
 #   2. bench/dispatch.py --device cuda: the fused-vs-SpMM crossover, the SDDMM choice and sparse RandLoRA's factored
 #      term (B·T) on both paths, measured (the constants of delta/ops.py for CUDA come from this file once it exists);
 #   3. bench/sparse_delta.py at the H100 shapes, both paths side by side;
-#   4. bench/throughput.py on the roberta-base shape (bf16, 32 x 512), every adapter method.
+#   4. bench/throughput.py on the roberta-base shape (bf16, 32 x 512), every adapter method;
+#   5. if at least 80 s of the 8 minutes are left: the same on QLoRA's NF4 base for LoRA (QLoRA) and our factored
+#      tuners, without the memory children (needs bitsandbytes in the device image; it fails on its own otherwise).
 #
 # The device machine reaches no registry and its image has its own peft / transformers. Before the call, on this
 # machine (once):
@@ -42,6 +44,10 @@ step sparse-delta 130 "$PY" bench/sparse_delta.py --device cuda --repeats 10 \
     --shape 8192,4096,4096,0.01 --shape 16384,768,768,0.01 --shape 2048,1024,1024,0.001 \
     --variants base lora densify_lora sparse_triton sltrain sltrain_spmm
 step throughput 150 "$PY" bench/throughput.py --device cuda --repeats 10
+if (( SECONDS - start < 400 )); then
+    step throughput-nf4 $((480 - (SECONDS - start))) "$PY" bench/throughput.py --device cuda --base nf4 --repeats 10 \
+        --no-memory --methods lora sltrain sora dylora nola
+fi
 cp bench/results/*nvidia* "$OUT/" 2>/dev/null
 echo "== done in $((SECONDS - start)) s; result files:"
 ls -1 "$OUT"

@@ -112,21 +112,27 @@ def throughput_section(results: Path, base: Path) -> list[str]:
                         "`python bench/throughput.py` (GPU) writes `bench/results/throughput-<device>.json`.", ""]
     throughput = _bench_module("throughput")
 
-    def subset(data: dict) -> list[str] | None:
-        """The methods of a run that timed only some of them (a re-run), else None."""
-        methods = (data.get("settings") or {}).get("methods") or []
-        return None if set(throughput.METHODS) <= set(methods) else methods
+    def nf4(data: dict) -> bool:
+        return (data.get("settings") or {}).get("base") == "nf4"
 
-    # per device, the full run before a re-run of some methods
+    def subset(data: dict) -> list[str] | None:
+        """The methods of a run that timed only some of those it could (a re-run), else None."""
+        methods = (data.get("settings") or {}).get("methods") or []
+        possible = set(throughput.NF4_METHODS) if nf4(data) else set(throughput.METHODS)
+        return None if possible <= set(methods) else methods
+
+    # per device, the full run, then the NF4-base run, then re-runs of some methods
     found.sort(key=lambda f: (f[1]["device"]["type"] != "cpu", f[1]["device"]["name"], subset(f[1]) is not None,
-                              f[0].name))
+                              nf4(f[1]), f[0].name))
     for path, data in found:
         dev, v = data["device"], data["versions"]
         machine = (f"{dev['name']}, {dev.get('cores')} cores, {dev.get('torch_threads')} torch threads"
                    if dev["type"] == "cpu" else f"{dev['name']} ({dev.get('memory_gib')} GiB), CUDA {dev.get('cuda')}")
         only = subset(data)
         lines += [
-            f"#### {dev['type'].upper()}: {dev['name']}" + (f" — methods {', '.join(only)} only" if only else ""),
+            f"#### {dev['type'].upper()}: {dev['name']}"
+            + (" — NF4 base (every encoder linear in bitsandbytes NF4; PEFT LoRA on it is QLoRA)" if nf4(data) else "")
+            + (f" — methods {', '.join(only)} only" if only else ""),
             "",
             f"Command: `{data.get('command')}`; machine: {machine}; python {v.get('python')}, torch {v.get('torch')}, "
             f"transformers {v.get('transformers')}, peft {v.get('peft')}, triton {v.get('triton')}; commit "
@@ -629,23 +635,32 @@ def squeeze_section(results: Path, base: Path) -> list[str]:
     return lines if len(lines) > 2 else lines + ["Not run yet: `python bench/squeeze.py`.", ""]
 
 
-#: the summary's rows: (label, quality-grid method, throughput method); None where that bench has no such method
+#: the summary's rows: (label, quality-grid method, throughput method, throughput base); the NF4 row's step time
+#: comes from ``bench/throughput.py --base nf4``, a ratio to PEFT's LoRA on the same 4-bit base (QLoRA)
 SUMMARY_ROWS = [
-    ("full fine-tuning", "full", "full"), ("PEFT LoRA r=8", "lora", "lora"), ("PEFT RandLoRA", "randlora", "randlora"),
-    ("PEFT AdaLoRA", "adalora", "adalora"), ("SLTrain", "sltrain", "sltrain"), ("SoRA", "sora", "sora"),
-    ("DyLoRA", "dylora", "dylora"), ("NOLA", "nola", "nola"), ("sparse RandLoRA", "sparse_randlora", "sparse_randlora_0.1"),
-    ("SLTrain, NF4 base", "sltrain_nf4", None),
+    ("full fine-tuning", "full", "full", "dense"), ("PEFT LoRA r=8", "lora", "lora", "dense"),
+    ("PEFT RandLoRA", "randlora", "randlora", "dense"), ("PEFT AdaLoRA", "adalora", "adalora", "dense"),
+    ("SLTrain", "sltrain", "sltrain", "dense"), ("SoRA", "sora", "sora", "dense"), ("DyLoRA", "dylora", "dylora", "dense"),
+    ("NOLA", "nola", "nola", "dense"), ("sparse RandLoRA", "sparse_randlora", "sparse_randlora_0.1", "dense"),
+    ("SLTrain, NF4 base", "sltrain_nf4", "sltrain", "nf4"),
 ]
 
 
-def _throughput_ratio(results: Path, kind: str, method: str | None) -> str:
-    """Step time x PEFT LoRA (paired) of ``method`` in the full throughput run on ``kind`` (cpu / cuda)."""
-    if method is None:
-        return "–"
+def _throughput_runs(results: Path):
+    """The full throughput runs (no quick or recheck files), in file-name order."""
     for path in sorted(results.glob("throughput-*.json")):
         data = _load(path)
-        if not data or data.get("bench") != "throughput" or data["device"]["type"] != kind or path.stem.endswith(
-                ("-quick", "-recheck")):
+        if data and data.get("bench") == "throughput" and not path.stem.endswith(("-quick", "-recheck")):
+            yield path, data
+
+
+def _throughput_ratio(results: Path, kind: str, method: str | None, base: str = "dense") -> str:
+    """Step time x PEFT LoRA (paired) of ``method`` in the full throughput run on ``kind`` (cpu / cuda) and ``base``
+    (dense frozen weights, or ``nf4``: QLoRA's base)."""
+    if method is None:
+        return "–"
+    for _, data in _throughput_runs(results):
+        if data["device"]["type"] != kind or (data.get("settings") or {}).get("base", "dense") != base:
             continue
         row = (data.get("results") or {}).get(method)
         if row and row.get("vs_lora_paired") is not None:
@@ -667,26 +682,25 @@ def summary_section(results: Path, base: Path) -> list[str]:
         "step ×LoRA, H100 | adapter bytes |",
         "|:---|---:|---:|---:|---:|---:|",
     ]
-    for label, quality, throughput in SUMMARY_ROWS:
+    for label, quality, throughput, base_kind in SUMMARY_ROWS:
         row = summary.get(quality) or {}
         avg = row.get("average")
         lines.append(
             f"| {label} | {'–' if avg is None else f'{100 * avg:.1f}'} | "
-            f"{row.get('params_trainable', 0):,} | {_throughput_ratio(results, 'cpu', throughput)} | "
-            f"{_throughput_ratio(results, 'cuda', throughput)} | {row.get('adapter_bytes', 0):,} |"
+            f"{row.get('params_trainable', 0):,} | {_throughput_ratio(results, 'cpu', throughput, base_kind)} | "
+            f"{_throughput_ratio(results, 'cuda', throughput, base_kind)} | {row.get('adapter_bytes', 0):,} |"
         )
     runs = []
-    for path in sorted(results.glob("throughput-*.json")):
-        data = _load(path)
-        if data and data.get("bench") == "throughput" and not path.stem.endswith(("-quick", "-recheck")):
-            runs.append(f"{data['device']['name']} at commit {_commit(data.get('commit'), data.get('dirty'))} "
-                        f"({str(data.get('date'))[:10]})")
+    for _, data in _throughput_runs(results):
+        nf4 = " (NF4 base)" if (data.get("settings") or {}).get("base") == "nf4" else ""
+        runs.append(f"{data['device']['name']}{nf4} at commit {_commit(data.get('commit'), data.get('dirty'))} "
+                    f"({str(data.get('date'))[:10]})")
     if runs:
         lines += ["", "Step times measured on " + "; ".join(runs) + "."]
     plot = grid_path.with_suffix(".png")
     lines += ["", "GLUE: MiniLM (6×384), each method at the recipe budget; step: roberta-base shape (CPU: 16×128 tokens "
-              "fp32, 1 thread; H100: 32×512 bf16), paired ratio to PEFT LoRA r=8 in the same run; adapter bytes include "
-              "the trained head."]
+              "fp32, 1 thread; H100: 32×512 bf16), paired ratio to PEFT LoRA r=8 in the same run (NF4 base: every encoder "
+              "linear in NF4, against PEFT's LoRA on it, i.e. QLoRA); adapter bytes include the trained head."]
     if plot.is_file():
         lines += ["", f"![quality vs trainable parameters]({_link(plot, base)})"]
     return lines + [""]

@@ -189,17 +189,14 @@ def base_state(config) -> dict:
 
 
 def quantize_encoder(model, dtype) -> None:
-    """QLoRA's base: every linear of the encoder becomes a bitsandbytes NF4 ``Linear4bit`` computing in ``dtype``.
-    The model is flagged as ``from_pretrained(..., quantization_config=...)`` flags it: PEFT's own tuners pick their
-    bitsandbytes layers only on that flag (without it PEFT's AdaLoRA wraps a ``Linear4bit`` as a plain linear and fails
-    in backward)."""
-    from sparse_lowrank_peft.delta.quant import to_linear4bit
+    """QLoRA's base: every linear of the encoder becomes a bitsandbytes NF4 ``Linear4bit`` computing in ``dtype``,
+    and the model is flagged as ``from_pretrained(..., quantization_config=...)`` flags it (``quantize_linears``):
+    PEFT's own tuners pick their bitsandbytes layers only on that flag (without it PEFT's AdaLoRA wraps a
+    ``Linear4bit`` as a plain linear and fails in backward)."""
+    from sparse_lowrank_peft.delta.quant import quantize_linears
 
-    for parent in list(model.roberta.encoder.modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(parent, child_name, to_linear4bit(child, compute_dtype=dtype, compress_statistics=True))
-    model.is_loaded_in_4bit = True
+    names = [n for n, m in model.named_modules() if n.startswith("roberta.encoder.") and type(m) is torch.nn.Linear]
+    quantize_linears(model, names, compute_dtype=dtype)
 
 
 def build_model(name: str, config, state: dict | None, device, dtype, base: str = "dense"):

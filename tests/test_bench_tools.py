@@ -266,6 +266,52 @@ def test_results_readme_summary_is_one_table_from_the_files(tmp_path):
     assert "quality-minilm-h100.png" in text
 
 
+def test_results_readme_nf4_row_reads_the_nf4_run_only(tmp_path):
+    """The NF4-base row's step time comes from `throughput.py --base nf4` (a ratio to QLoRA), and that run's numbers
+    never stand in for the dense rows, whichever file sorts first."""
+    import shutil
+
+    readme_mod = _bench("results_readme")
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(ROOT / "bench" / "results" / "quality-minilm-h100.json", results / "quality-minilm-h100.json")
+    dense = json.loads((ROOT / "bench" / "results" / "throughput-cpu.json").read_text())
+    (results / "throughput-cpu.json").write_text(json.dumps(dense))
+    nf4 = json.loads(json.dumps(dense))
+    nf4["settings"]["base"] = "nf4"
+    for row in nf4["results"].values():
+        row["vs_lora_paired"] = 7.77  # a value no dense row has
+    (results / "throughput-cpu-a-nf4.json").write_text(json.dumps(nf4))  # sorts before throughput-cpu.json
+    rows = {line.split(" | ")[0]: line for line in readme_mod.summary_section(results, tmp_path) if line.startswith("| ")}
+    assert rows["| SLTrain, NF4 base"].split(" | ")[3] == "7.77"
+    assert rows["| SLTrain"].split(" | ")[3] == f"{dense['results']['sltrain']['vs_lora_paired']:.2f}"
+    assert sum("7.77" in line for line in rows.values()) == 1
+
+
+def test_throughput_nf4_base_quantizes_the_encoder(tmp_path):
+    """`--base nf4`: every encoder linear is a bitsandbytes Linear4bit under every method, PEFT's LoRA on it is
+    QLoRA's layer, and methods that cannot train on a 4-bit base are skipped with the reason."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    import torch
+
+    throughput = _bench("throughput")
+    config = throughput.roberta_config(True, 16)
+    for name in ("lora", "sltrain"):
+        model = throughput.build_model(name, config, None, torch.device("cpu"), torch.float32, base="nf4")
+        bases = [m for n, m in model.named_modules() if n.endswith(("query.base_layer", "key", "dense"))
+                 and "encoder" in n]
+        assert bases and all(isinstance(m, bnb.nn.Linear4bit) for m in bases)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules() if "classifier" in n)
+    lora = throughput.build_model("lora", config, None, torch.device("cpu"), torch.float32, base="nf4")
+    assert type(lora.base_model.model.roberta.encoder.layer[0].attention.self.query).__module__ == "peft.tuners.lora.bnb"
+    out = tmp_path / "throughput-cpu-nf4-quick.json"
+    result = throughput.main(["--quick", "--base", "nf4", "--methods", "full", "lora", "dylora", "--no-memory",
+                              "--out", str(out)])
+    assert result["settings"]["base"] == "nf4" and result["results"]["full"]["skipped"].startswith("does not train")
+    assert result["results"]["dylora"]["vs_lora_paired"] > 0
+
+
 def test_results_readme_shows_each_quality_grid_gpu_first(tmp_path):
     """A GPU grid (quality-minilm-<gpu>.json) gets its own table beside the CPU grid's, first, each with its plot;
     a throughput re-run of some methods is titled as such, after the device's full run."""
