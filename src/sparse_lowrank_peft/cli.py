@@ -5,6 +5,7 @@
     slpeft squeeze IN OUT --rank 4            # any adapter folder -> plain LoRA of rank 4 (optimal truncation)
     slpeft squeeze IN OUT --energy 0.9        # per-layer ranks keeping 90% of each ‖ΔW‖_F² (rank_pattern)
     slpeft export IN OUT [--rank K]           # exact plain LoRA where the delta is low-rank; K needed where not
+    ... --uniform-rank                        # (export, squeeze) one rank for every layer: what LoRA servers read
     slpeft inspect IN [--plot spectra.png]    # per-layer ranks, singular values, energy ranks, sparsity, bytes
 
 A LoRA folder needs no base model. Other adapters (SLTrain, SoRA, DyLoRA, NOLA, sparse RandLoRA) are loaded onto
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--energy", type=_energy, help="keep this fraction of each layer's ‖ΔW‖_F², in (0, 1]")
     sq.add_argument("--base", help="base model folder (non-LoRA adapters only; default: base_model_name_or_path)")
     sq.add_argument("--lora-alpha", type=float, help="lora_alpha of the output (default: r per layer, scale 1)")
+    sq.add_argument("--uniform-rank", action="store_true",
+                    help="store every layer at the largest kept rank (zero-padded, no rank_pattern), so that vLLM, "
+                         "llama.cpp and PEFT compute the same outputs")
     sq.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty OUT")
     _add_randomized(sq)
 
@@ -89,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--rank", type=_positive_int, help="LoRA rank (required for sparse / full-rank deltas; "
                                                        "DyLoRA: its nested rank b)")
     ex.add_argument("--base", help="base model folder (default: the config's base_model_name_or_path)")
+    ex.add_argument("--uniform-rank", action="store_true",
+                    help="store every layer at the largest rank (zero-padded, no rank_pattern), so that vLLM, "
+                         "llama.cpp and PEFT compute the same outputs")
     ex.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty OUT")
     _add_randomized(ex)
 
@@ -234,11 +241,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         out = _check_output(args.output, args.overwrite)
         rank = args.rank if args.rank is not None else args.energy
         folder = adapter_folder_to_lora(args.input, out, rank, base=args.base, lora_alpha=args.lora_alpha,
-                                        **randomized)
+                                        uniform_rank=args.uniform_rank, **randomized)
         _print_summary(folder)
     elif args.command == "export":
         out = _check_output(args.output, args.overwrite)
-        folder = adapter_folder_to_lora(args.input, out, args.rank, base=args.base, **randomized)
+        folder = adapter_folder_to_lora(args.input, out, args.rank, base=args.base, uniform_rank=args.uniform_rank,
+                                        **randomized)
         _print_summary(folder)
     else:
         report = inspect_adapter(args.input, base=args.base, top=args.top, **randomized)

@@ -28,6 +28,7 @@ from .squeeze import (
     DEFAULT_POWER_ITERS,
     DEFAULT_SEED,
     RankSpec,
+    for_servers,
     squeeze_state,
 )
 
@@ -43,6 +44,7 @@ def export_to_lora(
     oversampling: int = DEFAULT_OVERSAMPLING,
     power_iters: int = DEFAULT_POWER_ITERS,
     seed: int = DEFAULT_SEED,
+    uniform_rank: bool = False,
 ) -> Path:
     """Write ``peft_model``'s adapter ``adapter_name`` as a plain PEFT LoRA adapter folder ``out_dir``.
 
@@ -58,6 +60,10 @@ def export_to_lora(
             threshold, per-layer ranks into ``rank_pattern``.
         lora_alpha: ``lora_alpha`` of the written LoRA (default ``r`` per layer: scale 1).
         oversampling, power_iters, seed: the randomized SVD's settings (see :mod:`.squeeze`).
+        uniform_rank: store every layer at the largest rank ``r`` (lower ranks padded with zeros, one scale
+            ``lora_alpha / r``, no ``rank_pattern``), so that every LoRA server computes PEFT's outputs. Without it a
+            folder with per-layer ranks (SoRA's kept ranks, an energy threshold) is smaller and exact in PEFT, but
+            vLLM and llama.cpp scale its lower-rank layers differently, and a warning says so.
 
     Returns:
         The folder's path. ``PeftModel.from_pretrained(base, out_dir)`` loads it with plain peft.
@@ -66,4 +72,4 @@ def export_to_lora(
         peft_model, rank, adapter_name, lora_alpha=lora_alpha, oversampling=oversampling,
         power_iters=power_iters, seed=seed,
     )
-    return result.save(out_dir)
+    return for_servers(result, uniform_rank).save(out_dir)

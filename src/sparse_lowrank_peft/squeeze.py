@@ -561,7 +561,41 @@ class SqueezeResult:
             "exported_from": self.source_type,
             "ranks": {name: rep.rank for name, rep in self.layers.items()},
             "layers": {name: rep.to_dict() for name, rep in self.layers.items()},
+            "stored_rank": None if self.config.rank_pattern else self.config.r,
         }
+
+    def lower_rank_layers(self) -> list[str]:
+        """The layers written below the config's ``r`` (those ``rank_pattern`` names)."""
+        return [name for name in self.layers if _match_pattern(self.config.rank_pattern, name) is not None]
+
+    def with_uniform_rank(self) -> "SqueezeResult":
+        """The same adapter with every layer stored at the config's ``r`` and one scale ``lora_alpha / r``.
+
+        LoRA servers disagree on per-layer ranks: vLLM ignores ``rank_pattern`` / ``alpha_pattern`` and applies
+        ``lora_alpha / r`` to every layer; llama.cpp's converter keeps only ``lora_alpha`` and divides by each
+        tensor's own rank; PEFT applies ``alpha_pattern[l] / rank_pattern[l]``. A layer below ``r`` is therefore
+        scaled right by at most two of the three. Here it gets zero rows in ``lora_A`` and zero columns in ``lora_B``
+        up to ``r`` (ΔW unchanged) and its ``lora_B`` is rescaled from its own scale to ``lora_alpha / r``, so the
+        config needs neither pattern and all three compute the same outputs; the file grows by the zeros.
+        """
+        cfg = self.config
+        if not cfg.rank_pattern:
+            return self
+        r, scale = cfg.r, cfg.lora_alpha / cfg.r
+        state = dict(self.state)
+        for name in self.lower_rank_layers():
+            k = _match_pattern(cfg.rank_pattern, name)
+            own_scale = (_match_pattern(cfg.alpha_pattern, name) or cfg.lora_alpha) / k
+            key_A, key_B = _factor_keys(state, name)
+            A, B = state[key_A], state[key_B]
+            state[key_A] = torch.cat([A, A.new_zeros((r - k, *A.shape[1:]))], dim=0)
+            B = (B.to(torch.float64) * (own_scale / scale)).to(B.dtype)
+            state[key_B] = torch.cat([B, B.new_zeros((B.shape[0], r - k, *B.shape[2:]))], dim=1)
+        fields = {**cfg.to_dict(), "rank_pattern": {}, "alpha_pattern": {}}
+        for drop in ("peft_type", "auto_mapping", "peft_version"):
+            fields.pop(drop, None)
+        config = type(cfg)(**{k: v for k, v in fields.items() if k in type(cfg).__dataclass_fields__})
+        return SqueezeResult(config, state, self.layers, self.source_type)
 
     def save(self, out_dir: Union[str, Path]) -> Path:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``export_info.json`` into ``out_dir``."""
@@ -574,6 +608,14 @@ class SqueezeResult:
         save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
         (out_dir / "export_info.json").write_text(json.dumps(self.info(), indent=2, sort_keys=True))
         return out_dir
+
+
+def _factor_keys(state: dict, name: str) -> tuple[str, str]:
+    """The ``(lora_A, lora_B)`` keys of layer ``name`` in a LoRA state dict (linear / conv, or embedding)."""
+    prefix = f"base_model.model.{name}."
+    if prefix + "lora_A.weight" in state:
+        return prefix + "lora_A.weight", prefix + "lora_B.weight"
+    return prefix + "lora_embedding_A", prefix + "lora_embedding_B"
 
 
 def _pattern_key(name: str) -> str:
@@ -983,8 +1025,10 @@ def adapter_folder_to_lora(
     power_iters: int = DEFAULT_POWER_ITERS,
     seed: int = DEFAULT_SEED,
     max_energy_rank: Optional[int] = None,
+    uniform_rank: bool = False,
 ) -> Path:
-    """Folder → plain LoRA folder at ``rank`` (``None``: exact, for low-rank deltas); see :func:`squeeze_adapter`."""
+    """Folder → plain LoRA folder at ``rank`` (``None``: exact, for low-rank deltas); see :func:`squeeze_adapter`.
+    ``uniform_rank``: store every layer at one rank, for LoRA servers (:meth:`SqueezeResult.with_uniform_rank`)."""
     if rank is not None:
         check_rank_spec(rank)
     folder, cfg = _read_adapter_folder(in_dir)
@@ -999,7 +1043,28 @@ def adapter_folder_to_lora(
         model = load_adapter_model(folder, base)
         result = squeeze_state(model, rank, "default", lora_alpha=lora_alpha, oversampling=oversampling,
                                power_iters=power_iters, seed=seed, max_energy_rank=max_energy_rank)
-    return result.save(out)
+    return for_servers(result, uniform_rank).save(out)
+
+
+def for_servers(result: SqueezeResult, uniform_rank: bool) -> SqueezeResult:
+    """``result`` as an exported folder should be written: at one rank if ``uniform_rank``
+    (:meth:`SqueezeResult.with_uniform_rank`); otherwise as it is, with a warning if some layers are below ``r``,
+    since LoRA servers scale such layers differently."""
+    if uniform_rank:
+        return result.with_uniform_rank()
+    lower = result.lower_rank_layers()
+    if lower:
+        import warnings
+
+        warnings.warn(
+            f"the exported LoRA has per-layer ranks ({len(lower)} of {len(result.layers)} layers below "
+            f"r={result.config.r}, in rank_pattern). PEFT applies them exactly, but LoRA servers scale such layers "
+            "differently (vLLM applies lora_alpha / r to every layer, llama.cpp lora_alpha / each layer's own rank), "
+            "so one of them gets wrong outputs on these layers. Fix: pass uniform_rank=True (slpeft export / squeeze "
+            "--uniform-rank), which pads them with zeros to rank r: the same outputs everywhere.",
+            stacklevel=3,
+        )
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
