@@ -76,6 +76,19 @@ def build_gpt2():
     return GPT2LMHeadModel(cfg).eval(), _ids, "CAUSAL_LM"
 
 
+def build_llama():
+    """Tiny LLaMA (the decoder family most LLM fine-tuning targets): bias-free linears, grouped-query attention (k/v
+    project 40 -> 20), an odd MLP width, untied lm_head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=40, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=40, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval(), _ids, "CAUSAL_LM"
+
+
 def build_bert_nf4():
     """Tiny BERT whose query/value layers are quantized to NF4 after loading, on bitsandbytes' generic CPU path
     (no AVX-512-BF16 repacking, whatever this machine has)."""
@@ -86,6 +99,19 @@ def build_bert_nf4():
     model, make_inputs, task_type = build_bert()
     with bnb_cpu_path("generic"):
         quantize_linears(model, ["query", "value"], quant_type="nf4")
+    return model, make_inputs, task_type
+
+
+def build_llama_nf4():
+    """Tiny LLaMA with every decoder linear in NF4 (QLoRA's LLM setting; lm_head stays fp32), on bitsandbytes'
+    generic CPU path."""
+    from _bnb_cpu import bnb_cpu_path
+
+    from sparse_lowrank_peft.delta.quant import quantize_linears
+
+    model, make_inputs, task_type = build_llama()
+    with bnb_cpu_path("generic"):
+        quantize_linears(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n])
     return model, make_inputs, task_type
 
 
@@ -106,8 +132,8 @@ def build_bert_nf4_avx512():
     return model, make_inputs, task_type
 
 
-BUILDERS = {"mlp": build_mlp, "roberta": build_roberta, "bert": build_bert, "gpt2": build_gpt2, "bert-nf4": build_bert_nf4,
-            "bert-nf4-avx512": build_bert_nf4_avx512}
+BUILDERS = {"mlp": build_mlp, "roberta": build_roberta, "bert": build_bert, "gpt2": build_gpt2, "llama": build_llama,
+            "llama-nf4": build_llama_nf4, "bert-nf4": build_bert_nf4, "bert-nf4-avx512": build_bert_nf4_avx512}
 
 #: per model family: target modules and modules_to_save (the trainable head, where the family has one)
 TARGETS = {
@@ -117,6 +143,8 @@ TARGETS = {
     "bert-nf4": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
     "bert-nf4-avx512": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
     "gpt2": {"target_modules": ["c_attn", "c_proj"], "modules_to_save": None},
+    "llama": {"target_modules": "all-linear", "modules_to_save": None},  # every linear but lm_head, as for LLMs
+    "llama-nf4": {"target_modules": "all-linear", "modules_to_save": None},
 }
 
 

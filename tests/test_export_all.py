@@ -55,6 +55,7 @@ CASES = {
                                   "rank_pattern": {"value": 3}, "use_rslora": True}, None, None),
     "sora": ("bert", SoraConfig, {"r": 6, "init_weights": False}, None, None),
     "dylora-b3": ("bert", DyLoraConfig, {"r": 6, "init_weights": False}, 3, 3),
+    "sora-llama": ("llama", SoraConfig, {"r": 6, "init_weights": False}, None, None),
     "nola": ("bert", NolaConfig, {"r": 4, "num_basis_A": 16, "num_basis_B": 8, "init_weights": False}, None, None),
     "sltrain-full": ("bert", SLTrainConfig, {"r": 4, "sparsity": 0.1, "init_weights": False}, D, None),
     "sltrain-gpt2-full": ("gpt2", SLTrainConfig, {"r": 4, "sparsity": 0.1, "init_weights": False}, D, None),
@@ -64,7 +65,7 @@ CASES = {
                             D, None),
 }
 TARGETS = {"bert": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
-           "gpt2": {"target_modules": ["c_attn", "c_proj"]}}
+           "gpt2": {"target_modules": ["c_attn", "c_proj"]}, "llama": {"target_modules": "all-linear"}}
 
 
 def build(case: str):
@@ -79,7 +80,7 @@ def exported(tmp_path_factory):
     """Export every case, then compute all plain-peft outputs in one subprocess."""
     root = tmp_path_factory.mktemp("export_all")
     bases = {}
-    for family in ("bert", "gpt2"):
+    for family in ("bert", "gpt2", "llama"):
         bases[family] = root / f"base-{family}"
         BUILDERS[family]()[0].save_pretrained(bases[family])
     jobs, expected = [], {}
