@@ -332,3 +332,47 @@ def test_all_linear_on_a_causal_lm_leaves_lm_head(cfg_cls, kwargs, family):
     count = sum(isinstance(m, BaseTunerLayer) for m in pm.modules())
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} and count == 14
     assert type(pm.base_model.model.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
+@pytest.mark.parametrize("family", ["llama", "llama-nf4"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(cfg_cls, kwargs, family, reentrant):
+    """LLM fine-tuning recomputes activations in backward (``gradient_checkpointing_enable``; QLoRA's recipe): every
+    adapter gradient equals the one without checkpointing, with the non-reentrant and the reentrant implementation
+    (which needs ``enable_input_require_grads``, as ``prepare_model_for_kbit_training`` sets up)."""
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        pm, make_inputs, _ = peft_model(cfg_cls, kwargs, family, init_weights=False)
+        if checkpointing:
+            pm.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if reentrant:
+                pm.enable_input_require_grads()
+        pm.train()
+        layer = pm.base_model.model.model.layers[0].self_attn.q_proj  # (torch's recompute stops early, before the MLP)
+        calls.append(0)
+        layer.register_forward_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))
+        (output_of(pm, make_inputs(5)).float() ** 2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
+    assert calls == [1, 2]  # checkpointing ran the adapted layer again in backward
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and sum(g.abs().sum() > 0 for g in plain.values()) > len(plain) // 2
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
+def test_prepare_model_for_kbit_training(cfg_cls, kwargs):
+    """QLoRA's setup on a 4-bit LLaMA: ``prepare_model_for_kbit_training`` (fp32 norms, reentrant gradient
+    checkpointing, input grads), then the tuner: every adapter parameter gets a finite gradient and the base none."""
+    from peft import prepare_model_for_kbit_training
+
+    model, make_inputs, task_type = build("llama-nf4")
+    model = prepare_model_for_kbit_training(model)
+    pm = get_peft_model(model, make_config(cfg_cls, kwargs, "llama-nf4", task_type, init_weights=False))
+    pm.train()
+    (output_of(pm, make_inputs(5)).float() ** 2).mean().backward()
+    trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
+    assert sum(p.grad.abs().sum() > 0 for p in trainable.values()) > len(trainable) // 2
+    assert all(p.grad is None for n, p in pm.named_parameters() if not p.requires_grad)
