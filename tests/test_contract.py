@@ -376,3 +376,19 @@ def test_prepare_model_for_kbit_training(cfg_cls, kwargs):
     assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
     assert sum(p.grad.abs().sum() > 0 for p in trainable.values()) > len(trainable) // 2
     assert all(p.grad is None for n, p in pm.named_parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
+@pytest.mark.parametrize("family", ["llama", "llama-nf4"])
+def test_generate_with_kv_cache_matches_full_forward(cfg_cls, kwargs, family):
+    """Greedy ``generate`` with the KV cache (a prefill, then one token per sequence and step) gives every step the
+    logits that one full forward of the generated sequence gives."""
+    pm, make_inputs, _ = peft_model(cfg_cls, kwargs, family, init_weights=False)
+    pm.eval()
+    prompt = make_inputs(7)["input_ids"][:2, :5]
+    with torch.no_grad():
+        out = pm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                          use_cache=True, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        full = pm(input_ids=out.sequences[:, :-1]).logits[:, prompt.shape[1] - 1:]
+    assert out.sequences.shape == (2, 11)
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), full, atol=1e-4, rtol=0)
