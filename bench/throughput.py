@@ -22,6 +22,11 @@ Every adapter is on ``query``/``value`` with the head (``classifier``) trained i
 adapter dropout is 0 for all (PEFT's default) so every method does the same work apart from its adapter.
 Batch: 16 x 128 tokens fp32 on CPU; 32 x 512 bf16 (weights and compute) on CUDA.
 
+``--model llama`` times a LLaMA decoder at a small LLM's layer widths (hidden 1024, MLP 2816, grouped-query attention;
+4 layers, 8000-token vocabulary) with every linear adapted (``all-linear``) and the next-token loss: what LLM
+fine-tuning does, where every method's extra work is on seven matrices per layer. Written to
+``throughput-<device>-llama.json``.
+
 ``--base nf4`` measures the same on QLoRA's base: every encoder linear a bitsandbytes NF4 ``Linear4bit`` (double
 quantization, compute in the run's dtype; embeddings and head stay in full precision), so ``lora`` is QLoRA and each
 ratio says what a method costs over QLoRA on the same 4-bit base. Full fine-tuning and the PEFT methods without a
@@ -84,6 +89,11 @@ from _env import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["query", "value"]
 HEAD = ["classifier"]
+#: per model (``--model``): the transformers class, the adapted layers, the head trained in full, PEFT's task type
+MODELS = {
+    "roberta-base": ("RobertaForSequenceClassification", TARGETS, HEAD, "SEQ_CLS"),
+    "llama": ("LlamaForCausalLM", "all-linear", [], "CAUSAL_LM"),
+}
 LR = 1e-4  # irrelevant to the timing; SoRA's proximal step uses it
 
 # name -> (label, group, needs): group "full" / "peft" / "ours"; needs: the PeftType member PEFT must have
@@ -114,6 +124,36 @@ MEMORY_SLACK = 1.05  # peak <= LoRA's + 5%
 
 # ------------------------------------------------------------------------------------------------------ environment
 # ---------------------------------------------------------------------------------------------------------- models
+def model_config(model: str, quick: bool, seq: int):
+    """The ``transformers`` config of ``--model``."""
+    return llama_config(quick, seq) if model == "llama" else roberta_config(quick, seq)
+
+
+def llama_config(quick: bool, seq: int):
+    """A LLaMA decoder at a small LLM's layer proportions (hidden 1024, MLP 2816, grouped-query attention with 4 key/value
+    heads of 16, as in TinyLlama / Llama-3.2-1B), 4 layers and an 8000-token vocabulary so that a CPU step stays a few
+    seconds; ``quick``: a tiny one for CI smoke runs."""
+    from transformers import LlamaConfig
+
+    if quick:
+        return LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(64, seq))
+    return LlamaConfig(vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=max(2048, seq))
+
+
+def model_kind(config) -> str:
+    return "llama" if config.model_type == "llama" else "roberta-base"
+
+
+def new_model(config):
+    """A freshly initialised model of ``config`` (seed 0)."""
+    import transformers
+
+    torch.manual_seed(0)
+    return getattr(transformers, MODELS[model_kind(config)][0])(config)
+
+
 def roberta_config(quick: bool, seq: int):
     """``RobertaConfig()`` (roberta-base) with two labels; ``quick``: a tiny RoBERTa for CI smoke runs.
 
@@ -142,13 +182,15 @@ def available(name: str, base: str = "dense") -> tuple[bool, str | None]:
     return False, f"peft {__import__('peft').__version__} has no PeftType.{needs}"
 
 
-def peft_config(name: str):
-    """The PeftConfig of method ``name`` (``None`` for full fine-tuning)."""
+def peft_config(name: str, model: str = "roberta-base"):
+    """The PeftConfig of method ``name`` on ``model`` (``None`` for full fine-tuning)."""
     import peft
 
     import sparse_lowrank_peft as slp
 
-    common = {"target_modules": list(TARGETS), "modules_to_save": list(HEAD), "task_type": "SEQ_CLS"}
+    _, targets, head, task_type = MODELS[model]
+    common = {"target_modules": targets if isinstance(targets, str) else list(targets),
+              "modules_to_save": list(head) or None, "task_type": task_type}
     if name == "full":
         return None
     if name == "lora":
@@ -180,22 +222,19 @@ def peft_config(name: str):
 
 
 def base_state(config) -> dict:
-    """Random roberta weights (seed 0), as plain tensors the adapter methods' models share."""
-    from transformers import RobertaForSequenceClassification
-
-    torch.manual_seed(0)
-    model = RobertaForSequenceClassification(config)
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    """Random weights (seed 0), as plain tensors the adapter methods' models share."""
+    return {k: v.detach() for k, v in new_model(config).state_dict().items()}
 
 
 def quantize_encoder(model, dtype) -> None:
-    """QLoRA's base: every linear of the encoder becomes a bitsandbytes NF4 ``Linear4bit`` computing in ``dtype``,
+    """QLoRA's base: every linear of the encoder (LLaMA: of the decoder layers; lm_head stays) becomes a bitsandbytes NF4 ``Linear4bit`` computing in ``dtype``,
     and the model is flagged as ``from_pretrained(..., quantization_config=...)`` flags it (``quantize_linears``):
     PEFT's own tuners pick their bitsandbytes layers only on that flag (without it PEFT's AdaLoRA wraps a
     ``Linear4bit`` as a plain linear and fails in backward)."""
     from sparse_lowrank_peft.delta.quant import quantize_linears
 
-    names = [n for n, m in model.named_modules() if n.startswith("roberta.encoder.") and type(m) is torch.nn.Linear]
+    names = [n for n, m in model.named_modules()
+             if n.startswith(("roberta.encoder.", "model.layers.")) and type(m) is torch.nn.Linear]
     quantize_linears(model, names, compute_dtype=dtype)
 
 
@@ -203,17 +242,15 @@ def build_model(name: str, config, state: dict | None, device, dtype, base: str 
     """The model of method ``name`` in train mode; adapter methods' frozen weights are ``state``'s tensors (shared),
     full fine-tuning owns a copy. ``base="nf4"``: the encoder's linears in NF4 (each model its own 4-bit copy)."""
     from peft import get_peft_model
-    from transformers import RobertaForSequenceClassification
 
-    torch.manual_seed(0)
-    model = RobertaForSequenceClassification(config)
+    model = new_model(config)
     if state is not None:
         model.load_state_dict(state, assign=name != "full")
     if base == "nf4":
         quantize_encoder(model, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg = peft_config(name)
+        cfg = peft_config(name, model_kind(config))
         if cfg is not None:
             model = get_peft_model(model, cfg)
     model = model.to(device=device, dtype=dtype)
@@ -222,12 +259,12 @@ def build_model(name: str, config, state: dict | None, device, dtype, base: str 
 
 
 def make_batch(config, batch: int, seq: int, device) -> dict:
+    """Random token ids; labels: a class per sequence, or the ids themselves for a causal LM (next-token loss)."""
     gen = torch.Generator().manual_seed(1)
-    return {
-        "input_ids": torch.randint(3, config.vocab_size, (batch, seq), generator=gen).to(device),
-        "attention_mask": torch.ones(batch, seq, dtype=torch.long).to(device),
-        "labels": torch.randint(0, config.num_labels, (batch,), generator=gen).to(device),
-    }
+    ids = torch.randint(3, config.vocab_size, (batch, seq), generator=gen)
+    labels = ids if model_kind(config) == "llama" else torch.randint(0, config.num_labels, (batch,), generator=gen)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones(batch, seq, dtype=torch.long).to(device),
+            "labels": labels.to(device)}
 
 
 class Step:
@@ -337,7 +374,7 @@ def measure_peak(step: Step) -> dict:
 def memory_worker(args) -> None:
     """Child process: peak memory of the methods in ``--methods`` (one each, in turn), printed as JSON."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    config = roberta_config(args.quick, args.seq)
+    config = model_config(args.model, args.quick, args.seq)
     batch = make_batch(config, args.batch, args.seq, device)
     out = {}
     for name in args.methods:
@@ -360,6 +397,7 @@ def memory_methods(names, args) -> dict:
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--memory-worker", "--device", args.device,
             "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--base", args.base,
+            "--model", args.model,
             "--methods", *group,
         ]
         if args.quick:
@@ -425,11 +463,19 @@ def _fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
 
+def _shape(settings: dict) -> str:
+    m = settings.get("model") or {}
+    if settings.get("model_name") == "llama":
+        return (f"LLaMA decoder {m.get('num_hidden_layers')} x {m.get('hidden_size')} (MLP {m.get('intermediate_size')}, "
+                f"vocabulary {m.get('vocab_size')}), every linear adapted")
+    return "roberta-base shape"
+
+
 def markdown(result: dict) -> str:
     """The results as a markdown table (and the targets), with the conditions of the run."""
     s, dev, v = result["settings"], result["device"], result["versions"]
     lines = [
-        f"Device: {dev['name']} ({dev['type']}), roberta-base shape{' (quick: tiny config)' if s['quick'] else ''}"
+        f"Device: {dev['name']} ({dev['type']}), {_shape(s)}{' (quick: tiny config)' if s['quick'] else ''}"
         f"{', encoder linears in NF4 (LoRA: QLoRA)' if s.get('base') == 'nf4' else ''}, "
         f"batch {s['batch']} x {s['seq']} tokens, {s['dtype']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"peft {v['peft']}, commit {(result.get('commit') or '?')[:10]}{' (dirty)' if result.get('dirty') else ''}, "
@@ -474,6 +520,9 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1; CUDA 3)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; CUDA 20; quick 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--model", choices=tuple(MODELS), default="roberta-base",
+                        help="roberta-base: query/value adapters and a classifier (default); llama: a LLaMA decoder "
+                        "at a small LLM's layer widths with every linear adapted (all-linear), next-token loss")
     parser.add_argument("--base", choices=("dense", "nf4"), default="dense",
                         help="dense: the frozen weights in the run's dtype (default); nf4: every encoder linear in "
                         "bitsandbytes NF4, QLoRA's base")
@@ -539,7 +588,8 @@ def result_header(args, argv, config, info: dict, names: list[str]) -> dict:
         "device": info, "versions": versions(), "commit": commit, "dirty": dirty,
         "settings": {
             "quick": args.quick, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "warmup": args.warmup,
-            "repeats": args.repeats, "clock": args.clock, "methods": names, "targets": TARGETS, "head": HEAD,
+            "repeats": args.repeats, "clock": args.clock, "methods": names, "model_name": args.model,
+            "targets": MODELS[args.model][1], "head": MODELS[args.model][2],
             "base": args.base,
             "adapter_dropout": 0.0, "optimizer": f"AdamW lr {LR}",
             "model": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -575,10 +625,11 @@ def main(argv=None) -> dict:
         memory_worker(args)
         return {}
     wanted, names, skipped = select_methods(args)
-    config = roberta_config(args.quick, args.seq)
+    config = model_config(args.model, args.quick, args.seq)
     info = device_info(device)
     result = result_header(args, argv, config, info, names)
-    suffix = ("-nf4" if args.base == "nf4" else "") + ("-quick" if args.quick else "")
+    suffix = ("-llama" if args.model == "llama" else "") + ("-nf4" if args.base == "nf4" else "") + (
+        "-quick" if args.quick else "")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"throughput-{device_slug(info)}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
