@@ -115,6 +115,9 @@ def throughput_section(results: Path, base: Path) -> list[str]:
     def nf4(data: dict) -> bool:
         return (data.get("settings") or {}).get("base") == "nf4"
 
+    def llama(data: dict) -> bool:
+        return (data.get("settings") or {}).get("model_name") == "llama"
+
     def subset(data: dict) -> list[str] | None:
         """The methods of a run that timed only some of those it could (a re-run), else None."""
         methods = (data.get("settings") or {}).get("methods") or []
@@ -123,7 +126,7 @@ def throughput_section(results: Path, base: Path) -> list[str]:
 
     # per device, the full run, then the NF4-base run, then re-runs of some methods
     found.sort(key=lambda f: (f[1]["device"]["type"] != "cpu", f[1]["device"]["name"], subset(f[1]) is not None,
-                              nf4(f[1]), f[0].name))
+                              llama(f[1]), nf4(f[1]), f[0].name))
     for path, data in found:
         dev, v = data["device"], data["versions"]
         machine = (f"{dev['name']}, {dev.get('cores')} cores, {dev.get('torch_threads')} torch threads"
@@ -131,6 +134,7 @@ def throughput_section(results: Path, base: Path) -> list[str]:
         only = subset(data)
         lines += [
             f"#### {dev['type'].upper()}: {dev['name']}"
+            + (" — LLaMA decoder, every linear adapted" if llama(data) else "")
             + (" — NF4 base (every encoder linear in bitsandbytes NF4; PEFT LoRA on it is QLoRA)" if nf4(data) else "")
             + (f" — methods {', '.join(only)} only" if only else ""),
             "",
@@ -654,12 +658,19 @@ def _throughput_runs(results: Path):
             yield path, data
 
 
+def _summary_runs(results: Path):
+    """The throughput runs the summary reads: roberta-base (query/value adapters), on either base."""
+    for path, data in _throughput_runs(results):
+        if (data.get("settings") or {}).get("model_name", "roberta-base") == "roberta-base":
+            yield path, data
+
+
 def _throughput_ratio(results: Path, kind: str, method: str | None, base: str = "dense") -> str:
     """Step time x PEFT LoRA (paired) of ``method`` in the full throughput run on ``kind`` (cpu / cuda) and ``base``
     (dense frozen weights, or ``nf4``: QLoRA's base)."""
     if method is None:
         return "–"
-    for _, data in _throughput_runs(results):
+    for _, data in _summary_runs(results):
         if data["device"]["type"] != kind or (data.get("settings") or {}).get("base", "dense") != base:
             continue
         row = (data.get("results") or {}).get(method)
@@ -691,7 +702,7 @@ def summary_section(results: Path, base: Path) -> list[str]:
             f"{_throughput_ratio(results, 'cuda', throughput, base_kind)} | {row.get('adapter_bytes', 0):,} |"
         )
     runs = []
-    for _, data in _throughput_runs(results):
+    for _, data in _summary_runs(results):
         nf4 = " (NF4 base)" if (data.get("settings") or {}).get("base") == "nf4" else ""
         runs.append(f"{data['device']['name']}{nf4} at commit {_commit(data.get('commit'), data.get('dirty'))} "
                     f"({str(data.get('date'))[:10]})")

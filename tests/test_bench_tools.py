@@ -282,10 +282,17 @@ def test_results_readme_nf4_row_reads_the_nf4_run_only(tmp_path):
     for row in nf4["results"].values():
         row["vs_lora_paired"] = 7.77  # a value no dense row has
     (results / "throughput-cpu-a-nf4.json").write_text(json.dumps(nf4))  # sorts before throughput-cpu.json
+    llama = json.loads(json.dumps(dense))
+    llama["settings"]["model_name"] = "llama"
+    for row in llama["results"].values():
+        row["vs_lora_paired"] = 8.88  # the LLaMA run is not the summary's roberta-base shape
+    (results / "throughput-cpu-a-llama.json").write_text(json.dumps(llama))
     rows = {line.split(" | ")[0]: line for line in readme_mod.summary_section(results, tmp_path) if line.startswith("| ")}
     assert rows["| SLTrain, NF4 base"].split(" | ")[3] == "7.77"
     assert rows["| SLTrain"].split(" | ")[3] == f"{dense['results']['sltrain']['vs_lora_paired']:.2f}"
-    assert sum("7.77" in line for line in rows.values()) == 1
+    assert sum("7.77" in line for line in rows.values()) == 1 and not any("8.88" in line for line in rows.values())
+    text = "\n".join(readme_mod.throughput_section(results, tmp_path))
+    assert text.count("— LLaMA decoder, every linear adapted") == 1 and text.count("— NF4 base") == 1
 
 
 def test_throughput_nf4_base_quantizes_the_encoder(tmp_path):
