@@ -7,7 +7,8 @@
 #   3. bench/sparse_delta.py at the H100 shapes, both paths side by side;
 #   4. bench/throughput.py on the roberta-base shape (bf16, 32 x 512), every adapter method;
 #   5. if at least 80 s of the 8 minutes are left: the same on QLoRA's NF4 base for LoRA (QLoRA) and our factored
-#      tuners, without the memory children (needs bitsandbytes in the device image; it fails on its own otherwise).
+#      tuners, without the memory children (needs bitsandbytes in the device image; it fails on its own otherwise);
+#   6. if at least 60 s are left: the LLaMA decoder with every linear adapted (--model llama), the same methods.
 #
 # The device machine reaches no registry and its image has its own peft / transformers. Before the call, on this
 # machine (once):
@@ -47,6 +48,10 @@ step throughput 150 "$PY" bench/throughput.py --device cuda --repeats 10
 if (( SECONDS - start < 400 )); then
     step throughput-nf4 $((480 - (SECONDS - start))) "$PY" bench/throughput.py --device cuda --base nf4 --repeats 10 \
         --no-memory --methods lora sltrain sora dylora nola
+fi
+if (( SECONDS - start < 420 )); then
+    step throughput-llama $((480 - (SECONDS - start))) "$PY" bench/throughput.py --device cuda --model llama \
+        --repeats 10 --no-memory --methods lora sltrain sora dylora nola sparse_randlora_0.1
 fi
 cp bench/results/*nvidia* "$OUT/" 2>/dev/null
 echo "== done in $((SECONDS - start)) s; result files:"
