@@ -573,25 +573,27 @@ class SqueezeResult:
 
         LoRA servers disagree on per-layer ranks: vLLM ignores ``rank_pattern`` / ``alpha_pattern`` and applies
         ``lora_alpha / r`` to every layer; llama.cpp's converter keeps only ``lora_alpha`` and divides by each
-        tensor's own rank; PEFT applies ``alpha_pattern[l] / rank_pattern[l]``. A layer below ``r`` is therefore
-        scaled right by at most two of the three. Here it gets zero rows in ``lora_A`` and zero columns in ``lora_B``
-        up to ``r`` (ΔW unchanged) and its ``lora_B`` is rescaled from its own scale to ``lora_alpha / r``, so the
-        config needs neither pattern and all three compute the same outputs; the file grows by the zeros.
+        tensor's own rank (and knows no rsLoRA); PEFT applies ``alpha_pattern[l] / rank_pattern[l]``. A layer below
+        ``r`` is therefore scaled right by at most two of the three. Here it gets zero rows in ``lora_A`` and zero
+        columns in ``lora_B`` up to ``r`` (ΔW unchanged), every ``lora_B`` is rescaled from its layer's scale to
+        ``lora_alpha / r``, and the config has neither pattern nor rsLoRA, so all three compute the same outputs;
+        the file grows by the zeros.
         """
         cfg = self.config
-        if not cfg.rank_pattern:
+        if not (cfg.rank_pattern or cfg.alpha_pattern or cfg.use_rslora):
             return self
         r, scale = cfg.r, cfg.lora_alpha / cfg.r
         state = dict(self.state)
-        for name in self.lower_rank_layers():
-            k = _match_pattern(cfg.rank_pattern, name)
-            own_scale = (_match_pattern(cfg.alpha_pattern, name) or cfg.lora_alpha) / k
+        for name in self.layers:
+            k = _match_pattern(cfg.rank_pattern, name) or r
+            alpha = _match_pattern(cfg.alpha_pattern, name) or cfg.lora_alpha
+            own_scale = alpha / math.sqrt(k) if cfg.use_rslora else alpha / k
             key_A, key_B = _factor_keys(state, name)
             A, B = state[key_A], state[key_B]
             state[key_A] = torch.cat([A, A.new_zeros((r - k, *A.shape[1:]))], dim=0)
             B = (B.to(torch.float64) * (own_scale / scale)).to(B.dtype)
             state[key_B] = torch.cat([B, B.new_zeros((B.shape[0], r - k, *B.shape[2:]))], dim=1)
-        fields = {**cfg.to_dict(), "rank_pattern": {}, "alpha_pattern": {}}
+        fields = {**cfg.to_dict(), "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False}
         for drop in ("peft_type", "auto_mapping", "peft_version"):
             fields.pop(drop, None)
         config = type(cfg)(**{k: v for k, v in fields.items() if k in type(cfg).__dataclass_fields__})
