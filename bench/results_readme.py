@@ -113,10 +113,10 @@ def throughput_section(results: Path, base: Path) -> list[str]:
     throughput = _bench_module("throughput")
 
     def nf4(data: dict) -> bool:
-        return (data.get("settings") or {}).get("base") == "nf4"
+        return _run_base(data) == "nf4"
 
     def llama(data: dict) -> bool:
-        return (data.get("settings") or {}).get("model_name") == "llama"
+        return _run_model(data) == "llama"
 
     def subset(data: dict) -> list[str] | None:
         """The methods of a run that timed only some of those it could (a re-run), else None."""
@@ -124,7 +124,7 @@ def throughput_section(results: Path, base: Path) -> list[str]:
         possible = set(throughput.NF4_METHODS) if nf4(data) else set(throughput.METHODS)
         return None if possible <= set(methods) else methods
 
-    # per device, the full run, then the NF4-base run, then re-runs of some methods
+    # per device, the full runs (roberta-base dense, its NF4 base, LLaMA), then re-runs of some methods
     found.sort(key=lambda f: (f[1]["device"]["type"] != "cpu", f[1]["device"]["name"], subset(f[1]) is not None,
                               llama(f[1]), nf4(f[1]), f[0].name))
     for path, data in found:
@@ -650,6 +650,16 @@ SUMMARY_ROWS = [
 ]
 
 
+def _run_base(data: dict) -> str:
+    """A throughput run's frozen base: ``dense`` (files before ``--base`` existed too) or ``nf4``."""
+    return (data.get("settings") or {}).get("base", "dense")
+
+
+def _run_model(data: dict) -> str:
+    """A throughput run's model: ``roberta-base`` (files before ``--model`` existed too) or ``llama``."""
+    return (data.get("settings") or {}).get("model_name", "roberta-base")
+
+
 def _throughput_runs(results: Path):
     """The full throughput runs (no quick or recheck files), in file-name order."""
     for path in sorted(results.glob("throughput-*.json")):
@@ -661,7 +671,7 @@ def _throughput_runs(results: Path):
 def _summary_runs(results: Path):
     """The throughput runs the summary reads: roberta-base (query/value adapters), on either base."""
     for path, data in _throughput_runs(results):
-        if (data.get("settings") or {}).get("model_name", "roberta-base") == "roberta-base":
+        if _run_model(data) == "roberta-base":
             yield path, data
 
 
@@ -671,7 +681,7 @@ def _throughput_ratio(results: Path, kind: str, method: str | None, base: str = 
     if method is None:
         return "–"
     for _, data in _summary_runs(results):
-        if data["device"]["type"] != kind or (data.get("settings") or {}).get("base", "dense") != base:
+        if data["device"]["type"] != kind or _run_base(data) != base:
             continue
         row = (data.get("results") or {}).get(method)
         if row and row.get("vs_lora_paired") is not None:
@@ -703,7 +713,7 @@ def summary_section(results: Path, base: Path) -> list[str]:
         )
     runs = []
     for _, data in _summary_runs(results):
-        nf4 = " (NF4 base)" if (data.get("settings") or {}).get("base") == "nf4" else ""
+        nf4 = " (NF4 base)" if _run_base(data) == "nf4" else ""
         runs.append(f"{data['device']['name']}{nf4} at commit {_commit(data.get('commit'), data.get('dirty'))} "
                     f"({str(data.get('date'))[:10]})")
     if runs:

@@ -226,9 +226,9 @@ def base_state(config) -> dict:
     return {k: v.detach() for k, v in new_model(config).state_dict().items()}
 
 
-def quantize_encoder(model, dtype) -> None:
-    """QLoRA's base: every linear of the encoder (LLaMA: of the decoder layers; lm_head stays) becomes a bitsandbytes NF4 ``Linear4bit`` computing in ``dtype``,
-    and the model is flagged as ``from_pretrained(..., quantization_config=...)`` flags it (``quantize_linears``):
+def quantize_base(model, dtype) -> None:
+    """QLoRA's base: every linear of the encoder / decoder layers (not the head, not ``lm_head``) becomes a
+    bitsandbytes NF4 ``Linear4bit`` computing in ``dtype``, and the model is flagged as ``from_pretrained(..., quantization_config=...)`` flags it (``quantize_linears``):
     PEFT's own tuners pick their bitsandbytes layers only on that flag (without it PEFT's AdaLoRA wraps a
     ``Linear4bit`` as a plain linear and fails in backward)."""
     from sparse_lowrank_peft.delta.quant import quantize_linears
@@ -240,14 +240,14 @@ def quantize_encoder(model, dtype) -> None:
 
 def build_model(name: str, config, state: dict | None, device, dtype, base: str = "dense"):
     """The model of method ``name`` in train mode; adapter methods' frozen weights are ``state``'s tensors (shared),
-    full fine-tuning owns a copy. ``base="nf4"``: the encoder's linears in NF4 (each model its own 4-bit copy)."""
+    full fine-tuning owns a copy. ``base="nf4"``: the layers' linears in NF4 (each model its own 4-bit copy)."""
     from peft import get_peft_model
 
     model = new_model(config)
     if state is not None:
         model.load_state_dict(state, assign=name != "full")
     if base == "nf4":
-        quantize_encoder(model, dtype)
+        quantize_base(model, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = peft_config(name, model_kind(config))
@@ -397,8 +397,7 @@ def memory_methods(names, args) -> dict:
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--memory-worker", "--device", args.device,
             "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--base", args.base,
-            "--model", args.model,
-            "--methods", *group,
+            "--model", args.model, "--methods", *group,
         ]
         if args.quick:
             cmd.append("--quick")
@@ -476,7 +475,7 @@ def markdown(result: dict) -> str:
     s, dev, v = result["settings"], result["device"], result["versions"]
     lines = [
         f"Device: {dev['name']} ({dev['type']}), {_shape(s)}{' (quick: tiny config)' if s['quick'] else ''}"
-        f"{', encoder linears in NF4 (LoRA: QLoRA)' if s.get('base') == 'nf4' else ''}, "
+        f"{', layer linears in NF4 (LoRA: QLoRA)' if s.get('base') == 'nf4' else ''}, "
         f"batch {s['batch']} x {s['seq']} tokens, {s['dtype']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"peft {v['peft']}, commit {(result.get('commit') or '?')[:10]}{' (dirty)' if result.get('dirty') else ''}, "
         f"load average {result['conditions']['loadavg_start']} -> {result['conditions'].get('loadavg_end', '(running)')}"
@@ -524,8 +523,8 @@ def parse_args(argv):
                         help="roberta-base: query/value adapters and a classifier (default); llama: a LLaMA decoder "
                         "at a small LLM's layer widths with every linear adapted (all-linear), next-token loss")
     parser.add_argument("--base", choices=("dense", "nf4"), default="dense",
-                        help="dense: the frozen weights in the run's dtype (default); nf4: every encoder linear in "
-                        "bitsandbytes NF4, QLoRA's base")
+                        help="dense: the frozen weights in the run's dtype (default); nf4: every linear of the "
+                        "encoder / decoder layers in bitsandbytes NF4, QLoRA's base")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall",

@@ -37,6 +37,7 @@ import contextlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -588,15 +589,12 @@ class SqueezeResult:
             k = _match_pattern(cfg.rank_pattern, name) or r
             alpha = _match_pattern(cfg.alpha_pattern, name) or cfg.lora_alpha
             own_scale = alpha / math.sqrt(k) if cfg.use_rslora else alpha / k
-            key_A, key_B = _factor_keys(state, name)
+            key_A, key_B = (_PREFIX + key for key in _factor_keys(state, name))
             A, B = state[key_A], state[key_B]
             state[key_A] = torch.cat([A, A.new_zeros((r - k, *A.shape[1:]))], dim=0)
             B = (B.to(torch.float64) * (own_scale / scale)).to(B.dtype)
             state[key_B] = torch.cat([B, B.new_zeros((B.shape[0], r - k, *B.shape[2:]))], dim=1)
-        fields = {**cfg.to_dict(), "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False}
-        for drop in ("peft_type", "auto_mapping", "peft_version"):
-            fields.pop(drop, None)
-        config = type(cfg)(**{k: v for k, v in fields.items() if k in type(cfg).__dataclass_fields__})
+        config = _lora_config(cfg.to_dict(), rank_pattern={}, alpha_pattern={}, use_rslora=False)
         return SqueezeResult(config, state, self.layers, self.source_type)
 
     def save(self, out_dir: Union[str, Path]) -> Path:
@@ -612,12 +610,35 @@ class SqueezeResult:
         return out_dir
 
 
+_PREFIX = "base_model.model."  # of every key in a saved PEFT state dict
+
+
 def _factor_keys(state: dict, name: str) -> tuple[str, str]:
-    """The ``(lora_A, lora_B)`` keys of layer ``name`` in a LoRA state dict (linear / conv, or embedding)."""
-    prefix = f"base_model.model.{name}."
-    if prefix + "lora_A.weight" in state:
-        return prefix + "lora_A.weight", prefix + "lora_B.weight"
-    return prefix + "lora_embedding_A", prefix + "lora_embedding_B"
+    """The ``(lora_A, lora_B)`` keys of layer ``name`` in a saved LoRA state dict, without ``_PREFIX``: linear / conv
+    (``<name>.lora_A.weight``) or embedding (``<name>.lora_embedding_A``)."""
+    if f"{_PREFIX}{name}.lora_A.weight" in state:
+        return f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+    return f"{name}.lora_embedding_A", f"{name}.lora_embedding_B"
+
+
+def _rank_fields(kept: dict[str, int], lora_alpha: Optional[float]) -> dict:
+    """The rank fields of a written LoRA config: ``r`` the largest kept rank, the others in ``rank_pattern``; scale 1
+    per layer (``alpha = r``, ``alpha_pattern`` = ``rank_pattern``) unless ``lora_alpha`` is given."""
+    r = max(kept.values())
+    rank_pattern = {_pattern_key(n): k for n, k in kept.items() if k != r}
+    if lora_alpha is None:
+        return {"r": r, "rank_pattern": rank_pattern, "lora_alpha": r, "alpha_pattern": dict(rank_pattern)}
+    return {"r": r, "rank_pattern": rank_pattern, "lora_alpha": float(lora_alpha), "alpha_pattern": {}}
+
+
+def _lora_config(fields: dict, **updates):
+    """A ``LoraConfig`` from a config's dict (a saved ``adapter_config.json``, or ``to_dict()``) with ``updates``,
+    leaving out what PEFT sets itself (``peft_type``, ``auto_mapping``, ``peft_version``) and unknown fields."""
+    from peft import LoraConfig
+
+    fields = {**fields, **updates}
+    own = {"peft_type", "auto_mapping", "peft_version"}
+    return LoraConfig(**{k: v for k, v in fields.items() if k in LoraConfig.__dataclass_fields__ and k not in own})
 
 
 def _pattern_key(name: str) -> str:
@@ -691,7 +712,7 @@ def _squeeze_factors_into(state: dict, targets, rank, lora_alpha, opts: dict, is
     """Squeeze every target and write its LoRA factors into ``state``; returns the per-layer reports and the rank
     written per layer (a zero delta of this package's tuners is left out; PEFT LoRA keeps the layer at rank 1
     with zero factors, so its target list is unchanged)."""
-    prefix = "base_model.model."
+    prefix = _PREFIX
     layers: dict[str, LayerSqueeze] = {}
     kept: dict[str, int] = {}
     for t in targets:
@@ -717,19 +738,11 @@ def _squeezed_lora_config(config, targets, kept: dict[str, int], lora_alpha, is_
     scale 1 per layer (``alpha = r``) unless ``lora_alpha`` is given. PEFT's LoRA keeps its own fields."""
     from peft import LoraConfig
 
-    r = max(kept.values())
-    rank_pattern = {_pattern_key(n): k for n, k in kept.items() if k != r}
-    if lora_alpha is None:
-        alpha_pattern, alpha_global = dict(rank_pattern), r
-    else:
-        alpha_pattern, alpha_global = {}, float(lora_alpha)
+    ranks = _rank_fields(kept, lora_alpha)
     if is_lora:
         fields = config.to_dict()
-        fields.update(r=r, lora_alpha=alpha_global, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                      use_rslora=False, lora_dropout=fields.get("lora_dropout", 0.0), inference_mode=False)
-        for drop in ("peft_type", "auto_mapping", "peft_version"):
-            fields.pop(drop, None)
-        return LoraConfig(**fields)
+        return _lora_config(fields, **ranks, use_rslora=False, lora_dropout=fields.get("lora_dropout", 0.0),
+                            inference_mode=False)
     fan = {t.fan_in_fan_out for t in targets if t.name in kept}
     if len(fan) > 1:
         raise SqueezeError(
@@ -738,8 +751,7 @@ def _squeezed_lora_config(config, targets, kept: dict[str, int], lora_alpha, is_
         )
     own_bias = getattr(config, "bias", "none")
     return LoraConfig(
-        r=r, lora_alpha=alpha_global, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        target_modules=sorted(kept), lora_dropout=0.0, bias="lora_only" if own_bias.endswith("_only") else own_bias,
+        **ranks, target_modules=sorted(kept), lora_dropout=0.0, bias="lora_only" if own_bias.endswith("_only") else own_bias,
         modules_to_save=config.modules_to_save, fan_in_fan_out=fan.pop(), task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path, revision=config.revision, init_lora_weights=True,
     )
@@ -852,15 +864,12 @@ def _match_pattern(patterns: dict, module_name: str):
 
 def _lora_folder_targets(cfg: dict, tensors: dict) -> list[_Target]:
     """The factors of a LoRA folder's layers (no base model), each with its scale from the config."""
-    prefix = "base_model.model."
+    prefix = _PREFIX
     names = sorted({k[len(prefix):].rsplit(".lora_", 1)[0] for k in tensors
                     if k.startswith(prefix) and (".lora_A." in k or ".lora_embedding_A" in k)})
     targets = []
     for name in names:
-        if f"{prefix}{name}.lora_A.weight" in tensors:
-            key_A, key_B = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
-        else:
-            key_A, key_B = f"{name}.lora_embedding_A", f"{name}.lora_embedding_B"
+        key_A, key_B = _factor_keys(tensors, name)
         if prefix + key_B not in tensors:
             raise SqueezeError(f"the adapter has {key_A} but no {key_B}: the weights file is incomplete.")
         A_t, B_t = tensors[prefix + key_A], tensors[prefix + key_B]
@@ -877,7 +886,6 @@ def _lora_folder_targets(cfg: dict, tensors: dict) -> list[_Target]:
 
 
 def _squeeze_lora_folder(folder: Path, cfg: dict, rank: Optional[RankSpec], lora_alpha, opts) -> SqueezeResult:
-    from peft import LoraConfig
     from safetensors.torch import load_file
 
     variants = _lora_variant_fields(cfg)
@@ -891,7 +899,7 @@ def _squeeze_lora_folder(folder: Path, cfg: dict, rank: Optional[RankSpec], lora
     if not targets:
         raise SqueezeError(f"'{folder}' is a LoRA config but its weights hold no lora_A/lora_B tensors.")
     _check_int_rank(targets, rank)
-    prefix = "base_model.model."
+    prefix = _PREFIX
     state = {k: v for k, v in tensors.items() if not (".lora_A." in k or ".lora_B." in k or ".lora_embedding_" in k)}
     layers = {}
     for t in targets:
@@ -903,18 +911,8 @@ def _squeeze_lora_folder(folder: Path, cfg: dict, rank: Optional[RankSpec], lora
         state[prefix + t.key_A] = A.reshape(k, *t.shape_A[1:])
         state[prefix + t.key_B] = B.reshape(t.shape_B[0], k, *t.shape_B[2:])
         layers[t.name] = rep
-    r = max(rep.rank for rep in layers.values())
-    rank_pattern = {_pattern_key(n): rep.rank for n, rep in layers.items() if rep.rank != r}
-    fields = dict(cfg)
-    for drop in ("peft_type", "auto_mapping", "peft_version"):
-        fields.pop(drop, None)
-    fields.update(r=r, rank_pattern=rank_pattern, use_rslora=False, inference_mode=False)
-    if lora_alpha is None:
-        fields.update(lora_alpha=r, alpha_pattern=dict(rank_pattern))
-    else:
-        fields.update(lora_alpha=float(lora_alpha), alpha_pattern={})
-    known = {f for f in LoraConfig.__dataclass_fields__}
-    lora_config = LoraConfig(**{k: v for k, v in fields.items() if k in known})
+    kept = {name: rep.rank for name, rep in layers.items()}
+    lora_config = _lora_config(cfg, **_rank_fields(kept, lora_alpha), use_rslora=False, inference_mode=False)
     return SqueezeResult(lora_config, state, layers, "LORA")
 
 
@@ -1056,8 +1054,6 @@ def for_servers(result: SqueezeResult, uniform_rank: bool) -> SqueezeResult:
         return result.with_uniform_rank()
     lower = result.lower_rank_layers()
     if lower:
-        import warnings
-
         warnings.warn(
             f"the exported LoRA has per-layer ranks ({len(lower)} of {len(result.layers)} layers below "
             f"r={result.config.r}, in rank_pattern). PEFT applies them exactly, but LoRA servers scale such layers "
