@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -629,3 +630,29 @@ def test_lq_svd_bench_pairs_exact_and_randomized(tmp_path):
     table = [line for line in _bench("results_readme").lq_svd_section(tmp_path, tmp_path) if line.startswith("| gauss")]
     first = saved["rows"][0]
     assert len(table) == 2 and f"{first['seconds']:.2f}" in table[0] and f"{first['error']:.5f}" in table[0]
+
+
+def test_gptq_probe_rounds_on_hqqs_grid_and_lowers_the_output_error():
+    """bench/gptq_probe.py's GPTQ rounding keeps HQQ's grid (every value is (code - zero) * scale of its group, codes in
+    range) and, on inputs with correlated features, gives a smaller output error ‖(W − Q) X‖ than HQQ's own rounding
+    onto the same grid; its weight error is larger (it trades weight error for output error)."""
+    pytest.importorskip("hqq")
+    from hqq.core.quantize import Quantizer
+
+    probe = _bench("gptq_probe")
+    from sparse_lowrank_peft.delta import bitbudget as bb
+
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(48, 128, generator=gen)
+    X = torch.randn(512, 16, generator=gen) @ torch.randn(16, 128, generator=gen) + 0.1 * torch.randn(512, 128, generator=gen)
+    H = (X.T.double() @ X.double()) / X.shape[0]
+    choice = bb.QuantChoice("hqq", 3, 32)
+    Q = probe.gptq_on_hqq_grid(W, H, choice)
+    _, meta = Quantizer.quantize(W, nbits=3, group_size=32, axis=1, bitpack=False, optimize=True, device="cpu")
+    scale, zero = (meta[k].half().float().reshape(48, 4).repeat_interleave(32, 1) for k in ("scale", "zero"))
+    codes = Q / scale + zero
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() > -1e-3 and codes.max() < 7 + 1e-3
+    nearest = (torch.clamp(torch.round(W / scale + zero), 0, 7) - zero) * scale
+    out_err = lambda M: float(((W - M) @ X.T).norm())  # noqa: E731
+    assert out_err(Q) < 0.8 * out_err(nearest)
+    assert float((W - Q).norm()) > float((W - nearest).norm())
