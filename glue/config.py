@@ -125,7 +125,6 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-FIELD_TYPES = typing.get_type_hints(RunConfig)
 # fields that may differ between an interrupted run and its --resume without changing what is computed
 RESUME_MAY_DIFFER = {
     "output_dir", "overwrite_output_dir", "results_path", "data_dir", "num_threads", "dataloader_num_workers",
@@ -137,14 +136,25 @@ RESUME_MAY_DIFFER = {
 # recipe + overrides -> RunConfig (OmegaConf)
 
 
-def unknown_field(name: str, where: str) -> GlueError:
-    """The error for a field the schema does not have, naming the closest valid one."""
-    close = difflib.get_close_matches(name, list(FIELDS), n=1)
+def unknown_field(name: str, where: str, schema: type = RunConfig) -> GlueError:
+    """The error for a field ``schema`` does not have, naming the closest valid one."""
+    fields = schema_fields(schema)
+    close = difflib.get_close_matches(name, list(fields), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return GlueError(
-        f"Unknown recipe field '{name}' ({where}).{hint} Known fields: {', '.join(FIELDS)}. "
-        "See `python -m glue.run --list-fields` for what each means."
+        f"Unknown recipe field '{name}' ({where}).{hint} Known fields: {', '.join(fields)}. "
+        f"See `python -m {_tool(schema)} --list-fields` for what each means."
     )
+
+
+def schema_fields(schema: type) -> dict[str, dataclasses.Field]:
+    """A recipe schema's fields by name (:class:`RunConfig`, or another runner's dataclass of ``_f`` fields)."""
+    return {f.name: f for f in dataclasses.fields(schema)}
+
+
+def _tool(schema: type) -> str:
+    """The module that runs recipes of ``schema`` (``glue.run``, or the schema's ``TOOL``)."""
+    return getattr(schema, "TOOL", "glue.run")
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
@@ -188,14 +198,15 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         raise GlueError(f"Overrides {list(overrides)}: a value is not valid YAML ({e}).") from e
 
 
-def _read_yaml_booleans(values: dict[str, Any], where: str) -> dict[str, Any]:
+def _read_yaml_booleans(values: dict[str, Any], where: str, schema: type = RunConfig) -> dict[str, Any]:
     """YAML 1.1 reads an unquoted ``no`` as False (``eval_strategy: no``): a string field given False takes "no" if
     that is one of its choices; any other boolean for a string field is an error (OmegaConf would store "False")."""
     out = dict(values)
+    fields, types = schema_fields(schema), typing.get_type_hints(schema)
     for name, value in values.items():
-        if not isinstance(value, bool) or name not in FIELDS or FIELD_TYPES[name] not in (str, Optional[str]):
+        if not isinstance(value, bool) or name not in fields or types[name] not in (str, Optional[str]):
             continue
-        if value is False and "no" in (FIELDS[name].metadata.get("choices") or ()):
+        if value is False and "no" in (fields[name].metadata.get("choices") or ()):
             out[name] = "no"
             continue
         raise GlueError(f"Recipe field '{name}' is {value} ({where}; YAML reads unquoted yes/no/on/off/true/false as "
@@ -203,21 +214,22 @@ def _read_yaml_booleans(values: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _merge(config, values: Mapping[str, Any], where: str):
-    """``values`` merged over the structured ``config``; OmegaConf's key and type errors become GlueErrors."""
+def _merge(config, values: Mapping[str, Any], where: str, schema: type = RunConfig):
+    """``values`` merged over the structured ``config`` of ``schema``; OmegaConf's key and type errors become
+    GlueErrors."""
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     for key in values:  # OmegaConf would stop at the first unknown key too, but without a suggestion
-        if key not in FIELDS:
-            raise unknown_field(str(key), where)
+        if key not in schema_fields(schema):
+            raise unknown_field(str(key), where, schema)
     try:
-        return OmegaConf.merge(config, _read_yaml_booleans(dict(values), where))
+        return OmegaConf.merge(config, _read_yaml_booleans(dict(values), where, schema))
     except ConfigKeyError as e:
-        raise unknown_field(str(e.key), where) from None
+        raise unknown_field(str(e.key), where, schema) from None
     except OmegaConfBaseException as e:
         name = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
-        kind = FIELD_TYPES.get(str(name).split(".")[0])
+        kind = typing.get_type_hints(schema).get(str(name).split(".")[0])
         raise GlueError(
             f"Recipe field '{name}' is {getattr(e, 'value', None)!r} ({where}) but must be "
             f"{_type_name(kind)}: {str(e).splitlines()[0]}. Fix the value in the recipe or the override."
@@ -258,6 +270,19 @@ def config_from_mapping(values: Mapping[str, Any], where: str = "recipe") -> Run
     return cfg
 
 
+def read_recipe(schema: type, recipe: str | None, overrides: Sequence[str] = ()):
+    """Recipe file + ``field=value`` overrides -> an instance of the dataclass ``schema``, types checked (values are
+    the caller's to validate). The schema's defaults, the recipe merged over them, then each override."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.structured(schema)
+    if recipe:
+        config = _merge(config, load_recipe(recipe), f"recipe {recipe}", schema)
+    for text in overrides:  # one at a time, so that an error names the override it comes from
+        config = _merge(config, parse_overrides([text]), f"override '{text}'", schema)
+    return _to_run_config(config)
+
+
 def build_config(recipe: str | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Recipe file + ``field=value`` overrides -> a validated :class:`RunConfig`.
 
@@ -268,14 +293,7 @@ def build_config(recipe: str | None, overrides: Sequence[str] = ()) -> RunConfig
         GlueError: before anything is loaded -- a missing or malformed recipe, an unknown field (naming the closest
             valid one), a value of the wrong type, or anything :func:`validate_config` rejects.
     """
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.structured(RunConfig)
-    if recipe:
-        config = _merge(config, load_recipe(recipe), f"recipe {recipe}")
-    for text in overrides:  # one at a time, so that an error names the override it comes from
-        config = _merge(config, parse_overrides([text]), f"override '{text}'")
-    cfg = _to_run_config(config)
+    cfg = read_recipe(RunConfig, recipe, overrides)
     validate_config(cfg)
     return cfg
 
@@ -307,11 +325,16 @@ def validate_config(cfg: RunConfig) -> None:
                                     head_modules=cfg.head_modules or ["classifier"])
 
 
-def _validate_task(cfg: RunConfig) -> None:
-    for name, f in FIELDS.items():
+def check_choices(cfg) -> None:
+    """Every field of the recipe dataclass ``cfg`` that lists its allowed values holds one of them."""
+    for name, f in schema_fields(type(cfg)).items():
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, name) not in choices:
             raise GlueError(f"Recipe field '{name}' is '{getattr(cfg, name)}'; it must be one of {list(choices)}.")
+
+
+def _validate_task(cfg: RunConfig) -> None:
+    check_choices(cfg)
     if cfg.task is None:
         raise GlueError("The recipe sets no 'task'. Add e.g. 'task: sst2' (or task=sst2 on the command line).")
     if str(cfg.task).lower() == "custom":
@@ -481,7 +504,7 @@ Data: data_dir / --data-dir, else $GLUE_DIR, else the hub's nyu-mll/glue.
 """
 
 
-def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str], dict[str, bool]]:
+def parse_cli(argv: Sequence[str], schema: type = RunConfig) -> tuple[str | None, list[str], dict[str, bool]]:
     """Split the command line into (recipe path, ``field=value`` overrides, flags).
 
     ``--field value`` (dashes become underscores) is the override ``field=value``; a boolean field's flag alone
@@ -503,14 +526,14 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str], dict[str, boo
             name = name.replace("-", "_")
             if name in flags and not eq:
                 flags[name] = True
-            elif name in FIELDS:
+            elif name in schema_fields(schema):
                 if not eq:
-                    value, i = _flag_value(arg, name, args, i)
+                    value, i = _flag_value(arg, typing.get_type_hints(schema)[name], args, i)
                 overrides.append(f"{name}={value}")
             else:
-                close = difflib.get_close_matches(name, list(FIELDS) + list(flags), n=1)
+                close = difflib.get_close_matches(name, list(schema_fields(schema)) + list(flags), n=1)
                 hint = f" Did you mean '--{close[0].replace('_', '-')}'?" if close else ""
-                raise GlueError(f"Unknown option '{arg}'.{hint} Run `python -m glue.run --help`.")
+                raise GlueError(f"Unknown option '{arg}'.{hint} Run `python -m {_tool(schema)} --help`.")
         elif "=" in arg:
             overrides.append(arg)
         elif recipe is None:
@@ -523,20 +546,21 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str], dict[str, boo
     return recipe, overrides, flags
 
 
-def _flag_value(arg: str, name: str, args: Sequence[str], i: int) -> tuple[str, int]:
-    """The value of ``--name`` at ``args[i]`` (the next argument) and the index of the last argument used."""
+def _flag_value(arg: str, kind, args: Sequence[str], i: int) -> tuple[str, int]:
+    """The value of flag ``arg`` (its field of type ``kind``) at ``args[i]`` (the next argument) and the index of
+    the last argument used."""
     nxt = args[i + 1] if i + 1 < len(args) else None
-    if FIELD_TYPES[name] is bool and (nxt is None or nxt.startswith("--") or "=" in nxt):
+    if kind is bool and (nxt is None or nxt.startswith("--") or "=" in nxt):
         return "true", i
     if nxt is None:
         raise GlueError(f"Flag '{arg}' needs a value (e.g. {arg} VALUE).")
     return nxt, i + 1
 
 
-def list_fields() -> str:
-    """Every recipe field with its default and help text (``--list-fields``)."""
+def list_fields(schema: type = RunConfig) -> str:
+    """Every recipe field of ``schema`` with its default and help text (``--list-fields``)."""
     lines = []
-    for name, f in FIELDS.items():
+    for name, f in schema_fields(schema).items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"{name:28s} default {default!r:14s} {f.metadata['help']}")
     return "\n".join(lines)

@@ -79,10 +79,11 @@ def available_methods() -> dict[str, type | None]:
     return methods
 
 
-def make_peft_config(method: str, fields: Mapping[str, Any], head_modules: Sequence[str]):
-    """Build the PeftConfig of ``method`` from the recipe's ``peft:`` fields, for sequence classification.
+def make_peft_config(method: str, fields: Mapping[str, Any], head_modules: Sequence[str], task_type: str = "SEQ_CLS"):
+    """Build the PeftConfig of ``method`` from the recipe's ``peft:`` fields, for ``task_type`` (sequence
+    classification here; the causal-LM runner passes ``CAUSAL_LM``).
 
-    ``task_type`` is always ``SEQ_CLS``; ``modules_to_save`` defaults to ``head_modules``.
+    ``task_type`` is the runner's; ``modules_to_save`` defaults to ``head_modules`` (if any).
 
     Raises:
         GlueError: unknown method (listing the known ones, and why the library's tuners are missing if they are),
@@ -107,7 +108,7 @@ def make_peft_config(method: str, fields: Mapping[str, Any], head_modules: Seque
     fields = dict(fields or {})
     if "task_type" in fields:
         raise GlueError(
-            "peft.task_type is set by the harness (SEQ_CLS, sequence classification); remove it from the recipe."
+            f"peft.task_type is set by the runner ({task_type}); remove it from the recipe."
         )
     unknown = sorted(set(fields) - names)
     if unknown:
@@ -119,10 +120,10 @@ def make_peft_config(method: str, fields: Mapping[str, Any], head_modules: Seque
             f"peft.{unknown[0]} is not a field of {cls.__name__} (method '{method}').{hint} "
             f"Its fields: {', '.join(known)}."
         )
-    if "modules_to_save" in names:
+    if "modules_to_save" in names and head_modules:
         fields.setdefault("modules_to_save", list(head_modules))
     try:
-        return cls(**fields, task_type="SEQ_CLS")
+        return cls(**fields, task_type=task_type)
     except (TypeError, ValueError) as e:
         raise GlueError(f"The peft config of method '{method}' was rejected by {cls.__name__}: {e}") from e
 

@@ -139,22 +139,26 @@ def list_methods() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``python -m glue.run`` and the ``slpeft-glue`` console script)."""
+    return recipe_main(argv, RunConfig, USAGE, build_config, run, list_methods())
+
+
+def recipe_main(argv: Sequence[str] | None, schema: type, usage: str, build, run_fn, methods: str) -> int:
+    """A recipe runner's command line: ``--help``, ``--list-fields`` (of ``schema``), ``--list-methods``
+    (``methods``), or ``run_fn(build(recipe, overrides), resume, dry_run)``; a :class:`GlueError` is printed without
+    a traceback and exits with status 2. Shared by the GLUE and the causal-LM runners."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        recipe, overrides, flags = parse_cli(argv)
-        if flags["help"] or (not argv):
-            print(USAGE)
-            return 0
-        if flags["list_fields"]:
-            print(list_fields())
-            return 0
-        if flags["list_methods"]:
-            print(list_methods())
-            return 0
-        cfg = build_config(recipe, overrides)
-        result = run(cfg, resume=flags["resume"], dry_run=flags["dry_run"])
-        if flags["dry_run"]:
-            print(json.dumps(clean(result), indent=2))
+        recipe, overrides, flags = parse_cli(argv, schema)
+        if flags["help"] or not argv:
+            print(usage)
+        elif flags["list_fields"]:
+            print(list_fields(schema))
+        elif flags["list_methods"]:
+            print(methods)
+        else:
+            result = run_fn(build(recipe, overrides), resume=flags["resume"], dry_run=flags["dry_run"])
+            if flags["dry_run"]:
+                print(json.dumps(clean(result), indent=2))
     except GlueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

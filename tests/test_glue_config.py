@@ -39,7 +39,7 @@ class NoModel:
         ({"task": "rte", "learning_rat": 1e-3}, "Unknown recipe field 'learning_rat'.*Did you mean 'learning_rate'"),
         ({"task": "rte", "method": "sltrian"}, "Unknown method 'sltrian'"),
         ({"task": "rte", "peft": {"rank": 8}}, r"peft.rank is not a field of LoraConfig"),
-        ({"task": "rte", "peft": {"r": 8, "task_type": "CAUSAL_LM"}}, "task_type is set by the harness"),
+        ({"task": "rte", "peft": {"r": 8, "task_type": "CAUSAL_LM"}}, r"task_type is set by the runner \(SEQ_CLS\)"),
         ({"task": "rte", "method": "full", "peft": {"r": 8}}, "full fine-tuning trains every weight"),
         ({"task": "rte", "max_seq_len": "long"}, "'max_seq_len' is 'long'"),
         ({"task": "rte", "eval_strategy": "sometimes"}, "must be one of"),

@@ -54,6 +54,7 @@ __all__ = [
     "InSqueezeCallback",
     "LayerSqueeze",
     "SqueezeError",
+    "check_squeeze_rank",
     "SqueezeResult",
     "SqueezeSpec",
     "check_rank_spec",
@@ -645,6 +646,15 @@ def _pattern_key(name: str) -> str:
     # PEFT matches rank_pattern keys with re.match(rf"(.*\.)?({key})$", module_name): the escaped full name
     # matches this one module only.
     return re.escape(name)
+
+
+def check_squeeze_rank(peft_model, rank: Optional[RankSpec], adapter_name: str = "default") -> None:
+    """Raise :class:`SqueezeError` now if :func:`squeeze_state` (and so ``export_to_lora``) would refuse ``rank`` for
+    this adapter: a bad spec, or an int above every factored layer's rank. It depends only on the adapter's shapes,
+    so a runner checks it before training rather than after."""
+    if rank is not None:
+        check_rank_spec(rank)
+    _check_int_rank(_targets(peft_model, adapter_name, rank), rank)
 
 
 def squeeze_state(

@@ -1,0 +1,108 @@
+"""The causal-LM runner's model: the base (optionally 4-bit, or LQ-split), the method's adapter on every linear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glue import model as glue_model
+from glue.errors import GlueError
+
+from causal_lm.config import TINY_MODEL, LMRunConfig, peft_fields
+
+HEAD = ["lm_head"]  # never quantized, never adapted (all-linear leaves it out too)
+
+
+@dataclass
+class BuiltLM:
+    model: Any
+    path: str
+    quant_info: dict | None
+    params: tuple[int, int]
+
+
+def tiny_llama(folder: Path) -> str:
+    """A 2-layer LLaMA over bytes (vocabulary 256), random from seed 0, saved once to ``folder``. Widths are multiples
+    of 64 as in real LLMs: bitsandbytes' AVX-512-BF16 eval kernel asserts on others (docs/quantized.md)."""
+    if not (folder / "config.json").is_file():
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+        LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def model_path(cfg: LMRunConfig, out: Path) -> str:
+    """What ``from_pretrained`` takes: the recipe's model, or the tiny model's folder under the run folder."""
+    return tiny_llama(out / "tiny-llama") if cfg.model == TINY_MODEL else cfg.model
+
+
+def load_tokenizer(cfg: LMRunConfig, path: str):
+    """The tokenizer (None for the byte-level tiny model unless the recipe names one)."""
+    if cfg.model == TINY_MODEL and not cfg.tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.tokenizer or path)
+    except (OSError, ValueError) as e:
+        raise GlueError(f"Could not load the tokenizer of '{cfg.tokenizer or cfg.model}': {e}. Give a folder with "
+                        "tokenizer files or a hub id (which needs network access or a warm cache).") from e
+
+
+def load_base(cfg: LMRunConfig, path: str):
+    """The full-precision (or bf16/fp16) causal LM, on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise GlueError(f"Could not load causal LM '{cfg.model}' ({path}): {type(e).__name__}: {e}. Give a folder "
+                        "with config.json and weights; a hub id needs network access or a warm cache.") from e
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
+def check_block_size(cfg: LMRunConfig, path: str) -> None:
+    """A block must fit the model's positions (read from its config, before any data or weights are loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise GlueError(f"Could not read the config of causal LM '{cfg.model}' ({path}): {e}. Give a folder with "
+                        "config.json and weights; a hub id needs network access or a warm cache.") from e
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and cfg.block_size > limit:
+        raise GlueError(f"block_size={cfg.block_size} exceeds the model's max_position_embeddings={limit}. "
+                        f"Fix: block_size={limit} or less.")
+
+
+def build_model(cfg: LMRunConfig, path: str) -> BuiltLM:
+    """Base, 4-bit base (``quantize``; with ``init: lq`` the adapter quantizes its targets to ``Q`` itself), adapter.
+    Everything random comes from the seed."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model = load_base(cfg, path)
+    names = glue_model.quantizable_linears(model, HEAD) if cfg.quantize else []
+    plan = quant_info = None
+    if cfg.quantize and cfg.init == "lq":
+        plan = glue_model.uniform_lq_plan(cfg.quantize, names)
+    elif cfg.quantize:
+        quant_info = glue_model.quantize_base(model, names, cfg.quantize)
+    if cfg.gradient_checkpointing:  # non-reentrant: no input-grad hook needed, no torch warning
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    fields = peft_fields(cfg)
+    if plan is not None and cfg.method != "lora":
+        fields["lq_plan"] = plan
+    config = glue_model.make_peft_config(cfg.method, fields, head_modules=[], task_type="CAUSAL_LM")
+    peft_model = glue_model.wrap_model(cfg, model, config, plan)
+    if plan is not None:
+        quant_info = glue_model.lq_base_info(peft_model, cfg.quantize, plan)
+    return BuiltLM(peft_model, path, quant_info, glue_model.count_parameters(peft_model))

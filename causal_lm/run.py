@@ -1,0 +1,233 @@
+"""The causal-LM runner: a YAML recipe (plus ``key=value`` overrides) -> a fine-tuned adapter and a results JSON.
+
+Usage::
+
+    python -m causal_lm.run RECIPE.yaml [key=value ...] [--resume] [--dry-run] [--FIELD VALUE ...]
+    slpeft-lm recipes/llm/sltrain-qlora.yaml model=meta-llama/Llama-3.2-1B train_file=corpus.txt
+    python -m causal_lm.run --list-fields | --list-methods
+
+What a run does, in this order, so that a mistake in the recipe or the data is reported before training:
+
+1. check the recipe's fields, files, the method and its config fields, and the output folder;
+2. load the tokenizer and cut the text into blocks (validation: ``eval_file`` or the held-out tail);
+3. load the base, quantize it (``quantize``; ``init: lq`` splits each linear into ``Q + L``), add the adapter;
+4. measure the validation loss, train with ``transformers.Trainer`` (the method's callbacks: SoRA's gate step,
+   DyLoRA's rank sampling), measure it again (DyLoRA: at ranks 1, 2, 4, ..., r; SoRA: prune the closed ranks);
+5. save the adapter (``<output_dir>/adapter``), optionally a plain LoRA export and a reload check, and write
+   ``<output_dir>/results.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from glue import results as glue_results
+from glue.errors import GlueError
+from glue.model import model_short_name
+from glue.run import list_methods, recipe_main
+from glue.train import method_results, trainer_class, training_callbacks
+
+from causal_lm.config import LMRunConfig, build_config, validate_config
+from causal_lm.data import load_data
+from causal_lm.model import build_model, check_block_size, load_tokenizer, model_path
+
+USAGE = """usage: python -m causal_lm.run RECIPE.yaml [field=value ...] [--resume] [--dry-run] [--FIELD VALUE ...]
+       python -m causal_lm.run --list-fields | --list-methods
+
+Fine-tunes a causal LM with an adapter on a text file from a YAML recipe (recipes/llm/).
+
+  field=value       override a recipe field (YAML value), e.g. model=meta-llama/Llama-3.2-1B peft.r=16 max_steps=500
+  --FIELD VALUE     the same with a flag, e.g. --train-file corpus.txt --block-size 512
+  --resume          continue from the last checkpoint in output_dir (needs save_steps > 0)
+  --dry-run         check recipe, data, model and method, print the plan, and stop before training
+  --list-fields     print every recipe field with its default and meaning
+  --list-methods    print the available methods
+"""
+
+
+def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
+    """Fine-tune as ``cfg`` says; return the results (also written to ``<output_dir>/results.json``).
+
+    Raises:
+        GlueError: any problem with the recipe, the data, the model or the output folder -- before training.
+    """
+    validate_config(cfg)
+    start = time.time()
+    out = output_dir(cfg)
+    prepare_output_dir(cfg, out, resume, dry_run)
+    if cfg.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.num_threads)
+    path = model_path(cfg, out)
+    check_block_size(cfg, path)
+    tokenizer = load_tokenizer(cfg, path)
+    data = load_data(cfg, tokenizer)
+    built = build_model(cfg, path)
+    check_export(cfg, built.model)
+    print(f"[lm] {cfg.model}, method {cfg.method}: {built.params[0]:,} trainable of {built.params[1]:,} parameters; "
+          f"{len(data.train)} training and {len(data.eval)} validation blocks of {cfg.block_size} tokens "
+          f"from {data.source}", flush=True)
+    if dry_run:
+        return {"dry_run": True, "method": cfg.method, "output_dir": str(out), "train_blocks": len(data.train),
+                "eval_blocks": len(data.eval), "params": {"trainable": built.params[0], "total": built.params[1]}}
+
+    trainer = make_trainer(cfg, built.model, data, out)
+    before = trainer.evaluate()["eval_loss"]
+    train_start = time.time()
+    output = trainer.train(resume_from_checkpoint=True if resume else None)
+    train_s = time.time() - train_start
+    after = trainer.evaluate()["eval_loss"]
+    method = method_results(cfg.method, trainer, built.model, out)  # DyLoRA's per-rank losses; SoRA prunes
+    adapter = save_adapter(built.model, out)
+    extras = {"method_results": method, **after_training(cfg, built, data, out, after)}
+    results = results_record(cfg, data, built, trainer, output, (before, after), adapter, extras,
+                             (train_s, time.time() - start))
+    glue_results.write_json(out / "results.json", results)
+    print(f"[lm] validation perplexity {math.exp(before):.3f} -> {math.exp(after):.3f}; "
+          f"adapter in {adapter['path']}; results in {out / 'results.json'}", flush=True)
+    return results
+
+
+def output_dir(cfg: LMRunConfig) -> Path:
+    """``output_dir``, else ``runs/lm/<model>/<method>``."""
+    return Path(cfg.output_dir) if cfg.output_dir else Path("runs") / "lm" / model_short_name(cfg.model) / cfg.method
+
+
+def prepare_output_dir(cfg: LMRunConfig, out: Path, resume: bool, dry_run: bool) -> None:
+    """A new run needs an empty folder (``overwrite_output_dir`` empties it); ``--resume`` needs a checkpoint."""
+    if dry_run:
+        return
+    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+    if resume:
+        if not checkpoints:
+            raise GlueError(f"--resume: {out} has no checkpoint-* folder. A run writes them when save_steps > 0.")
+        return
+    if out.is_dir() and any(p.name != "tiny-llama" for p in out.iterdir()):
+        if not cfg.overwrite_output_dir:
+            raise GlueError(f"output_dir {out} is not empty. Fix: another output_dir, overwrite_output_dir=true, or "
+                            "--resume to continue its run.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def make_trainer(cfg: LMRunConfig, model, data, out: Path):
+    """The Trainer: the recipe's optimisation, the method's callbacks, validation loss only (no logits kept)."""
+    import torch
+    from transformers import TrainingArguments, default_data_collator
+
+    args = TrainingArguments(
+        output_dir=str(out), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.train_batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler_type,
+        max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
+        eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps,
+        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+        logging_steps=cfg.logging_steps, report_to="none", use_cpu=not torch.cuda.is_available(),
+        prediction_loss_only=True, label_names=["labels"], ddp_find_unused_parameters=False,
+    )
+    return trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                           data_collator=default_data_collator, callbacks=training_callbacks(model))
+
+
+def check_export(cfg: LMRunConfig, model) -> None:
+    """``export_lora_rank`` is one the export will take (a factored adapter cannot be exported above its rank),
+    checked on the untrained adapter's shapes so the run does not fail after training."""
+    if cfg.export_lora_rank:
+        from sparse_lowrank_peft.squeeze import SqueezeError, check_squeeze_rank
+
+        try:
+            check_squeeze_rank(model, cfg.export_lora_rank)
+        except SqueezeError as e:
+            raise GlueError(f"export_lora_rank={cfg.export_lora_rank}: {e}") from e
+
+
+def save_adapter(model, out: Path) -> dict:
+    """``<out>/adapter`` (PEFT's LoRA on an LQ base also writes lq_lora.json); its path and bytes."""
+    folder = out / "adapter"
+    if hasattr(model, "lq_lora_settings"):
+        from sparse_lowrank_peft import save_lq_lora
+
+        save_lq_lora(model, str(folder))
+    else:
+        model.save_pretrained(str(folder))
+    return {"path": str(folder), "weights_bytes": glue_results.file_bytes(folder, ["adapter_model.safetensors"]),
+            "dir_bytes": glue_results.dir_bytes(folder)}
+
+
+def after_training(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dict:
+    """The optional plain LoRA export and reload check."""
+    extras: dict = {}
+    if cfg.export_lora_rank:
+        from sparse_lowrank_peft import export_to_lora
+
+        folder = export_to_lora(built.model, out / "lora", rank=cfg.export_lora_rank, uniform_rank=True)
+        extras["lora_export"] = {"path": str(folder), "rank": cfg.export_lora_rank,
+                                 "dir_bytes": glue_results.dir_bytes(Path(folder))}
+    if cfg.verify_reload:
+        extras["reload"] = reload_check(cfg, built, data, out, loss)
+    return extras
+
+
+def reload_check(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dict:
+    """The saved adapter on a freshly built base (quantized the same way, or re-derived from the LQ plan): its
+    validation loss against the trained model's."""
+    import torch
+    from peft import PeftModel
+
+    from causal_lm.model import load_base
+
+    base = load_base(cfg, built.path)
+    if cfg.quantize and cfg.init != "lq":
+        from glue.model import quantizable_linears, quantize_base
+
+        quantize_base(base, quantizable_linears(base, ["lm_head"]), cfg.quantize)
+    if cfg.method == "lora" and cfg.init == "lq":
+        from sparse_lowrank_peft import load_lq_lora
+
+        reloaded = load_lq_lora(base, str(out / "adapter"))
+    else:
+        reloaded = PeftModel.from_pretrained(base, str(out / "adapter"))
+    reloaded.eval()
+    device = next(reloaded.parameters()).device
+    with torch.no_grad():
+        losses = [reloaded(input_ids=b["input_ids"][None].to(device), labels=b["labels"][None].to(device)).loss.item()
+                  for b in data.eval]
+    reload_loss = sum(losses) / len(losses)
+    return {"eval_loss": reload_loss, "trained_eval_loss": loss, "abs_difference": abs(reload_loss - loss)}
+
+
+def results_record(cfg, data, built, trainer, output, losses, adapter, extras, seconds) -> dict:
+    """What the run did and measured, with its provenance."""
+    import dataclasses
+
+    before, after = losses
+    return glue_results.clean({
+        "schema": "slpeft-lm-results/1", "model": cfg.model, "model_path": built.path, "method": cfg.method,
+        "eval": {"loss_before": before, "loss_after": after, "perplexity_before": math.exp(before),
+                 "perplexity_after": math.exp(after)},
+        "train": {"steps": trainer.state.global_step, "train_loss": output.training_loss,
+                  "train_tokens_per_epoch": data.train_tokens, "train_s": seconds[0]},
+        "log_history": trainer.state.log_history, "data": {"source": data.source, "train_blocks": len(data.train),
+                                                          "eval_blocks": len(data.eval)},
+        "params": {"trainable": built.params[0], "total": built.params[1]}, "quantization": built.quant_info,
+        "adapter": adapter, **extras, "wall_time_s": seconds[1], "peak_memory": glue_results.peak_memory(),
+        "device": glue_results.device_description(), "config": dataclasses.asdict(cfg),
+        "git": glue_results.git_info(), "versions": glue_results.versions(),
+    })
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m causal_lm.run`` and the ``slpeft-lm`` console script)."""
+    methods = "\n".join(line for line in list_methods().splitlines() if not line.startswith("full "))
+    return recipe_main(argv, LMRunConfig, USAGE, build_config, run, methods)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The causal-LM runner (``causal_lm``): every recipe in recipes/llm trains, saves, reloads equal and exports on the
+tiny byte-level LLaMA; resume continues a run exactly; bad input fails before a model is loaded or trained."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("omegaconf")
+pytest.importorskip("bitsandbytes")
+
+from causal_lm.config import LMRunConfig, build_config  # noqa: E402
+from causal_lm.run import main, run  # noqa: E402
+from glue.errors import GlueError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes" / "llm").glob("*.yaml"))
+SMALL = ["block_size=64", "max_train_blocks=16", "max_eval_blocks=2", "train_batch_size=4", "eval_batch_size=2",
+         "num_threads=2", "logging_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """About 9 KB of varied English-like text (bytes for the tiny model)."""
+    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
+             "and twelve ships sail north across the cold grey sea").split()
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(80)]
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _cfg(recipe: Path | None, text_file: Path, out: Path, *overrides: str) -> LMRunConfig:
+    return build_config(str(recipe) if recipe else None,
+                        [f"train_file={text_file}", f"output_dir={out}", *SMALL, *overrides])
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_trains_saves_reloads_equal_and_exports(recipe, text_file, tmp_path):
+    """Two steps of each recipe: the adapter reloaded onto a freshly built base (4-bit, or re-derived from the LQ
+    plan) gives the trained model's validation loss; the one-rank export loads in plain PEFT as a LoRA."""
+    first = recipe.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# python -m causal_lm.run recipes/llm/" + recipe.name), "first line: its command"
+    results = run(_cfg(recipe, text_file, tmp_path / "run", "max_steps=2", "verify_reload=true"))
+    assert results["train"]["steps"] == 2 and results["params"]["trainable"] > 0
+    assert results["eval"]["loss_after"] < 10 and results["reload"]["abs_difference"] < 1e-5
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["eval"] == results["eval"] and written["config"]["method"] == results["method"]
+    export = json.loads((Path(results["lora_export"]["path"]) / "adapter_config.json").read_text())
+    assert export["peft_type"] == "LORA" and export["r"] == results["lora_export"]["rank"]
+    assert not export.get("rank_pattern") and "lm_head" not in json.dumps(export["target_modules"])
+    if "init: lq" in recipe.read_text():
+        assert results["quantization"]["lq_layers"] == 14  # every linear of the 2-layer LLaMA but lm_head
+
+
+def test_lq_init_starts_closer_to_the_full_precision_model_than_plain_nf4(text_file, tmp_path):
+    """init: lq's Q + L reproduces the full-precision base better than NF4 alone: lower validation loss before any
+    training step than on the plain NF4 base (both against the same random tiny model)."""
+    recipe = ROOT / "recipes" / "llm" / "sltrain-qlora.yaml"
+    full = run(_cfg(recipe, text_file, tmp_path / "full", "max_steps=1", "quantize=null", "export_lora_rank=null"))
+    nf4 = run(_cfg(recipe, text_file, tmp_path / "nf4", "max_steps=1", "export_lora_rank=null"))
+    lq = run(_cfg(recipe, text_file, tmp_path / "lq", "max_steps=1", "init=lq", "export_lora_rank=null"))
+    gap = lambda r: abs(r["eval"]["loss_before"] - full["eval"]["loss_before"])  # noqa: E731
+    assert gap(lq) < gap(nf4)
+
+
+def test_resume_continues_to_the_same_result(text_file, tmp_path):
+    """A run cut after its checkpoint at step 2 and resumed ends at the uninterrupted run's validation loss."""
+    recipe = ROOT / "recipes" / "llm" / "sltrain-qlora.yaml"
+    args = ("max_steps=4", "save_steps=2", "export_lora_rank=null")
+    whole = run(_cfg(recipe, text_file, tmp_path / "whole", *args))
+    out = tmp_path / "cut"
+    run(_cfg(recipe, text_file, out, *args))
+    for name in ("checkpoint-4", "adapter", "results.json"):  # as if the run had stopped after step 2's checkpoint
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    resumed = run(_cfg(recipe, text_file, out, *args), resume=True)
+    assert resumed["train"]["steps"] == 4
+    assert resumed["eval"]["loss_after"] == pytest.approx(whole["eval"]["loss_after"], abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train_file=null"], "sets no 'train_file'"),
+    (["train_file=/nonexistent/corpus.txt"], "does not exist"),
+    (["init=lq", "quantize=null"], "needs quantize: nf4"),
+    (["method=full"], "not offered by the causal-LM runner"),
+    (["method=nola"], "peft.sparsity is not a field of NolaConfig"),
+    (["eval_fraction=1.5"], "eval_fraction"),
+    (["block_size=0"], "block_size"),
+    (["learning_rte=1e-3"], "Did you mean 'learning_rate'"),
+    (["peft.task_type=SEQ_CLS"], r"set by the runner \(CAUSAL_LM\)"),
+])
+def test_bad_recipe_fails_before_loading(overrides, message, text_file, tmp_path):
+    with pytest.raises(GlueError, match=message):
+        _cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", text_file, tmp_path / "run", *overrides)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe, overrides, message", [
+    ("sltrain-qlora", ["block_size=4096"], "exceeds the model's max_position_embeddings"),
+    ("lora-qlora", ["export_lora_rank=64"], "export_lora_rank=64: rank 64 is above"),
+])
+def test_model_dependent_errors_come_before_training(recipe, overrides, message, text_file, tmp_path):
+    """What needs the model (its positions, from its config before the text is read; the adapter's rank) is checked
+    before the first step: no adapter is written."""
+    with pytest.raises(GlueError, match=message):
+        run(_cfg(ROOT / "recipes" / "llm" / f"{recipe}.yaml", text_file, tmp_path / "run", *overrides))
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_data_errors_name_the_fix(text_file, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    recipe = ROOT / "recipes" / "llm" / "sltrain-qlora.yaml"
+    for path, message in ((empty, "is empty"), (latin, "not UTF-8"), (text_file, "fewer than block_size")):
+        extra = ["block_size=1024", "max_train_blocks=null"] if path == text_file else []
+        with pytest.raises(GlueError, match=message):
+            run(_cfg(recipe, path, tmp_path / "run", *extra))
+
+
+def test_output_folder_is_not_overwritten_silently(text_file, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(GlueError, match="is not empty"):
+        run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", text_file, out, "max_steps=1"))
+    with pytest.raises(GlueError, match="has no checkpoint"):
+        run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", text_file, out, "max_steps=1"), resume=True)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_command_line(text_file, tmp_path, capsys):
+    recipe = str(ROOT / "recipes" / "llm" / "sora-qlora.yaml")
+    assert main(["--list-fields"]) == 0 and "export_lora_rank" in capsys.readouterr().out
+    assert main(["--list-methods"]) == 0
+    methods = capsys.readouterr().out
+    assert "sltrain" in methods and "full " not in methods
+    assert main([recipe, "--train-file", str(text_file), f"output_dir={tmp_path / 'run'}", *SMALL, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads(out[out.index("\n{") + 1:])
+    assert plan["dry_run"] and plan["method"] == "sora" and plan["train_blocks"] == 16
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert main([recipe, "--train-fil", "x"]) == 2 and "--train-file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["dylora", "sora"])
+def test_method_extras_as_in_the_glue_runner(method, text_file, tmp_path):
+    """DyLoRA is measured at every power-of-two rank; SoRA's closed ranks are pruned before saving (the reload still
+    equals the trained model)."""
+    recipe = ROOT / "recipes" / "llm" / "sora-qlora.yaml"
+    peft = "peft.sparse_lambda=50.0" if method == "sora" else "method=dylora"
+    overrides = ["max_steps=3", "verify_reload=true", "export_lora_rank=null", peft, "learning_rate=0.05"]
+    results = run(_cfg(recipe, text_file, tmp_path / "run", *overrides))
+    extras = results["method_results"]
+    if method == "dylora":
+        assert sorted(extras["rank_evals"], key=int) == ["1", "2", "4", "8", "16"]
+        assert all("loss" in v for v in extras["rank_evals"].values())
+    else:
+        assert 0 <= extras["kept_total"] < extras["max_total"]
+    assert results["reload"]["abs_difference"] < 1e-5
