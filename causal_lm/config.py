@@ -6,7 +6,6 @@ Defaults, then the YAML recipe, then ``field=value`` overrides (OmegaConf; ``glu
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from glue import model as glue_model
-from glue.config import _f, _fm, check_choices, read_recipe
+from glue.config import _f, _fm, check_choices, read_recipe, validate_quantize
 from glue.errors import GlueError
 
 TINY_MODEL = "tiny-llama"
@@ -32,11 +31,19 @@ class LMRunConfig:
     tokenizer: Optional[str] = _f(None, "tokenizer folder or hub id (default: the model's; tiny-llama reads bytes)")
     method: str = _f("sltrain", "'lora' (PEFT LoraConfig), another PEFT baseline, or a tuner of sparse_lowrank_peft "
                                 "(sltrain, sora, dylora, nola, sparse_randlora)")
-    peft: Dict[str, Any] = _fm(dict, "config fields of the method's PeftConfig (r, lora_alpha, ...); target_modules "
-                                     "defaults to all-linear (lm_head excluded), task_type is CAUSAL_LM")
+    peft: Dict[str, Any] = _fm(lambda: {"target_modules": "all-linear"},
+                               "config fields of the method's PeftConfig (r, lora_alpha, ...); target_modules "
+                               "defaults to all-linear (lm_head excluded), task_type is CAUSAL_LM")
     quantize: Optional[str] = _f(None, "4-bit base (QLoRA): nf4 or fp4 quantizes every linear but lm_head with "
-                                       "bitsandbytes (double quantization) after loading; null: the base as loaded",
-                                 choices=(None, "nf4", "fp4"))
+                                       "bitsandbytes (double quantization) after loading; plan: one configuration "
+                                       "per matrix from quantize_plan (LQ-LoRA's bit budget); null: the base as "
+                                       "loaded", choices=(None, "nf4", "fp4", "plan"))
+    quantize_plan: Optional[Dict[str, Any]] = _f(None, "for quantize: plan -- budget_bits (average stored bits per "
+                                                       "parameter; an integer program picks each matrix's "
+                                                       "configuration) or uniform (e.g. hqq-3bit-g64), and "
+                                                       "[fisher_batches] (weigh the errors by the Fisher of that many "
+                                                       "training batches), [output_batches], [candidates], [table] "
+                                                       "(as in the GLUE runner: python -m glue.run --list-fields)")
     init: str = _f("default", "adapter initialisation: default (the method's own) or lq (LQ-LoRA: W = Q + L, the "
                               "adapter starts from L; needs quantize)", choices=("default", "lq"))
     # data
@@ -125,24 +132,9 @@ def _validate_method(cfg: LMRunConfig) -> None:
     if cfg.method == "full":
         raise GlueError("method 'full' is not offered by the causal-LM runner (it trains adapters). Use 'lora' or a "
                         "tuner of sparse_lowrank_peft.")
-    if cfg.quantize and importlib.util.find_spec("bitsandbytes") is None:
+    if cfg.quantize and importlib.util.find_spec("bitsandbytes") is None and cfg.quantize != "plan":
         raise GlueError(f"quantize: {cfg.quantize} needs bitsandbytes, which is not installed. Fix: "
                         "pip install 'sparse-lowrank-peft[bnb]', or quantize=null.")
-    if cfg.init == "lq" and not cfg.quantize:
-        raise GlueError("init: lq splits each weight into a quantized Q and the adapter's L; it needs quantize: nf4 "
-                        "(or fp4). Fix: quantize=nf4, or init=default.")
-    fields = peft_fields(cfg)
-    if cfg.init == "lq" and cfg.method != "lora":
-        cls = glue_model.available_methods().get(cfg.method)
-        if cls is not None and "init_weights" not in {f.name for f in dataclasses.fields(cls)}:
-            raise GlueError(f"init: lq needs a method with LQ initialisation (lora or a tuner of this library); "
-                            f"'{cfg.method}' has none. Fix: init=default.")
-    glue_model.make_peft_config(cfg.method, fields, head_modules=[], task_type="CAUSAL_LM")
-
-
-def peft_fields(cfg: LMRunConfig) -> dict[str, Any]:
-    """The method's config fields: the recipe's, ``target_modules`` defaulting to all-linear, and what ``init: lq``
-    implies (``glue.model.effective_peft_fields``)."""
-    fields = glue_model.effective_peft_fields(cfg)
-    fields.setdefault("target_modules", "all-linear")
-    return fields
+    validate_quantize(cfg)
+    glue_model.make_peft_config(cfg.method, glue_model.effective_peft_fields(cfg), head_modules=[],
+                                task_type="CAUSAL_LM")

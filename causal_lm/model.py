@@ -9,7 +9,7 @@ from typing import Any
 from glue import model as glue_model
 from glue.errors import GlueError
 
-from causal_lm.config import TINY_MODEL, LMRunConfig, peft_fields
+from causal_lm.config import TINY_MODEL, LMRunConfig
 
 HEAD = ["lm_head"]  # never quantized, never adapted (all-linear leaves it out too)
 
@@ -83,26 +83,31 @@ def check_block_size(cfg: LMRunConfig, path: str) -> None:
                         f"Fix: block_size={limit} or less.")
 
 
-def build_model(cfg: LMRunConfig, path: str) -> BuiltLM:
-    """Base, 4-bit base (``quantize``; with ``init: lq`` the adapter quantizes its targets to ``Q`` itself), adapter.
+def build_model(cfg: LMRunConfig, path: str, train: list[dict]) -> BuiltLM:
+    """Base, quantized base (``quantize``: 4-bit, or a bit-budget plan measured here; with ``init: lq`` the adapter
+    quantizes its targets to ``Q`` itself), adapter: the GLUE runner's steps (``glue.model.prepare_base``) on a
+    causal LM. ``train``'s first blocks are the calibration batches of a Fisher-weighted or output-change plan.
     Everything random comes from the seed."""
     from transformers import set_seed
 
     set_seed(cfg.seed)
     model = load_base(cfg, path)
     names = glue_model.quantizable_linears(model, HEAD) if cfg.quantize else []
-    plan = quant_info = None
-    if cfg.quantize and cfg.init == "lq":
-        plan = glue_model.uniform_lq_plan(cfg.quantize, names)
-    elif cfg.quantize:
-        quant_info = glue_model.quantize_base(model, names, cfg.quantize)
+    plan, fisher, quant_info = glue_model.prepare_base(cfg, model, names, lambda n: calibration(cfg, train, n))
     if cfg.gradient_checkpointing:  # non-reentrant: no input-grad hook needed, no torch warning
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    fields = peft_fields(cfg)
-    if plan is not None and cfg.method != "lora":
-        fields["lq_plan"] = plan
-    config = glue_model.make_peft_config(cfg.method, fields, head_modules=[], task_type="CAUSAL_LM")
-    peft_model = glue_model.wrap_model(cfg, model, config, plan)
-    if plan is not None:
-        quant_info = glue_model.lq_base_info(peft_model, cfg.quantize, plan)
+    config = glue_model.make_peft_config(cfg.method, glue_model.adapter_fields(cfg, plan, names), head_modules=[],
+                                         task_type="CAUSAL_LM")
+    peft_model = glue_model._with_fisher(fisher, glue_model.wrap_model, cfg, model, config, plan)
+    quant_info = glue_model.adapter_base_info(cfg, peft_model, names, plan, quant_info)
     return BuiltLM(peft_model, path, quant_info, glue_model.count_parameters(peft_model))
+
+
+def calibration(cfg: LMRunConfig, train: list[dict], n_batches: int) -> list[dict]:
+    """The first ``n_batches`` training batches of ``train_batch_size`` blocks, on the model's device."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = cfg.train_batch_size
+    return [{k: torch.stack([b[k] for b in train[i:i + size]]).to(device) for k in ("input_ids", "labels")}
+            for i in range(0, min(n_batches * size, len(train)), size)]

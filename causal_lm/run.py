@@ -68,7 +68,7 @@ def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
     check_block_size(cfg, path)
     tokenizer = load_tokenizer(cfg, path)
     data = load_data(cfg, tokenizer)
-    built = build_model(cfg, path)
+    built = build_model(cfg, path, data.train)
     check_export(cfg, built.model)
     print(f"[lm] {cfg.model}, method {cfg.method}: {built.params[0]:,} trainable of {built.params[1]:,} parameters; "
           f"{len(data.train)} training and {len(data.eval)} validation blocks of {cfg.block_size} tokens "
@@ -181,13 +181,17 @@ def reload_check(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dict:
     import torch
     from peft import PeftModel
 
-    from causal_lm.model import load_base
+    from causal_lm.model import HEAD, load_base
 
     base = load_base(cfg, built.path)
-    if cfg.quantize and cfg.init != "lq":
+    if cfg.quantize == "plan" and cfg.init != "lq":
+        from sparse_lowrank_peft.delta.bitbudget import apply_plan
+
+        apply_plan(base, built.quant_info["plan"])
+    elif cfg.quantize and cfg.init != "lq":
         from glue.model import quantizable_linears, quantize_base
 
-        quantize_base(base, quantizable_linears(base, ["lm_head"]), cfg.quantize)
+        quantize_base(base, quantizable_linears(base, HEAD), cfg.quantize)
     if cfg.method == "lora" and cfg.init == "lq":
         from sparse_lowrank_peft import load_lq_lora
 

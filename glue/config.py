@@ -386,6 +386,14 @@ def _validate_numbers(cfg: RunConfig) -> None:
 
 
 def _validate_quantize_and_squeeze(cfg: RunConfig) -> None:
+    validate_quantize(cfg)
+    if cfg.squeeze is not None:
+        _validate_squeeze(cfg)
+
+
+def validate_quantize(cfg) -> None:
+    """``quantize``, ``init: lq`` and ``quantize_plan`` fit together and the method (shared by the GLUE and the
+    causal-LM runners, whose ``cfg`` have these fields)."""
     if cfg.quantize and cfg.method == "full":
         raise GlueError(
             f"quantize: {cfg.quantize} with method 'full': a 4-bit weight cannot be trained. Quantized bases are for "
@@ -408,8 +416,6 @@ def _validate_quantize_and_squeeze(cfg: RunConfig) -> None:
                 "default."
             )
     _validate_plan_fields(cfg)
-    if cfg.squeeze is not None:
-        _validate_squeeze(cfg)
 
 
 def _validate_squeeze(cfg: RunConfig) -> None:

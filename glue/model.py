@@ -303,7 +303,7 @@ def make_quant_plan(cfg: RunConfig, model, names: Sequence[str], fisher: dict | 
                     batches: Sequence[dict] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
     """``quantize: plan``: the configuration of every matrix in ``names`` and what was done (bits, choices). A
     budget is solved from the recipe's measurement table, or from one measured here (LQ at the adapter's rank on
-    its targets): each configuration's weight error (weighted by ``fisher``, :func:`fisher_weights`, when given),
+    its targets): each configuration's weight error (weighted by ``fisher``, LQ-LoRA's row/column Fisher, when given),
     or, given calibration ``batches``, its change of the model's output (``bitbudget.measure_output``)."""
     from sparse_lowrank_peft.delta import bitbudget as bb
 
@@ -346,16 +346,6 @@ def lq_targets(cfg: RunConfig, model, names: Sequence[str]) -> list[str]:
     if isinstance(targets, str):  # a regex, as PEFT matches it
         return [n for n in names if re.fullmatch(targets, n)]
     return [n for n in names if n.split(".")[-1] in targets or any(n.endswith("." + t) for t in targets)]
-
-
-def fisher_weights(cfg: RunConfig, model, tokenizer, train, names: Sequence[str]) -> dict:
-    """LQ-LoRA's Fisher weights (row and column sums of the squared loss gradients) of the linears ``names``, from
-    the first ``quantize_plan.fisher_batches`` training batches of the full-precision model (the head as
-    initialised: the task's loss through it is what the base is asked to keep)."""
-    from sparse_lowrank_peft.delta.quant import fisher_row_col_weights
-
-    batches = calibration_batches(cfg, tokenizer, train, int(cfg.quantize_plan["fisher_batches"]))
-    return fisher_row_col_weights(model, batches, names)
 
 
 def calibration_batches(cfg: RunConfig, tokenizer, train, n_batches: int) -> list[dict]:
@@ -464,41 +454,71 @@ def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
     head = list(cfg.head_modules) if cfg.head_modules else head_module_names(model)
     built = BuiltModel(model, tokenizer, model_path, head)
     to_quantize = quantizable_linears(model, head) if cfg.quantize else []
-    plan = fisher = batches = None
-    if cfg.quantize == "plan":
-        from sparse_lowrank_peft.delta.bitbudget import apply_plan
-
-        needs = [k for k in ("fisher_batches", "output_batches") if cfg.quantize_plan.get(k)]
-        if needs and train is None:
-            raise GlueError(f"quantize_plan.{needs[0]} needs the training data: build_model(cfg, task, train).")
-        if cfg.quantize_plan.get("fisher_batches"):
-            fisher = fisher_weights(cfg, model, tokenizer, train, to_quantize)
-        if cfg.quantize_plan.get("output_batches"):
-            batches = calibration_batches(cfg, tokenizer, train, int(cfg.quantize_plan["output_batches"]))
-        plan, built.quant_info = make_quant_plan(cfg, model, to_quantize, fisher, batches)
-        if cfg.init != "lq":
-            built.quant_info["quantized_layers"] = apply_plan(model, plan)
-    elif cfg.quantize and cfg.init == "lq":
-        plan = uniform_lq_plan(cfg.quantize, to_quantize)
-    elif cfg.quantize:
-        built.quant_info = quantize_base(model, to_quantize, cfg.quantize)
+    calibration = None if train is None else (lambda n: calibration_batches(cfg, tokenizer, train, n))
+    plan, fisher, built.quant_info = prepare_base(cfg, model, to_quantize, calibration)
     if cfg.method != "full":
-        fields = effective_peft_fields(cfg)
-        if plan is not None and cfg.init == "lq" and cfg.method != "lora":
-            fields["lq_plan"] = plan
-        built.peft_config = make_peft_config(cfg.method, fields, head)
+        built.peft_config = make_peft_config(cfg.method, adapter_fields(cfg, plan, to_quantize), head)
         built.model = _with_fisher(fisher, wrap_model, cfg, model, built.peft_config, plan)
-        if cfg.quantize == "plan" and cfg.init == "lq":  # the adapter quantized the plan: targets by LQ, rest plainly
-            targets = lq_targets(cfg, model, to_quantize)
-            built.quant_info["quantized_layers"] = sum(1 for n in plan if n not in targets)
-            built.quant_info["choices"] = {c: list(plan.values()).count(c) for c in sorted(set(plan.values()))}
-        elif cfg.quantize and cfg.init == "lq":  # the same for a uniform 4-bit base (plan: uniform_lq_plan)
-            built.quant_info = lq_base_info(built.model, cfg.quantize, plan)
+        built.quant_info = adapter_base_info(cfg, built.model, to_quantize, plan, built.quant_info)
         if cfg.init_adapter:
             built.init_info = load_init_adapter(built.model, cfg.init_adapter, head)
     built.params = count_parameters(built.model)
     return built
 
+
+
+def prepare_base(cfg, model, names: Sequence[str], calibration=None) -> tuple[dict | None, dict | None, dict | None]:
+    """The recipe's quantized base, before the adapter: ``(plan, fisher, quant_info)``. ``quantize: plan`` measures
+    and solves the plan (Fisher-weighted or by output change on ``calibration(n)``: the first ``n`` training
+    batches) and applies it unless LQ init will; ``init: lq`` on a uniform 4-bit base is that base as a plan (the
+    adapter quantizes); otherwise ``names`` are quantized now. Shared by the GLUE and the causal-LM runners, whose
+    ``cfg`` have these fields."""
+    plan = fisher = quant_info = None
+    if cfg.quantize == "plan":
+        from sparse_lowrank_peft.delta.bitbudget import apply_plan
+        from sparse_lowrank_peft.delta.quant import fisher_row_col_weights
+
+        spec = cfg.quantize_plan
+        needs = [k for k in ("fisher_batches", "output_batches") if spec.get(k)]
+        if needs and calibration is None:
+            raise GlueError(f"quantize_plan.{needs[0]} needs the training data: build_model(cfg, task, train).")
+        if spec.get("fisher_batches"):
+            fisher = fisher_row_col_weights(model, calibration(int(spec["fisher_batches"])), names)
+        batches = calibration(int(spec["output_batches"])) if spec.get("output_batches") else None
+        plan, quant_info = make_quant_plan(cfg, model, names, fisher, batches)
+        if cfg.init != "lq":
+            quant_info["quantized_layers"] = apply_plan(model, plan)
+    elif cfg.quantize and cfg.init == "lq":
+        plan = uniform_lq_plan(cfg.quantize, names)
+    elif cfg.quantize:
+        quant_info = quantize_base(model, names, cfg.quantize)
+    return plan, fisher, quant_info
+
+
+def adapter_fields(cfg, plan: dict | None, names: Sequence[str]) -> dict[str, Any]:
+    """The method's config fields (:func:`effective_peft_fields`) with the plan LQ init quantizes by. On a plan's
+    base, ``all-linear`` becomes the quantized linears ``names`` themselves: PEFT's own expansion of it skips HQQ
+    layers (no ``nn.Linear``), so PEFT's LoRA would find no target."""
+    from sparse_lowrank_peft._peft_compat import is_all_linear
+
+    fields = effective_peft_fields(cfg)
+    if plan is not None and cfg.init == "lq" and cfg.method != "lora":
+        fields["lq_plan"] = plan
+    if cfg.quantize == "plan" and is_all_linear(fields.get("target_modules")):
+        fields["target_modules"] = list(names)
+    return fields
+
+
+def adapter_base_info(cfg, peft_model, names: Sequence[str], plan: dict | None, info: dict | None) -> dict | None:
+    """What the base is once LQ init has quantized it (the adapter quantized the plan: its targets by LQ, the rest
+    plainly); ``info`` unchanged without LQ init."""
+    if cfg.quantize == "plan" and cfg.init == "lq":
+        targets = lq_targets(cfg, peft_model.base_model.model, names)
+        info["quantized_layers"] = sum(1 for n in plan if n not in targets)
+        info["choices"] = {c: list(plan.values()).count(c) for c in sorted(set(plan.values()))}
+    elif cfg.quantize and cfg.init == "lq":  # the same for a uniform 4-bit base (plan: uniform_lq_plan)
+        info = lq_base_info(peft_model, cfg.quantize, plan)
+    return info
 
 
 def wrap_model(cfg: RunConfig, model, peft_config, plan: dict | None):

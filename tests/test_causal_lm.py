@@ -42,6 +42,8 @@ def _cfg(recipe: Path | None, text_file: Path, out: Path, *overrides: str) -> LM
 def test_recipe_trains_saves_reloads_equal_and_exports(recipe, text_file, tmp_path):
     """Two steps of each recipe: the adapter reloaded onto a freshly built base (4-bit, or re-derived from the LQ
     plan) gives the trained model's validation loss; the one-rank export loads in plain PEFT as a LoRA."""
+    if "quantize: plan" in recipe.read_text(encoding="utf-8"):
+        pytest.importorskip("hqq", reason="a bit-budget plan's configurations need hqq (the hqq extra)")
     first = recipe.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("# python -m causal_lm.run recipes/llm/" + recipe.name), "first line: its command"
     results = run(_cfg(recipe, text_file, tmp_path / "run", "max_steps=2", "verify_reload=true"))
@@ -53,8 +55,24 @@ def test_recipe_trains_saves_reloads_equal_and_exports(recipe, text_file, tmp_pa
     export = json.loads((Path(results["lora_export"]["path"]) / "adapter_config.json").read_text())
     assert export["peft_type"] == "LORA" and export["r"] == results["lora_export"]["rank"]
     assert not export.get("rank_pattern") and "lm_head" not in json.dumps(export["target_modules"])
-    if "init: lq" in recipe.read_text():
-        assert results["quantization"]["lq_layers"] == 14  # every linear of the 2-layer LLaMA but lm_head
+    quantization = results["quantization"]
+    if "quantize: plan" in recipe.read_text():  # the plan covers every linear but lm_head, within its budget
+        assert len(quantization["plan"]) == 14 and quantization["bits_per_param"] <= 3.0
+    elif "init: lq" in recipe.read_text():
+        assert quantization["lq_layers"] == 14  # every linear of the 2-layer LLaMA but lm_head
+
+
+@pytest.mark.parametrize("recipe", ["lora-qlora", "sltrain-qlora"])
+def test_all_linear_on_a_plan_base_adapts_every_hqq_layer(recipe, text_file, tmp_path):
+    """On an HQQ base without LQ init, all-linear still reaches every quantized linear (PEFT's own expansion of
+    all-linear skips HQQ layers, and PEFT's LoRA found no target); the reload re-applies the plan."""
+    pytest.importorskip("hqq")
+    results = run(_cfg(ROOT / "recipes" / "llm" / f"{recipe}.yaml", text_file, tmp_path / "run", "max_steps=1",
+                       "quantize=plan", "quantize_plan={uniform: hqq-4bit-g64}", "verify_reload=true",
+                       "export_lora_rank=null"))
+    assert results["quantization"]["quantized_layers"] == 14
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) == 14 and results["reload"]["abs_difference"] < 1e-5
 
 
 def test_lq_init_starts_closer_to_the_full_precision_model_than_plain_nf4(text_file, tmp_path):
