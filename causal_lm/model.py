@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,13 @@ class BuiltLM:
     params: tuple[int, int]
 
 
-def tiny_llama(folder: Path) -> str:
-    """A 2-layer LLaMA over bytes (vocabulary 256), random from seed 0, saved once to ``folder``. Widths are multiples
-    of 64 as in real LLMs: bitsandbytes' AVX-512-BF16 eval kernel asserts on others (docs/quantized.md)."""
+def tiny_llama() -> str:
+    """A 2-layer LLaMA over bytes (vocabulary 256), random from seed 0, built once into the cache folder
+    (``$SLPEFT_CACHE``, default ``~/.cache/sparse_lowrank_peft``; written to a temporary folder and renamed, so a
+    reader never sees half of it). Widths are multiples of 64 as in real LLMs: bitsandbytes' AVX-512-BF16 eval
+    kernel asserts on others (docs/quantized.md)."""
+    cache = Path(os.environ.get("SLPEFT_CACHE") or Path.home() / ".cache" / "sparse_lowrank_peft")
+    folder = cache / f"{TINY_MODEL}-v1"
     if not (folder / "config.json").is_file():
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,13 +39,23 @@ def tiny_llama(folder: Path) -> str:
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-        LlamaForCausalLM(config).save_pretrained(folder)
+        staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL}-", dir=_made(cache)))
+        LlamaForCausalLM(config).save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # built meanwhile by another process: keep that one
+            shutil.rmtree(staging, ignore_errors=True)
     return str(folder)
 
 
-def model_path(cfg: LMRunConfig, out: Path) -> str:
-    """What ``from_pretrained`` takes: the recipe's model, or the tiny model's folder under the run folder."""
-    return tiny_llama(out / "tiny-llama") if cfg.model == TINY_MODEL else cfg.model
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def model_path(cfg: LMRunConfig) -> str:
+    """What ``from_pretrained`` takes: the recipe's model, or the tiny model's cached folder."""
+    return tiny_llama() if cfg.model == TINY_MODEL else cfg.model
 
 
 def load_tokenizer(cfg: LMRunConfig, path: str):
@@ -54,8 +71,9 @@ def load_tokenizer(cfg: LMRunConfig, path: str):
                         "tokenizer files or a hub id (which needs network access or a warm cache).") from e
 
 
-def load_base(cfg: LMRunConfig, path: str):
-    """The full-precision (or bf16/fp16) causal LM, on the GPU when there is one."""
+def load_base(cfg: LMRunConfig, path: str, device=None):
+    """The causal LM in ``precision``, on ``device`` (this process's, from ``TrainingArguments``; default: the GPU
+    when there is one), where a 4-bit base is then quantized."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -65,7 +83,9 @@ def load_base(cfg: LMRunConfig, path: str):
     except (OSError, ValueError, KeyError) as e:
         raise GlueError(f"Could not load causal LM '{cfg.model}' ({path}): {type(e).__name__}: {e}. Give a folder "
                         "with config.json and weights; a hub id needs network access or a warm cache.") from e
-    return model.to("cuda") if torch.cuda.is_available() else model
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device)
 
 
 def check_block_size(cfg: LMRunConfig, path: str) -> None:
@@ -83,7 +103,7 @@ def check_block_size(cfg: LMRunConfig, path: str) -> None:
                         f"Fix: block_size={limit} or less.")
 
 
-def build_model(cfg: LMRunConfig, path: str, train: list[dict]) -> BuiltLM:
+def build_model(cfg: LMRunConfig, path: str, train: list[dict], device=None) -> BuiltLM:
     """Base, quantized base (``quantize``: 4-bit, or a bit-budget plan measured here; with ``init: lq`` the adapter
     quantizes its targets to ``Q`` itself), adapter: the GLUE runner's steps (``glue.model.prepare_base``) on a
     causal LM. ``train``'s first blocks are the calibration batches of a Fisher-weighted or output-change plan.
@@ -91,9 +111,10 @@ def build_model(cfg: LMRunConfig, path: str, train: list[dict]) -> BuiltLM:
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model = load_base(cfg, path)
+    model = load_base(cfg, path, device)
     names = glue_model.quantizable_linears(model, HEAD) if cfg.quantize else []
-    plan, fisher, quant_info = glue_model.prepare_base(cfg, model, names, lambda n: calibration(cfg, train, n))
+    plan, fisher, quant_info = glue_model.prepare_base(
+        cfg, model, names, lambda n: calibration(cfg, train, n, model.device))
     if cfg.gradient_checkpointing:  # non-reentrant: no input-grad hook needed, no torch warning
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     config = glue_model.make_peft_config(cfg.method, glue_model.adapter_fields(cfg, plan, names), head_modules=[],
@@ -103,11 +124,10 @@ def build_model(cfg: LMRunConfig, path: str, train: list[dict]) -> BuiltLM:
     return BuiltLM(peft_model, path, quant_info, glue_model.count_parameters(peft_model))
 
 
-def calibration(cfg: LMRunConfig, train: list[dict], n_batches: int) -> list[dict]:
-    """The first ``n_batches`` training batches of ``train_batch_size`` blocks, on the model's device."""
+def calibration(cfg: LMRunConfig, train: list[dict], n_batches: int, device) -> list[dict]:
+    """The first ``n_batches`` training batches of ``train_batch_size`` blocks, on ``device``."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     size = cfg.train_batch_size
     return [{k: torch.stack([b[k] for b in train[i:i + size]]).to(device) for k in ("input_ids", "labels")}
             for i in range(0, min(n_batches * size, len(train)), size)]

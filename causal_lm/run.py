@@ -30,7 +30,7 @@ from glue import results as glue_results
 from glue.errors import GlueError
 from glue.model import model_short_name
 from glue.run import list_methods, recipe_main
-from glue.train import method_results, trainer_class, training_callbacks
+from glue.train import is_main_process, method_results, trainer_class, training_callbacks
 
 from causal_lm.config import LMRunConfig, build_config, validate_config
 from causal_lm.data import load_data
@@ -59,16 +59,21 @@ def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
     validate_config(cfg)
     start = time.time()
     out = output_dir(cfg)
-    prepare_output_dir(cfg, out, resume, dry_run)
+    if not dry_run:
+        check_output_dir(cfg, out, resume)
     if cfg.num_threads:
         import torch
 
         torch.set_num_threads(cfg.num_threads)
-    path = model_path(cfg, out)
+    args = training_arguments(cfg, out)
+    with args.main_process_first(local=False, desc="the tiny model and the output folder"):
+        path = model_path(cfg)  # the main process builds the tiny model once; the others then read it
+        if args.process_index == 0 and not dry_run:
+            open_output_dir(cfg, out, resume)
     check_block_size(cfg, path)
     tokenizer = load_tokenizer(cfg, path)
     data = load_data(cfg, tokenizer)
-    built = build_model(cfg, path, data.train)
+    built = build_model(cfg, path, data.train, args.device)
     check_export(cfg, built.model)
     print(f"[lm] {cfg.model}, method {cfg.method}: {built.params[0]:,} trainable of {built.params[1]:,} parameters; "
           f"{len(data.train)} training and {len(data.eval)} validation blocks of {cfg.block_size} tokens "
@@ -77,14 +82,16 @@ def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
         return {"dry_run": True, "method": cfg.method, "output_dir": str(out), "train_blocks": len(data.train),
                 "eval_blocks": len(data.eval), "params": {"trainable": built.params[0], "total": built.params[1]}}
 
-    trainer = make_trainer(cfg, built.model, data, out)
-    before = trainer.evaluate()["eval_loss"]
+    trainer = make_trainer(args, built.model, data)
     train_start = time.time()
     output = trainer.train(resume_from_checkpoint=True if resume else None)
     train_s = time.time() - train_start
+    before = initial_loss(trainer)
     after = trainer.evaluate()["eval_loss"]
     method = method_results(cfg.method, trainer, built.model, out)  # DyLoRA's per-rank losses; SoRA prunes
-    adapter = save_adapter(built.model, out)
+    adapter = save_adapter(trainer, built.model, out)
+    if not trainer.is_world_process_zero():  # the main process exports, checks and writes the results
+        return {"process_index": args.process_index, "eval": {"loss_before": before, "loss_after": after}}
     extras = {"method_results": method, **after_training(cfg, built, data, out, after)}
     results = results_record(cfg, data, built, trainer, output, (before, after), adapter, extras,
                              (train_s, time.time() - start))
@@ -99,29 +106,41 @@ def output_dir(cfg: LMRunConfig) -> Path:
     return Path(cfg.output_dir) if cfg.output_dir else Path("runs") / "lm" / model_short_name(cfg.model) / cfg.method
 
 
-def prepare_output_dir(cfg: LMRunConfig, out: Path, resume: bool, dry_run: bool) -> None:
-    """A new run needs an empty folder (``overwrite_output_dir`` empties it); ``--resume`` needs a checkpoint."""
-    if dry_run:
+def initial_loss(trainer) -> float:
+    """The validation loss before the first step: the Trainer's own evaluation at step 0 (``eval_on_start``; kept in
+    a resumed run's history). Not a ``trainer.evaluate()`` before ``train()``: under torchrun that left the model
+    without DistributedDataParallel's gradient averaging, and the two processes trained apart (measured: different
+    weights on the two ranks after 4 steps)."""
+    return next(e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0)
+
+
+def check_output_dir(cfg: LMRunConfig, out: Path, resume: bool) -> None:
+    """Before the slow steps, on the main process (another rank may already see its folder): a new run needs an
+    empty folder or ``overwrite_output_dir``; ``--resume`` needs a checkpoint. Changes nothing."""
+    if not is_main_process():
         return
-    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
     if resume:
-        if not checkpoints:
+        if not list(out.glob("checkpoint-*")):
             raise GlueError(f"--resume: {out} has no checkpoint-* folder. A run writes them when save_steps > 0.")
-        return
-    if out.is_dir() and any(p.name != "tiny-llama" for p in out.iterdir()):
-        if not cfg.overwrite_output_dir:
-            raise GlueError(f"output_dir {out} is not empty. Fix: another output_dir, overwrite_output_dir=true, or "
-                            "--resume to continue its run.")
+    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir:
+        raise GlueError(f"output_dir {out} is not empty. Fix: another output_dir, overwrite_output_dir=true, or "
+                        "--resume to continue its run.")
+
+
+def open_output_dir(cfg: LMRunConfig, out: Path, resume: bool) -> None:
+    """Empty the folder of a new run (checked by :func:`check_output_dir`) and create it; main process only."""
+    if not resume and out.is_dir() and any(out.iterdir()) and cfg.overwrite_output_dir:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
-def make_trainer(cfg: LMRunConfig, model, data, out: Path):
-    """The Trainer: the recipe's optimisation, the method's callbacks, validation loss only (no logits kept)."""
+def training_arguments(cfg: LMRunConfig, out: Path):
+    """The recipe's optimisation as ``TrainingArguments`` (made first: under torchrun they start the process group
+    and name this process's device). Validation loss only: no logits are kept."""
     import torch
-    from transformers import TrainingArguments, default_data_collator
+    from transformers import TrainingArguments
 
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.train_batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -130,8 +149,14 @@ def make_trainer(cfg: LMRunConfig, model, data, out: Path):
         eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         logging_steps=cfg.logging_steps, report_to="none", use_cpu=not torch.cuda.is_available(),
-        prediction_loss_only=True, label_names=["labels"], ddp_find_unused_parameters=False,
+        prediction_loss_only=True, label_names=["labels"], ddp_find_unused_parameters=False, eval_on_start=True,
     )
+
+
+def make_trainer(args, model, data):
+    """The Trainer of the run, with the method's callbacks (SoRA's gate step, DyLoRA's rank draws)."""
+    from transformers import default_data_collator
+
     return trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                            data_collator=default_data_collator, callbacks=training_callbacks(model))
 
@@ -148,15 +173,17 @@ def check_export(cfg: LMRunConfig, model) -> None:
             raise GlueError(f"export_lora_rank={cfg.export_lora_rank}: {e}") from e
 
 
-def save_adapter(model, out: Path) -> dict:
-    """``<out>/adapter`` (PEFT's LoRA on an LQ base also writes lq_lora.json); its path and bytes."""
+def save_adapter(trainer, model, out: Path) -> dict:
+    """``<out>/adapter`` (PEFT's LoRA on an LQ base also writes lq_lora.json), written by the main process while
+    the others wait; its path and bytes."""
     folder = out / "adapter"
-    if hasattr(model, "lq_lora_settings"):
+    if trainer.is_world_process_zero() and hasattr(model, "lq_lora_settings"):
         from sparse_lowrank_peft import save_lq_lora
 
         save_lq_lora(model, str(folder))
-    else:
+    elif trainer.is_world_process_zero():
         model.save_pretrained(str(folder))
+    trainer.accelerator.wait_for_everyone()
     return {"path": str(folder), "weights_bytes": glue_results.file_bytes(folder, ["adapter_model.safetensors"]),
             "dir_bytes": glue_results.dir_bytes(folder)}
 

@@ -22,6 +22,20 @@ SMALL = ["block_size=64", "max_train_blocks=16", "max_eval_blocks=2", "train_bat
          "num_threads=2", "logging_steps=1"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def model_cache(tmp_path_factory):
+    """The tiny model is built into a cache folder of this module, not the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("SLPEFT_CACHE")
+    os.environ["SLPEFT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield Path(os.environ["SLPEFT_CACHE"])
+    if old is None:
+        os.environ.pop("SLPEFT_CACHE")
+    else:
+        os.environ["SLPEFT_CACHE"] = old
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     """About 9 KB of varied English-like text (bytes for the tiny model)."""

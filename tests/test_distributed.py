@@ -25,6 +25,7 @@ Tolerances:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -500,3 +501,52 @@ def test_glue_runner_under_torchrun_resume_equals_uninterrupted(tiny_bert, tmp_p
     a = safetensors.torch.load_file(str(out / "adapter" / "adapter_model.safetensors"))
     b = safetensors.torch.load_file(str(run["out"] / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+LM_RECIPE = """\
+model: tiny-llama
+method: sora
+peft: {{r: 4, lora_alpha: 8, sparse_lambda: 20.0}}
+quantize: nf4
+train_file: {text}
+block_size: 64
+max_train_blocks: 32
+max_eval_blocks: 4
+train_batch_size: 2
+eval_batch_size: 2
+learning_rate: 0.01
+max_steps: 4
+save_steps: 2
+logging_steps: 1
+num_threads: 1
+export_lora_rank: 4
+verify_reload: true
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="the recipe's NF4 base needs bitsandbytes")
+def test_causal_lm_runner_under_torchrun(tmp_path):
+    """``torchrun --nproc_per_node 2 -m causal_lm.run``: SoRA on an NF4 tiny LLaMA trains on both processes (the
+    tiny model is built once, by the main process), the main process alone writes the run folder (the other only its
+    RNG state in a checkpoint), and the saved adapter reloads to the trained model's validation loss."""
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(WORDS * 40) + "\n", encoding="utf-8")
+    recipe, out, logs = tmp_path / "lm.yaml", tmp_path / "run", tmp_path / "logs"
+    recipe.write_text(LM_RECIPE.format(text=text))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {"PYTHONPATH": str(site), "SLPEFT_TEST_WRITE_ROOT": str(tmp_path), "SLPEFT_TEST_WRITE_LOG": str(logs / "w"),
+           "SLPEFT_CACHE": str(tmp_path / "cache")}
+    logs.mkdir()
+    proc = launch(["-m", "causal_lm.run", str(recipe), f"output_dir={out}"], tmp_path / "launch.log", env)
+    assert proc.returncode == 0, tail(proc)
+    res = json.loads((out / "results.json").read_text())
+    assert res["train"]["steps"] == 4 and res["reload"]["abs_difference"] < 1e-5
+    assert (out / "lora" / "adapter_model.safetensors").is_file() and (out / "checkpoint-4").is_dir()
+    writes = {rank: sorted({f.removesuffix(".tmp") for f in (logs / f"w.rank{rank}").read_text().split()})
+              if (logs / f"w.rank{rank}").is_file() else [] for rank in range(WORLD)}
+    assert {"run/results.json", "run/adapter/adapter_config.json"} <= set(writes[0])
+    assert any(f.startswith("cache/") for f in writes[0]) and not any(f.startswith("cache/") for f in writes[1])
+    others = [f for f in writes[1] if f.startswith("run/") and not re.fullmatch(r"run/checkpoint-\d+/rng_state_1\.pth", f)]
+    assert not others, f"rank 1 wrote {others}"
