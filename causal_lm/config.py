@@ -47,9 +47,11 @@ class LMRunConfig:
     init: str = _f("default", "adapter initialisation: default (the method's own) or lq (LQ-LoRA: W = Q + L, the "
                               "adapter starts from L; needs quantize)", choices=("default", "lq"))
     # data
-    train_file: Optional[str] = _f(None, "UTF-8 text file to fine-tune on (one stream, cut into blocks)")
-    eval_file: Optional[str] = _f(None, "UTF-8 text file for validation perplexity (default: the last "
+    train_file: Optional[str] = _f(None, "UTF-8 text file to fine-tune on (one stream, cut into blocks), or a .jsonl "
+                                         "file of documents (their text_field, each ended by the end-of-text token)")
+    eval_file: Optional[str] = _f(None, "text or .jsonl file for validation perplexity (default: the last "
                                         "eval_fraction of train_file, kept out of training)")
+    text_field: str = _f("text", "the field holding each document's text in a .jsonl file")
     eval_fraction: float = _f(0.1, "share of train_file held out for validation when eval_file is not given")
     block_size: int = _f(256, "tokens per training and validation sequence")
     max_train_blocks: Optional[int] = _f(None, "train on at most this many blocks (the first ones)")

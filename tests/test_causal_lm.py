@@ -196,3 +196,35 @@ def test_method_extras_as_in_the_glue_runner(method, text_file, tmp_path):
     else:
         assert 0 <= extras["kept_total"] < extras["max_total"]
     assert results["reload"]["abs_difference"] < 1e-5
+
+
+def test_jsonl_documents_are_ended_by_the_end_of_text_token(tmp_path):
+    """A .jsonl file's documents are read from text_field and each ended (a blank line for the byte-level model,
+    the tokenizer's EOS id otherwise); a line without the field, or not JSON, is named."""
+    from causal_lm.data import file_ids
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "ab", "id": 1}\n\n{"text": "c"}\n', encoding="utf-8")
+    assert file_ids(str(path), None, "text").tolist() == list(b"ab\n\nc\n\n")
+
+    class Tokenizer:
+        eos_token_id = 99
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [ord(c) for c in text]}
+
+    assert file_ids(str(path), Tokenizer(), "text").tolist() == [97, 98, 99, 99, 99]
+    with pytest.raises(GlueError, match=r"line 1 has no string field 'body' \(it has \['id', 'text'\]\)"):
+        file_ids(str(path), None, "body")
+    path.write_text('{"text": "ab"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(GlueError, match="line 2 is not JSON"):
+        file_ids(str(path), None, "text")
+
+
+def test_a_run_on_jsonl_documents(text_file, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    lines = text_file.read_text(encoding="utf-8").splitlines()
+    docs.write_text("\n".join(json.dumps({"body": line}) for line in lines) + "\n", encoding="utf-8")
+    results = run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", docs, tmp_path / "run", "max_steps=1",
+                       "text_field=body", "export_lora_rank=null"))
+    assert results["train"]["steps"] == 1 and results["data"]["train_blocks"] > 0
