@@ -39,18 +39,14 @@ def tiny_llama() -> str:
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-        staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL}-", dir=_made(cache)))
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL}-", dir=cache))
         LlamaForCausalLM(config).save_pretrained(staging)
         try:
             staging.rename(folder)
         except OSError:  # built meanwhile by another process: keep that one
             shutil.rmtree(staging, ignore_errors=True)
     return str(folder)
-
-
-def _made(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def model_path(cfg: LMRunConfig) -> str:
