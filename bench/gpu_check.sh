@@ -8,11 +8,14 @@
 #   4. bench/throughput.py on the roberta-base shape (bf16, 32 x 512), every adapter method;
 #   5. if at least 80 s of the 8 minutes are left: the same on QLoRA's NF4 base for LoRA (QLoRA) and our factored
 #      tuners, without the memory children (needs bitsandbytes in the device image; it fails on its own otherwise);
-#   6. if at least 60 s are left: the LLaMA decoder with every linear adapted (--model llama), the same methods.
+#   6. if at least 60 s are left: the LLaMA decoder with every linear adapted (--model llama), the same methods;
+#   7. if at least 60 s are left: the causal-LM runner's recipes on CUDA (tests/test_causal_lm.py: NF4, LQ and the
+#      HQQ bit-budget base, whose scales must follow the model to the GPU; reload equal, bf16 base).
 #
 # The device machine reaches no registry and its image has its own peft / transformers. Before the call, on this
 # machine (once):
-#     pip download --no-deps -d bench/wheels peft==0.21.2 transformers==5.25.0
+#     pip download --no-deps -d bench/wheels peft==0.21.2 transformers==5.25.0 termcolor einops
+#     pip wheel --no-deps -w bench/wheels omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 hqq==0.2.8.post1
 # then through the device tool, from the repository root:
 #     run(command="bash bench/gpu_check.sh", carry=["bench/wheels"], timeout_s=540)
 # and commit bench/results/*<gpu>* (also copied to $OUT). Give the machine back afterwards.
@@ -52,6 +55,10 @@ fi
 if (( SECONDS - start < 420 )); then
     step throughput-llama $((480 - (SECONDS - start))) "$PY" bench/throughput.py --device cuda --model llama \
         --repeats 10 --no-memory --methods lora sltrain sora dylora nola sparse_randlora_0.1
+fi
+if (( SECONDS - start < 420 )); then
+    step causal-lm $((480 - (SECONDS - start))) "$PY" -m pytest -q -p no:cacheprovider tests/test_causal_lm.py \
+        -k "recipe_trains or hqq_layer or bf16"
 fi
 cp bench/results/*nvidia* "$OUT/" 2>/dev/null
 echo "== done in $((SECONDS - start)) s; result files:"

@@ -67,9 +67,23 @@ def load_tokenizer(cfg: LMRunConfig, path: str):
                         "tokenizer files or a hub id (which needs network access or a warm cache).") from e
 
 
+def run_device(device=None):
+    """This process's device (from ``TrainingArguments``), default the GPU when there is one."""
+    import torch
+
+    return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_device(cfg: LMRunConfig, device=None):
+    """Where the base is quantized: on the run's device, except a bit-budget plan, whose HQQ layers are quantized
+    on the CPU (``delta.bitbudget``: one thread, so every machine derives the same codes) and moved afterwards."""
+    import torch
+
+    return torch.device("cpu") if cfg.quantize == "plan" else run_device(device)
+
+
 def load_base(cfg: LMRunConfig, path: str, device=None):
-    """The causal LM in ``precision``, on ``device`` (this process's, from ``TrainingArguments``; default: the GPU
-    when there is one), where a 4-bit base is then quantized."""
+    """The causal LM in ``precision``, on ``device`` (:func:`run_device` when None)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -79,9 +93,7 @@ def load_base(cfg: LMRunConfig, path: str, device=None):
     except (OSError, ValueError, KeyError) as e:
         raise GlueError(f"Could not load causal LM '{cfg.model}' ({path}): {type(e).__name__}: {e}. Give a folder "
                         "with config.json and weights; a hub id needs network access or a warm cache.") from e
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device)
+    return model.to(run_device(device))
 
 
 def check_block_size(cfg: LMRunConfig, path: str) -> None:
@@ -107,7 +119,7 @@ def build_model(cfg: LMRunConfig, path: str, train: list[dict], device=None) -> 
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model = load_base(cfg, path, device)
+    model = load_base(cfg, path, build_device(cfg, device))
     names = glue_model.quantizable_linears(model, HEAD) if cfg.quantize else []
     plan, fisher, quant_info = glue_model.prepare_base(
         cfg, model, names, lambda n: calibration(cfg, train, n, model.device))
@@ -117,6 +129,7 @@ def build_model(cfg: LMRunConfig, path: str, train: list[dict], device=None) -> 
                                          task_type="CAUSAL_LM")
     peft_model = glue_model._with_fisher(fisher, glue_model.wrap_model, cfg, model, config, plan)
     quant_info = glue_model.adapter_base_info(cfg, peft_model, names, plan, quant_info)
+    peft_model.to(run_device(device))
     return BuiltLM(peft_model, path, quant_info, glue_model.count_parameters(peft_model))
 
 

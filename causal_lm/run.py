@@ -208,9 +208,9 @@ def reload_check(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dict:
     import torch
     from peft import PeftModel
 
-    from causal_lm.model import HEAD, load_base
+    from causal_lm.model import HEAD, build_device, load_base, run_device
 
-    base = load_base(cfg, built.path)
+    base = load_base(cfg, built.path, build_device(cfg))
     if cfg.quantize == "plan" and cfg.init != "lq":
         from sparse_lowrank_peft.delta.bitbudget import apply_plan
 
@@ -225,8 +225,8 @@ def reload_check(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dict:
         reloaded = load_lq_lora(base, str(out / "adapter"))
     else:
         reloaded = PeftModel.from_pretrained(base, str(out / "adapter"))
-    reloaded.eval()
-    device = next(reloaded.parameters()).device
+    device = run_device()
+    reloaded.to(device).eval()
     with torch.no_grad():
         losses = [reloaded(input_ids=b["input_ids"][None].to(device), labels=b["labels"][None].to(device)).loss.item()
                   for b in data.eval]

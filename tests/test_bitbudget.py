@@ -45,6 +45,20 @@ def test_bits_are_counted_from_the_stored_tensors():
     assert 2.5 <= bits < 2.6  # 2-bit codes + fp16 scale and zero per 64 values + ~70 bytes of metadata tensors
 
 
+def test_hqq_scales_and_zeros_follow_the_model_to_another_device():
+    """``model.to(device)`` moves an HQQ layer's scales and zeros with its codes (hqq 0.2.8 keeps them in a dict
+    that torch does not move, so on a GPU they stayed on the CPU); a dtype change leaves them fp32 and the output
+    unchanged, as it leaves the codes."""
+    layer = bb.QuantChoice("hqq", 3, 64).quantize(torch.randn(96, 128, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(4, 128)
+    before = layer(x)
+    model = torch.nn.Sequential(layer).to(torch.float64)
+    assert layer.meta["scale"].dtype == torch.float32 and torch.equal(layer(x), before)
+    assert layer.to("cpu") is layer and layer.cpu() is layer
+    model.to(torch.device("meta"))  # a device without data: where every tensor went is all there is to see
+    assert {layer.W_q.device.type, layer.meta["scale"].device.type, layer.meta["zero"].device.type} == {"meta"}
+
+
 def test_the_plan_beats_every_uniform_configuration_within_its_bits(table):
     uniform = bb.uniform_points(table)
     for budget in (2.6, 3.0, 3.6, 4.4):

@@ -22,6 +22,7 @@ per group) and bitsandbytes (NF4, with and without double quantization of the ab
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
@@ -89,7 +90,8 @@ class QuantChoice:
         # computed in fp32 with those same values (upcast exactly), like an fp32 model's other layers.
         config = BaseQuantizeConfig(nbits=self.bits, group_size=self.group_size)
         with _one_thread():
-            layer = HQQLinear(linear, quant_config=config, compute_dtype=torch.float16, device="cpu", del_orig=True)
+            layer = _movable(HQQLinear)(linear, quant_config=config, compute_dtype=torch.float16, device="cpu",
+                                        del_orig=True)
         layer._slpeft_storage_bits = storage_bits(layer)
         for key in ("scale", "zero"):
             layer.meta[key] = layer.meta[key].to(torch.float32)
@@ -103,6 +105,31 @@ class QuantChoice:
         from .quant import dequantize_weight
 
         return dequantize_weight(self.quantize(weight))
+
+
+@functools.lru_cache(maxsize=None)
+def _movable(hqq_linear: type) -> type:
+    """``HQQLinear`` whose scales and zeros follow ``model.to(device)``. hqq 0.2.8 keeps them in the layer's ``meta``
+    dict, which ``nn.Module._apply`` does not see, and its own ``to()`` / ``cpu()`` return the layer unchanged: a
+    model moved to a GPU had its codes there and its scales on the CPU. Here every move applies to them too, on the
+    device only (they stay fp32, the compute dtype :meth:`QuantChoice.quantize` sets)."""
+
+    class MovableHQQLinear(hqq_linear):
+        def _apply(self, fn, *args, **kwargs):
+            super()._apply(fn, *args, **kwargs)
+            for key in ("scale", "zero"):
+                value = self.meta.get(key)
+                if isinstance(value, torch.Tensor):
+                    self.meta[key] = value.to(fn(value.reshape(-1)[:1]).device)
+            return self
+
+        def to(self, *args, **kwargs):
+            return nn.Module.to(self, *args, **kwargs)
+
+        def cpu(self):
+            return nn.Module.cpu(self)
+
+    return MovableHQQLinear
 
 
 @contextlib.contextmanager
