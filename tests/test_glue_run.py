@@ -1,6 +1,7 @@
 """The GLUE runner end to end on a tiny BERT built from a config: real RTE files, resume, output folder rules,
 errors before training, the command line."""
 
+import importlib.util
 import json
 import string
 import sys
@@ -636,8 +637,15 @@ def test_eval_adapter_rebuilds_the_run_base(tiny_model, toy_task, tmp_path, meth
     from test_bench_tools import _bench
 
     model = _bench("eval_adapter").load_adapter(base, str(folder)).eval()
-    quantized = [n for n, m in model.named_modules() if type(m).__module__.startswith(("bitsandbytes", "hqq"))]
-    assert len(quantized) == 12, quantized  # (PEFT's LoRA wrapper of a 4-bit layer is also named Linear4bit)
+    import bitsandbytes as bnb
+
+    kinds = [bnb.nn.Linear4bit]
+    if importlib.util.find_spec("hqq") is not None:
+        from hqq.core.quantize import HQQLinear
+
+        kinds.append(HQQLinear)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, tuple(kinds))]
+    assert len(quantized) == 12, quantized  # (PEFT's LoRA wrapper of a 4-bit layer is no bnb Linear4bit)
     encoded = gdata.tokenize(data.evals["validation"], tokenizer, c.max_seq_len, "dev")
     losses = []
     with torch.no_grad():
