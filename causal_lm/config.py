@@ -52,6 +52,10 @@ class LMRunConfig:
     eval_file: Optional[str] = _f(None, "text or .jsonl file for validation perplexity (default: the last "
                                         "eval_fraction of train_file, kept out of training)")
     text_field: str = _f("text", "the field holding each document's text in a .jsonl file")
+    prompt_field: Optional[str] = _f(None, "instruction data: the .jsonl field holding each record's prompt; the "
+                                           "model learns the completion only (prompt tokens carry no loss), one "
+                                           "padded example per record, cut to block_size (null: text blocks)")
+    completion_field: str = _f("completion", "with prompt_field: the field holding each record's completion")
     eval_fraction: float = _f(0.1, "share of train_file held out for validation when eval_file is not given")
     block_size: int = _f(256, "tokens per training and validation sequence")
     max_train_blocks: Optional[int] = _f(None, "train on at most this many blocks (the first ones)")
@@ -128,6 +132,9 @@ def _validate_files(cfg: LMRunConfig) -> None:
         if path and not Path(path).is_file():
             raise GlueError(f"{name} '{path}' does not exist (relative paths are from {Path.cwd()}). "
                             "Give the path of a UTF-8 text file.")
+        if path and cfg.prompt_field and not path.endswith(".jsonl"):
+            raise GlueError(f"prompt_field '{cfg.prompt_field}' reads prompt/completion records from JSON Lines, but "
+                            f"{name} '{path}' is no .jsonl file. Fix: a .jsonl file, or prompt_field=null for text.")
 
 
 def _validate_method(cfg: LMRunConfig) -> None:

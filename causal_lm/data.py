@@ -1,13 +1,14 @@
 """Text files (plain, or JSON Lines of documents) -> blocks of token ids for causal-LM fine-tuning (the model shifts
-the labels itself)."""
+the labels itself); JSON Lines of prompt/completion records -> padded examples with the loss on the completions."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
+from transformers import default_data_collator
 
 from glue.errors import GlueError
 
@@ -15,8 +16,12 @@ from glue.errors import GlueError
 class LMData(NamedTuple):
     train: list[dict]
     eval: list[dict]
-    train_tokens: int
+    train_tokens: int  # tokens the loss is taken on, per epoch
     source: str
+    collate: Callable[[list[dict]], dict]  # examples -> a batch (blocks stack; prompt/completion pairs are padded)
+
+
+IGNORE = -100  # the label transformers' causal-LM loss skips
 
 
 def read_documents(path: str, text_field: str) -> list[str]:
@@ -78,9 +83,66 @@ def blocks(ids: torch.Tensor, size: int, limit: int | None, what: str) -> list[d
     return [{"input_ids": c, "labels": c} for c in chunks]
 
 
+def pairs(path: str, tokenizer, prompt_field: str, completion_field: str, size: int, limit: int | None) -> list[dict]:
+    """Prompt/completion records of a ``.jsonl`` file as examples: prompt ids + completion ids + end-of-text, the
+    loss on the completion and its end only (prompt labels ``IGNORE``), cut to ``size`` tokens."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    examples = []
+    for prompt, completion in zip(read_documents(path, prompt_field), read_documents(path, completion_field)):
+        head = token_ids(prompt, tokenizer)
+        tail = torch.cat([token_ids(completion, tokenizer), torch.tensor([eos] if eos is not None else [], dtype=torch.long)])
+        ids = torch.cat([head, tail])[:size]
+        labels = torch.cat([torch.full_like(head, IGNORE), tail])[:size]
+        if (labels != IGNORE).any():  # a prompt longer than the block leaves nothing to learn from
+            examples.append({"input_ids": ids, "labels": labels})
+    if not examples:
+        raise GlueError(f"'{path}' gives no example with a completion token within block_size={size}. Fix: a larger "
+                        "block_size, or shorter prompts.")
+    return examples[:limit]
+
+
+def pad_collate(pad_id: int) -> Callable[[list[dict]], dict]:
+    """Right-pad a batch of examples: ids with ``pad_id``, labels with ``IGNORE``, and the attention mask."""
+    def collate(batch: list[dict]) -> dict:
+        width = max(len(b["input_ids"]) for b in batch)
+        out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
+               "labels": torch.full((len(batch), width), IGNORE, dtype=torch.long),
+               "attention_mask": torch.zeros((len(batch), width), dtype=torch.long)}
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            out["input_ids"][i, :n], out["labels"][i, :n], out["attention_mask"][i, :n] = b["input_ids"], b["labels"], 1
+        return out
+    return collate
+
+
+def load_pairs(cfg, tokenizer) -> LMData:
+    """Prompt/completion examples (``prompt_field`` set): ``eval_file``, else the last ``eval_fraction`` of the
+    records."""
+    def read(path, limit=None):
+        return pairs(path, tokenizer, cfg.prompt_field, cfg.completion_field, cfg.block_size, limit)
+
+    examples = read(cfg.train_file)
+    if cfg.eval_file:
+        train, evals, source = examples, read(cfg.eval_file), f"{cfg.train_file} + {cfg.eval_file}"
+    else:
+        split = max(1, int(len(examples) * (1.0 - cfg.eval_fraction)))
+        train, evals = examples[:split], examples[split:]
+        source = f"{cfg.train_file} (last {cfg.eval_fraction:.0%} of the records held out)"
+        if not evals:
+            raise GlueError(f"'{cfg.train_file}' has {len(examples)} usable records: none is left for validation. "
+                            "Give more records or an eval_file.")
+    train, evals = train[:cfg.max_train_blocks], evals[:cfg.max_eval_blocks]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None) or 0
+    return LMData(train, evals, sum(int((e["labels"] != IGNORE).sum()) for e in train), source, pad_collate(pad))
+
+
 def load_data(cfg, tokenizer) -> LMData:
-    """Training and validation blocks of the recipe: ``eval_file``, else the last ``eval_fraction`` of
-    ``train_file`` (split on token ids, so no block straddles the two)."""
+    """Training and validation data of the recipe: prompt/completion examples if ``prompt_field`` is set, else
+    blocks of the text: ``eval_file``, else the last ``eval_fraction`` of ``train_file`` (split on token ids, so no
+    block straddles the two)."""
+    if cfg.prompt_field:
+        return load_pairs(cfg, tokenizer)
     train_ids = file_ids(cfg.train_file, tokenizer, cfg.text_field)
     if cfg.eval_file:
         eval_ids, source = file_ids(cfg.eval_file, tokenizer, cfg.text_field), f"{cfg.train_file} + {cfg.eval_file}"
@@ -90,4 +152,4 @@ def load_data(cfg, tokenizer) -> LMData:
         source = f"{cfg.train_file} (last {cfg.eval_fraction:.0%} held out)"
     train = blocks(train_ids, cfg.block_size, cfg.max_train_blocks, f"train_file '{cfg.train_file}'")
     evals = blocks(eval_ids, cfg.block_size, cfg.max_eval_blocks, "the validation text")
-    return LMData(train, evals, len(train) * cfg.block_size, source)
+    return LMData(train, evals, len(train) * cfg.block_size, source, default_data_collator)

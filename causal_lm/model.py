@@ -111,10 +111,11 @@ def check_block_size(cfg: LMRunConfig, path: str) -> None:
                         f"Fix: block_size={limit} or less.")
 
 
-def build_model(cfg: LMRunConfig, path: str, train: list[dict], device=None) -> BuiltLM:
+def build_model(cfg: LMRunConfig, path: str, data, device=None) -> BuiltLM:
     """Base, quantized base (``quantize``: 4-bit, or a bit-budget plan measured here; with ``init: lq`` the adapter
     quantizes its targets to ``Q`` itself), adapter: the GLUE runner's steps (``glue.model.prepare_base``) on a
-    causal LM. ``train``'s first blocks are the calibration batches of a Fisher-weighted or output-change plan.
+    causal LM. The first training batches of ``data`` (``causal_lm.data.LMData``) calibrate a Fisher-weighted or
+    output-change plan.
     Everything random comes from the seed."""
     from transformers import set_seed
 
@@ -122,7 +123,7 @@ def build_model(cfg: LMRunConfig, path: str, train: list[dict], device=None) -> 
     model = load_base(cfg, path, build_device(cfg, device))
     names = glue_model.quantizable_linears(model, HEAD) if cfg.quantize else []
     plan, fisher, quant_info = glue_model.prepare_base(
-        cfg, model, names, lambda n: calibration(cfg, train, n, model.device))
+        cfg, model, names, lambda n: calibration(cfg, data, n, model.device))
     if cfg.gradient_checkpointing:  # non-reentrant: no input-grad hook needed, no torch warning
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     config = glue_model.make_peft_config(cfg.method, glue_model.adapter_fields(cfg, plan, names), head_modules=[],
@@ -133,10 +134,9 @@ def build_model(cfg: LMRunConfig, path: str, train: list[dict], device=None) -> 
     return BuiltLM(peft_model, path, quant_info, glue_model.count_parameters(peft_model))
 
 
-def calibration(cfg: LMRunConfig, train: list[dict], n_batches: int, device) -> list[dict]:
-    """The first ``n_batches`` training batches of ``train_batch_size`` blocks, on ``device``."""
-    import torch
-
-    size = cfg.train_batch_size
-    return [{k: torch.stack([b[k] for b in train[i:i + size]]).to(device) for k in ("input_ids", "labels")}
-            for i in range(0, min(n_batches * size, len(train)), size)]
+def calibration(cfg: LMRunConfig, data, n_batches: int, device) -> list[dict]:
+    """The first ``n_batches`` training batches of ``train_batch_size`` examples, collated as in training, on
+    ``device``."""
+    size, train = cfg.train_batch_size, data.train
+    batches = [data.collate(train[i:i + size]) for i in range(0, min(n_batches * size, len(train)), size)]
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]

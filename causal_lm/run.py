@@ -73,7 +73,7 @@ def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
     check_block_size(cfg, path)
     tokenizer = load_tokenizer(cfg, path)
     data = load_data(cfg, tokenizer)
-    built = build_model(cfg, path, data.train, args.device)
+    built = build_model(cfg, path, data, args.device)
     check_export(cfg, built.model)
     print(f"[lm] {cfg.model}, method {cfg.method}: {built.params[0]:,} trainable of {built.params[1]:,} parameters; "
           f"{len(data.train)} training and {len(data.eval)} validation blocks of {cfg.block_size} tokens "
@@ -155,10 +155,8 @@ def training_arguments(cfg: LMRunConfig, out: Path):
 
 def make_trainer(args, model, data):
     """The Trainer of the run, with the method's callbacks (SoRA's gate step, DyLoRA's rank draws)."""
-    from transformers import default_data_collator
-
     return trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                           data_collator=default_data_collator, callbacks=training_callbacks(model))
+                           data_collator=data.collate, callbacks=training_callbacks(model))
 
 
 def check_export(cfg: LMRunConfig, model) -> None:
@@ -227,10 +225,12 @@ def reload_check(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dict:
         reloaded = PeftModel.from_pretrained(base, str(out / "adapter"))
     device = run_device()
     reloaded.to(device).eval()
-    with torch.no_grad():
-        losses = [reloaded(input_ids=b["input_ids"][None].to(device), labels=b["labels"][None].to(device)).loss.item()
-                  for b in data.eval]
-    reload_loss = sum(losses) / len(losses)
+    size, total = cfg.eval_batch_size, 0.0
+    with torch.no_grad():  # batched and weighted as the Trainer's evaluation: a batch's mean loss per example
+        for i in range(0, len(data.eval), size):
+            batch = {k: v.to(device) for k, v in data.collate(data.eval[i:i + size]).items()}
+            total += reloaded(**batch).loss.item() * len(batch["input_ids"])
+    reload_loss = total / len(data.eval)
     return {"eval_loss": reload_loss, "trained_eval_loss": loss, "abs_difference": abs(reload_loss - loss)}
 
 

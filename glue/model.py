@@ -399,7 +399,7 @@ def quantize_base(model, names: Sequence[str], quant_type: str) -> dict[str, Any
     replaced = quantize_linears(model, present, quant_type=quant_type) if present else []
     keep_standard_layouts(model)
     info: dict[str, Any] = {"quant_type": quant_type, "init": "default", "plain_4bit_layers": len(replaced)}
-    print(f"[glue] 4-bit base ({quant_type}): {info}", flush=True)
+    print(f"[base] 4-bit ({quant_type}): {info}", flush=True)
     return info
 
 
@@ -418,7 +418,7 @@ def lq_base_info(model, quant_type: str, plan: dict[str, str]) -> dict[str, Any]
                             "lq_layers": len(errors)}
     if errors:
         info["lq_relative_error_mean"] = {k: sum(e[k] for e in errors) / len(errors) for k in errors[0]}
-    print(f"[glue] 4-bit base ({quant_type}): {info}", flush=True)
+    print(f"[base] 4-bit ({quant_type}): {info}", flush=True)
     return info
 
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("omegaconf")
 pytest.importorskip("bitsandbytes")
@@ -237,3 +238,53 @@ def test_a_run_on_jsonl_documents(text_file, tmp_path):
     results = run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", docs, tmp_path / "run", "max_steps=1",
                        "text_field=body", "export_lora_rank=null"))
     assert results["train"]["steps"] == 1 and results["data"]["train_blocks"] > 0
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    """Instruction data: 40 prompt/completion records of different lengths."""
+    colours = ["red", "green", "blue", "yellow", "purple"]
+    records = [{"prompt": f"Q: what colour is thing {i}?\nA: ", "completion": colours[i % 5] + " and" * (i % 3) + " done"}
+               for i in range(40)]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_prompt_completion_examples_put_the_loss_on_the_completion(pairs_file):
+    """Each record is one example: prompt ids then completion ids (+ the end-of-text token when the tokenizer has
+    one), labels IGNORE on the prompt; the batch is right-padded, padding masked and IGNOREd."""
+    from causal_lm.data import IGNORE, load_data
+
+    cfg = LMRunConfig(train_file=str(pairs_file), prompt_field="prompt", block_size=64, eval_fraction=0.25)
+    data = load_data(cfg, None)
+    assert (len(data.train), len(data.eval)) == (30, 10)
+    first = data.train[0]
+    prompt = len("Q: what colour is thing 0?\nA: ".encode())
+    assert bytes(first["input_ids"].tolist()).decode() == "Q: what colour is thing 0?\nA: red done"
+    assert (first["labels"][:prompt] == IGNORE).all() and torch.equal(first["labels"][prompt:], first["input_ids"][prompt:])
+    batch = data.collate(data.train[:3])
+    lengths = [len(e["input_ids"]) for e in data.train[:3]]
+    assert batch["input_ids"].shape == (3, max(lengths)) and batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+    assert data.train_tokens == sum(int((e["labels"] != IGNORE).sum()) for e in data.train)
+
+
+def test_a_run_on_prompt_completion_pairs_trains_and_reloads_equal(pairs_file, tmp_path):
+    results = run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", pairs_file, tmp_path / "run", "max_steps=3",
+                       "prompt_field=prompt", "verify_reload=true", "export_lora_rank=null", "max_train_blocks=null",
+                       "max_eval_blocks=null", "eval_fraction=0.25", "learning_rate=0.01"))
+    assert results["data"]["train_blocks"] == 30 and results["data"]["eval_blocks"] == 10
+    assert results["eval"]["loss_after"] < results["eval"]["loss_before"]
+    assert results["reload"]["abs_difference"] < 1e-5
+
+
+def test_prompt_field_needs_json_lines(text_file, tmp_path):
+    with pytest.raises(GlueError, match="is no .jsonl file"):
+        _cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", text_file, tmp_path / "run", "prompt_field=prompt")
+
+
+def test_a_missing_completion_field_is_named(pairs_file, tmp_path):
+    with pytest.raises(GlueError, match="has no string field 'answer'"):
+        run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", pairs_file, tmp_path / "run",
+                 "prompt_field=prompt", "completion_field=answer"))
