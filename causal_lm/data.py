@@ -84,12 +84,15 @@ def blocks(ids: torch.Tensor, size: int, limit: int | None, what: str) -> list[d
 
 
 def pairs(path: str, tokenizer, prompt_field: str, completion_field: str, size: int, limit: int | None) -> list[dict]:
-    """Prompt/completion records of a ``.jsonl`` file as examples: prompt ids + completion ids + end-of-text, the
-    loss on the completion and its end only (prompt labels ``IGNORE``), cut to ``size`` tokens."""
+    """Prompt/completion records of a ``.jsonl`` file as examples: [begin-of-text] + prompt ids + completion ids +
+    end-of-text (the special tokens where the tokenizer has them, as its own encoding of one sequence adds them),
+    the loss on the completion and its end only (prompt labels ``IGNORE``), cut to ``size`` tokens."""
     eos = getattr(tokenizer, "eos_token_id", None)
+    bos = torch.tensor([tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else [],
+                       dtype=torch.long)
     examples = []
     for prompt, completion in zip(read_documents(path, prompt_field), read_documents(path, completion_field)):
-        head = token_ids(prompt, tokenizer)
+        head = torch.cat([bos, token_ids(prompt, tokenizer)])
         tail = torch.cat([token_ids(completion, tokenizer), torch.tensor([eos] if eos is not None else [], dtype=torch.long)])
         ids = torch.cat([head, tail])[:size]
         labels = torch.cat([torch.full_like(head, IGNORE), tail])[:size]

@@ -269,6 +269,16 @@ def test_prompt_completion_examples_put_the_loss_on_the_completion(pairs_file):
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
     assert data.train_tokens == sum(int((e["labels"] != IGNORE).sum()) for e in data.train)
 
+    class Tokenizer:  # with begin- and end-of-text tokens, as LLaMA's
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, None
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [ord(c) for c in text]}
+
+    first = load_data(cfg, Tokenizer()).train[0]
+    assert first["input_ids"][0] == 1 and first["input_ids"][-1] == 2 and first["labels"][0] == IGNORE
+    assert first["labels"][-1] == 2  # the model learns to end its answer
+
 
 def test_a_run_on_prompt_completion_pairs_trains_and_reloads_equal(pairs_file, tmp_path):
     results = run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", pairs_file, tmp_path / "run", "max_steps=3",
