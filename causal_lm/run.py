@@ -76,7 +76,7 @@ def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
     built = build_model(cfg, path, data, args.device)
     check_export(cfg, built.model)
     print(f"[lm] {cfg.model}, method {cfg.method}: {built.params[0]:,} trainable of {built.params[1]:,} parameters; "
-          f"{len(data.train)} training and {len(data.eval)} validation blocks of {cfg.block_size} tokens "
+          f"{len(data.train)} training and {len(data.eval)} validation sequences of up to {cfg.block_size} tokens "
           f"from {data.source}", flush=True)
     if dry_run:
         return {"dry_run": True, "method": cfg.method, "output_dir": str(out), "train_blocks": len(data.train),
