@@ -96,6 +96,20 @@ def load_base(cfg: LMRunConfig, path: str, device=None):
     return model.to(run_device(device))
 
 
+def check_vocabulary(cfg: LMRunConfig, tokenizer, path: str) -> None:
+    """Every id the tokenizer can produce has a row in the model's embedding (a larger tokenizer fails deep in the
+    first forward: an IndexError on a CPU, a device-side assert on a GPU)."""
+    if tokenizer is None:
+        return
+    from transformers import AutoConfig
+
+    size = getattr(AutoConfig.from_pretrained(path), "vocab_size", None)
+    if size is not None and len(tokenizer) > size:
+        raise GlueError(f"The tokenizer of '{cfg.tokenizer or cfg.model}' has {len(tokenizer)} tokens, the model "
+                        f"'{cfg.model}' embeds {size}: they do not belong together. Fix: the model's own tokenizer "
+                        "(tokenizer=null), or a model whose vocabulary covers it.")
+
+
 def check_block_size(cfg: LMRunConfig, path: str) -> None:
     """A block must fit the model's positions (read from its config, before any data or weights are loaded)."""
     from transformers import AutoConfig

