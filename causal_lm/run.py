@@ -227,7 +227,9 @@ def reload_check(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dict:
     device = run_device()
     reloaded.to(device).eval()
     size, total = cfg.eval_batch_size, 0.0
-    with torch.no_grad():  # batched and weighted as the Trainer's evaluation: a batch's mean loss per example
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # the Trainer's mixed precision
+    with torch.no_grad(), autocast:  # batched and weighted as the Trainer's evaluation: mean loss per example
         for i in range(0, len(data.eval), size):
             batch = {k: v.to(device) for k, v in data.collate(data.eval[i:i + size]).items()}
             total += reloaded(**batch).loss.item() * len(batch["input_ids"])

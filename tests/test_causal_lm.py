@@ -91,11 +91,12 @@ def test_all_linear_on_a_plan_base_adapts_every_hqq_layer(recipe, text_file, tmp
 
 
 def test_bf16_base_trains_and_reloads(text_file, tmp_path):
-    """precision: bf16 loads the base in bf16 (the adapter stays fp32); the reload agrees within bf16's rounding of
-    differently batched matmuls (measured 1.5e-5 on a loss of 5.5; fp32 agrees to 1e-7)."""
+    """precision: bf16 loads the base in bf16 (the adapter stays fp32) and trains under autocast; the reload check
+    evaluates as the Trainer does (same batches, same autocast) and agrees (measured: exactly; before it batched
+    differently and ran without autocast: 1.2e-4)."""
     results = run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", text_file, tmp_path / "run", "max_steps=3",
                        "precision=bf16", "verify_reload=true", "export_lora_rank=null", "learning_rate=0.01"))
-    assert results["reload"]["abs_difference"] < 1e-4
+    assert results["reload"]["abs_difference"] < 1e-5
     assert results["eval"]["loss_after"] < results["eval"]["loss_before"]
 
 
