@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from transformers import default_data_collator
@@ -24,9 +24,10 @@ class LMData(NamedTuple):
 IGNORE = -100  # the label transformers' causal-LM loss skips
 
 
-def read_documents(path: str, text_field: str) -> list[str]:
-    """The documents of a JSON Lines file: each line's ``text_field`` (a clear error naming the line otherwise)."""
-    docs = []
+def read_records(path: str, fields: Sequence[str]) -> list[tuple[str, ...]]:
+    """Each line of a JSON Lines file as the tuple of its ``fields`` (strings); a clear error naming the line
+    otherwise."""
+    records = []
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -35,12 +36,13 @@ def read_documents(path: str, text_field: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise GlueError(f"'{path}' line {number} is not JSON ({e.msg}). A .jsonl file holds one JSON object per "
                             "line.") from e
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        missing = [f for f in fields if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+        if missing:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise GlueError(f"'{path}' line {number} has no string field '{text_field}' (it has {keys}). Fix: "
-                            f"text_field=<the field holding the text>.")
-        docs.append(record[text_field])
-    return docs
+            raise GlueError(f"'{path}' line {number} has no string field '{missing[0]}' (it has {keys}). Fix: set "
+                            "the recipe's text_field (or prompt_field / completion_field) to the field holding it.")
+        records.append(tuple(record[f] for f in fields))
+    return records
 
 
 def read_text(path: str) -> str:
@@ -68,9 +70,10 @@ def file_ids(path: str, tokenizer, text_field: str) -> torch.Tensor:
     if not path.endswith(".jsonl"):
         return token_ids(read_text(path), tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
+    docs = [text for (text,) in read_records(path, [text_field])]
     if eos is None:
-        return token_ids("\n\n".join(read_documents(path, text_field)) + "\n\n", tokenizer)
-    return torch.cat([torch.cat([token_ids(d, tokenizer), torch.tensor([eos])]) for d in read_documents(path, text_field)])
+        return token_ids("\n\n".join(docs) + "\n\n", tokenizer)
+    return torch.cat([torch.cat([token_ids(d, tokenizer), torch.tensor([eos])]) for d in docs])
 
 
 def blocks(ids: torch.Tensor, size: int, limit: int | None, what: str) -> list[dict]:
@@ -91,7 +94,7 @@ def pairs(path: str, tokenizer, prompt_field: str, completion_field: str, size: 
     bos = torch.tensor([tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else [],
                        dtype=torch.long)
     examples = []
-    for prompt, completion in zip(read_documents(path, prompt_field), read_documents(path, completion_field)):
+    for prompt, completion in read_records(path, [prompt_field, completion_field]):
         head = torch.cat([bos, token_ids(prompt, tokenizer)])
         tail = torch.cat([token_ids(completion, tokenizer), torch.tensor([eos] if eos is not None else [], dtype=torch.long)])
         ids = torch.cat([head, tail])[:size]

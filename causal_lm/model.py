@@ -142,7 +142,7 @@ def build_model(cfg: LMRunConfig, path: str, data, device=None) -> BuiltLM:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     config = glue_model.make_peft_config(cfg.method, glue_model.adapter_fields(cfg, plan, names), head_modules=[],
                                          task_type="CAUSAL_LM")
-    peft_model = glue_model._with_fisher(fisher, glue_model.wrap_model, cfg, model, config, plan)
+    peft_model = glue_model.with_fisher(fisher, glue_model.wrap_model, cfg, model, config, plan)
     quant_info = glue_model.adapter_base_info(cfg, peft_model, names, plan, quant_info)
     peft_model.to(run_device(device))
     return BuiltLM(peft_model, path, quant_info, glue_model.count_parameters(peft_model))

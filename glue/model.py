@@ -458,13 +458,12 @@ def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
     plan, fisher, built.quant_info = prepare_base(cfg, model, to_quantize, calibration)
     if cfg.method != "full":
         built.peft_config = make_peft_config(cfg.method, adapter_fields(cfg, plan, to_quantize), head)
-        built.model = _with_fisher(fisher, wrap_model, cfg, model, built.peft_config, plan)
+        built.model = with_fisher(fisher, wrap_model, cfg, model, built.peft_config, plan)
         built.quant_info = adapter_base_info(cfg, built.model, to_quantize, plan, built.quant_info)
         if cfg.init_adapter:
             built.init_info = load_init_adapter(built.model, cfg.init_adapter, head)
     built.params = count_parameters(built.model)
     return built
-
 
 
 def prepare_base(cfg, model, names: Sequence[str], calibration=None) -> tuple[dict | None, dict | None, dict | None]:
@@ -535,7 +534,7 @@ def wrap_model(cfg: RunConfig, model, peft_config, plan: dict | None):
     return get_peft_model(model, peft_config)
 
 
-def _with_fisher(fisher: dict | None, fn, *args):
+def with_fisher(fisher: dict | None, fn, *args):
     """``fn(*args)`` with LQ init reading ``fisher``'s row/column weights (``delta.quant.use_fisher``), if any."""
     if fisher is None:
         return fn(*args)
