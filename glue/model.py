@@ -397,7 +397,7 @@ def quantize_base(model, names: Sequence[str], quant_type: str) -> dict[str, Any
     present = [n for n in names if any(type(m) is nn.Linear and (k == n or k.endswith("." + n))
                                        for k, m in model.named_modules())]
     replaced = quantize_linears(model, present, quant_type=quant_type) if present else []
-    keep_standard_layouts(model)
+    keep_standard_layouts(model, give_back=False)  # the run's own base: also after an unload or squeeze
     info: dict[str, Any] = {"quant_type": quant_type, "init": "default", "plain_4bit_layers": len(replaced)}
     print(f"[base] 4-bit ({quant_type}): {info}", flush=True)
     return info

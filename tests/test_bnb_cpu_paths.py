@@ -238,3 +238,31 @@ def test_rest_of_an_lq_plan_keeps_its_layout(path, tmp_path):
         again = pm(x)
     assert not is_packed(rest)
     torch.testing.assert_close(again, first, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("make", ["apply_plan", "quantize_base"])
+def test_a_base_this_package_made_keeps_its_layout_after_unload(path, make):
+    """4-bit layers this package made (a plan's, a runner's base) keep the standard layout after an adapter is
+    unloaded or squeezed away: the unloaded model computes on the weights the adapter was trained on. Given back,
+    bitsandbytes' repack (bf16 absmax) changed them: a squeezed LoRA's loss moved by 1e-4 in the causal-LM runner."""
+    net = TinyNet(64, path)
+    for name in ("a", "b"):
+        setattr(net, name, torch.nn.Linear(64, 64))
+    with bnb_cpu_path(path):
+        if make == "apply_plan":
+            from sparse_lowrank_peft.delta.bitbudget import apply_plan
+
+            apply_plan(net, {"a": "bnb-nf4-dq", "b": "bnb-nf4"})
+        else:
+            from glue.model import quantize_base
+
+            quantize_base(net, ["a", "b"], "nf4")
+    pm = get_peft_model(net, SLTrainConfig(r=2, sparsity=0.1, target_modules=["a"])).eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        attached = pm(x)
+        unloaded = pm.unload().eval()
+        after = unloaded(x)
+    assert unloaded.a.support_avx512bf16_for_cpu is False and not is_packed(unloaded.a) and not is_packed(unloaded.b)
+    torch.testing.assert_close(after, attached, atol=0, rtol=0)

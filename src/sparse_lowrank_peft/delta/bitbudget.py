@@ -433,7 +433,10 @@ def plan_summary(table: PlanTable, plan: dict[str, str]) -> dict:
 def apply_plan(model: nn.Module, plan: dict[str, str]) -> int:
     """Quantize, in place, every plain ``nn.Linear`` of ``model`` that ``plan`` names (exact name or dotted suffix)
     with its configuration, keeping its bias and train/eval mode (an LQ adapter's bases are no longer plain linears
-    and are left alone); returns how many."""
+    and are left alone); returns how many. Its bitsandbytes layers keep the standard layout
+    (``quant.keep_standard_layout``, not given back on unload: the plan's base computes the same on every CPU)."""
+    from .quant import keep_standard_layout
+
     count = 0
     for name, module in list(model.named_modules()):
         key = next((k for k in plan if names_module(k, name)), None)
@@ -441,7 +444,10 @@ def apply_plan(model: nn.Module, plan: dict[str, str]) -> int:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, parse_choice(plan[key]).quantize(module.weight, module.bias).train(module.training))
+        layer = parse_choice(plan[key]).quantize(module.weight, module.bias).train(module.training)
+        if hasattr(layer, "support_avx512bf16_for_cpu"):  # a bitsandbytes layer
+            keep_standard_layout(layer, give_back=False)
+        setattr(parent, child, layer)
         count += 1
     return count
 

@@ -292,11 +292,11 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
     def _keep_4bit_layout(base: nn.Module) -> None:
         """A base LQ initialisation created keeps bitsandbytes' standard layout, like every 4-bit layer of a model
         an adapter of ours is injected into (``DeltaModel._prepare_quantized_model``; ``delta.quant.keep_standard_layout``
-        says why the AVX-512-BF16 CPU repack is turned off)."""
+        says why the AVX-512-BF16 CPU repack is turned off), and keeps it after unload: it is this package's layer."""
         if hasattr(base, "support_avx512bf16_for_cpu"):
             from .quant import keep_standard_layout
 
-            keep_standard_layout(base)  # the setting is given back on unload (DeltaModel)
+            keep_standard_layout(base, give_back=False)
 
     def _is_4bit_base(self) -> bool:
         return self.quantization_backend is not None and hasattr(getattr(self.base_layer, "weight", None), "quant_state")

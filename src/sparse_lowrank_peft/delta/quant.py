@@ -218,11 +218,14 @@ def can_repack_for_cpu(layer: nn.Module) -> bool:
     return out % 32 == 0 and inp % int(state.blocksize) == 0
 
 
-def keep_standard_layout(layer: nn.Module) -> None:
+def keep_standard_layout(layer: nn.Module, give_back: bool = True) -> None:
     """Stop bitsandbytes from repacking ``layer``'s 4-bit weight for its AVX-512-BF16 CPU inference kernel (undoing
     a repack that already happened); the setting is recorded and :func:`give_back_repack_settings` restores it.
 
     Why, measured with bitsandbytes 0.50.2 on a Zen 4 CPU: the repack happens in place at the first eval forward and
+    ``give_back=False`` for a 4-bit layer this package made (a runner's base, LQ-LoRA's ``Q``, a plan's layers): it
+    keeps the standard layout after an adapter is unloaded too, so an unloaded or squeezed model computes on the
+    weights it was trained on (given back, the repack's bf16 absmax moved a squeezed LoRA's loss by 1e-4).
     (1) rounds the absmax to bf16, so the frozen weight changes under a run that evaluates; (2) fails for shapes it
     cannot tile (:func:`can_repack_for_cpu`); (3) is undone in place by every ``state_dict()`` (so by each
     ``save_pretrained``), and the next eval forward repacks a non-nested absmax in the wrong order: a 384x384
@@ -233,17 +236,19 @@ def keep_standard_layout(layer: nn.Module) -> None:
     """
     restore_standard_layout(layer)
     if hasattr(layer, "support_avx512bf16_for_cpu"):
-        if "_slpeft_repack_for_cpu" not in layer.__dict__:
+        if not give_back:
+            layer._slpeft_repack_for_cpu = False
+        elif "_slpeft_repack_for_cpu" not in layer.__dict__:
             layer._slpeft_repack_for_cpu = layer.support_avx512bf16_for_cpu
         layer.support_avx512bf16_for_cpu = False
 
 
-def keep_standard_layouts(model: nn.Module) -> list[str]:
+def keep_standard_layouts(model: nn.Module, give_back: bool = True) -> list[str]:
     """:func:`keep_standard_layout` for every bitsandbytes 4-bit linear of ``model``; returns their names."""
     names = []
     for name, module in model.named_modules():
         if hasattr(module, "support_avx512bf16_for_cpu") and _quant_state(module) is not None:
-            keep_standard_layout(module)
+            keep_standard_layout(module, give_back)
             names.append(name)
     return names
 

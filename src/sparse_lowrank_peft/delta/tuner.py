@@ -45,15 +45,13 @@ class DeltaModel(BaseTuner):
     def _quantize_rest_of_plan(model: nn.Module, config) -> None:
         """An LQ plan describes the whole quantized base: the linears it names beyond the adapter's targets (which
         LQ init quantized) are quantized plainly with their configurations, at creation and at load alike, so a
-        saved adapter reloads onto the base it was trained on. Its 4-bit layers keep bitsandbytes' standard layout,
-        as the layers an adapter wraps do (``_prepare_quantized_model``)."""
+        saved adapter reloads onto the base it was trained on. Its 4-bit layers keep bitsandbytes' standard layout
+        (``apply_plan``), as the layers an adapter wraps do (``_prepare_quantized_model``)."""
         plan = getattr(config, "lq_plan", None)
         if plan and getattr(config, "init_weights", None) == "lq":
             from .bitbudget import apply_plan
-            from .quant import keep_standard_layouts
 
-            if apply_plan(model, plan):
-                keep_standard_layouts(model)
+            apply_plan(model, plan)
 
     @staticmethod
     def _record_quantizers(config) -> None:
