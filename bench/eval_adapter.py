@@ -31,8 +31,9 @@ if str(ROOT) not in sys.path:
 
 
 def evaluate(folder: str, task_name: str, model: str, max_seq_len: int, data_dir, batch_size: int = 64,
-             data=None) -> dict:
-    """``{split: metrics}`` of the adapter folder on ``task_name``'s evaluation splits."""
+             data=None, logits_out: dict | None = None) -> dict:
+    """``{split: metrics}`` of the adapter folder on ``task_name``'s evaluation splits (``logits_out[split]``: the
+    logits, if a dict is given)."""
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
@@ -57,7 +58,10 @@ def evaluate(folder: str, task_name: str, model: str, max_seq_len: int, data_dir
             for batch in DataLoader(encoded, batch_size=batch_size, collate_fn=collate):
                 labels.append(batch.pop("labels").numpy())
                 logits.append(peft_model(**batch).logits.float().numpy())
-        preds = predictions_from_logits(task, np.concatenate(logits))
+        logits = np.concatenate(logits)
+        if logits_out is not None:
+            logits_out[split] = logits
+        preds = predictions_from_logits(task, logits)
         out[split] = task.compute_metrics(preds, np.concatenate(labels))
         out[split]["examples"] = int(len(encoded))
     return out
@@ -147,6 +151,14 @@ def _records_its_base(folder: str) -> bool:
     return bool(json.loads((Path(folder) / "adapter_config.json").read_text()).get("lq_plan"))
 
 
+def agreement(z, z_ref) -> dict:
+    """How close logits ``z`` are to ``z_ref`` (same examples): equal argmax share, relative Frobenius error."""
+    import numpy as np
+
+    return {"same_prediction": float((z.argmax(-1) == z_ref.argmax(-1)).mean()),
+            "logit_rel_error": float(np.linalg.norm(z - z_ref) / np.linalg.norm(z_ref))}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Score adapter folders on a GLUE dev set with plain PEFT.")
     parser.add_argument("adapters", nargs="+", metavar="LABEL=FOLDER")
@@ -156,6 +168,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default $GLUE_DIR)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="merge the scores into this JSON file under [task][label]")
+    parser.add_argument("--reference", metavar="LABEL",
+                        help="also compare every other adapter's logits with this one's: the share of equal "
+                             "predictions and the relative logit error ‖z − z_ref‖ / ‖z_ref‖")
     args = parser.parse_args(argv)
     import torch
 
@@ -166,14 +181,23 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     data = load_glue(args.task, args.data_dir)
     main_metric = get_task(args.task).main_metric
-    results = {}
-    for item in args.adapters:
-        label, sep, folder = item.partition("=")
+    items = [item.partition("=") for item in args.adapters]
+    for label, sep, folder in items:
         if not sep:
-            parser.error(f"{item!r} is not LABEL=FOLDER")
+            parser.error(f"{label!r} is not LABEL=FOLDER")
+    if args.reference and args.reference not in [label for label, _, _ in items]:
+        parser.error(f"--reference {args.reference!r} names none of the adapters' labels")
+    items.sort(key=lambda item: item[0] != args.reference)  # the reference first
+    results, logits = {}, {}
+    for label, _, folder in items:
         t0 = time.time()
-        scores = evaluate(folder, args.task, args.model, args.max_seq_len, args.data_dir, data=data)
+        logits[label] = {}
+        scores = evaluate(folder, args.task, args.model, args.max_seq_len, args.data_dir, data=data,
+                          logits_out=logits[label])
         entry = {"folder": folder, "scores": scores, "eval_s": time.time() - t0}
+        if args.reference and label != args.reference:
+            entry["vs_reference"] = {split: agreement(z, logits[args.reference][split]) for split, z in
+                                     logits[label].items()}
         info = Path(folder) / "export_info.json"
         if info.is_file():
             meta = json.loads(info.read_text())
@@ -182,13 +206,18 @@ def main(argv=None) -> int:
         entry["r"] = cfg.get("r")
         results[label] = entry
         first = next(iter(scores.values()))
-        print(f"{args.task} {label}: {main_metric}={first[main_metric]:.4f} ({folder})", flush=True)
+        against = next(iter(entry.get("vs_reference", {}).values()), None)
+        print(f"{args.task} {label}: {main_metric}={first[main_metric]:.4f} ({folder})" + (
+            f"; vs {args.reference}: {against['same_prediction']:.4f} same predictions, relative logit error "
+            f"{against['logit_rel_error']:.4f}" if against else ""), flush=True)
     if args.json:
         path = Path(args.json)
         merged = json.loads(path.read_text()) if path.is_file() else {}
         merged.setdefault(args.task, {}).update(results)
-        merged.setdefault("_meta", {})[args.task] = {"model": args.model, "max_seq_len": args.max_seq_len,
-                                                    "main_metric": main_metric}
+        meta = merged.setdefault("_meta", {}).setdefault(args.task, {})
+        command = "python bench/eval_adapter.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        meta.update(model=args.model, max_seq_len=args.max_seq_len, main_metric=main_metric,
+                    commands=sorted({*meta.get("commands", []), command}))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(merged, indent=2, sort_keys=True))
         print(f"scores merged into {path}")

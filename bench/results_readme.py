@@ -613,7 +613,31 @@ def bitbudget_section(results: Path, base: Path) -> list[str]:
                 f"{k} {v['metrics']['validation']['accuracy']:.4f}" for k, v in scores.items())
             + "; adapter file at the defaults (256 + 256 bases, query/value, no head): " + ", ".join(
                 f"{k} {v:,} B" for k, v in sizes.items()) + ".", ""]
+    lines += lq_export_table(results, base)
     return lines if len(lines) > 2 else lines + ["Not run yet: `python bench/bitbudget.py`.", ""]
+
+
+def lq_export_table(results: Path, base: Path) -> list[str]:
+    """LQ adapters exported to plain LoRA and loaded onto the full-precision model, against the trained model on its
+    quantized base (``bench/eval_adapter.py --reference``; docs/quantized.md has the export commands)."""
+    path = results / "lq-export-minilm.json"
+    data = _load(path)
+    if not data:
+        return []
+    lines = [f"LQ adapters exported as plain LoRA and loaded onto the full-precision model, against the trained model "
+             f"on its quantized base (file `{_link(path, base)}`; docs/quantized.md has the commands):", "",
+             "| task | adapter | same predictions | relative logit error | dev metric |", "|:---|:---|---:|---:|---:|"]
+    for task, entries in data.items():
+        if task.startswith("_") or not isinstance(entries, dict):
+            continue
+        metric = (data.get("_meta", {}).get(task) or {}).get("main_metric", "accuracy")
+        for label, entry in entries.items():
+            against = next(iter((entry.get("vs_reference") or {}).values()), None)
+            score = ((entry.get("scores") or {}).get("validation") or {}).get(metric)
+            same, error = (("reference", "–") if against is None else
+                           (f"{against['same_prediction']:.4f}", f"{against['logit_rel_error']:.3f}"))
+            lines.append(f"| {task} | {label} | {same} | {error} | {'–' if score is None else f'{score:.4f}'} |")
+    return lines + [""]
 
 
 def squeeze_section(results: Path, base: Path) -> list[str]:

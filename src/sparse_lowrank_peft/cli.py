@@ -63,6 +63,13 @@ def _add_randomized(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the Gaussian probes")
 
 
+def _add_relative_to(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--relative-to", choices=("original", "trained"), default="original",
+                   help="original (default): a LoRA for the model file's weights, what servers load (an adapter "
+                        "with LQ-LoRA's init is written as its change since its start L); trained: for the "
+                        "quantized base it was trained on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slpeft", description="Squeeze, export and inspect PEFT adapters (sparse_lowrank_peft).",
@@ -82,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="store every layer at the largest kept rank (zero-padded, no rank_pattern), so that vLLM, "
                          "llama.cpp and PEFT compute the same outputs")
     sq.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty OUT")
+    _add_relative_to(sq)
     _add_randomized(sq)
 
     ex = sub.add_parser("export", help="write any adapter as a plain LoRA folder (exact where low-rank)",
@@ -97,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="store every layer at the largest rank (zero-padded, no rank_pattern), so that vLLM, "
                          "llama.cpp and PEFT compute the same outputs")
     ex.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty OUT")
+    _add_relative_to(ex)
     _add_randomized(ex)
 
     ins = sub.add_parser("inspect", help="per-layer ranks, singular values, sparsity and bytes of an adapter",
@@ -202,6 +211,10 @@ def _print_summary(folder: Path) -> None:
     distinct = sorted(set(ranks.values()))
     print(f"wrote {folder}: plain LoRA from {info.get('exported_from')}, {len(ranks)} layers, "
           f"ranks {distinct}, method {', '.join(methods)}")
+    started = [name for name, layer in info.get("layers", {}).items() if layer.get("lq_start_subtracted")]
+    if started:
+        print(f"  {len(started)} layers were LQ-initialised: written as their change since the start L, for the "
+              "original weights (--relative-to trained keeps ΔW for the quantized base)")
 
 
 def _format_report(report: dict, top: int) -> str:
@@ -241,12 +254,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         out = _check_output(args.output, args.overwrite)
         rank = args.rank if args.rank is not None else args.energy
         folder = adapter_folder_to_lora(args.input, out, rank, base=args.base, lora_alpha=args.lora_alpha,
-                                        uniform_rank=args.uniform_rank, **randomized)
+                                        uniform_rank=args.uniform_rank, relative_to=args.relative_to, **randomized)
         _print_summary(folder)
     elif args.command == "export":
         out = _check_output(args.output, args.overwrite)
         folder = adapter_folder_to_lora(args.input, out, args.rank, base=args.base, uniform_rank=args.uniform_rank,
-                                        **randomized)
+                                        relative_to=args.relative_to, **randomized)
         _print_summary(folder)
     else:
         report = inspect_adapter(args.input, base=args.base, top=args.top, **randomized)

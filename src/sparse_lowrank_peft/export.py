@@ -45,6 +45,7 @@ def export_to_lora(
     power_iters: int = DEFAULT_POWER_ITERS,
     seed: int = DEFAULT_SEED,
     uniform_rank: bool = False,
+    relative_to: str = "original",
 ) -> Path:
     """Write ``peft_model``'s adapter ``adapter_name`` as a plain PEFT LoRA adapter folder ``out_dir``.
 
@@ -64,12 +65,17 @@ def export_to_lora(
             ``lora_alpha / r``, no ``rank_pattern``), so that every LoRA server computes PEFT's outputs. Without it a
             folder with per-layer ranks (SoRA's kept ranks, an energy threshold) is smaller and exact in PEFT, but
             vLLM and llama.cpp scale its lower-rank layers differently, and a warning says so.
+        relative_to: ``"original"`` (default): a LoRA for the model file's own weights, which servers load. An
+            adapter with LQ-LoRA's initialisation was trained on the quantized ``Q``, with ``Q + L ≈ W``; it is
+            written as its change since the start, ``ΔW − L`` (exact at rank ``k + r``), so that on ``W`` it gives
+            the trained ``Q + ΔW`` up to the quantization residual ``W − Q − L``. ``"trained"``: ``ΔW`` itself, for
+            the quantized base it was trained on. Other adapters are the same either way.
 
     Returns:
         The folder's path. ``PeftModel.from_pretrained(base, out_dir)`` loads it with plain peft.
     """
     result = squeeze_state(
         peft_model, rank, adapter_name, lora_alpha=lora_alpha, oversampling=oversampling,
-        power_iters=power_iters, seed=seed,
+        power_iters=power_iters, seed=seed, relative_to=relative_to,
     )
     return for_servers(result, uniform_rank).save(out_dir)

@@ -12,8 +12,9 @@ and any configuration of a plan (HQQ 2/3/4/8 bits, bitsandbytes NF4)::
     save_lq_lora(model, "out")            # PEFT's adapter files + lq_lora.json (targets, rank, plan, settings)
     model = load_lq_lora(base, "out")     # re-derives Q (deterministic), then PeftModel.from_pretrained
 
-The adapter is a plain PEFT LoRA adapter, but for the base ``Q``, not ``W``: a server needs the same quantized base
-(:func:`load_lq_lora` rebuilds it from the full-precision model). ``merge_and_unload()`` is PEFT's: it re-quantizes
+The saved adapter is a plain PEFT LoRA adapter, but for the base ``Q``, not ``W``: :func:`load_lq_lora` rebuilds
+that base from the full-precision model. For a LoRA server, which loads ``W``, ``export_to_lora(model, dir)`` writes
+the change since the start, ``ΔW − L`` (rank ``2r`` when exact). ``merge_and_unload()`` is PEFT's: it re-quantizes
 ``Q + ΔW`` in the layer's own configuration.
 """
 
@@ -95,10 +96,11 @@ def load_lq_lora(model: nn.Module, path: str, adapter_name: str = "default", **k
     quant.warn_on_other_quantizers(settings.get("quantizers"), settings["plan"], f"{LQ_LORA_FILE} in {path!r}")
     fisher = (quant.load_fisher(os.path.join(path, settings["fisher_file"]))
               if settings.get("fisher_file") else {})
-    _quantize_targets(model, settings, fisher)
+    factors = _quantize_targets(model, settings, fisher)
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, path, adapter_name=adapter_name, **kwargs)
+    _record_starts(peft_model, factors, adapter_name)
     peft_model.lq_lora_settings = {**settings, "fisher": fisher or None}
     return peft_model
 
@@ -181,9 +183,17 @@ def _quantize_targets(model, settings: dict, fisher: dict) -> dict[str, quant.LQ
     return results
 
 
+def _record_starts(peft_model, factors: dict[str, quant.LQResult], adapter_name: str) -> None:
+    """Keep each LoRA layer's start ``L`` on it (``quant.record_lq_start``), for exports to the original weights."""
+    root = peft_model.base_model.model
+    for key, result in factors.items():
+        quant.record_lq_start(root.get_submodule(key), adapter_name, result)
+
+
 def _start_at(peft_model, factors: dict[str, quant.LQResult], adapter_name: str) -> None:
     """Set each LoRA layer's ``lora_B``, ``lora_A`` so that ``scaling · B · A = L``."""
     root = peft_model.base_model.model
+    _record_starts(peft_model, factors, adapter_name)
     with torch.no_grad():
         for key, result in factors.items():
             layer = root.get_submodule(key)

@@ -34,6 +34,7 @@ folder), :class:`InSqueezeCallback` (rank annealing during training), :func:`pos
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 
 from .delta.layer import DeltaLayer
+from .delta.quant import lq_start
 
 __all__ = [
     "DEFAULT_OVERSAMPLING",
@@ -84,6 +86,10 @@ DEFAULT_OVERSAMPLING = 10
 DEFAULT_POWER_ITERS = 3
 #: seed of the Gaussian probes (a CPU generator, so every device draws the same probes)
 DEFAULT_SEED = 0
+
+#: what a squeezed or exported LoRA is relative to: the weights the user's model file holds, or the base the adapter
+#: was trained on. They differ only for an LQ-initialised adapter (base ``Q``; see ``delta.quant.record_lq_start``).
+RELATIVE_TO = ("original", "trained")
 
 #: relative slack of the energy rule, so rounding never adds a rank whose σ² is below 1e-12 of the total
 _ENERGY_RTOL = 1e-12
@@ -275,34 +281,40 @@ def _operator_mode(layer: nn.Module) -> Iterator[None]:
         layer.train(was_training)
 
 
-def delta_operator(layer: DeltaLayer, adapter_name: str):
+def delta_operator(layer: DeltaLayer, adapter_name: str, start: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
     """``(matvec, rmatvec)`` of a :class:`DeltaLayer` adapter's ``ΔW`` (``out × in``) through its forward.
 
     ``matvec(X) = adapter_forward(Xᵀ)ᵀ = ΔW·X`` and ``rmatvec(Y) = (∂/∂x of adapter_forward(x) for cotangent Yᵀ)ᵀ
     = ΔWᵀ·Y``: the layer's own ops (sparse kernels for the sparse term), never an ``out × in`` matrix. Call inside
-    ``_operator_mode(layer)`` (eval mode, no parameter gradients).
+    ``_operator_mode(layer)`` (eval mode, no parameter gradients). ``start = (B₀, A₀)``: the operator of
+    ``ΔW − B₀·A₀`` instead (an LQ start subtracted, :data:`RELATIVE_TO`).
     """
     ref = _adapter_param(layer, adapter_name)
     dtype, device = ref.dtype, ref.device
+    B0, A0 = (None, None) if start is None else (f.to(device=device, dtype=dtype) for f in start)
 
     def matvec(X: torch.Tensor) -> torch.Tensor:
+        X = X.to(device=device, dtype=dtype)
         with torch.no_grad():
-            return layer.adapter_forward(X.T.to(device=device, dtype=dtype).contiguous(), adapter_name).T
+            out = layer.adapter_forward(X.T.contiguous(), adapter_name).T
+        return out if B0 is None else out - B0 @ (A0 @ X)
 
     def rmatvec(Y: torch.Tensor) -> torch.Tensor:
         x = torch.zeros(Y.shape[1], layer.in_features, device=device, dtype=dtype, requires_grad=True)
         with torch.enable_grad():
             y = layer.adapter_forward(x, adapter_name)
             (gx,) = torch.autograd.grad(y, x, grad_outputs=Y.T.to(device=device, dtype=y.dtype).contiguous())
-        return gx.T
+        return gx.T if B0 is None else gx.T - A0.T @ (B0.T @ Y.to(device=device, dtype=dtype))
 
     return matvec, rmatvec
 
 
-def frobenius_norm(layer: DeltaLayer, adapter_name: str, block_elems: int = 1 << 20) -> float:
-    """``‖ΔW‖_F`` of an operator delta from blocks of identity rows: ``Σ_blocks ‖adapter_forward(I_block)‖_F²``.
+def frobenius_norm(layer: DeltaLayer, adapter_name: str, block_elems: int = 1 << 20,
+                   start: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> float:
+    """``‖ΔW‖_F`` of an operator delta (``‖ΔW − B₀·A₀‖_F`` with ``start``) from blocks of identity columns:
+    ``Σ_blocks ‖ΔW·I_block‖_F²`` through :func:`delta_operator`.
 
-    Memory ``O(block·(in + out))`` with ``block = block_elems / out`` rows, time one product per block; no
+    Memory ``O(block·(in + out))`` with ``block = block_elems / out`` columns, time one product per block; no
     ``out × in`` matrix is held.
     """
     ref = _adapter_param(layer, adapter_name)
@@ -310,20 +322,23 @@ def frobenius_norm(layer: DeltaLayer, adapter_name: str, block_elems: int = 1 <<
     block = max(1, min(n_in, block_elems // max(n_out, 1)))
     total = 0.0
     with _operator_mode(layer), torch.no_grad():
+        matvec, _ = delta_operator(layer, adapter_name, start)
         for j0 in range(0, n_in, block):
             j1 = min(n_in, j0 + block)
-            eye = torch.zeros(j1 - j0, n_in, device=ref.device, dtype=ref.dtype)
-            eye[torch.arange(j1 - j0), torch.arange(j0, j1)] = 1.0
-            total += float(layer.adapter_forward(eye, adapter_name).to(torch.float64).square().sum())
+            eye = torch.zeros(n_in, j1 - j0, device=ref.device, dtype=ref.dtype)
+            eye[torch.arange(j0, j1), torch.arange(j1 - j0)] = 1.0
+            total += float(matvec(eye).to(torch.float64).square().sum())
     return math.sqrt(total)
 
 
-def _randomized_layer(layer: DeltaLayer, adapter_name: str, rank: RankSpec, name: str, opts: dict):
-    """``(U, S, Vh, k, total_energy)`` for an operator delta; grows the sketch for an energy threshold."""
+def _randomized_layer(layer: DeltaLayer, adapter_name: str, rank: RankSpec, name: str, opts: dict,
+                      start: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+    """``(U, S, Vh, k, total_energy)`` for an operator delta (minus ``start``, if given); grows the sketch for an
+    energy threshold."""
     n_min = min(layer.in_features, layer.out_features)
     ref = _adapter_param(layer, adapter_name)
     with _operator_mode(layer):
-        matvec, rmatvec = delta_operator(layer, adapter_name)
+        matvec, rmatvec = delta_operator(layer, adapter_name, start)
 
         def run(k: int):
             return randomized_svd(
@@ -339,7 +354,7 @@ def _randomized_layer(layer: DeltaLayer, adapter_name: str, rank: RankSpec, name
                 )
             U, S, Vh = run(rank)
             return U, S, Vh, rank, None
-    total = frobenius_norm(layer, adapter_name) ** 2
+    total = frobenius_norm(layer, adapter_name, start=start) ** 2
     limit = opts["max_energy_rank"] or max(1, n_min // 2)
     guess = min(32, n_min)
     with _operator_mode(layer):
@@ -374,12 +389,14 @@ class LayerSqueeze:
     rank: int
     singular_values: list[float] = field(default_factory=list)  # computed ones, descending (all, or the sketch's)
     energy_kept: Optional[float] = None  # Σ_{i≤rank} σᵢ² / ‖ΔW‖_F² (None if the total is unknown)
+    lq_start_subtracted: bool = False  # ΔW − L of an LQ-initialised adapter, for the original weights
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "method": self.method, "shape": list(self.shape), "rank_in": self.rank_in, "rank": self.rank,
             "energy_kept": self.energy_kept, "singular_values": [float(f"{s:.6g}") for s in self.singular_values],
         }
+        return {**out, "lq_start_subtracted": True} if self.lq_start_subtracted else out
 
 
 @dataclass
@@ -399,6 +416,25 @@ class _Target:
     layer: Optional[DeltaLayer] = None  # operator delta
     nested: bool = False  # has its own nested ranks (DyLoRA: set_rank); an int rank picks them exactly
     fan_in_fan_out: bool = False
+    start: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # operator delta: its LQ start, subtracted
+    minus_start: bool = False  # the delta is ΔW − L (an LQ start subtracted)
+
+
+def _minus_lq_start(t: _Target, start: Optional[tuple[torch.Tensor, torch.Tensor]]) -> _Target:
+    """``t`` as the change since its LQ start, ``ΔW − B₀·A₀``: factored, the factors ``[s·B, −B₀]`` and ``[A; A₀]``
+    (rank ``k + r``, exact; DyLoRA's nested rank is then truncated like any product); an operator subtracts it in
+    its products."""
+    if start is None:
+        return t
+    t.minus_start = True
+    if t.layer is not None:
+        t.start = start
+        return t
+    B0, A0 = start
+    t.B = torch.cat([t.B.to(torch.float64) * t.scale, -B0.to(device=t.B.device, dtype=torch.float64)], dim=1)
+    t.A = torch.cat([t.A.to(torch.float64), A0.to(device=t.A.device, dtype=torch.float64)], dim=0)
+    t.scale, t.nested = 1.0, False
+    return t
 
 
 def _is_lora_layer(module) -> bool:
@@ -464,31 +500,46 @@ def _delta_layer_target(name: str, module: DeltaLayer, adapter_name: str, rank: 
     return t
 
 
-def _targets(peft_model, adapter_name: str, rank: Optional[RankSpec]) -> list[_Target]:
+def _layer_target(name: str, module, adapter_name: str, rank: Optional[RankSpec]) -> Optional[_Target]:
+    """The delta of one module holding the adapter (this package's tuners, PEFT's LoRA), else None."""
+    if isinstance(module, DeltaLayer):
+        if not module.has_adapter(adapter_name):
+            return None
+        if isinstance(rank, int) and hasattr(module, "set_rank"):
+            r_max = getattr(module, "dylora_r", {}).get(adapter_name)
+            if r_max is not None and rank > r_max:
+                raise SqueezeError(
+                    f"rank {rank} is above what layer '{name}' has (nested ranks 1..{r_max}). Fix: a rank <= {r_max}."
+                )
+        return _delta_layer_target(name, module, adapter_name, rank)
+    if _is_lora_layer(module):
+        return _lora_layer_target(name, module, adapter_name)
+    return None
+
+
+def _targets(peft_model, adapter_name: str, rank: Optional[RankSpec], relative_to: str = "original"
+             ) -> list[_Target]:
+    """Every adapted layer's delta: relative to the original weights (an LQ start subtracted) or to the trained
+    base (:data:`RELATIVE_TO`)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if relative_to not in RELATIVE_TO:
+        raise SqueezeError(f"relative_to={relative_to!r} is not one of {RELATIVE_TO}. Fix: 'original' for a LoRA "
+                           "to load on the model's own weights (servers), 'trained' for the base it was trained on.")
 
     inner = peft_model.base_model.model
     out: list[_Target] = []
     for name, module in inner.named_modules():
-        if isinstance(module, DeltaLayer):
-            if module.has_adapter(adapter_name):
-                if isinstance(rank, int) and hasattr(module, "set_rank"):
-                    r_max = getattr(module, "dylora_r", {}).get(adapter_name)
-                    if r_max is not None and rank > r_max:
-                        raise SqueezeError(
-                            f"rank {rank} is above what layer '{name}' has (nested ranks 1..{r_max}). "
-                            f"Fix: a rank <= {r_max}."
-                        )
-                out.append(_delta_layer_target(name, module, adapter_name, rank))
-        elif _is_lora_layer(module):
-            t = _lora_layer_target(name, module, adapter_name)
-            if t is not None:
-                out.append(t)
-        elif isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "active_adapters", []):
-            raise SqueezeError(
-                f"layer '{name}' is a {type(module).__name__}: LoRA-Squeeze reads this package's tuners and PEFT's "
-                "LoRA. Fix: for PEFT's other methods use peft.convert_to_lora (dense SVD per layer)."
-            )
+        t = _layer_target(name, module, adapter_name, rank)
+        if t is None:
+            if isinstance(module, BaseTunerLayer) and not isinstance(module, DeltaLayer) and not _is_lora_layer(
+                    module) and adapter_name in getattr(module, "active_adapters", []):
+                raise SqueezeError(
+                    f"layer '{name}' is a {type(module).__name__}: LoRA-Squeeze reads this package's tuners and "
+                    "PEFT's LoRA. Fix: for PEFT's other methods use peft.convert_to_lora (dense SVD per layer)."
+                )
+            continue
+        out.append(_minus_lq_start(t, lq_start(module, adapter_name)) if relative_to == "original" else t)
     if not out:
         raise SqueezeError(
             f"the model has no adapted layer with adapter '{adapter_name}'. Fix: pass the adapter's name "
@@ -507,11 +558,11 @@ def _squeeze_target(t: _Target, rank: Optional[RankSpec], lora_alpha: Optional[f
                 "(export_to_lora(model, dir, rank=16) / slpeft export IN OUT --rank 16); it is computed by "
                 "randomized SVD without building ΔW."
             )
-        U, S, Vh, k, total = _randomized_layer(t.layer, opts["adapter_name"], rank, t.name, opts)
+        U, S, Vh, k, total = _randomized_layer(t.layer, opts["adapter_name"], rank, t.name, opts, t.start)
         scale_out = 1.0 if lora_alpha is None else lora_alpha / max(k, 1)
         B, A = _split(U, S, Vh, k, scale_out, t.dtype)
         kept = None if total is None or total == 0 else float((S[:k] ** 2).sum()) / total
-        rep = LayerSqueeze(t.name, "randomized", t.shape, None, k, S.tolist(), kept)
+        rep = LayerSqueeze(t.name, "randomized", t.shape, None, k, S.tolist(), kept, t.minus_start)
         return B, A, rep
     k_in = t.B.shape[1]
     if t.nested or rank is None:
@@ -520,7 +571,8 @@ def _squeeze_target(t: _Target, rank: Optional[RankSpec], lora_alpha: Optional[f
         factor = t.scale / scale_out
         B = (t.B.to(torch.float64) * factor).to(t.dtype).contiguous()
         A = t.A.to(t.dtype).contiguous()
-        rep = LayerSqueeze(t.name, "nested" if t.nested else "as-is", t.shape, k_in, k_in)
+        rep = LayerSqueeze(t.name, "nested" if t.nested else "as-is", t.shape, k_in, k_in,
+                           lq_start_subtracted=t.minus_start)
         return B, A, rep
     U, S, Vh = svd_of_product(t.B, t.A, t.scale)
     k = _choose_rank(S, rank, S.numel())
@@ -528,7 +580,7 @@ def _squeeze_target(t: _Target, rank: Optional[RankSpec], lora_alpha: Optional[f
     B, A = _split(U, S, Vh, k, scale_out, t.dtype)
     total = float((S.to(torch.float64) ** 2).sum())
     kept = None if total == 0 else float((S[:k] ** 2).sum()) / total
-    return B, A, LayerSqueeze(t.name, "exact", t.shape, k_in, k, S.tolist(), kept)
+    return B, A, LayerSqueeze(t.name, "exact", t.shape, k_in, k, S.tolist(), kept, t.minus_start)
 
 
 def _check_int_rank(targets: list[_Target], rank: Optional[RankSpec]) -> None:
@@ -557,10 +609,11 @@ class SqueezeResult:
     state: dict
     layers: dict
     source_type: str
+    relative_to: str = "original"  # RELATIVE_TO: the weights the LoRA is to be loaded on
 
     def info(self) -> dict:
         return {
-            "exported_from": self.source_type,
+            "exported_from": self.source_type, "relative_to": self.relative_to,
             "ranks": {name: rep.rank for name, rep in self.layers.items()},
             "layers": {name: rep.to_dict() for name, rep in self.layers.items()},
             "stored_rank": None if self.config.rank_pattern else self.config.r,
@@ -596,7 +649,7 @@ class SqueezeResult:
             B = (B.to(torch.float64) * (own_scale / scale)).to(B.dtype)
             state[key_B] = torch.cat([B, B.new_zeros((B.shape[0], r - k, *B.shape[2:]))], dim=1)
         config = _lora_config(cfg.to_dict(), rank_pattern={}, alpha_pattern={}, use_rslora=False)
-        return SqueezeResult(config, state, self.layers, self.source_type)
+        return dataclasses.replace(self, config=config, state=state)
 
     def save(self, out_dir: Union[str, Path]) -> Path:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``export_info.json`` into ``out_dir``."""
@@ -648,13 +701,14 @@ def _pattern_key(name: str) -> str:
     return re.escape(name)
 
 
-def check_squeeze_rank(peft_model, rank: Optional[RankSpec], adapter_name: str = "default") -> None:
+def check_squeeze_rank(peft_model, rank: Optional[RankSpec], adapter_name: str = "default",
+                       relative_to: str = "original") -> None:
     """Raise :class:`SqueezeError` now if :func:`squeeze_state` (and so ``export_to_lora``) would refuse ``rank`` for
     this adapter: a bad spec, or an int above every factored layer's rank. It depends only on the adapter's shapes,
     so a runner checks it before training rather than after."""
     if rank is not None:
         check_rank_spec(rank)
-    _check_int_rank(_targets(peft_model, adapter_name, rank), rank)
+    _check_int_rank(_targets(peft_model, adapter_name, rank, relative_to), rank)
 
 
 def squeeze_state(
@@ -666,6 +720,7 @@ def squeeze_state(
     power_iters: int = DEFAULT_POWER_ITERS,
     seed: int = DEFAULT_SEED,
     max_energy_rank: Optional[int] = None,
+    relative_to: str = "original",
 ) -> SqueezeResult:
     """The squeezed LoRA of ``peft_model``'s adapter as a config + state dict, without changing the model.
 
@@ -678,13 +733,18 @@ def squeeze_state(
         oversampling, power_iters, seed: randomized-path settings (operator deltas only).
         max_energy_rank: with an energy threshold, the largest per-layer rank accepted on the randomized path
             (default ``min(out, in) // 2``).
+        relative_to: ``"original"``: a LoRA for the weights of the model file (what servers load): an
+            LQ-initialised adapter, trained on the quantized ``Q``, is written as its change since its start,
+            ``ΔW − L`` (``delta.quant.record_lq_start``; on ``W`` it gives ``Q + ΔW`` up to the quantization
+            residual ``W − Q − L``, where the unchanged ``ΔW`` would add ``L`` twice). ``"trained"``: ``ΔW`` for the
+            base it was trained on (what :func:`squeeze` re-wraps). The same for every other adapter.
     """
     if rank is not None:
         check_rank_spec(rank)
     if lora_alpha is not None and not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
         raise SqueezeError(f"lora_alpha={lora_alpha!r} must be a positive number (the output's scale numerator).")
     config = peft_model.peft_config[adapter_name]
-    targets = _targets(peft_model, adapter_name, rank)
+    targets = _targets(peft_model, adapter_name, rank, relative_to)
     _check_int_rank(targets, rank)
     opts = {"oversampling": oversampling, "power_iters": power_iters, "seed": seed,
             "max_energy_rank": max_energy_rank, "adapter_name": adapter_name}
@@ -698,7 +758,7 @@ def squeeze_state(
         )
     lora_config = _squeezed_lora_config(config, targets, kept, lora_alpha, is_lora)
     source = getattr(config.peft_type, "value", str(config.peft_type))
-    return SqueezeResult(lora_config, state, layers, source)
+    return SqueezeResult(lora_config, state, layers, source, relative_to)
 
 
 def _state_besides_factors(peft_model, adapter_name: str, is_lora: bool) -> dict:
@@ -786,9 +846,12 @@ def squeeze(
         rank: int or energy threshold in (0, 1] (see the module doc).
         lora_alpha: the output's ``lora_alpha`` (default ``r`` per layer, scale 1).
         kwargs: ``oversampling``, ``power_iters``, ``seed``, ``max_energy_rank`` (see :func:`squeeze_state`).
+
+    The LoRA is relative to the base the adapter was trained on (for an LQ-initialised adapter, its quantized
+    ``Q``), since that is the base it is re-wrapped around; ``export_to_lora`` writes one for the original weights.
     """
     check_rank_spec(rank)
-    result = squeeze_state(peft_model, rank, adapter_name, lora_alpha=lora_alpha, **kwargs)
+    result = squeeze_state(peft_model, rank, adapter_name, lora_alpha=lora_alpha, relative_to="trained", **kwargs)
     return _rewrap(peft_model, result, adapter_name)
 
 
@@ -969,7 +1032,8 @@ def _head_labels(folder: Path) -> Optional[int]:
 
 def load_adapter_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]] = None):
     """``PeftModel.from_pretrained(base, in_dir)`` with the base from ``base`` or the config's
-    ``base_model_name_or_path`` (transformers Auto class by ``task_type``); eval mode."""
+    ``base_model_name_or_path`` (transformers Auto class by ``task_type``); eval mode. A folder of PEFT's LoRA saved
+    by ``save_lq_lora`` is loaded with ``load_lq_lora`` (its base ``Q`` rebuilt from the weights)."""
     import transformers
     from peft import PeftModel
 
@@ -995,7 +1059,18 @@ def load_adapter_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]
             f"could not load the base model '{path}' of '{folder}' ({type(e).__name__}: {e}). Fix: pass a local "
             "base model folder with --base PATH / base=PATH."
         ) from e
+    if _is_lq_lora_folder(folder):  # PEFT's LoRA trained on LQ-LoRA's Q: rebuild that base (and the start L) from the weights
+        from .lq_lora import load_lq_lora
+
+        return load_lq_lora(model, str(folder)).eval()
     return PeftModel.from_pretrained(model, str(folder)).eval()
+
+
+def _is_lq_lora_folder(folder: Path) -> bool:
+    """A PEFT LoRA folder written by ``save_lq_lora``: its factors are for the quantized ``Q``, not the weights."""
+    from .lq_lora import LQ_LORA_FILE
+
+    return (folder / LQ_LORA_FILE).is_file()
 
 
 def squeeze_adapter(
@@ -1016,7 +1091,8 @@ def squeeze_adapter(
         rank: int, or energy threshold in (0, 1].
         base: base model folder (only read for non-LoRA adapters).
         lora_alpha: the output's ``lora_alpha`` (default ``r`` per layer, scale 1).
-        kwargs: ``oversampling``, ``power_iters``, ``seed``, ``max_energy_rank`` (see :func:`squeeze_state`).
+        kwargs: ``oversampling``, ``power_iters``, ``seed``, ``max_energy_rank``, ``relative_to`` (see
+            :func:`squeeze_state`; an LQ-initialised adapter is written for the original weights by default).
 
     Returns:
         ``out_dir``; it loads with plain peft (``PeftModel.from_pretrained(base, out_dir)``).
@@ -1036,9 +1112,12 @@ def adapter_folder_to_lora(
     seed: int = DEFAULT_SEED,
     max_energy_rank: Optional[int] = None,
     uniform_rank: bool = False,
+    relative_to: str = "original",
 ) -> Path:
     """Folder → plain LoRA folder at ``rank`` (``None``: exact, for low-rank deltas); see :func:`squeeze_adapter`.
-    ``uniform_rank``: store every layer at one rank, for LoRA servers (:meth:`SqueezeResult.with_uniform_rank`)."""
+    ``uniform_rank``: store every layer at one rank, for LoRA servers (:meth:`SqueezeResult.with_uniform_rank`).
+    ``relative_to``: the weights the LoRA is for (see :func:`squeeze_state`; it matters for LQ-initialised adapters
+    only, whose folder is loaded onto their rebuilt quantized base)."""
     if rank is not None:
         check_rank_spec(rank)
     folder, cfg = _read_adapter_folder(in_dir)
@@ -1047,12 +1126,13 @@ def adapter_folder_to_lora(
         raise SqueezeError(f"the output folder '{out}' is the input folder. Fix: write to a new folder.")
     opts = {"oversampling": oversampling, "power_iters": power_iters, "seed": seed,
             "max_energy_rank": max_energy_rank, "adapter_name": "default"}
-    if str(cfg["peft_type"]).upper() == "LORA":
+    if str(cfg["peft_type"]).upper() == "LORA" and not _is_lq_lora_folder(folder):
         result = _squeeze_lora_folder(folder, cfg, rank, lora_alpha, opts)
     else:
         model = load_adapter_model(folder, base)
         result = squeeze_state(model, rank, "default", lora_alpha=lora_alpha, oversampling=oversampling,
-                               power_iters=power_iters, seed=seed, max_energy_rank=max_energy_rank)
+                               power_iters=power_iters, seed=seed, max_energy_rank=max_energy_rank,
+                               relative_to=relative_to)
     return for_servers(result, uniform_rank).save(out)
 
 
@@ -1106,6 +1186,8 @@ def inspect_adapter(in_dir: Union[str, Path], base: Optional[Union[str, Path]] =
     without a base model. Operator deltas (SLTrain, RandLoRA) get the leading ``top`` singular values by randomized
     SVD and ``‖ΔW‖_F`` from identity probes (see :func:`frobenius_norm`), so energy ranks up to ``top`` are exact
     and larger ones show as ``None``. ``energy_ranks[τ]`` is the smallest ``k`` with ``Σ_{i≤k} σᵢ² ≥ τ·‖ΔW‖_F²``.
+    The delta is the one ``slpeft export`` writes: for an LQ-initialised adapter its change since its start
+    (``lq_start_subtracted``, factor rank ``k + r``; see :func:`squeeze_state`).
     """
     from safetensors.torch import load_file
 
@@ -1127,7 +1209,7 @@ def inspect_adapter(in_dir: Union[str, Path], base: Optional[Union[str, Path]] =
         targets = _targets(model, "default", None)
     for t in targets:
         entry = {"shape": list(t.shape), "bytes": _layer_bytes(state, t.name), "sparse_nnz": None,
-                 "sparse_density": None}
+                 "sparse_density": None, "lq_start_subtracted": t.minus_start}
         if t.layer is None:
             U, S, Vh = svd_of_product(t.B, t.A, t.scale)
             total = float((S ** 2).sum())
@@ -1137,13 +1219,13 @@ def inspect_adapter(in_dir: Union[str, Path], base: Optional[Union[str, Path]] =
             layer = t.layer
             k = min(top, t.shape[0], t.shape[1])
             with _operator_mode(layer):
-                matvec, rmatvec = delta_operator(layer, "default")
+                matvec, rmatvec = delta_operator(layer, "default", t.start)
                 ref = _adapter_param(layer, "default")
                 U, S, Vh = randomized_svd(matvec, rmatvec, (layer.out_features, layer.in_features), k,
                                           oversampling=oversampling, power_iters=power_iters, seed=seed,
                                           dtype=ref.dtype, device=ref.device)
             S = S[:k]
-            total = frobenius_norm(layer, "default") ** 2
+            total = frobenius_norm(layer, "default", start=t.start) ** 2
             entry.update(kind="operator", rank=None, numerical_rank=None)
             if layer.has_sparse("default"):
                 nnz = int(getattr(layer, layer.sparse_values_attr)["default"].numel())
@@ -1190,10 +1272,13 @@ def post_squeeze(peft_model, rank: RankSpec, out_dir: Union[str, Path], adapter_
 
     Returns ``(model, folder)``: the squeezed LoRA ``PeftModel`` (trainable, ready for more steps or evaluation)
     and ``out_dir`` with ``adapter_config.json``, ``adapter_model.safetensors`` and ``export_info.json`` (per-layer
-    ranks, singular values, energy kept). ``peft_model`` is consumed (see :func:`squeeze`).
+    ranks, singular values, energy kept). ``peft_model`` is consumed (see :func:`squeeze`). Like the returned model,
+    the folder is relative to the trained base (``relative_to: trained`` in ``export_info.json``; for an
+    LQ-initialised adapter that is ``Q``, which plain PEFT cannot rebuild: ship ``export_to_lora`` of the trained
+    adapter instead).
     """
     check_rank_spec(rank)
-    result = squeeze_state(peft_model, rank, adapter_name, lora_alpha=lora_alpha, **kwargs)
+    result = squeeze_state(peft_model, rank, adapter_name, lora_alpha=lora_alpha, relative_to="trained", **kwargs)
     folder = result.save(out_dir)
     return _rewrap(peft_model, result, adapter_name), folder
 

@@ -45,6 +45,8 @@ __all__ = [
     "quantize_linears",
     "quantize_vector",
     "dequantize_vector",
+    "lq_start",
+    "record_lq_start",
     "restore_full_precision",
     "restore_standard_layout",
     "to_linear4bit",
@@ -221,6 +223,9 @@ def can_repack_for_cpu(layer: nn.Module) -> bool:
 def keep_standard_layout(layer: nn.Module, give_back: bool = True) -> None:
     """Stop bitsandbytes from repacking ``layer``'s 4-bit weight for its AVX-512-BF16 CPU inference kernel (undoing
     a repack that already happened); the setting is recorded and :func:`give_back_repack_settings` restores it.
+    ``give_back=False`` for a 4-bit layer this package made (a runner's base, LQ-LoRA's ``Q``, a plan's layers): it
+    keeps the standard layout after an adapter is unloaded too, so an unloaded or squeezed model computes on the
+    weights it was trained on (given back, the repack's bf16 absmax moved a squeezed LoRA's loss by 1e-4).
 
     Why, measured with bitsandbytes 0.50.2 on a Zen 4 CPU: the repack happens in place at the first eval forward and
     ``give_back=False`` for a 4-bit layer this package made (a runner's base, LQ-LoRA's ``Q``, a plan's layers): it
@@ -563,6 +568,24 @@ def lq_quantize(linear: nn.Linear, rank: int, quant_type: str = "nf4", max_iter:
         return choice.quantize(result.source, linear.bias).to(linear.weight.device), result
     dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
     return to_linear4bit(linear, result.source, quant_type, compute_dtype=dtype), result
+
+
+def record_lq_start(layer: nn.Module, adapter_name: str, result: LQResult) -> None:
+    """Keep the ``L = B·A`` an LQ-initialised adapter started from on its layer (CPU, not in the state dict).
+
+    The adapter is trained on ``Q``, not on ``W``. A plain LoRA for the *original* weights (what LoRA servers load)
+    is the change since the start, ``ΔW − L``: on ``W`` it gives ``W − L + ΔW ≈ Q + ΔW``, the trained model up to
+    the quantization residual ``W − Q − L`` (:func:`sparse_lowrank_peft.export_to_lora` subtracts it). Without it
+    the export would add ``L`` a second time. Set at initialisation and again when a saved adapter is loaded (the
+    decomposition is deterministic), so it is never saved.
+    """
+    starts = layer.__dict__.setdefault("lq_starts", {})
+    starts[adapter_name] = (result.B.detach().to("cpu", torch.float32), result.A.detach().to("cpu", torch.float32))
+
+
+def lq_start(layer: nn.Module, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(B₀, A₀)`` with ``B₀·A₀ = L`` the start :func:`record_lq_start` kept for this adapter, or None."""
+    return layer.__dict__.get("lq_starts", {}).get(adapter_name)
 
 
 #: the file beside ``adapter_config.json`` that holds the Fisher weights an LQ initialisation used (``lq_fisher``)
