@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from glue import model as glue_model
-from glue.config import _f, _fm, check_choices, read_recipe, validate_quantize
+from glue.config import _f, _fm, check_choices, read_recipe, validate_quantize, validate_squeeze
 from glue.errors import GlueError
 
 TINY_MODEL = "tiny-llama"
@@ -83,6 +83,12 @@ class LMRunConfig:
     export_lora_rank: Optional[int] = _f(None, "also write a plain PEFT LoRA of this one rank to <output_dir>/lora "
                                                "(sparse_lowrank_peft.export_to_lora, uniform_rank: what vLLM and "
                                                "llama.cpp load)")
+    squeeze: Optional[Dict[str, Any]] = _f(None, "LoRA-Squeeze after (post, cont) or during (in, method lora) "
+                                                 "training: mapping with mode, rank or energy, [lora_alpha], "
+                                                 "[cont_steps, cont_learning_rate], [in_start, in_end, in_stages]; "
+                                                 "the squeezed LoRA in <output_dir>/adapter-squeezed (or "
+                                                 "adapter-cont), for the trained base "
+                                                 "(sparse_lowrank_peft.squeeze.SqueezeSpec)")
     verify_reload: bool = _f(False, "after saving, load the adapter onto a freshly built base and record its "
                                     "validation loss (it must equal the trained model's)")
     output_dir: Optional[str] = _f(None, "run folder (default: runs/lm/<model>/<method>)")
@@ -145,5 +151,6 @@ def _validate_method(cfg: LMRunConfig) -> None:
         raise GlueError(f"quantize: {cfg.quantize} needs bitsandbytes, which is not installed. Fix: "
                         "pip install 'sparse-lowrank-peft[bnb]', or quantize=null.")
     validate_quantize(cfg)
+    validate_squeeze(cfg)
     glue_model.make_peft_config(cfg.method, glue_model.effective_peft_fields(cfg), head_modules=[],
                                 task_type="CAUSAL_LM")

@@ -12,9 +12,10 @@ What a run does, in this order, so that a mistake in the recipe or the data is r
 2. load the tokenizer and cut the text into blocks (validation: ``eval_file`` or the held-out tail);
 3. load the base, quantize it (``quantize``; ``init: lq`` splits each linear into ``Q + L``), add the adapter;
 4. measure the validation loss, train with ``transformers.Trainer`` (the method's callbacks: SoRA's gate step,
-   DyLoRA's rank sampling), measure it again (DyLoRA: at ranks 1, 2, 4, ..., r; SoRA: prune the closed ranks);
-5. save the adapter (``<output_dir>/adapter``), optionally a plain LoRA export and a reload check, and write
-   ``<output_dir>/results.json``.
+   DyLoRA's rank sampling, In-Squeeze's rank annealing), measure it again (DyLoRA: at ranks 1, 2, 4, ..., r; SoRA:
+   prune the closed ranks);
+5. save the adapter (``<output_dir>/adapter``), optionally a plain LoRA export and a reload check, then
+   LoRA-Squeeze (``squeeze``: post, cont or in), and write ``<output_dir>/results.json``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from glue import results as glue_results
 from glue.errors import GlueError
 from glue.model import model_short_name
 from glue.run import list_methods, recipe_main
-from glue.train import is_main_process, method_results, trainer_class, training_callbacks
+from glue.train import (
+    check_target_rank, is_main_process, method_results, run_callbacks, squeeze_after_training, trainer_class,
+)
 
 from causal_lm.config import LMRunConfig, build_config, validate_config
 from causal_lm.data import load_data
@@ -75,7 +78,8 @@ def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
     check_vocabulary(cfg, tokenizer, path)
     data = load_data(cfg, tokenizer)
     built = build_model(cfg, path, data, args.device)
-    check_export(cfg, built.model)
+    check_target_rank(built.model, cfg.export_lora_rank, "export_lora_rank", relative_to="original")
+    squeeze_spec, callbacks = run_callbacks(cfg, built.model)
     print(f"[lm] {cfg.model}, method {cfg.method}: {built.params[0]:,} trainable of {built.params[1]:,} parameters; "
           f"{len(data.train)} training and {len(data.eval)} validation sequences of up to {cfg.block_size} tokens "
           f"from {data.source}", flush=True)
@@ -83,23 +87,36 @@ def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
         return {"dry_run": True, "method": cfg.method, "output_dir": str(out), "train_blocks": len(data.train),
                 "eval_blocks": len(data.eval), "params": {"trainable": built.params[0], "total": built.params[1]}}
 
-    trainer = make_trainer(args, built.model, data)
+    trainer = make_trainer(args, built.model, data, callbacks)
     train_start = time.time()
     output = trainer.train(resume_from_checkpoint=True if resume else None)
     train_s = time.time() - train_start
     before = initial_loss(trainer)
     after = trainer.evaluate()["eval_loss"]
-    method = method_results(cfg.method, trainer, built.model, out)  # DyLoRA's per-rank losses; SoRA prunes
-    adapter = save_adapter(trainer, built.model, out)
+    adapter, extras = finish_training(cfg, trainer, built, data, out, after, squeeze_spec)
     if not trainer.is_world_process_zero():  # the main process exports, checks and writes the results
         return {"process_index": args.process_index, "eval": {"loss_before": before, "loss_after": after}}
-    extras = {"method_results": method, **after_training(cfg, built, data, out, after)}
     results = results_record(cfg, data, built, trainer, output, (before, after), adapter, extras,
                              (train_s, time.time() - start))
     glue_results.write_json(out / "results.json", results)
     print(f"[lm] validation perplexity {math.exp(before):.3f} -> {math.exp(after):.3f}; "
           f"adapter in {adapter['path']}; results in {out / 'results.json'}", flush=True)
     return results
+
+
+def finish_training(cfg: LMRunConfig, trainer, built, data, out: Path, loss: float, squeeze_spec):
+    """After training, in this order: the method's extras (DyLoRA's per-rank losses; SoRA prunes), the saved
+    adapter, the plain LoRA export and the reload check (main process), then LoRA-Squeeze, which consumes the
+    trained model, and the squeezed adapter's reload check. Returns ``(adapter record, extras of the results)``."""
+    method = method_results(cfg.method, trainer, built.model, out)
+    adapter = save_adapter(trainer, built.model, out)
+    extras = after_training(cfg, built, data, out, loss) if trainer.is_world_process_zero() else {}
+    if squeeze_spec is not None:
+        trainer.accelerator.wait_for_everyone()
+        method = {**(method or {}), "squeeze": squeeze(cfg, squeeze_spec, trainer, built.model, out, loss)}
+        if cfg.verify_reload and trainer.is_world_process_zero():
+            extras["squeeze_reload"] = squeezed_reload_check(cfg, built, data, method["squeeze"])
+    return adapter, {"method_results": method, **extras}
 
 
 def output_dir(cfg: LMRunConfig) -> Path:
@@ -154,22 +171,25 @@ def training_arguments(cfg: LMRunConfig, out: Path):
     )
 
 
-def make_trainer(args, model, data):
-    """The Trainer of the run, with the method's callbacks (SoRA's gate step, DyLoRA's rank draws)."""
+def make_trainer(args, model, data, callbacks):
+    """The Trainer of the run, with the method's callbacks (:func:`glue.train.run_callbacks`)."""
     return trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                           data_collator=data.collate, callbacks=training_callbacks(model))
+                           data_collator=data.collate, callbacks=callbacks)
 
 
-def check_export(cfg: LMRunConfig, model) -> None:
-    """``export_lora_rank`` is one the export will take (a factored adapter cannot be exported above its rank),
-    checked on the untrained adapter's shapes so the run does not fail after training."""
-    if cfg.export_lora_rank:
-        from sparse_lowrank_peft.squeeze import SqueezeError, check_squeeze_rank
+def losses(loss: float) -> dict:
+    """A validation loss as the results record it, with its perplexity."""
+    return {"loss": loss, "perplexity": math.exp(loss)}
 
-        try:
-            check_squeeze_rank(model, cfg.export_lora_rank)
-        except SqueezeError as e:
-            raise GlueError(f"export_lora_rank={cfg.export_lora_rank}: {e}") from e
+
+def squeeze(cfg: LMRunConfig, spec, trainer, model, out: Path, loss: float) -> dict:
+    """LoRA-Squeeze of the trained adapter (``glue.train.squeeze_after_training``, shared with the GLUE runner)."""
+    info = squeeze_after_training(cfg, spec, trainer, model, out, losses(loss),
+                                  lambda metrics: losses(metrics["eval_loss"]))
+    shown = info.get("after_cont", info["after"])
+    print(f"[lm] squeeze ({spec.mode}, {spec.target}): validation perplexity {math.exp(loss):.3f} -> "
+          f"{shown['perplexity']:.3f}; LoRA in {info['adapter']['path']}", flush=True)
+    return info
 
 
 def save_adapter(trainer, model, out: Path) -> dict:
@@ -197,13 +217,23 @@ def after_training(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dic
         extras["lora_export"] = {"path": str(folder), "rank": cfg.export_lora_rank,
                                  "dir_bytes": glue_results.dir_bytes(Path(folder))}
     if cfg.verify_reload:
-        extras["reload"] = reload_check(cfg, built, data, out, loss)
+        extras["reload"] = reload_check(cfg, built, data, out / "adapter", loss)
     return extras
 
 
-def reload_check(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dict:
-    """The saved adapter on a freshly built base (quantized the same way, or re-derived from the LQ plan): its
-    validation loss against the trained model's."""
+def squeezed_reload_check(cfg: LMRunConfig, built, data, info: dict) -> dict:
+    """The squeezed (or continued) LoRA folder on a freshly built base, against the squeezed model's loss. Not for
+    an LQ-initialised run: its squeezed LoRA is for the LQ base ``Q``, which only the unsqueezed adapter rebuilds
+    (``export_lora_rank`` writes one for the original weights)."""
+    if cfg.init == "lq":
+        return {"checked": False, "reason": "the squeezed LoRA is for the LQ base Q (see export_lora_rank)"}
+    loss = info.get("after_cont", info["after"])["loss"]
+    return {"checked": True, **reload_check(cfg, built, data, Path(info["adapter"]["path"]), loss)}
+
+
+def reload_check(cfg: LMRunConfig, built, data, folder: Path, loss: float) -> dict:
+    """The adapter ``folder`` on a freshly built base (quantized the same way, or re-derived from the LQ plan): its
+    validation loss against the trained model's ``loss``."""
     import torch
     from peft import PeftModel
 
@@ -221,9 +251,9 @@ def reload_check(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dict:
     if cfg.method == "lora" and cfg.init == "lq":
         from sparse_lowrank_peft import load_lq_lora
 
-        reloaded = load_lq_lora(base, str(out / "adapter"))
+        reloaded = load_lq_lora(base, str(folder))
     else:
-        reloaded = PeftModel.from_pretrained(base, str(out / "adapter"))
+        reloaded = PeftModel.from_pretrained(base, str(folder))
     device = run_device()
     reloaded.to(device).eval()
     size, total = cfg.eval_batch_size, 0.0

@@ -310,7 +310,8 @@ def validate_config(cfg: RunConfig) -> None:
     """
     _validate_task(cfg)
     _validate_numbers(cfg)
-    _validate_quantize_and_squeeze(cfg)
+    validate_quantize(cfg)
+    validate_squeeze(cfg)
     if cfg.method == "full":
         if cfg.peft:
             raise GlueError(
@@ -385,12 +386,6 @@ def _validate_numbers(cfg: RunConfig) -> None:
         ) from None
 
 
-def _validate_quantize_and_squeeze(cfg: RunConfig) -> None:
-    validate_quantize(cfg)
-    if cfg.squeeze is not None:
-        _validate_squeeze(cfg)
-
-
 def validate_quantize(cfg) -> None:
     """``quantize``, ``init: lq`` and ``quantize_plan`` fit together and the method (shared by the GLUE and the
     causal-LM runners, whose ``cfg`` have these fields)."""
@@ -418,7 +413,11 @@ def validate_quantize(cfg) -> None:
     _validate_plan_fields(cfg)
 
 
-def _validate_squeeze(cfg: RunConfig) -> None:
+def validate_squeeze(cfg) -> None:
+    """The ``squeeze`` block is a valid :class:`~sparse_lowrank_peft.squeeze.SqueezeSpec` for the method (shared by
+    the GLUE and the causal-LM runners; its ranks are checked against the adapter once it is built)."""
+    if cfg.squeeze is None:
+        return
     try:
         from sparse_lowrank_peft.squeeze import SqueezeSpec
     except ImportError as e:

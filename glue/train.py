@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from glue.config import RESUME_MAY_DIFFER, RunConfig
 from glue.errors import GlueError
@@ -228,17 +228,32 @@ def trainer_class():
     return GlueTrainer
 
 
-def run_callbacks(cfg: RunConfig, model, extra: Sequence | None = None):
+def run_callbacks(cfg, model, extra: Sequence | None = None):
     """``(squeeze spec or None, callbacks)``: what the adapter's method needs while training (SoRA's proximal gate
-    step, DyLoRA's per-step rank), then ``extra``, then In-Squeeze's rank annealing when the recipe asks for it."""
+    step, DyLoRA's per-step rank), then ``extra``, then In-Squeeze's rank annealing when the recipe asks for it
+    (its rank checked against the adapter now, not after training). Both runners' ``cfg`` have these fields."""
     spec, callbacks = None, [*(training_callbacks(model) if cfg.method != "full" else []), *(extra or [])]
     if cfg.squeeze is not None:
         from sparse_lowrank_peft.squeeze import InSqueezeCallback, SqueezeSpec
 
         spec = SqueezeSpec.from_mapping(cfg.squeeze)
+        check_target_rank(model, spec.rank, "squeeze.rank", relative_to="trained")
         if spec.mode == "in":
             callbacks.append(InSqueezeCallback(spec.rank, spec.in_start, spec.in_end, spec.in_stages))
     return spec, callbacks
+
+
+def check_target_rank(model, rank: int | None, field: str, relative_to: str) -> None:
+    """A squeeze or export ``rank`` the adapter can take (a factored adapter cannot be squeezed above its rank),
+    checked on the untrained adapter's shapes so that the run does not fail after training."""
+    if rank is None:
+        return
+    from sparse_lowrank_peft.squeeze import SqueezeError, check_squeeze_rank
+
+    try:
+        check_squeeze_rank(model, rank, relative_to=relative_to)
+    except SqueezeError as e:
+        raise GlueError(f"{field}={rank}: {e}") from e
 
 
 def progress_callback(clock: RunClock):
@@ -325,7 +340,13 @@ def finish_training(cfg: RunConfig, trainer, built, out: Path, task: TaskSpec, e
     adapter = save_trained(cfg, trainer, built.model, out)
     if squeeze_spec is not None:  # after the trained adapter is saved: squeezing consumes the model
         final, _ = final_and_best(evals, task, trainer.state.global_step)
-        info = squeeze_after_training(cfg, squeeze_spec, trainer, built.model, out, final, task)
+        splits = list(trainer.eval_dataset)
+        info = squeeze_after_training(cfg, squeeze_spec, trainer, built.model, out, final,
+                                      lambda metrics: split_metrics(metrics, task, splits))
+        shown = info.get("after_cont", info["after"])
+        print(f"[glue] squeeze ({squeeze_spec.mode}, {squeeze_spec.target}): " + "; ".join(
+            f"{split} {task.main_metric}={m[task.main_metric]:.4f}" for split, m in shown.items()
+            if task.main_metric in m), flush=True)
         extras = {**(extras or {}), "squeeze": info}
     return adapter, extras
 
@@ -359,14 +380,16 @@ def method_results(method: str, trainer, model, out: Path) -> dict | None:
     return None
 
 
-def squeeze_after_training(cfg: RunConfig, spec, trainer, model, out: Path, final: dict, task: TaskSpec) -> dict:
-    """LoRA-Squeeze after training: squeeze the trained adapter to plain LoRA (``spec.rank`` or ``spec.energy``),
-    evaluate it, and for ``cont`` train it ``cont_steps`` more steps; the squeezed adapter is saved in
-    ``<out>/adapter-squeezed`` (with ``export_info.json``), the continued one in ``<out>/adapter-cont``. Returns the
-    metrics before and after, the per-layer ranks and sizes."""
-    import torch
-    from transformers import TrainingArguments
+def squeeze_after_training(cfg, spec, trainer, model, out: Path, before: dict,
+                           summarize: Callable[[dict], dict]) -> dict:
+    """LoRA-Squeeze after training (both runners): squeeze the trained adapter to plain LoRA (``spec.rank`` or
+    ``spec.energy``), evaluate it, and for ``cont`` train it ``cont_steps`` more steps; the squeezed adapter is saved
+    in ``<out>/adapter-squeezed`` (with ``export_info.json``), the continued one in ``<out>/adapter-cont``.
 
+    ``before`` is the trained model's evaluation and ``summarize`` turns a ``trainer.evaluate()`` into the same form
+    (GLUE: metrics per split; causal LM: loss and perplexity). Returns them before and after, the per-layer ranks
+    and sizes.
+    """
     from sparse_lowrank_peft.squeeze import post_squeeze
 
     name = model.active_adapters[0] if hasattr(model, "active_adapters") else "default"
@@ -379,10 +402,9 @@ def squeeze_after_training(cfg: RunConfig, spec, trainer, model, out: Path, fina
     squeezed, _ = post_squeeze(model, spec.target, folder, adapter_name=name, lora_alpha=alpha)
     squeeze_s = time.time() - started
     trainer.model = trainer.model_wrapped = squeezed
-    after = trainer.evaluate()
     info: dict[str, Any] = {
         "mode": spec.mode, "target": spec.target, "lora_alpha": alpha, "squeeze_s": squeeze_s,
-        "before": final, "after": split_metrics(after, task, list(trainer.eval_dataset)),
+        "before": before, "after": summarize(trainer.evaluate()),
         "trainable_after": count_parameters(squeezed)[0], "trainable_before": before_params,
     }
     cuts = [c.done for c in trainer.callback_handler.callbacks if hasattr(c, "final_rank") and hasattr(c, "done")]
@@ -393,33 +415,31 @@ def squeeze_after_training(cfg: RunConfig, spec, trainer, model, out: Path, fina
         layers = json.loads(export_info.read_text()).get("layers", {})
         info["ranks"] = {k: v.get("rank") for k, v in layers.items()} if isinstance(layers, dict) else None
     if spec.mode == "cont":
-        cont_args = TrainingArguments(
-            output_dir=str(out / "cont"), learning_rate=spec.cont_learning_rate or cfg.learning_rate,
-            max_steps=spec.cont_steps, per_device_train_batch_size=cfg.train_batch_size,
-            per_device_eval_batch_size=cfg.eval_batch_size, warmup_steps=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler_type, max_grad_norm=cfg.max_grad_norm,
-            optim=cfg.optim, seed=cfg.seed, save_strategy="no", eval_strategy="no", logging_steps=cfg.logging_steps,
-            report_to="none", use_cpu=not torch.cuda.is_available(), label_names=["labels"],
-        )
-        cont = type(trainer)(
-            model=squeezed, args=cont_args, train_dataset=trainer.train_dataset, eval_dataset=trainer.eval_dataset,
-            data_collator=trainer.data_collator, processing_class=trainer.processing_class,
-            compute_metrics=trainer.compute_metrics,
-        )
-        started = time.time()
-        cont.train()
-        info["cont_train_s"] = time.time() - started
-        info["after_cont"] = split_metrics(cont.evaluate(), task, list(trainer.eval_dataset))
         folder = out / "adapter-cont"
+        info.update(continue_squeezed(spec, trainer, squeezed, out, summarize))
         if trainer.is_world_process_zero():
             if folder.exists():
                 shutil.rmtree(folder)
             squeezed.save_pretrained(str(folder))
     info["adapter"] = {"path": str(folder),
                        "weights_bytes": file_bytes(folder, ["adapter_model.safetensors", "adapter_model.bin"])}
-    shown = info.get("after_cont", info["after"])
-    print(f"[glue] squeeze ({spec.mode}, {spec.target}): " + "; ".join(
-        f"{split} " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if k == task.main_metric)
-        for split, m in shown.items()), flush=True)
     return info
 
+
+def continue_squeezed(spec, trainer, squeezed, out: Path, summarize: Callable[[dict], dict]) -> dict:
+    """Cont-Squeeze: ``spec.cont_steps`` more steps of the squeezed LoRA with the run's own training arguments
+    (precision, batch size, accumulation, schedule) at ``spec.cont_learning_rate`` (default the run's), without
+    evaluations or checkpoints in between; its training time and evaluation."""
+    args = dataclasses.replace(
+        trainer.args, output_dir=str(out / "cont"), max_steps=spec.cont_steps,
+        learning_rate=spec.cont_learning_rate or trainer.args.learning_rate, save_strategy="no", eval_strategy="no",
+        eval_on_start=False, load_best_model_at_end=False,
+    )
+    cont = type(trainer)(
+        model=squeezed, args=args, train_dataset=trainer.train_dataset, eval_dataset=trainer.eval_dataset,
+        data_collator=trainer.data_collator, processing_class=trainer.processing_class,
+        compute_metrics=trainer.compute_metrics,
+    )
+    started = time.time()
+    cont.train()
+    return {"cont_train_s": time.time() - started, "after_cont": summarize(cont.evaluate())}

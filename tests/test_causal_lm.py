@@ -126,6 +126,29 @@ def test_resume_continues_to_the_same_result(text_file, tmp_path):
     assert resumed["eval"]["loss_after"] == pytest.approx(whole["eval"]["loss_after"], abs=1e-6)
 
 
+@pytest.mark.parametrize("recipe, mode", [("sltrain-qlora", "post"), ("sora-qlora", "cont"), ("lora-qlora", "in")])
+def test_lora_squeeze_after_or_during_training(recipe, mode, text_file, tmp_path):
+    """LoRA-Squeeze as in the GLUE runner: the trained adapter squeezed to a rank-2 plain LoRA (post), trained two
+    steps more (cont), or annealed to rank 2 while training (in, PEFT's LoRA), so that squeezing is exact. The
+    squeezed folder reloads onto a fresh NF4 base to the squeezed model's loss; the trained adapter is kept."""
+    extra = {"post": "", "cont": ", cont_steps: 2", "in": ", in_start: 0.25, in_end: 0.5, in_stages: 2"}[mode]
+    results = run(_cfg(ROOT / "recipes" / "llm" / f"{recipe}.yaml", text_file, tmp_path / "run", "max_steps=4",
+                       f"squeeze={{mode: {mode}, rank: 2{extra}}}", "verify_reload=true", "export_lora_rank=null"))
+    sq = results["method_results"]["squeeze"]
+    folder = Path(sq["adapter"]["path"])
+    assert folder.name == ("adapter-cont" if mode == "cont" else "adapter-squeezed")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2 and set(sq["ranks"].values()) == {2}
+    assert sq["trainable_after"] < sq["trainable_before"] and sq["before"]["loss"] == results["eval"]["loss_after"]
+    assert results["squeeze_reload"]["checked"] and results["squeeze_reload"]["abs_difference"] < 1e-5
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    if mode == "cont":
+        assert sq["after_cont"]["loss"] == pytest.approx(results["squeeze_reload"]["eval_loss"], abs=1e-5)
+    if mode == "in":  # annealed to rank 2 before the end: squeezing changes nothing
+        assert [c["rank"] for c in sq["in_squeeze_cuts"]][-1] == 2
+        assert sq["after"]["loss"] == pytest.approx(sq["before"]["loss"], abs=1e-6)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train_file=null"], "sets no 'train_file'"),
     (["train_file=/nonexistent/corpus.txt"], "does not exist"),
@@ -136,6 +159,8 @@ def test_resume_continues_to_the_same_result(text_file, tmp_path):
     (["block_size=0"], "block_size"),
     (["learning_rte=1e-3"], "Did you mean 'learning_rate'"),
     (["peft.task_type=SEQ_CLS"], r"set by the runner \(CAUSAL_LM\)"),
+    (["squeeze={mode: in, rank: 2}"], "mode 'in' anneals a PEFT LoRA's rank"),
+    (["squeeze={mode: post}"], "needs exactly one of rank"),
 ])
 def test_bad_recipe_fails_before_loading(overrides, message, text_file, tmp_path):
     with pytest.raises(GlueError, match=message):
@@ -146,6 +171,7 @@ def test_bad_recipe_fails_before_loading(overrides, message, text_file, tmp_path
 @pytest.mark.parametrize("recipe, overrides, message", [
     ("sltrain-qlora", ["block_size=4096"], "exceeds the model's max_position_embeddings"),
     ("lora-qlora", ["export_lora_rank=64"], "export_lora_rank=64: rank 64 is above"),
+    ("lora-qlora", ["squeeze={mode: post, rank: 64}"], "squeeze.rank=64: rank 64 is above"),
 ])
 def test_model_dependent_errors_come_before_training(recipe, overrides, message, text_file, tmp_path):
     """What needs the model (its positions, from its config before the text is read; the adapter's rank) is checked

@@ -566,6 +566,19 @@ def test_squeeze_from_a_recipe(tiny_model, toy_task, tmp_path, mode):
         assert config["lora_alpha"] == 2  # scale 1 unless the recipe sets lora_alpha
 
 
+@pytest.mark.parametrize("mode", ["post", "in"])
+def test_squeeze_rank_above_the_adapter_fails_before_training(tiny_model, toy_task, tmp_path, mode):
+    """A LoRA of r=4 cannot be squeezed to rank 8: said when the adapter is built (a dry run too), not after
+    training."""
+    recipe = cfg(task="custom", custom=toy_task, model=tiny_model, peft={"r": 4, "lora_alpha": 8}, max_steps=2,
+                 save_steps=0, output_dir=str(tmp_path / "run"), squeeze={"mode": mode, "rank": 8})
+    with pytest.raises(GlueError, match="squeeze.rank=8: rank 8 is above what the adapter has"):
+        grun.run(recipe, dry_run=True)
+    with pytest.raises(GlueError, match="squeeze.rank=8"):
+        grun.run(recipe)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
 @pytest.mark.parametrize("quantize,plan", [("nf4", None), ("plan", {"budget_bits": 6.0, "fisher_batches": 2})],
                          ids=["nf4", "plan-fisher"])
 def test_peft_lora_with_lq_init_from_a_recipe(tiny_model, toy_task, tmp_path, quantize, plan):
