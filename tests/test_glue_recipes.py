@@ -92,6 +92,40 @@ def stand_in_glue(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_lq_splits():
+    """Each LQ split of a MiniLM weight is computed once in this module: the dry runs build the same splits again
+    and again (the LQ recipes of every task, the plans' measurements), and a split is a deterministic function of
+    its inputs (tests/test_quantized.py), so the wiring under test is the same. Every call gets its own copy."""
+    import dataclasses
+    import hashlib
+
+    from sparse_lowrank_peft.delta import quant
+
+    original, cache = quant.lq_decompose, {}
+
+    def digest(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, (tuple, list)):
+            return ",".join(digest(v) for v in value)
+        return hashlib.sha1(value.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def shared(W, rank, *args, **kwargs):
+        quantizer = kwargs.get("quantizer")
+        owner = repr(getattr(quantizer, "__self__", quantizer)) if quantizer is not None else None
+        key = (digest(W), tuple(W.shape), rank, args, digest(kwargs.get("fisher")), owner,
+               tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("fisher", "quantizer"))))
+        if key not in cache:
+            cache[key] = original(W, rank, *args, **kwargs)
+        result = cache[key]
+        return dataclasses.replace(result, **{f: getattr(result, f).clone() for f in ("Q", "B", "A", "source")})
+
+    quant.lq_decompose = shared
+    yield
+    quant.lq_decompose = original
+
+
 @pytest.fixture(scope="module")
 def mnli_adapters(tmp_path_factory):
     """``adapter(mnli recipe)``: the untrained adapter of an MNLI recipe on MiniLM, saved once (what the MRPC, RTE and
