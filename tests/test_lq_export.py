@@ -62,7 +62,7 @@ def deltas(model) -> dict[str, torch.Tensor]:
 def starts(model) -> dict[str, torch.Tensor]:
     out = {}
     for key in QV:
-        B0, A0 = quant.lq_start(model.base_model.model.get_submodule(key), "default")
+        B0, A0 = quant.lq_offset(model.base_model.model.get_submodule(key))
         out[key] = B0 @ A0
     return out
 
@@ -91,7 +91,7 @@ def test_export_is_the_change_since_the_lq_start(name, tmp_path):
         effective = effective + trained_delta[key]
         assert (W + got[key] - effective).norm() < (W + got_q[key] - effective).norm()
     info = json.loads((original / "export_info.json").read_text())
-    assert info["relative_to"] == "original" and all(info["layers"][k]["lq_start_subtracted"] for k in QV)
+    assert info["relative_to"] == "original" and all(info["layers"][k]["lq_offset_subtracted"] for k in QV)
     assert json.loads((on_q / "export_info.json").read_text())["relative_to"] == "trained"
 
 
@@ -173,4 +173,22 @@ def test_inspect_reports_the_delta_the_export_writes(tmp_path):
     want = {key: d - s for (key, d), s in zip(deltas(model).items(), starts(model).values())}
     for key in QV:
         entry = report["layers"][key]
-        assert entry["lq_start_subtracted"] and entry["fro_norm"] == pytest.approx(float(want[key].norm()), rel=1e-4)
+        assert entry["lq_offset_subtracted"] and entry["fro_norm"] == pytest.approx(float(want[key].norm()), rel=1e-4)
+
+
+def test_a_second_adapter_on_an_lq_layer_is_exported_for_the_original_weights_too(tmp_path):
+    """``L`` belongs to the layer's base (``W ≈ Q + L``), not to the LQ adapter: another adapter added on the same
+    layers also trains on ``Q``, and its export for ``W`` is ``ΔW_other − L``."""
+    model = trained("sltrain")
+    model.add_adapter("other", SLTrainConfig(r=2, sparsity=0.1, target_modules=["query", "value"],
+                                             task_type="SEQ_CLS"))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".other" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    root, start = model.base_model.model, starts(model)
+    other = {key: root.get_submodule(key).get_delta_weight("other").detach().float() for key in QV}
+    got = exported_deltas(export_to_lora(model, tmp_path / "other", adapter_name="other", rank=64))
+    for key in QV:
+        torch.testing.assert_close(got[key], other[key] - start[key], atol=2e-5, rtol=1e-4)

@@ -211,7 +211,7 @@ def _print_summary(folder: Path) -> None:
     distinct = sorted(set(ranks.values()))
     print(f"wrote {folder}: plain LoRA from {info.get('exported_from')}, {len(ranks)} layers, "
           f"ranks {distinct}, method {', '.join(methods)}")
-    started = [name for name, layer in info.get("layers", {}).items() if layer.get("lq_start_subtracted")]
+    started = [name for name, layer in info.get("layers", {}).items() if layer.get("lq_offset_subtracted")]
     if started:
         print(f"  {len(started)} layers were LQ-initialised: written as their change since the start L, for the "
               "original weights (--relative-to trained keeps ΔW for the quantized base)")

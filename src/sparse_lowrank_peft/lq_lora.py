@@ -100,7 +100,7 @@ def load_lq_lora(model: nn.Module, path: str, adapter_name: str = "default", **k
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, path, adapter_name=adapter_name, **kwargs)
-    _record_starts(peft_model, factors, adapter_name)
+    _record_offsets(peft_model, factors)
     peft_model.lq_lora_settings = {**settings, "fisher": fisher or None}
     return peft_model
 
@@ -183,17 +183,18 @@ def _quantize_targets(model, settings: dict, fisher: dict) -> dict[str, quant.LQ
     return results
 
 
-def _record_starts(peft_model, factors: dict[str, quant.LQResult], adapter_name: str) -> None:
-    """Keep each LoRA layer's start ``L`` on it (``quant.record_lq_start``), for exports to the original weights."""
+def _record_offsets(peft_model, factors: dict[str, quant.LQResult]) -> None:
+    """Keep on each LoRA layer the ``L`` by which its ``Q`` falls short of ``W`` (``quant.record_lq_offset``), for
+    exports to the original weights."""
     root = peft_model.base_model.model
     for key, result in factors.items():
-        quant.record_lq_start(root.get_submodule(key), adapter_name, result)
+        quant.record_lq_offset(root.get_submodule(key), result)
 
 
 def _start_at(peft_model, factors: dict[str, quant.LQResult], adapter_name: str) -> None:
     """Set each LoRA layer's ``lora_B``, ``lora_A`` so that ``scaling · B · A = L``."""
     root = peft_model.base_model.model
-    _record_starts(peft_model, factors, adapter_name)
+    _record_offsets(peft_model, factors)
     with torch.no_grad():
         for key, result in factors.items():
             layer = root.get_submodule(key)

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .delta.layer import DeltaLayer
-from .delta.quant import lq_start
+from .delta.quant import lq_offset
 
 __all__ = [
     "DEFAULT_OVERSAMPLING",
@@ -88,7 +88,7 @@ DEFAULT_POWER_ITERS = 3
 DEFAULT_SEED = 0
 
 #: what a squeezed or exported LoRA is relative to: the weights the user's model file holds, or the base the adapter
-#: was trained on. They differ only for an LQ-initialised adapter (base ``Q``; see ``delta.quant.record_lq_start``).
+#: was trained on. They differ only for an LQ-initialised adapter (base ``Q``; see ``delta.quant.record_lq_offset``).
 RELATIVE_TO = ("original", "trained")
 
 #: relative slack of the energy rule, so rounding never adds a rank whose σ² is below 1e-12 of the total
@@ -281,17 +281,17 @@ def _operator_mode(layer: nn.Module) -> Iterator[None]:
         layer.train(was_training)
 
 
-def delta_operator(layer: DeltaLayer, adapter_name: str, start: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+def delta_operator(layer: DeltaLayer, adapter_name: str, offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
     """``(matvec, rmatvec)`` of a :class:`DeltaLayer` adapter's ``ΔW`` (``out × in``) through its forward.
 
     ``matvec(X) = adapter_forward(Xᵀ)ᵀ = ΔW·X`` and ``rmatvec(Y) = (∂/∂x of adapter_forward(x) for cotangent Yᵀ)ᵀ
     = ΔWᵀ·Y``: the layer's own ops (sparse kernels for the sparse term), never an ``out × in`` matrix. Call inside
-    ``_operator_mode(layer)`` (eval mode, no parameter gradients). ``start = (B₀, A₀)``: the operator of
-    ``ΔW − B₀·A₀`` instead (an LQ start subtracted, :data:`RELATIVE_TO`).
+    ``_operator_mode(layer)`` (eval mode, no parameter gradients). ``offset = (B₀, A₀)``: the operator of
+    ``ΔW − B₀·A₀`` instead (an LQ layer's offset subtracted, :data:`RELATIVE_TO`).
     """
     ref = _adapter_param(layer, adapter_name)
     dtype, device = ref.dtype, ref.device
-    B0, A0 = (None, None) if start is None else (f.to(device=device, dtype=dtype) for f in start)
+    B0, A0 = (None, None) if offset is None else (f.to(device=device, dtype=dtype) for f in offset)
 
     def matvec(X: torch.Tensor) -> torch.Tensor:
         X = X.to(device=device, dtype=dtype)
@@ -310,8 +310,8 @@ def delta_operator(layer: DeltaLayer, adapter_name: str, start: Optional[tuple[t
 
 
 def frobenius_norm(layer: DeltaLayer, adapter_name: str, block_elems: int = 1 << 20,
-                   start: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> float:
-    """``‖ΔW‖_F`` of an operator delta (``‖ΔW − B₀·A₀‖_F`` with ``start``) from blocks of identity columns:
+                   offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> float:
+    """``‖ΔW‖_F`` of an operator delta (``‖ΔW − B₀·A₀‖_F`` with ``offset``) from blocks of identity columns:
     ``Σ_blocks ‖ΔW·I_block‖_F²`` through :func:`delta_operator`.
 
     Memory ``O(block·(in + out))`` with ``block = block_elems / out`` columns, time one product per block; no
@@ -322,7 +322,7 @@ def frobenius_norm(layer: DeltaLayer, adapter_name: str, block_elems: int = 1 <<
     block = max(1, min(n_in, block_elems // max(n_out, 1)))
     total = 0.0
     with _operator_mode(layer), torch.no_grad():
-        matvec, _ = delta_operator(layer, adapter_name, start)
+        matvec, _ = delta_operator(layer, adapter_name, offset)
         for j0 in range(0, n_in, block):
             j1 = min(n_in, j0 + block)
             eye = torch.zeros(n_in, j1 - j0, device=ref.device, dtype=ref.dtype)
@@ -332,13 +332,13 @@ def frobenius_norm(layer: DeltaLayer, adapter_name: str, block_elems: int = 1 <<
 
 
 def _randomized_layer(layer: DeltaLayer, adapter_name: str, rank: RankSpec, name: str, opts: dict,
-                      start: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-    """``(U, S, Vh, k, total_energy)`` for an operator delta (minus ``start``, if given); grows the sketch for an
+                      offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+    """``(U, S, Vh, k, total_energy)`` for an operator delta (minus ``offset``, if given); grows the sketch for an
     energy threshold."""
     n_min = min(layer.in_features, layer.out_features)
     ref = _adapter_param(layer, adapter_name)
     with _operator_mode(layer):
-        matvec, rmatvec = delta_operator(layer, adapter_name, start)
+        matvec, rmatvec = delta_operator(layer, adapter_name, offset)
 
         def run(k: int):
             return randomized_svd(
@@ -354,7 +354,7 @@ def _randomized_layer(layer: DeltaLayer, adapter_name: str, rank: RankSpec, name
                 )
             U, S, Vh = run(rank)
             return U, S, Vh, rank, None
-    total = frobenius_norm(layer, adapter_name, start=start) ** 2
+    total = frobenius_norm(layer, adapter_name, offset=offset) ** 2
     limit = opts["max_energy_rank"] or max(1, n_min // 2)
     guess = min(32, n_min)
     with _operator_mode(layer):
@@ -389,14 +389,14 @@ class LayerSqueeze:
     rank: int
     singular_values: list[float] = field(default_factory=list)  # computed ones, descending (all, or the sketch's)
     energy_kept: Optional[float] = None  # Σ_{i≤rank} σᵢ² / ‖ΔW‖_F² (None if the total is unknown)
-    lq_start_subtracted: bool = False  # ΔW − L of an LQ-initialised adapter, for the original weights
+    lq_offset_subtracted: bool = False  # ΔW − L on an LQ layer (W ≈ Q + L), for the original weights
 
     def to_dict(self) -> dict:
         out = {
             "method": self.method, "shape": list(self.shape), "rank_in": self.rank_in, "rank": self.rank,
             "energy_kept": self.energy_kept, "singular_values": [float(f"{s:.6g}") for s in self.singular_values],
         }
-        return {**out, "lq_start_subtracted": True} if self.lq_start_subtracted else out
+        return {**out, "lq_offset_subtracted": True} if self.lq_offset_subtracted else out
 
 
 @dataclass
@@ -416,21 +416,22 @@ class _Target:
     layer: Optional[DeltaLayer] = None  # operator delta
     nested: bool = False  # has its own nested ranks (DyLoRA: set_rank); an int rank picks them exactly
     fan_in_fan_out: bool = False
-    start: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # operator delta: its LQ start, subtracted
-    minus_start: bool = False  # the delta is ΔW − L (an LQ start subtracted)
+    offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # operator delta: its LQ layer's offset, subtracted
+    minus_offset: bool = False  # the delta is ΔW − L (an LQ layer's offset subtracted)
 
 
-def _minus_lq_start(t: _Target, start: Optional[tuple[torch.Tensor, torch.Tensor]]) -> _Target:
-    """``t`` as the change since its LQ start, ``ΔW − B₀·A₀``: factored, the factors ``[s·B, −B₀]`` and ``[A; A₀]``
+def _minus_lq_offset(t: _Target, offset: Optional[tuple[torch.Tensor, torch.Tensor]]) -> _Target:
+    """``t`` for the original weights of an LQ layer, ``ΔW − B₀·A₀`` (``W ≈ Q + B₀·A₀``; for the LQ adapter, its
+    change since its start): factored, the factors ``[s·B, −B₀]`` and ``[A; A₀]``
     (rank ``k + r``, exact; DyLoRA's nested rank is then truncated like any product); an operator subtracts it in
     its products."""
-    if start is None:
+    if offset is None:
         return t
-    t.minus_start = True
+    t.minus_offset = True
     if t.layer is not None:
-        t.start = start
+        t.offset = offset
         return t
-    B0, A0 = start
+    B0, A0 = offset
     t.B = torch.cat([t.B.to(torch.float64) * t.scale, -B0.to(device=t.B.device, dtype=torch.float64)], dim=1)
     t.A = torch.cat([t.A.to(torch.float64), A0.to(device=t.A.device, dtype=torch.float64)], dim=0)
     t.scale, t.nested = 1.0, False
@@ -519,7 +520,7 @@ def _layer_target(name: str, module, adapter_name: str, rank: Optional[RankSpec]
 
 def _targets(peft_model, adapter_name: str, rank: Optional[RankSpec], relative_to: str = "original"
              ) -> list[_Target]:
-    """Every adapted layer's delta: relative to the original weights (an LQ start subtracted) or to the trained
+    """Every adapted layer's delta: relative to the original weights (an LQ layer's offset subtracted) or to the trained
     base (:data:`RELATIVE_TO`)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -539,7 +540,7 @@ def _targets(peft_model, adapter_name: str, rank: Optional[RankSpec], relative_t
                     "PEFT's LoRA. Fix: for PEFT's other methods use peft.convert_to_lora (dense SVD per layer)."
                 )
             continue
-        out.append(_minus_lq_start(t, lq_start(module, adapter_name)) if relative_to == "original" else t)
+        out.append(_minus_lq_offset(t, lq_offset(module)) if relative_to == "original" else t)
     if not out:
         raise SqueezeError(
             f"the model has no adapted layer with adapter '{adapter_name}'. Fix: pass the adapter's name "
@@ -558,11 +559,11 @@ def _squeeze_target(t: _Target, rank: Optional[RankSpec], lora_alpha: Optional[f
                 "(export_to_lora(model, dir, rank=16) / slpeft export IN OUT --rank 16); it is computed by "
                 "randomized SVD without building ΔW."
             )
-        U, S, Vh, k, total = _randomized_layer(t.layer, opts["adapter_name"], rank, t.name, opts, t.start)
+        U, S, Vh, k, total = _randomized_layer(t.layer, opts["adapter_name"], rank, t.name, opts, t.offset)
         scale_out = 1.0 if lora_alpha is None else lora_alpha / max(k, 1)
         B, A = _split(U, S, Vh, k, scale_out, t.dtype)
         kept = None if total is None or total == 0 else float((S[:k] ** 2).sum()) / total
-        rep = LayerSqueeze(t.name, "randomized", t.shape, None, k, S.tolist(), kept, t.minus_start)
+        rep = LayerSqueeze(t.name, "randomized", t.shape, None, k, S.tolist(), kept, t.minus_offset)
         return B, A, rep
     k_in = t.B.shape[1]
     if t.nested or rank is None:
@@ -572,7 +573,7 @@ def _squeeze_target(t: _Target, rank: Optional[RankSpec], lora_alpha: Optional[f
         B = (t.B.to(torch.float64) * factor).to(t.dtype).contiguous()
         A = t.A.to(t.dtype).contiguous()
         rep = LayerSqueeze(t.name, "nested" if t.nested else "as-is", t.shape, k_in, k_in,
-                           lq_start_subtracted=t.minus_start)
+                           lq_offset_subtracted=t.minus_offset)
         return B, A, rep
     U, S, Vh = svd_of_product(t.B, t.A, t.scale)
     k = _choose_rank(S, rank, S.numel())
@@ -580,7 +581,7 @@ def _squeeze_target(t: _Target, rank: Optional[RankSpec], lora_alpha: Optional[f
     B, A = _split(U, S, Vh, k, scale_out, t.dtype)
     total = float((S.to(torch.float64) ** 2).sum())
     kept = None if total == 0 else float((S[:k] ** 2).sum()) / total
-    return B, A, LayerSqueeze(t.name, "exact", t.shape, k_in, k, S.tolist(), kept, t.minus_start)
+    return B, A, LayerSqueeze(t.name, "exact", t.shape, k_in, k, S.tolist(), kept, t.minus_offset)
 
 
 def _check_int_rank(targets: list[_Target], rank: Optional[RankSpec]) -> None:
@@ -733,11 +734,12 @@ def squeeze_state(
         oversampling, power_iters, seed: randomized-path settings (operator deltas only).
         max_energy_rank: with an energy threshold, the largest per-layer rank accepted on the randomized path
             (default ``min(out, in) // 2``).
-        relative_to: ``"original"``: a LoRA for the weights of the model file (what servers load): an
-            LQ-initialised adapter, trained on the quantized ``Q``, is written as its change since its start,
-            ``ΔW − L`` (``delta.quant.record_lq_start``; on ``W`` it gives ``Q + ΔW`` up to the quantization
-            residual ``W − Q − L``, where the unchanged ``ΔW`` would add ``L`` twice). ``"trained"``: ``ΔW`` for the
-            base it was trained on (what :func:`squeeze` re-wraps). The same for every other adapter.
+        relative_to: ``"original"``: a LoRA for the weights of the model file (what servers load): on a layer
+            that LQ-LoRA's init split into ``W ≈ Q + L``, an adapter trained on ``Q`` is written as ``ΔW − L``
+            (for the LQ adapter, its change since its start; ``delta.quant.record_lq_offset``): on ``W`` it gives
+            ``Q + ΔW`` up to the quantization residual ``W − Q − L``, where ``ΔW`` itself would add ``L`` twice.
+            ``"trained"``: ``ΔW`` for the base it was trained on (what :func:`squeeze` re-wraps). The same for
+            every layer without LQ init.
     """
     if rank is not None:
         check_rank_spec(rank)
@@ -1059,7 +1061,7 @@ def load_adapter_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]
             f"could not load the base model '{path}' of '{folder}' ({type(e).__name__}: {e}). Fix: pass a local "
             "base model folder with --base PATH / base=PATH."
         ) from e
-    if _is_lq_lora_folder(folder):  # PEFT's LoRA trained on LQ-LoRA's Q: rebuild that base (and the start L) from the weights
+    if _is_lq_lora_folder(folder):  # PEFT's LoRA trained on LQ-LoRA's Q: rebuild that base (and L) from the weights
         from .lq_lora import load_lq_lora
 
         return load_lq_lora(model, str(folder)).eval()
@@ -1187,7 +1189,7 @@ def inspect_adapter(in_dir: Union[str, Path], base: Optional[Union[str, Path]] =
     SVD and ``‖ΔW‖_F`` from identity probes (see :func:`frobenius_norm`), so energy ranks up to ``top`` are exact
     and larger ones show as ``None``. ``energy_ranks[τ]`` is the smallest ``k`` with ``Σ_{i≤k} σᵢ² ≥ τ·‖ΔW‖_F²``.
     The delta is the one ``slpeft export`` writes: for an LQ-initialised adapter its change since its start
-    (``lq_start_subtracted``, factor rank ``k + r``; see :func:`squeeze_state`).
+    (``lq_offset_subtracted``, factor rank ``k + r``; see :func:`squeeze_state`).
     """
     from safetensors.torch import load_file
 
@@ -1209,7 +1211,7 @@ def inspect_adapter(in_dir: Union[str, Path], base: Optional[Union[str, Path]] =
         targets = _targets(model, "default", None)
     for t in targets:
         entry = {"shape": list(t.shape), "bytes": _layer_bytes(state, t.name), "sparse_nnz": None,
-                 "sparse_density": None, "lq_start_subtracted": t.minus_start}
+                 "sparse_density": None, "lq_offset_subtracted": t.minus_offset}
         if t.layer is None:
             U, S, Vh = svd_of_product(t.B, t.A, t.scale)
             total = float((S ** 2).sum())
@@ -1219,13 +1221,13 @@ def inspect_adapter(in_dir: Union[str, Path], base: Optional[Union[str, Path]] =
             layer = t.layer
             k = min(top, t.shape[0], t.shape[1])
             with _operator_mode(layer):
-                matvec, rmatvec = delta_operator(layer, "default", t.start)
+                matvec, rmatvec = delta_operator(layer, "default", t.offset)
                 ref = _adapter_param(layer, "default")
                 U, S, Vh = randomized_svd(matvec, rmatvec, (layer.out_features, layer.in_features), k,
                                           oversampling=oversampling, power_iters=power_iters, seed=seed,
                                           dtype=ref.dtype, device=ref.device)
             S = S[:k]
-            total = frobenius_norm(layer, "default", start=t.start) ** 2
+            total = frobenius_norm(layer, "default", offset=t.offset) ** 2
             entry.update(kind="operator", rank=None, numerical_rank=None)
             if layer.has_sparse("default"):
                 nnz = int(getattr(layer, layer.sparse_values_attr)["default"].numel())

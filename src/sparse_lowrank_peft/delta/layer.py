@@ -130,7 +130,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         self.quantization_backend = resolve_quantization_backend(self.base_layer)
         self._keep_4bit_layout(self.base_layer)
         self.lq_errors = result.summary()
-        quant.record_lq_start(self, adapter_name, result)
+        quant.record_lq_offset(self, result)
         root = scaling**0.5
         return result.B / root, result.A / root
 

@@ -45,8 +45,8 @@ __all__ = [
     "quantize_linears",
     "quantize_vector",
     "dequantize_vector",
-    "lq_start",
-    "record_lq_start",
+    "lq_offset",
+    "record_lq_offset",
     "restore_full_precision",
     "restore_standard_layout",
     "to_linear4bit",
@@ -570,22 +570,24 @@ def lq_quantize(linear: nn.Linear, rank: int, quant_type: str = "nf4", max_iter:
     return to_linear4bit(linear, result.source, quant_type, compute_dtype=dtype), result
 
 
-def record_lq_start(layer: nn.Module, adapter_name: str, result: LQResult) -> None:
-    """Keep the ``L = B·A`` an LQ-initialised adapter started from on its layer (CPU, not in the state dict).
+def record_lq_offset(layer: nn.Module, result: LQResult) -> None:
+    """Keep on an LQ layer the ``L = B·A`` by which its quantized base ``Q`` falls short of the original ``W``
+    (``W ≈ Q + L``; CPU, not in the state dict).
 
-    The adapter is trained on ``Q``, not on ``W``. A plain LoRA for the *original* weights (what LoRA servers load)
-    is the change since the start, ``ΔW − L``: on ``W`` it gives ``W − L + ΔW ≈ Q + ΔW``, the trained model up to
-    the quantization residual ``W − Q − L`` (:func:`sparse_lowrank_peft.export_to_lora` subtracts it). Without it
-    the export would add ``L`` a second time. Set at initialisation and again when a saved adapter is loaded (the
-    decomposition is deterministic), so it is never saved.
+    Every adapter on that layer is trained on ``Q``, not on ``W`` (the LQ adapter itself starts at ``L``). A plain
+    LoRA for the *original* weights (what LoRA servers load) is therefore ``ΔW − L``: on ``W`` it gives
+    ``W − L + ΔW ≈ Q + ΔW``, the trained model up to the quantization residual ``W − Q − L``
+    (:func:`sparse_lowrank_peft.export_to_lora` subtracts it). Without it the export would add ``L`` a second time
+    to the LQ adapter, and leave it out for any other. Set at initialisation and again when a saved adapter is
+    loaded (the decomposition is deterministic), so it is never saved.
     """
-    starts = layer.__dict__.setdefault("lq_starts", {})
-    starts[adapter_name] = (result.B.detach().to("cpu", torch.float32), result.A.detach().to("cpu", torch.float32))
+    layer.__dict__["lq_offset_factors"] = (result.B.detach().to("cpu", torch.float32),
+                                           result.A.detach().to("cpu", torch.float32))
 
 
-def lq_start(layer: nn.Module, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``(B₀, A₀)`` with ``B₀·A₀ = L`` the start :func:`record_lq_start` kept for this adapter, or None."""
-    return layer.__dict__.get("lq_starts", {}).get(adapter_name)
+def lq_offset(layer: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(B₀, A₀)`` with ``B₀·A₀ = L`` that :func:`record_lq_offset` kept on this layer, or None."""
+    return layer.__dict__.get("lq_offset_factors")
 
 
 #: the file beside ``adapter_config.json`` that holds the Fisher weights an LQ initialisation used (``lq_fisher``)
