@@ -32,7 +32,8 @@ from glue.errors import GlueError
 from glue.model import model_short_name
 from glue.run import list_methods, recipe_main
 from glue.train import (
-    check_target_rank, is_main_process, method_results, run_callbacks, squeeze_after_training, trainer_class,
+    check_target_rank, export_lora, is_main_process, method_results, run_callbacks, squeeze_after_training,
+    trainer_class,
 )
 
 from causal_lm.config import LMRunConfig, build_config, validate_config
@@ -211,11 +212,7 @@ def after_training(cfg: LMRunConfig, built, data, out: Path, loss: float) -> dic
     """The optional plain LoRA export and reload check."""
     extras: dict = {}
     if cfg.export_lora_rank:
-        from sparse_lowrank_peft import export_to_lora
-
-        folder = export_to_lora(built.model, out / "lora", rank=cfg.export_lora_rank, uniform_rank=True)
-        extras["lora_export"] = {"path": str(folder), "rank": cfg.export_lora_rank,
-                                 "dir_bytes": glue_results.dir_bytes(Path(folder))}
+        extras["lora_export"] = export_lora(built.model, out, cfg.export_lora_rank)
     if cfg.verify_reload:
         extras["reload"] = reload_check(cfg, built, data, out / "adapter", loss)
     return extras
@@ -235,25 +232,12 @@ def reload_check(cfg: LMRunConfig, built, data, folder: Path, loss: float) -> di
     """The adapter ``folder`` on a freshly built base (quantized the same way, or re-derived from the LQ plan): its
     validation loss against the trained model's ``loss``."""
     import torch
-    from peft import PeftModel
 
     from causal_lm.model import HEAD, build_device, load_base, run_device
+    from glue.model import quantizable_linears, reload_trained
 
     base = load_base(cfg, built.path, build_device(cfg))
-    if cfg.quantize == "plan" and cfg.init != "lq":
-        from sparse_lowrank_peft.delta.bitbudget import apply_plan
-
-        apply_plan(base, built.quant_info["plan"])
-    elif cfg.quantize and cfg.init != "lq":
-        from glue.model import quantizable_linears, quantize_base
-
-        quantize_base(base, quantizable_linears(base, HEAD), cfg.quantize)
-    if cfg.method == "lora" and cfg.init == "lq":
-        from sparse_lowrank_peft import load_lq_lora
-
-        reloaded = load_lq_lora(base, str(folder))
-    else:
-        reloaded = PeftModel.from_pretrained(base, str(folder))
+    reloaded = reload_trained(cfg, base, quantizable_linears(base, HEAD), built.quant_info, folder)
     device = run_device()
     reloaded.to(device).eval()
     size, total = cfg.eval_batch_size, 0.0

@@ -80,6 +80,12 @@ class RunConfig:
                                                  "with mode, rank or energy, [lora_alpha, cont_steps, "
                                                  "cont_learning_rate, in_start, in_end, in_stages] "
                                                  "(sparse_lowrank_peft.squeeze.SqueezeSpec)")
+    export_lora_rank: Optional[int] = _f(None, "also write a plain PEFT LoRA of this one rank (with the trained head) to "
+                                               "<output_dir>/lora, for the original weights (sparse_lowrank_peft."
+                                               "export_to_lora, uniform_rank: what LoRA servers read alike)")
+    verify_reload: bool = _f(False, "after saving, load the adapter onto a freshly built base (quantized as in the "
+                                    "run) and evaluate it with the run's Trainer; results: reload, with the largest "
+                                    "difference from the trained model's metrics")
     # data
     data_dir: Optional[str] = _f(None, "local GLUE folder in the glue_data layout (default: $GLUE_DIR, else the hub)")
     max_seq_len: int = _f(128, "maximum tokens per example (longer pairs are truncated longest-first)")
@@ -128,7 +134,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # fields that may differ between an interrupted run and its --resume without changing what is computed
 RESUME_MAY_DIFFER = {
     "output_dir", "overwrite_output_dir", "results_path", "data_dir", "num_threads", "dataloader_num_workers",
-    "notes", "eval_batch_size",
+    "notes", "eval_batch_size", "export_lora_rank", "verify_reload",
 }
 
 
@@ -318,8 +324,9 @@ def validate_config(cfg: RunConfig) -> None:
                 f"method is 'full' but the recipe has peft fields {sorted(cfg.peft)}; full fine-tuning trains every "
                 "weight and takes no adapter config. Remove the 'peft:' mapping or pick an adapter method."
             )
-        if cfg.init_adapter:
-            raise GlueError("init_adapter needs an adapter method (lora or a tuner), not 'full'.")
+        if cfg.init_adapter or cfg.export_lora_rank:
+            raise GlueError(f"{'init_adapter' if cfg.init_adapter else 'export_lora_rank'} needs an adapter method "
+                            "(lora or a tuner), not 'full'.")
     else:
         # Builds the method's config once now, so a bad field or value fails before any data or model is loaded.
         glue_model.make_peft_config(cfg.method, glue_model.effective_peft_fields(cfg),
@@ -359,7 +366,7 @@ def _validate_numbers(cfg: RunConfig) -> None:
         if getattr(cfg, name) <= 0:
             raise GlueError(f"Recipe field '{name}' is {getattr(cfg, name)}; it must be a positive integer.")
     for name in ("max_train_samples", "max_eval_samples", "holdout_samples", "eval_steps", "num_threads",
-                 "save_total_limit"):
+                 "save_total_limit", "export_lora_rank"):
         v = getattr(cfg, name)
         if v is not None and v <= 0:
             raise GlueError(f"Recipe field '{name}' is {v}; use a positive integer or null.")

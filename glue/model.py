@@ -534,6 +534,25 @@ def wrap_model(cfg: RunConfig, model, peft_config, plan: dict | None):
     return get_peft_model(model, peft_config)
 
 
+def reload_trained(cfg, base, names: Sequence[str], quant_info: dict | None, folder):
+    """The saved adapter ``folder`` on a freshly loaded ``base``, quantized as the run's base was (its plan, or the
+    uniform 4-bit format of ``names``; an LQ adapter rebuilds its own from its recorded plan, PEFT's LoRA through
+    ``load_lq_lora``). Shared by the GLUE and the causal-LM runners' ``verify_reload``."""
+    from peft import PeftModel
+
+    if cfg.quantize == "plan" and cfg.init != "lq":
+        from sparse_lowrank_peft.delta.bitbudget import apply_plan
+
+        apply_plan(base, quant_info["plan"])
+    elif cfg.quantize and cfg.init != "lq":
+        quantize_base(base, names, cfg.quantize)
+    if cfg.method == "lora" and cfg.init == "lq":
+        from sparse_lowrank_peft import load_lq_lora
+
+        return load_lq_lora(base, str(folder))
+    return PeftModel.from_pretrained(base, str(folder))
+
+
 def with_fisher(fisher: dict | None, fn, *args):
     """``fn(*args)`` with LQ init reading ``fisher``'s row/column weights (``delta.quant.use_fisher``), if any."""
     if fisher is None:

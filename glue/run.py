@@ -37,7 +37,7 @@ from glue.model import available_methods, build_model, library_tuners, peft_base
 from glue.results import clean, print_summary, results_record, write_results
 from glue.tasks import get_task
 from glue.train import (
-    RunClock, check_output_dir, default_output_dir, evaluate_at_end, finish_training,
+    RunClock, check_output_dir, check_target_rank, default_output_dir, evaluate_at_end, finish_training,
     make_trainer, open_output_dir, run_callbacks, train, training_arguments,
 )
 
@@ -66,6 +66,7 @@ def run(cfg: RunConfig, resume: bool = False, dry_run: bool = False, callbacks: 
 
         torch.set_num_threads(cfg.num_threads)
     built = build_model(cfg, data.task, data.train)
+    check_target_rank(built.model, cfg.export_lora_rank, "export_lora_rank", relative_to="original")
     squeeze_spec, all_callbacks = run_callbacks(cfg, built.model, callbacks)
     _print_model(cfg, built)
     if dry_run:

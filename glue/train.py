@@ -332,23 +332,61 @@ def save_trained(cfg: RunConfig, trainer, model, out: Path) -> dict[str, Any]:
 
 
 def finish_training(cfg: RunConfig, trainer, built, out: Path, task: TaskSpec, evals: list[dict], squeeze_spec):
-    """The method's extras (:func:`method_results`, the 4-bit base's summary), the saved adapter, then LoRA-Squeeze
-    of it when the recipe asks. Returns ``(adapter record, method results)``."""
+    """The method's extras (:func:`method_results`, the 4-bit base's summary), the saved adapter, its plain LoRA
+    export and reload check when the recipe asks, then LoRA-Squeeze of it (which consumes the model). Returns
+    ``(adapter record, method results)``."""
     extras = method_results(cfg.method, trainer, built.model, out)
     if built.quant_info is not None:
         extras = {**(extras or {}), "quantization": built.quant_info}
     adapter = save_trained(cfg, trainer, built.model, out)
-    if squeeze_spec is not None:  # after the trained adapter is saved: squeezing consumes the model
-        final, _ = final_and_best(evals, task, trainer.state.global_step)
-        splits = list(trainer.eval_dataset)
-        info = squeeze_after_training(cfg, squeeze_spec, trainer, built.model, out, final,
-                                      lambda metrics: split_metrics(metrics, task, splits))
+    final, _ = final_and_best(evals, task, trainer.state.global_step)
+    splits = list(trainer.eval_dataset)
+    summarize = lambda metrics: split_metrics(metrics, task, splits)  # noqa: E731
+    if cfg.export_lora_rank:
+        if trainer.is_world_process_zero():
+            extras = {**(extras or {}), "lora_export": export_lora(built.model, out, cfg.export_lora_rank)}
+        trainer.accelerator.wait_for_everyone()
+    if cfg.verify_reload:
+        extras = {**(extras or {}), "reload": verify_reload(cfg, trainer, built, task, Path(adapter["path"]),
+                                                            (final, summarize))}
+    if squeeze_spec is not None:
+        info = squeeze_after_training(cfg, squeeze_spec, trainer, built.model, out, final, summarize)
         shown = info.get("after_cont", info["after"])
         print(f"[glue] squeeze ({squeeze_spec.mode}, {squeeze_spec.target}): " + "; ".join(
             f"{split} {task.main_metric}={m[task.main_metric]:.4f}" for split, m in shown.items()
             if task.main_metric in m), flush=True)
         extras = {**(extras or {}), "squeeze": info}
     return adapter, extras
+
+
+def export_lora(model, out: Path, rank: int) -> dict:
+    """``<out>/lora``: the trained adapter as a plain PEFT LoRA of one rank for the original weights (what LoRA
+    servers read alike; ``export_to_lora(..., uniform_rank=True)``); its record. Both runners' ``export_lora_rank``."""
+    from sparse_lowrank_peft import export_to_lora
+
+    folder = Path(export_to_lora(model, out / "lora", rank=rank, uniform_rank=True))
+    return {"path": str(folder), "rank": rank, "dir_bytes": dir_bytes(folder)}
+
+
+def verify_reload(cfg: RunConfig, trainer, built, task: TaskSpec, folder: Path, trained: tuple) -> dict:
+    """The saved adapter on a freshly loaded base (``glue.model.reload_trained``), evaluated by the run's own Trainer
+    (same batches, precision and metrics) in place of the trained model: its metrics per split and the largest
+    difference from the trained model's. ``trained`` is ``(final metrics per split, summarize)``, ``summarize``
+    turning an evaluation into that form. Every process takes part, as in any evaluation."""
+    from glue.model import load_model_and_tokenizer, quantizable_linears, reload_trained
+
+    final, summarize = trained
+    base, _, _ = load_model_and_tokenizer(cfg, task)
+    reloaded = reload_trained(cfg, base, quantizable_linears(base, built.head), built.quant_info, folder)
+    model, wrapped = trainer.model, trainer.model_wrapped
+    trainer.model = trainer.model_wrapped = reloaded.to(trainer.args.device).eval()
+    try:
+        metrics = summarize(trainer.evaluate())
+    finally:
+        trainer.model, trainer.model_wrapped = model, wrapped
+    differences = [abs(v - final[split][k]) for split, m in metrics.items() for k, v in m.items()
+                   if k in final.get(split, {})]
+    return {"metrics": metrics, "trained_metrics": final, "max_abs_difference": max(differences, default=None)}
 
 
 def method_results(method: str, trainer, model, out: Path) -> dict | None:

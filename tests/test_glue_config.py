@@ -46,6 +46,8 @@ class NoModel:
         ({"task": "rte", "warmup_ratio": 6}, "must be in \\[0, 1\\)"),
         ({"task": "rte", "lr_scheduler_type": True}, "YAML reads unquoted yes/no/on/off/true/false as booleans"),
         ({"task": "custom"}, "no 'custom:' mapping"),
+        ({"task": "rte", "method": "full", "export_lora_rank": 8}, "export_lora_rank needs an adapter method"),
+        ({"task": "rte", "export_lora_rank": 0}, "'export_lora_rank' is 0"),
         ({}, "sets no 'task'"),
     ],
 )

@@ -1,6 +1,7 @@
 """The GLUE runner end to end on a tiny BERT built from a config: real RTE files, resume, output folder rules,
 errors before training, the command line."""
 
+import dataclasses
 import importlib.util
 import json
 import string
@@ -545,7 +546,8 @@ def test_squeeze_from_a_recipe(tiny_model, toy_task, tmp_path, mode):
     extra = {"cont_steps": 2} if mode == "cont" else {}
     res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, peft={"r": 4, "lora_alpha": 8},
                        max_steps=4, save_steps=0, learning_rate=1e-2, output_dir=str(tmp_path / mode),
-                       squeeze={"mode": mode, "rank": 2, **extra}))
+                       squeeze={"mode": mode, "rank": 2, **extra}, verify_reload=True))
+    assert res["method_results"]["reload"]["max_abs_difference"] < 1e-6  # checked before squeezing consumes it
     sq = res["method_results"]["squeeze"]
     assert sq["mode"] == mode and set(sq["ranks"].values()) == {2}
     assert sq["trainable_after"] < sq["trainable_before"]
@@ -566,6 +568,32 @@ def test_squeeze_from_a_recipe(tiny_model, toy_task, tmp_path, mode):
         assert config["lora_alpha"] == 2  # scale 1 unless the recipe sets lora_alpha
 
 
+@pytest.mark.parametrize("method, extra", [
+    ("lora", {}),
+    ("sltrain", {"quantize": "nf4"}),
+    ("sora", {"quantize": "plan", "quantize_plan": {"uniform": "hqq-4bit-g64"}}),
+    ("lora", {"quantize": "nf4", "init": "lq"}),
+], ids=["lora", "sltrain-nf4", "sora-plan", "lora-lq"])
+def test_verify_reload_and_plain_lora_export(tiny_model, toy_task, tmp_path, method, extra):
+    """verify_reload: the saved adapter on a freshly built base (quantized as in the run, or rebuilt by LQ),
+    evaluated by the run's Trainer, gives the trained model's metrics; export_lora_rank writes a plain LoRA of one
+    rank with the head."""
+    if extra.get("quantize") == "plan":
+        pytest.importorskip("hqq")
+    if extra.get("quantize"):
+        pytest.importorskip("bitsandbytes")
+    peft = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
+            **({"sparsity": 0.05} if method == "sltrain" else {})}
+    res = grun.run(cfg(task="custom", custom=toy_task, model=tiny_model, method=method, peft=peft, max_steps=3,
+                       save_steps=0, learning_rate=1e-2, output_dir=str(tmp_path / "run"), verify_reload=True,
+                       export_lora_rank=2, **extra))
+    reload = res["method_results"]["reload"]
+    assert reload["max_abs_difference"] is not None and reload["max_abs_difference"] < 1e-6, reload
+    export = res["method_results"]["lora_export"]
+    config = json.loads((Path(export["path"]) / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2 and "classifier" in config["modules_to_save"]
+
+
 @pytest.mark.parametrize("mode", ["post", "in"])
 def test_squeeze_rank_above_the_adapter_fails_before_training(tiny_model, toy_task, tmp_path, mode):
     """A LoRA of r=4 cannot be squeezed to rank 8: said when the adapter is built (a dry run too), not after
@@ -577,6 +605,8 @@ def test_squeeze_rank_above_the_adapter_fails_before_training(tiny_model, toy_ta
     with pytest.raises(GlueError, match="squeeze.rank=8"):
         grun.run(recipe)
     assert not (tmp_path / "run" / "adapter").exists()
+    with pytest.raises(GlueError, match="export_lora_rank=8: rank 8 is above"):
+        grun.run(dataclasses.replace(recipe, squeeze=None, export_lora_rank=8), dry_run=True)
 
 
 @pytest.mark.parametrize("quantize,plan", [("nf4", None), ("plan", {"budget_bits": 6.0, "fisher_batches": 2})],
