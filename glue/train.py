@@ -347,8 +347,8 @@ def finish_training(cfg: RunConfig, trainer, built, out: Path, task: TaskSpec, e
             extras = {**(extras or {}), "lora_export": export_lora(built.model, out, cfg.export_lora_rank)}
         trainer.accelerator.wait_for_everyone()
     if cfg.verify_reload:
-        extras = {**(extras or {}), "reload": verify_reload(cfg, trainer, built, task, Path(adapter["path"]),
-                                                            (final, summarize))}
+        reload = verify_reload(cfg, trainer, built, task, Path(adapter["path"]), final, summarize)
+        extras = {**(extras or {}), "reload": reload}
     if squeeze_spec is not None:
         info = squeeze_after_training(cfg, squeeze_spec, trainer, built.model, out, final, summarize)
         shown = info.get("after_cont", info["after"])
@@ -368,14 +368,14 @@ def export_lora(model, out: Path, rank: int) -> dict:
     return {"path": str(folder), "rank": rank, "dir_bytes": dir_bytes(folder)}
 
 
-def verify_reload(cfg: RunConfig, trainer, built, task: TaskSpec, folder: Path, trained: tuple) -> dict:
+def verify_reload(cfg: RunConfig, trainer, built, task: TaskSpec, folder: Path, final: dict,
+                  summarize: Callable[[dict], dict]) -> dict:
     """The saved adapter on a freshly loaded base (``glue.model.reload_trained``), evaluated by the run's own Trainer
-    (same batches, precision and metrics) in place of the trained model: its metrics per split and the largest
-    difference from the trained model's. ``trained`` is ``(final metrics per split, summarize)``, ``summarize``
-    turning an evaluation into that form. Every process takes part, as in any evaluation."""
+    (same batches, precision and metrics) in place of the trained model: its metrics per split (``summarize`` of
+    the evaluation) and the largest difference from the trained model's ``final`` ones. Every process takes part,
+    as in any evaluation."""
     from glue.model import load_model_and_tokenizer, quantizable_linears, reload_trained
 
-    final, summarize = trained
     base, _, _ = load_model_and_tokenizer(cfg, task)
     reloaded = reload_trained(cfg, base, quantizable_linears(base, built.head), built.quant_info, folder)
     model, wrapped = trainer.model, trainer.model_wrapped

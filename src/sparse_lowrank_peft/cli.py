@@ -6,10 +6,13 @@
     slpeft squeeze IN OUT --energy 0.9        # per-layer ranks keeping 90% of each ‖ΔW‖_F² (rank_pattern)
     slpeft export IN OUT [--rank K]           # exact plain LoRA where the delta is low-rank; K needed where not
     ... --uniform-rank                        # (export, squeeze) one rank for every layer: what LoRA servers read
+    ... --relative-to trained                 # (export, squeeze) an LQ adapter's ΔW for its quantized base Q
     slpeft inspect IN [--plot spectra.png]    # per-layer ranks, singular values, energy ranks, sparsity, bytes
 
 A LoRA folder needs no base model. Other adapters (SLTrain, SoRA, DyLoRA, NOLA, sparse RandLoRA) are loaded onto
-their base model: ``--base PATH``, else the config's ``base_model_name_or_path``. Errors (a missing or non-adapter
+their base model: ``--base PATH``, else the config's ``base_model_name_or_path`` (also a LoRA folder saved by
+``save_lq_lora``, whose base ``Q`` and offset ``L`` are rebuilt from it: the output is for the original weights,
+``ΔW − L``, unless ``--relative-to trained``). Errors (a missing or non-adapter
 folder, a rank above what the adapter has, an energy outside (0, 1], an existing output folder) print one message
 naming the path and the fix and exit with status 2.
 """
