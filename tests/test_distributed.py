@@ -451,7 +451,9 @@ def crash_then_resume(tmp_path: Path, model: str) -> dict:
     ckpt = out / f"checkpoint-{CRASH_STEP}"
     assert (ckpt / "trainer_state.json").is_file() and (ckpt / "glue_progress.json").is_file()
     assert not (out / "results.json").exists() and not (out / "adapter").exists()
-    second = launch(["-m", "glue.run", str(recipe), f"output_dir={out}", "--resume"], tmp_path / "launch2.log", env)
+    # the shipping checks may be switched on at resume (they do not change what is trained)
+    second = launch(["-m", "glue.run", str(recipe), f"output_dir={out}", "--resume", "verify_reload=true",
+                     "export_lora_rank=2"], tmp_path / "launch2.log", env)
     assert second.returncode == 0, f"resume failed (rc {second.returncode}):\n{tail(second)}"
     print(f"\n[ddp-glue] crash run {first.wall_s:.1f} s, resumed run {second.wall_s:.1f} s")
     writes = {rank: sorted({f.removesuffix(".tmp") for f in (logs / f"w.rank{rank}").read_text().split()})
@@ -469,6 +471,9 @@ def test_glue_runner_under_torchrun_checkpoints_crashes_and_resumes(tiny_bert, t
     assert res["train"]["examples"] == 64 and res["eval_examples"] == {"validation": 16}
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not list(out.rglob("*.tmp")), "a half-written file was left behind"
+    # the saved adapter, reloaded on both processes and evaluated by the run's Trainer, gives the trained metrics
+    assert res["method_results"]["reload"]["max_abs_difference"] < 1e-6, res["method_results"]["reload"]
+    assert "run/lora/adapter_config.json" in run["writes"][0]  # the plain LoRA export: main process only
     # every file of the run is written by the main process, except each process's own RNG state in a checkpoint
     assert {"run/results.json", "run/run_config.json", "run/adapter/adapter_config.json",
             f"run/checkpoint-{CRASH_STEP}/trainer_state.json"} <= set(run["writes"][0])
