@@ -212,3 +212,14 @@ def structured_weight(out=96, inp=80, seed=0):
     W = (U[:, : s.numel()] * s) @ V[:, : s.numel()].T
     W[torch.randint(0, out, (8,), generator=g), torch.randint(0, inp, (8,), generator=g)] += 0.5
     return W
+
+
+def tiny_roberta():
+    """A 2-layer, 64-wide RoBERTa classifier (eval mode): the bit-budget and LQ tests' model (64-wide, so every
+    HQQ group size and bitsandbytes block divides its rows)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=40, num_labels=2)
+    return RobertaForSequenceClassification(cfg).eval()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _builders import VOCAB, _ids, at_thread_counts, output_of, train_then_output
+from _builders import VOCAB, _ids, at_thread_counts, output_of, tiny_roberta, train_then_output
 from peft import get_peft_model
 
 from sparse_lowrank_peft import SLTrainConfig, SoraConfig
@@ -120,15 +120,6 @@ def test_bnb_choice_quantizes_as_its_name_says(name):
 def encoder_linears(model) -> list[str]:
     """The names of the model's encoder ``nn.Linear`` layers (what ``all-linear`` adapts on a SEQ_CLS model)."""
     return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".encoder." in n]
-
-
-def tiny_roberta():
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=40, num_labels=2)
-    return RobertaForSequenceClassification(cfg).eval()
 
 
 PLAN = {

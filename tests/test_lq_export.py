@@ -4,17 +4,19 @@ An adapter with LQ-LoRA's init trains on the quantized ``Q`` with ``Q + L ≈ W`
 plain LoRA written for it is ``ΔW − L``: on ``W`` it gives the trained ``Q + ΔW`` up to the quantization residual
 ``W − Q − L``. Writing ``ΔW`` itself (``relative_to="trained"``, the export of every earlier version) adds ``L``
 a second time. Table: PEFT's LoRA (``get_lq_lora_model``) and every factored tuner with ``init_weights="lq"``,
-on the planned HQQ / bitsandbytes bases; each check compares per-layer dense weights with the reference.
+on a planned HQQ + bitsandbytes base (bitsandbytes alone where hqq is not installed); each check compares per-layer
+dense weights with the reference.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
 import torch
-from _builders import _ids, output_of
+from _builders import _ids, output_of, tiny_roberta
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from sparse_lowrank_peft import DyLoraConfig, SLTrainConfig, SoraConfig, export_to_lora
@@ -23,10 +25,17 @@ from sparse_lowrank_peft.lq_lora import get_lq_lora_model, save_lq_lora
 from sparse_lowrank_peft.squeeze import SqueezeError, adapter_folder_to_lora, squeeze, squeeze_state
 
 pytest.importorskip("bitsandbytes", reason="NF4 bases need bitsandbytes")
-pytest.importorskip("hqq", reason="the plan uses HQQ configurations")
-from test_bitbudget import PLAN, plan_config, tiny_roberta  # noqa: E402
 
-QV = list(PLAN)
+QV = [f"roberta.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]
+# HQQ and bitsandbytes configurations where hqq is installed (the hqq extra), bitsandbytes alone elsewhere
+PLAN = dict(zip(QV, ["hqq-3bit-g64", "bnb-nf4", "hqq-2bit-g32", "bnb-nf4-dq"]
+                if importlib.util.find_spec("hqq") else ["bnb-nf4", "bnb-nf4-dq"] * 2))
+
+
+def lq_config(cls):
+    extra = {"sparsity": 0.1} if cls is SLTrainConfig else {}
+    return cls(r=2, target_modules=["query", "value"], init_weights="lq", lq_plan=PLAN, lq_max_iter=3,
+               task_type="SEQ_CLS", **extra)
 
 
 def _lora(base):
@@ -36,9 +45,9 @@ def _lora(base):
 
 MAKERS = {
     "lora": _lora,
-    "sltrain": lambda base: get_peft_model(base, plan_config(SLTrainConfig)),
-    "sora": lambda base: get_peft_model(base, plan_config(SoraConfig)),
-    "dylora": lambda base: get_peft_model(base, plan_config(DyLoraConfig)),
+    "sltrain": lambda base: get_peft_model(base, lq_config(SLTrainConfig)),
+    "sora": lambda base: get_peft_model(base, lq_config(SoraConfig)),
+    "dylora": lambda base: get_peft_model(base, lq_config(DyLoraConfig)),
 }
 # SLTrain's sparse term is not low-rank: its export is truncated, exact at the full rank 64 of a 64 x 64 layer
 EXPORT_RANK = {"sltrain": 64}
