@@ -313,6 +313,9 @@ def main_tuners(out_dir: str, cases_json: str) -> None:
         run_trainer_case(case, rank, world, out)
         timings["trainer-" + case["id"]] = time.perf_counter() - t0
     (out / f"timings.rank{rank}.json").write_text(json.dumps(timings, indent=1))
+    # every rank is done before any tears its process group down: without this barrier one rank was once aborted
+    # at exit ("terminate called without an active exception", SIGABRT) after writing all its results
+    dist.barrier()
     dist.destroy_process_group()
 
 
