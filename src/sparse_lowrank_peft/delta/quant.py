@@ -228,9 +228,6 @@ def keep_standard_layout(layer: nn.Module, give_back: bool = True) -> None:
     weights it was trained on (given back, the repack's bf16 absmax moved a squeezed LoRA's loss by 1e-4).
 
     Why, measured with bitsandbytes 0.50.2 on a Zen 4 CPU: the repack happens in place at the first eval forward and
-    ``give_back=False`` for a 4-bit layer this package made (a runner's base, LQ-LoRA's ``Q``, a plan's layers): it
-    keeps the standard layout after an adapter is unloaded too, so an unloaded or squeezed model computes on the
-    weights it was trained on (given back, the repack's bf16 absmax moved a squeezed LoRA's loss by 1e-4).
     (1) rounds the absmax to bf16, so the frozen weight changes under a run that evaluates; (2) fails for shapes it
     cannot tile (:func:`can_repack_for_cpu`); (3) is undone in place by every ``state_dict()`` (so by each
     ``save_pretrained``), and the next eval forward repacks a non-nested absmax in the wrong order: a 384x384
