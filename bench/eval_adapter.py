@@ -179,15 +179,15 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_glue(args.task, args.data_dir)
-    main_metric = get_task(args.task).main_metric
-    items = [item.partition("=") for item in args.adapters]
+    items = [item.partition("=") for item in args.adapters]  # checked before any data or model is loaded
     for label, sep, folder in items:
         if not sep:
             parser.error(f"{label!r} is not LABEL=FOLDER")
     if args.reference and args.reference not in [label for label, _, _ in items]:
         parser.error(f"--reference {args.reference!r} names none of the adapters' labels")
     items.sort(key=lambda item: item[0] != args.reference)  # the reference first
+    data = load_glue(args.task, args.data_dir)
+    main_metric = get_task(args.task).main_metric
     results, logits = {}, {}
     for label, _, folder in items:
         t0 = time.time()

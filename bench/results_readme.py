@@ -627,17 +627,23 @@ def lq_export_table(results: Path, base: Path) -> list[str]:
     lines = [f"LQ adapters exported as plain LoRA and loaded onto the full-precision model, against the trained model "
              f"on its quantized base (file `{_link(path, base)}`; docs/quantized.md has the commands):", "",
              "| task | adapter | same predictions | relative logit error | dev metric |", "|:---|:---|---:|---:|---:|"]
+    for task, label, entry, score in _adapter_scores(data):
+        against = next(iter((entry.get("vs_reference") or {}).values()), None)
+        same, error = (("reference", "–") if against is None else
+                       (f"{against['same_prediction']:.4f}", f"{against['logit_rel_error']:.3f}"))
+        lines.append(f"| {task} | {label} | {same} | {error} | {score} |")
+    return lines + [""]
+
+
+def _adapter_scores(data: dict):
+    """``(task, label, entry, dev score as text)`` of every adapter in a ``bench/eval_adapter.py --json`` file."""
     for task, entries in data.items():
         if task.startswith("_") or not isinstance(entries, dict):
             continue
         metric = (data.get("_meta", {}).get(task) or {}).get("main_metric", "accuracy")
         for label, entry in entries.items():
-            against = next(iter((entry.get("vs_reference") or {}).values()), None)
             score = ((entry.get("scores") or {}).get("validation") or {}).get(metric)
-            same, error = (("reference", "–") if against is None else
-                           (f"{against['same_prediction']:.4f}", f"{against['logit_rel_error']:.3f}"))
-            lines.append(f"| {task} | {label} | {same} | {error} | {'–' if score is None else f'{score:.4f}'} |")
-    return lines + [""]
+            yield task, label, entry, "–" if score is None else f"{score:.4f}"
 
 
 def squeeze_section(results: Path, base: Path) -> list[str]:
@@ -651,14 +657,8 @@ def squeeze_section(results: Path, base: Path) -> list[str]:
     if quality:
         lines += ["Post-Squeeze quality (`bench/eval_adapter.py`, see docs/squeeze.md for the commands):", "",
                   "| task | adapter | rank | dev metric | folder |", "|:---|:---|---:|---:|:---|"]
-        for task, entries in quality.items():
-            if task.startswith("_") or not isinstance(entries, dict):
-                continue
-            metric = (quality.get("_meta", {}).get(task) or {}).get("main_metric", "accuracy")
-            for label, entry in entries.items():
-                score = ((entry.get("scores") or {}).get("validation") or {}).get(metric)
-                lines.append(f"| {task} | {label} | {entry.get('r')} | "
-                             f"{'–' if score is None else f'{score:.4f}'} | `{entry.get('folder')}` |")
+        for task, label, entry, score in _adapter_scores(quality):
+            lines.append(f"| {task} | {label} | {entry.get('r')} | {score} | `{entry.get('folder')}` |")
         lines.append("")
     return lines if len(lines) > 2 else lines + ["Not run yet: `python bench/squeeze.py`.", ""]
 

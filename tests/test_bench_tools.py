@@ -656,3 +656,28 @@ def test_gptq_probe_rounds_on_hqqs_grid_and_lowers_the_output_error():
     out_err = lambda M: float(((W - M) @ X.T).norm())  # noqa: E731
     assert out_err(Q) < 0.8 * out_err(nearest)
     assert float((W - Q).norm()) > float((W - nearest).norm())
+
+
+def test_eval_adapter_reference_agreement_and_its_table(tmp_path, capsys):
+    """``bench/eval_adapter.py --reference``: the share of equal predictions and the relative logit error against the
+    reference adapter; a reference that names no adapter is refused before anything loads; results_readme turns the
+    committed file into one row per adapter, the reference marked."""
+    import numpy as np
+
+    agreement = _bench("eval_adapter").agreement
+    z_ref = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
+    z = z_ref + np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # flips the second prediction only
+    got = agreement(z, z_ref)
+    assert got["same_prediction"] == 0.75
+    assert got["logit_rel_error"] == pytest.approx(2.0 / np.linalg.norm(z_ref))
+    with pytest.raises(SystemExit):
+        _bench("eval_adapter").main(["--task", "sst2", "--reference", "nope", f"a={tmp_path}"])
+    assert "--reference 'nope' names none of the adapters' labels" in capsys.readouterr().err
+
+    path = ROOT / "bench" / "results" / "lq-export-minilm.json"
+    data = json.loads(path.read_text())
+    rows = [line for line in _bench("results_readme").lq_export_table(path.parent, tmp_path) if line.startswith("| sst2")]
+    assert len(rows) == len(data["sst2"])
+    entry = data["sst2"]["lora-export-original"]["vs_reference"]["validation"]
+    assert f"| sst2 | lora-export-original | {entry['same_prediction']:.4f} | {entry['logit_rel_error']:.3f} |" in "\n".join(rows)
+    assert "| sst2 | lora-lq-trained | reference | – |" in "\n".join(rows)
