@@ -356,6 +356,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             return getattr(base, "compute_dtype", None) or torch.float32
         return base.weight.dtype
 
+    @torch.no_grad()  # merging builds no graph: ΔW comes from trainable factors, W + ΔW is a dense out×in
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the adapters' ΔW into the base weight: ``W ← W + ΔW`` (quantized bases: dequantize, add, requantize).
 
@@ -388,9 +389,10 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
                     f"re-quantizes the weight: measured relative rounding error {err:.2e} (‖W_q − (W + ΔW)‖/‖W + ΔW‖), "
                     "so merged outputs differ from unmerged ones by about that much. For an exact full-precision "
                     "merge use merge_and_unload(dequantize=True).",
-                    stacklevel=2,
+                    stacklevel=3,  # the caller of merge (one frame more: torch.no_grad's wrapper)
                 )
 
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge`, newest adapter first: ``W ← W − ΔW``."""
         if not self.merged:
