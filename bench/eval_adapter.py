@@ -92,7 +92,7 @@ def run_base(folder: str):
     folder's parent). Both do nothing for a folder outside a GLUE run, a full-precision run, or an adapter that
     records its base itself (``lq_plan`` / ``lq_lora.json`` plan).
 
-    * ``quantize: nf4|fp4`` without LQ init (QLoRA: the base is the user's): its linears, head excepted, before;
+    * ``quantize: nf4|fp4|int8`` without LQ init (QLoRA: the base is the user's): its linears, head excepted, before;
     * ``quantize: plan`` without LQ init: the plan the run recorded in its ``results.json``, before;
     * ``quantize: nf4|fp4`` with LQ init saved before the adapter recorded the whole base: the linears LQ left in
       full precision, after (LQ init needs them full precision while it runs).

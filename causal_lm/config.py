@@ -34,10 +34,11 @@ class LMRunConfig:
     peft: Dict[str, Any] = _fm(lambda: {"target_modules": "all-linear"},
                                "config fields of the method's PeftConfig (r, lora_alpha, ...); target_modules "
                                "defaults to all-linear (lm_head excluded), task_type is CAUSAL_LM")
-    quantize: Optional[str] = _f(None, "4-bit base (QLoRA): nf4 or fp4 quantizes every linear but lm_head with "
-                                       "bitsandbytes (double quantization) after loading; plan: one configuration "
-                                       "per matrix from quantize_plan (LQ-LoRA's bit budget); null: the base as "
-                                       "loaded", choices=(None, "nf4", "fp4", "plan"))
+    quantize: Optional[str] = _f(None, "quantized base (QLoRA): nf4 or fp4 quantizes every linear but lm_head to "
+                                       "4-bit with bitsandbytes (double quantization) after loading, int8 to LLM.int8 "
+                                       "(load_in_8bit's layers); plan: one configuration per matrix from "
+                                       "quantize_plan (LQ-LoRA's bit budget); null: the base as loaded",
+                                 choices=(None, "nf4", "fp4", "int8", "plan"))
     quantize_plan: Optional[Dict[str, Any]] = _f(None, "for quantize: plan -- budget_bits (average stored bits per "
                                                        "parameter; an integer program picks each matrix's "
                                                        "configuration) or uniform (e.g. hqq-3bit-g64), and "

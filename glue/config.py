@@ -56,11 +56,12 @@ class RunConfig:
                                                  "the model: BERT ['pooler', 'classifier'], RoBERTa ['classifier'])")
     init_adapter: Optional[str] = _f(None, "adapter folder to start from (e.g. the MNLI adapter for MRPC/RTE/STS-B); "
                                            "its head is not loaded")
-    quantize: Optional[str] = _f(None, "4-bit base (QLoRA style): nf4 or fp4 quantizes every nn.Linear of the "
-                                       "encoder except the trained head with bitsandbytes after loading (null: full "
-                                       "precision; with init: lq the adapter records that base as a uniform plan); "
-                                       "plan: one configuration per matrix from quantize_plan (LQ-LoRA's bit budget)",
-                                 choices=(None, "nf4", "fp4", "plan"))
+    quantize: Optional[str] = _f(None, "quantized base (QLoRA style): nf4 or fp4 quantizes every nn.Linear of the "
+                                       "encoder except the trained head to 4-bit with bitsandbytes after loading "
+                                       "(with init: lq the adapter records that base as a uniform plan), int8 to "
+                                       "LLM.int8 (load_in_8bit's layers); null: full precision; plan: one "
+                                       "configuration per matrix from quantize_plan (LQ-LoRA's bit budget)",
+                                 choices=(None, "nf4", "fp4", "int8", "plan"))
     quantize_plan: Optional[Dict[str, Any]] = _f(None, "for quantize: plan -- mapping with budget_bits (average stored "
                                                        "bits per parameter; the integer program picks each matrix's "
                                                        "configuration) or uniform (one configuration for all, e.g. "
@@ -398,14 +399,15 @@ def validate_quantize(cfg) -> None:
     causal-LM runners, whose ``cfg`` have these fields)."""
     if cfg.quantize and cfg.method == "full":
         raise GlueError(
-            f"quantize: {cfg.quantize} with method 'full': a 4-bit weight cannot be trained. Quantized bases are for "
-            "adapter methods (QLoRA style); use e.g. method: lora or sltrain, or drop quantize."
+            f"quantize: {cfg.quantize} with method 'full': a quantized weight cannot be trained. Quantized bases are "
+            "for adapter methods (QLoRA style); use e.g. method: lora or sltrain, or drop quantize."
         )
     if cfg.init == "lq":
-        if not cfg.quantize:
+        if not cfg.quantize or cfg.quantize == "int8":
             raise GlueError(
                 "init: lq (LQ-LoRA) splits each target weight into a 4-bit part and the adapter's low-rank part, so it "
-                "needs quantize: nf4 (or fp4). Add quantize: nf4, or use init: default."
+                f"needs quantize: nf4 (or fp4, or plan); quantize is {cfg.quantize}. Use quantize: nf4, or init: "
+                "default."
             )
         methods = glue_model.available_methods()
         cls = methods.get(cfg.method)

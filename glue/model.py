@@ -386,10 +386,11 @@ def quantizable_linears(model, head: Sequence[str]) -> list[str]:
 
 
 def quantize_base(model, names: Sequence[str], quant_type: str) -> dict[str, Any]:
-    """Quantize the ``nn.Linear`` layers ``names`` (suffixes of module names) of ``model`` to 4-bit in place (QLoRA's
-    base, for an adapter without LQ init). Every 4-bit layer keeps bitsandbytes' standard layout (no AVX-512-BF16
-    repack at eval), so a run computes the same on every CPU and its evaluations between checkpoint saves see the
-    same base (``delta.quant.keep_standard_layout``). Returns what was done."""
+    """Quantize the ``nn.Linear`` layers ``names`` (suffixes of module names) of ``model`` in place, to 4-bit
+    (``nf4``/``fp4``) or LLM.int8 (``int8``): QLoRA's base, for an adapter without LQ init. Every 4-bit layer keeps
+    bitsandbytes' standard layout (no AVX-512-BF16 repack at eval), so a run computes the same on every CPU and its
+    evaluations between checkpoint saves see the same base (``delta.quant.keep_standard_layout``). Returns what was
+    done."""
     import torch.nn as nn
 
     from sparse_lowrank_peft.delta.quant import keep_standard_layouts, quantize_linears
@@ -398,8 +399,9 @@ def quantize_base(model, names: Sequence[str], quant_type: str) -> dict[str, Any
                                        for k, m in model.named_modules())]
     replaced = quantize_linears(model, present, quant_type=quant_type) if present else []
     keep_standard_layouts(model, give_back=False)  # the run's own base: also after an unload or squeeze
-    info: dict[str, Any] = {"quant_type": quant_type, "init": "default", "plain_4bit_layers": len(replaced)}
-    print(f"[base] 4-bit ({quant_type}): {info}", flush=True)
+    bits = 8 if quant_type == "int8" else 4
+    info: dict[str, Any] = {"quant_type": quant_type, "init": "default", f"plain_{bits}bit_layers": len(replaced)}
+    print(f"[base] {bits}-bit ({quant_type}): {info}", flush=True)
     return info
 
 

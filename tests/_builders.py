@@ -102,6 +102,16 @@ def build_bert_nf4():
     return model, make_inputs, task_type
 
 
+def build_bert_int8():
+    """Tiny BERT whose query/value layers are LLM.int8 ``Linear8bitLt`` after loading (``load_in_8bit=True``'s layers:
+    int8 weights, inputs quantized per row at bitsandbytes' default outlier threshold 6.0)."""
+    from sparse_lowrank_peft.delta.quant import quantize_linears
+
+    model, make_inputs, task_type = build_bert()
+    quantize_linears(model, ["query", "value"], quant_type="int8")
+    return model, make_inputs, task_type
+
+
 def build_llama_nf4():
     """Tiny LLaMA with every decoder linear in NF4 (QLoRA's LLM setting; lm_head stays fp32), on bitsandbytes'
     generic CPU path."""
@@ -133,7 +143,8 @@ def build_bert_nf4_avx512():
 
 
 BUILDERS = {"mlp": build_mlp, "roberta": build_roberta, "bert": build_bert, "gpt2": build_gpt2, "llama": build_llama,
-            "llama-nf4": build_llama_nf4, "bert-nf4": build_bert_nf4, "bert-nf4-avx512": build_bert_nf4_avx512}
+            "llama-nf4": build_llama_nf4, "bert-nf4": build_bert_nf4, "bert-nf4-avx512": build_bert_nf4_avx512,
+            "bert-int8": build_bert_int8}
 
 #: per model family: target modules and modules_to_save (the trainable head, where the family has one)
 TARGETS = {
@@ -142,6 +153,7 @@ TARGETS = {
     "bert": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
     "bert-nf4": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
     "bert-nf4-avx512": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
+    "bert-int8": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
     "gpt2": {"target_modules": ["c_attn", "c_proj"], "modules_to_save": None},
     "llama": {"target_modules": "all-linear", "modules_to_save": None},  # every linear but lm_head, as for LLMs
     "llama-nf4": {"target_modules": "all-linear", "modules_to_save": None},

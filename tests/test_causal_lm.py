@@ -90,6 +90,16 @@ def test_all_linear_on_a_plan_base_adapts_every_hqq_layer(recipe, text_file, tmp
     assert len(config["target_modules"]) == 14 and results["reload"]["abs_difference"] < 1e-5
 
 
+def test_int8_base_trains_and_reloads(text_file, tmp_path):
+    """quantize: int8 puts every linear but lm_head in LLM.int8 (load_in_8bit's layers); the adapter trains on it and
+    reloads onto a freshly quantized base to the same loss."""
+    pytest.importorskip("bitsandbytes")
+    results = run(_cfg(ROOT / "recipes" / "llm" / "sltrain-qlora.yaml", text_file, tmp_path / "run", "max_steps=2",
+                       "quantize=int8", "verify_reload=true", "export_lora_rank=null", "learning_rate=0.01"))
+    assert results["quantization"]["plain_8bit_layers"] == 14
+    assert results["reload"]["abs_difference"] < 1e-5
+
+
 def test_bf16_base_trains_and_reloads(text_file, tmp_path):
     """precision: bf16 loads the base in bf16 (the adapter stays fp32) and trains under autocast; the reload check
     evaluates as the Trainer does (same batches, same autocast) and agrees (measured: exactly; before it batched

@@ -19,8 +19,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from sparse_lowrank_peft import SLTrainConfig
 
-# bert-nf4 and bert-nf4-avx512: the two CPU code paths of bitsandbytes, each forced on any machine (tests/_bnb_cpu.py)
-FAMILIES = ["mlp", "roberta", "bert", "gpt2", "llama", "llama-nf4", "bert-nf4", "bert-nf4-avx512"]
+# bert-nf4 and bert-nf4-avx512: the two CPU code paths of bitsandbytes, each forced on any machine (tests/_bnb_cpu.py);
+# bert-int8: an LLM.int8 (load_in_8bit) base
+FAMILIES = ["mlp", "roberta", "bert", "gpt2", "llama", "llama-nf4", "bert-nf4", "bert-nf4-avx512", "bert-int8"]
 
 # (id, config class, kwargs[, families]) — kwargs exclude targeting, which comes from the model family; a row runs on
 # every family unless it names some (variants of a tuner run on two families to keep the suite fast). Each tuner adds
@@ -51,8 +52,11 @@ ATOL = 1e-5  # fp32 throughout: merged vs unmerged differs only by summation ord
 # moved by 0.09 (SoRA) to 0.60 (sparse RandLoRA) against logits of at most 0.48, while each layer's re-quantization
 # stayed NF4's (weight check below: 0.079 to 0.094). There only the weight check is the contract (None: no output
 # bound); merge_and_unload(dequantize=True) is checked exact on every family.
-MERGE_ATOL = {"bert-nf4": 1e-3, "bert-nf4-avx512": 5e-3, "llama-nf4": None}
-UNMERGE_WEIGHT_REL = {"bert-nf4": 0.25, "bert-nf4-avx512": 0.25, "llama-nf4": 0.25}
+# On bert-int8 (LLM.int8 query/value) a merge re-quantizes to int8 rows (measured rounding error 0.4-0.7%): merged
+# outputs moved by at most 3.2e-5 (sparse RandLoRA; 2.3e-6 to 4.0e-6 for the others) against logits of ~1.4e-2, and
+# merge+unmerge moved the weights by at most 0.0057 relative; bounds with ~6x and ~3.5x headroom.
+MERGE_ATOL = {"bert-nf4": 1e-3, "bert-nf4-avx512": 5e-3, "llama-nf4": None, "bert-int8": 2e-4}
+UNMERGE_WEIGHT_REL = {"bert-nf4": 0.25, "bert-nf4-avx512": 0.25, "llama-nf4": 0.25, "bert-int8": 0.02}
 # The repacked base computes in bf16 (bitsandbytes' packed kernel); once wrapped, the layer keeps the standard layout
 # and computes in its compute dtype (fp32) with the same weights, so at init the outputs agree to bf16 rounding.
 INIT_ATOL = {"bert-nf4-avx512": 1e-3}

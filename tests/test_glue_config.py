@@ -90,6 +90,7 @@ def test_quantize_plan_fields_are_checked_before_loading(tmp_path):
     "values, message",
     [
         ({"method": "sltrain", "init": "lq"}, "needs quantize: nf4"),
+        ({"method": "sltrain", "init": "lq", "quantize": "int8"}, "needs quantize: nf4 .*quantize is int8"),
         ({"method": "full", "quantize": "nf4"}, "cannot be trained"),
         ({"method": "nola", "quantize": "nf4", "init": "lq"}, "init: lq is implemented for PEFT's LoRA .* not for 'nola'"),
         ({"method": "randlora", "quantize": "nf4", "init": "lq"}, "not for 'randlora'"),

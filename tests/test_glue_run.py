@@ -573,7 +573,8 @@ def test_squeeze_from_a_recipe(tiny_model, toy_task, tmp_path, mode):
     ("sltrain", {"quantize": "nf4"}),
     ("sora", {"quantize": "plan", "quantize_plan": {"uniform": "hqq-4bit-g64"}}),
     ("lora", {"quantize": "nf4", "init": "lq"}),
-], ids=["lora", "sltrain-nf4", "sora-plan", "lora-lq"])
+    ("dylora", {"quantize": "int8"}),
+], ids=["lora", "sltrain-nf4", "sora-plan", "lora-lq", "dylora-int8"])
 def test_verify_reload_and_plain_lora_export(tiny_model, toy_task, tmp_path, method, extra):
     """verify_reload: the saved adapter on a freshly built base (quantized as in the run, or rebuilt by LQ),
     evaluated by the run's Trainer, gives the trained model's metrics; export_lora_rank writes a plain LoRA of one

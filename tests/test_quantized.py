@@ -238,6 +238,8 @@ def test_quantize_linears_errors():
     model, _, _ = BUILDERS["bert"]()
     with pytest.raises(ValueError, match="no nn.Linear matches"):
         quantize_linears(model, ["nothing_here"])
+    with pytest.raises(ValueError, match="quant_type='int4' is not one of"):
+        quantize_linears(model, ["query"], quant_type="int4")
 
 
 def _queries(pm) -> list:
@@ -296,15 +298,16 @@ def test_lq_fisher_field_is_checked():
         get_peft_model(model, named)
 
 
-def test_peft_lora_on_a_model_quantized_after_loading_merges():
-    """quantize_linears marks the model as loaded in 4-bit, as BitsAndBytesConfig does, so PEFT's own LoRA wraps the
-    4-bit layers in its bitsandbytes layer and merge_and_unload works (a plain LoRA Linear's merge fails on them)."""
+@pytest.mark.parametrize("quant_type,layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_peft_lora_on_a_model_quantized_after_loading_merges(quant_type, layer):
+    """quantize_linears marks the model as loaded in 4-bit (8-bit), as BitsAndBytesConfig does, so PEFT's own LoRA
+    wraps the layers in its bitsandbytes layer and merge_and_unload works (a plain LoRA Linear's merge fails on them)."""
     from peft import LoraConfig
 
     model, make_inputs, task_type = BUILDERS["bert"]()
-    quantize_linears(model, ["query", "value"])
+    quantize_linears(model, ["query", "value"], quant_type=quant_type)
     pm = get_peft_model(model, LoraConfig(r=2, target_modules=["query", "value"], task_type=task_type))
-    assert {type(m).__name__ for n, m in pm.named_modules() if n.endswith(("query", "value"))} == {"Linear4bit"}
+    assert {type(m).__name__ for n, m in pm.named_modules() if n.endswith(("query", "value"))} == {layer}
     for name, p in pm.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)

@@ -779,14 +779,40 @@ def fisher_row_col_weights(
     return {n: (v[0], v[1]) for n, v in store.items()}
 
 
+def to_linear8bit(linear: nn.Linear, threshold: float = 6.0) -> nn.Module:
+    """A ``bnb.nn.Linear8bitLt`` (LLM.int8: int8 weights with one absmax per row, frozen) holding ``linear``'s weight
+    and bias, as ``BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)`` makes it at load time.
+
+    Its forward is bitsandbytes' own: the input is quantized per row too, and input columns with a value above
+    ``threshold`` are computed in 16-bit (``threshold=0``: none are)."""
+    bnb = _bnb()
+    device = linear.weight.device
+    q = bnb.nn.Linear8bitLt(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False,
+        threshold=threshold,
+    )
+    q.weight = bnb.nn.Int8Params(
+        linear.weight.detach().to("cpu", torch.float32).contiguous(), requires_grad=False, has_fp16_weights=False,
+    )
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().to("cpu").clone(), requires_grad=False)
+    return q.to(device)  # moving to a device quantizes
+
+
+#: what quantize_linears makes: the 4-bit types of ``Linear4bit`` and LLM.int8's ``Linear8bitLt``
+BASE_QUANT_TYPES = QUANT_TYPES + ("int8",)
+
+
 def quantize_linears(
     model: nn.Module, names: Optional[Iterable[str]] = None, quant_type: str = "nf4",
     compute_dtype: torch.dtype = torch.float32,
 ) -> list[str]:
-    """Quantize a loaded model's ``nn.Linear`` layers to 4-bit in place (``names``: module names or dotted suffixes;
-    default: every linear layer); returns the names replaced. The QLoRA setup for a model that was loaded in full
-    precision (``BitsAndBytesConfig(load_in_4bit=True)`` does the same at load time)."""
-    _check_quant_type(quant_type)
+    """Quantize a loaded model's ``nn.Linear`` layers in place (``names``: module names or dotted suffixes; default:
+    every linear layer); returns the names replaced. The QLoRA setup for a model that was loaded in full precision:
+    ``quant_type="nf4"`` / ``"fp4"`` do what ``BitsAndBytesConfig(load_in_4bit=True)`` does at load time, ``"int8"``
+    what ``load_in_8bit=True`` does (``compute_dtype`` is for 4-bit only)."""
+    if quant_type not in BASE_QUANT_TYPES:
+        raise ValueError(f"quant_type={quant_type!r} is not one of {BASE_QUANT_TYPES}. Fix: quant_type='nf4'.")
     wanted = list(names) if names is not None else None
     replaced = []
     for name, module in list(model.named_modules()):
@@ -796,21 +822,30 @@ def quantize_linears(
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        quantized = to_linear4bit(module, quant_type=quant_type, compute_dtype=compute_dtype)
+        if quant_type == "int8":
+            quantized = to_linear8bit(module)
+        else:
+            quantized = to_linear4bit(module, quant_type=quant_type, compute_dtype=compute_dtype)
         setattr(parent, child, quantized.train(module.training))  # an eval-mode model stays in eval mode
         replaced.append(name)
     if wanted is not None and not replaced:
         raise ValueError(f"quantize_linears: no nn.Linear matches {wanted}. Fix: pass module names such as ['query'].")
     if replaced:
-        mark_loaded_in_4bit(model)
+        mark_loaded_in_kbit(model, bits=8 if quant_type == "int8" else 4)
     return replaced
 
 
+def mark_loaded_in_kbit(model: nn.Module, bits: int = 4) -> None:
+    """Mark ``model`` as ``BitsAndBytesConfig(load_in_4bit=True)`` (or ``load_in_8bit``) does: PEFT's own LoRA wraps
+    a bitsandbytes linear in its bitsandbytes layer only for such a model (else in its plain ``Linear``, whose merge
+    fails on the packed weight: ``The size of tensor a (32) must match the size of tensor b (64)`` for 4-bit,
+    ``result type Float can't be cast to the desired output type Char`` for 8-bit)."""
+    setattr(model, f"is_loaded_in_{bits}bit", True)
+
+
 def mark_loaded_in_4bit(model: nn.Module) -> None:
-    """Mark ``model`` as ``BitsAndBytesConfig(load_in_4bit=True)`` does: PEFT's own LoRA wraps a ``Linear4bit`` in
-    its bitsandbytes layer only for such a model (else in its plain ``Linear``, whose merge fails on the packed
-    weight: ``The size of tensor a (32) must match the size of tensor b (64)``)."""
-    model.is_loaded_in_4bit = True
+    """:func:`mark_loaded_in_kbit` for 4-bit."""
+    mark_loaded_in_kbit(model, bits=4)
 
 
 def _is_bnb_linear(module: nn.Module) -> bool:
