@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from _builders import VOCAB, _ids, at_thread_counts, output_of, tiny_roberta, train_then_output
+from _fresh import reload_outputs
 from peft import get_peft_model
 
 from sparse_lowrank_peft import SLTrainConfig, SoraConfig
@@ -138,34 +135,31 @@ def plan_config(cls=SLTrainConfig, plan=PLAN, **extra):
     return cls(**fields)
 
 
-RELOAD = textwrap.dedent(
-    r"""
-    import json, sys, torch
-    sys.path.insert(0, sys.argv[2])
-    from test_bitbudget import tiny_roberta
-    from _builders import _ids, output_of
-    from peft import PeftModel
-    import sparse_lowrank_peft  # registers the methods
-    model = PeftModel.from_pretrained(tiny_roberta(), sys.argv[1]).eval()
-    with torch.no_grad():
-        print("OUT " + json.dumps(output_of(model, _ids(9)).tolist()))
-    """
-)
+RELOAD_CASES = {"sltrain": SLTrainConfig, "sora": SoraConfig}
 
 
-@pytest.mark.parametrize("cls", [SLTrainConfig, SoraConfig], ids=["sltrain", "sora"])
-def test_plan_trains_saves_and_reloads_in_a_fresh_process(cls, tmp_path):
-    pm = get_peft_model(tiny_roberta(), plan_config(cls))
-    kinds = {n: type(m.base_layer).__name__ for n, m in pm.named_modules()
-             if n.endswith(("query", "value")) and hasattr(m, "base_layer")}
-    assert sorted(kinds.values()) == ["HQQLinear", "HQQLinear", "Linear4bit", "Linear4bit"], kinds
-    expected = train_then_output(pm, _ids, torch.tensor([0, 1, 0]))
-    pm.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["lq_plan"] == PLAN
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.tensor(json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("OUT "))[4:]))
+@pytest.fixture(scope="module")
+def trained_and_reloaded(tmp_path_factory):
+    """Each tuner trained on the plan's base and saved, then all reloaded in one fresh process (``_fresh``):
+    ``{case: (model, expected, folder, reloaded outputs)}``."""
+    root = tmp_path_factory.mktemp("plan_reload")
+    trained = {}
+    for case, cls in RELOAD_CASES.items():
+        pm = get_peft_model(tiny_roberta(), plan_config(cls))
+        kinds = {n: type(m.base_layer).__name__ for n, m in pm.named_modules()
+                 if n.endswith(("query", "value")) and hasattr(m, "base_layer")}
+        assert sorted(kinds.values()) == ["HQQLinear", "HQQLinear", "Linear4bit", "Linear4bit"], kinds
+        expected = train_then_output(pm, _ids, torch.tensor([0, 1, 0]))
+        pm.save_pretrained(root / case)
+        trained[case] = (pm, expected, root / case)
+    got = reload_outputs([("peft", folder) for _, _, folder in trained.values()])
+    return {case: (pm, expected, folder, got[str(folder)]) for case, (pm, expected, folder) in trained.items()}
+
+
+@pytest.mark.parametrize("case", RELOAD_CASES)
+def test_plan_trains_saves_and_reloads_in_a_fresh_process(trained_and_reloaded, case):
+    pm, expected, folder, got = trained_and_reloaded[case]
+    assert json.loads((folder / "adapter_config.json").read_text())["lq_plan"] == PLAN
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     # exact full-precision merge: the merged weights are the dequantized bases plus the deltas
     merged = pm.merge_and_unload(dequantize=True)

@@ -7,10 +7,9 @@ from collections import Counter
 import pytest
 import torch
 from _builders import BUILDERS, output_of
-from _plain_peft import plain_peft_outputs
 from peft import get_peft_model
 
-from sparse_lowrank_peft import DyLoraCallback, DyLoraConfig, dylora_sample_rank, export_to_lora
+from sparse_lowrank_peft import DyLoraCallback, DyLoraConfig, dylora_sample_rank
 from sparse_lowrank_peft.tuners.dylora import sample_rank
 
 
@@ -101,22 +100,6 @@ def test_sample_rank_helper_sets_every_layer():
     assert b == sample_rank(6, 5, 0)
     ranks = {m.dylora_rank["default"] for m in pm.modules() if hasattr(m, "dylora_rank")}
     assert ranks == {b}
-
-
-@pytest.mark.parametrize("rank", [2, 6])
-def test_export_at_rank_loads_in_plain_peft(tmp_path, rank):
-    base, make_inputs, task_type = BUILDERS["roberta"]()
-    base.save_pretrained(tmp_path / "base")
-    pm = get_peft_model(base, DyLoraConfig(r=6, target_modules=["query", "value"], task_type=task_type, init_weights=False))
-    pm.eval()
-    pm.base_model.set_rank(rank)
-    inputs = make_inputs(3)
-    with torch.no_grad():
-        expected = output_of(pm, inputs)
-    pm.base_model.set_rank(6)
-    export_to_lora(pm, tmp_path / "lora", rank=rank)
-    got = plain_peft_outputs(tmp_path / "base", tmp_path / "lora", inputs, tmp_path)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_trainer_callback(tmp_path):

@@ -1,6 +1,7 @@
 """Every tuner exports to a plain PEFT LoRA folder that loads without this package and gives the same outputs.
 
-Low-rank deltas (PEFT LoRA, SoRA, DyLoRA at a rank b, NOLA) export exactly without a rank. Sparse / full-rank ones
+Low-rank deltas (PEFT LoRA, SoRA, also gated to exact zeros by its proximal step and pruned, DyLoRA at a rank b,
+NOLA) export exactly without a rank. Sparse / full-rank ones
 (SLTrain, sparse RandLoRA with sparse and dense bases) need a rank: at ``min(out, in)`` the randomized SVD spans the
 whole space and the export is exact; below it, the written ΔW is within 1% of the optimal truncation. All plain-peft
 loads run in ONE subprocess that never imports ``sparse_lowrank_peft`` (it checks ``sys.modules``).
@@ -18,6 +19,7 @@ import torch
 from _builders import BUILDERS, output_of
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
+from test_sora import train_with_prox
 from test_squeeze import tail_norm
 
 from sparse_lowrank_peft import (
@@ -49,13 +51,28 @@ PLAIN_PEFT_MANY = textwrap.dedent(
 
 D = 36  # hidden size of the tiny builders: min(out, in) of every adapted layer
 
-# name: (builder, config class, config fields, export rank, DyLoRA rank to evaluate at)
+def _prox_trained(prune: bool):
+    """SoRA trained with its proximal gate step (gates reach exact zeros), optionally pruned, before the export."""
+    def prepare(pm, make_inputs):
+        train_with_prox(pm, make_inputs, steps=15)
+        if prune:
+            pm.base_model.prune()
+    return prepare
+
+
+# name: (builder, config class, config fields, export rank, DyLoRA rank to evaluate at[, prepare(pm, make_inputs)])
 CASES = {
     "lora": ("bert", LoraConfig, {"r": 6, "lora_alpha": 12, "init_lora_weights": False,
                                   "rank_pattern": {"value": 3}, "use_rslora": True}, None, None),
     "sora": ("bert", SoraConfig, {"r": 6, "init_weights": False}, None, None),
     "dylora-b3": ("bert", DyLoraConfig, {"r": 6, "init_weights": False}, 3, 3),
     "sora-llama": ("llama", SoraConfig, {"r": 6, "init_weights": False}, None, None),
+    "sora-prox": ("bert", SoraConfig, {"r": 6, "init_weights": False, "sparse_lambda": 2.0}, None, None,
+                  _prox_trained(prune=False)),
+    "sora-prox-pruned": ("bert", SoraConfig, {"r": 6, "init_weights": False, "sparse_lambda": 2.0}, None, None,
+                         _prox_trained(prune=True)),
+    "dylora-roberta-b2": ("roberta", DyLoraConfig, {"r": 6, "init_weights": False}, 2, 2),
+    "dylora-roberta-b6": ("roberta", DyLoraConfig, {"r": 6, "init_weights": False}, 6, 6),
     "nola": ("bert", NolaConfig, {"r": 4, "num_basis_A": 16, "num_basis_B": 8, "init_weights": False}, None, None),
     "sltrain-full": ("bert", SLTrainConfig, {"r": 4, "sparsity": 0.1, "init_weights": False}, D, None),
     "sltrain-gpt2-full": ("gpt2", SLTrainConfig, {"r": 4, "sparsity": 0.1, "init_weights": False}, D, None),
@@ -65,13 +82,16 @@ CASES = {
                             D, None),
 }
 TARGETS = {"bert": {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"]},
+           "roberta": {"target_modules": ["query", "value"]},
            "gpt2": {"target_modules": ["c_attn", "c_proj"]}, "llama": {"target_modules": "all-linear"}}
 
 
 def build(case: str):
-    family, cls, fields, _, _ = CASES[case]
+    family, cls, fields = CASES[case][:3]
     model, make_inputs, task_type = BUILDERS[family]()
     pm = get_peft_model(model, cls(task_type=task_type, **TARGETS[family], **fields)).eval()
+    if len(CASES[case]) > 5:
+        CASES[case][5](pm, make_inputs)
     return pm, make_inputs
 
 
@@ -80,11 +100,11 @@ def exported(tmp_path_factory):
     """Export every case, then compute all plain-peft outputs in one subprocess."""
     root = tmp_path_factory.mktemp("export_all")
     bases = {}
-    for family in ("bert", "gpt2", "llama"):
+    for family in ("bert", "roberta", "gpt2", "llama"):
         bases[family] = root / f"base-{family}"
         BUILDERS[family]()[0].save_pretrained(bases[family])
     jobs, expected = [], {}
-    for case, (family, _, _, rank, eval_rank) in CASES.items():
+    for case, (family, _, _, rank, eval_rank, *_) in CASES.items():
         pm, make_inputs = build(case)
         inputs = make_inputs(11)
         if eval_rank is not None:

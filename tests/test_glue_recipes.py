@@ -138,6 +138,8 @@ def mnli_adapters(tmp_path_factory):
     def adapter(recipe: Path) -> Path:
         if recipe not in saved:
             cfg = build_config(str(recipe), ["model=minilm"])
+            if cfg.init == "lq" and "lq_max_iter" not in cfg.peft:  # as in the dry runs: 1 of LQ's 20 alternations
+                cfg = build_config(str(recipe), ["model=minilm", "peft.lq_max_iter=1"])
             folder = tmp_path_factory.mktemp("mnli-adapter") / "adapter"
             build_model(cfg, get_task("mnli")).model.save_pretrained(str(folder))
             saved[recipe] = folder
@@ -150,8 +152,8 @@ def mnli_adapters(tmp_path_factory):
 def test_every_recipe_dry_runs(path, stand_in_glue, mnli_adapters, capsys):
     """``python -m glue.run RECIPE model=minilm --dry-run`` (the RoBERTa recipes on the bundled MiniLM, offline): the
     config, the data, the model with its method, 4-bit base and initial adapter are built; nothing is written.
-    ``init_adapter`` points at an MNLI adapter made here, and LQ-LoRA's split makes one of its 20 alternations (an
-    all-linear MiniLM recipe: 10.6 s with two, 8.2 s with one)."""
+    ``init_adapter`` points at an MNLI adapter made here, LQ-LoRA's split makes one of its 20 alternations (an
+    all-linear MiniLM recipe: 10.6 s with two, 8.2 s with one), and a Fisher-weighted plan reads 2 batches."""
     text = path.read_text(encoding="utf-8")
     if "quantize: plan" in text:
         pytest.importorskip("hqq", reason="a bit-budget recipe's configurations need hqq (the hqq extra)")
@@ -164,6 +166,8 @@ def test_every_recipe_dry_runs(path, stand_in_glue, mnli_adapters, capsys):
     if cfg.quantize_plan and "budget_bits" in cfg.quantize_plan and "table" not in cfg.quantize_plan:
         # a plan measured in the run: 2 of the 17 configurations (measuring all takes ~70 s CPU for MiniLM)
         overrides.append("quantize_plan.candidates=[hqq-2bit-g64,bnb-nf4]")
+    if cfg.quantize_plan and cfg.quantize_plan.get("fisher_batches"):
+        overrides.append("quantize_plan.fisher_batches=2")  # the Fisher of 2 training batches, not of 32
     if cfg.init_adapter:
         mnli = path.with_name(path.name.replace(f"-{cfg.task}.yaml", "-mnli.yaml"))
         overrides.append(f"init_adapter={mnli_adapters(mnli)}")

@@ -4,15 +4,13 @@ merges with PEFT; bad requests are refused before the model changes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from _builders import _ids, output_of, train_then_output
+from _fresh import reload_outputs
 from peft import LoraConfig
 
 from sparse_lowrank_peft.delta import quant
@@ -49,41 +47,37 @@ def test_lora_starts_at_l_on_the_planned_bases():
         torch.testing.assert_close(effective, result.Q + result.B @ result.A, atol=1e-6, rtol=1e-6)
 
 
-RELOAD = textwrap.dedent(
-    r"""
-    import json, sys, torch
-    sys.path.insert(0, sys.argv[2])
-    from test_bitbudget import tiny_roberta
-    from _builders import _ids, output_of, train_then_output
-    from sparse_lowrank_peft.lq_lora import load_lq_lora
-    model = load_lq_lora(tiny_roberta(), sys.argv[1]).eval()
-    with torch.no_grad():
-        print("OUT " + json.dumps(output_of(model, _ids(9)).tolist()))
-    """
-)
+#: fresh-process reload cases: (Fisher-weighted LQ, SVD)
+RELOAD_CASES = {"plain": (False, "auto"), "fisher": (True, "auto"), "randomized-svd": (False, "randomized")}
 
 
-@pytest.mark.parametrize("fisher,svd", [(False, "auto"), (True, "auto"), (False, "randomized")],
-                         ids=["plain", "fisher", "randomized-svd"])
-def test_trains_saves_and_reloads_in_a_fresh_process(tmp_path, fisher, svd):
+@pytest.fixture(scope="module")
+def trained_and_reloaded(tmp_path_factory):
+    """Each case trained and saved, then all reloaded in one fresh process: ``{case: (model, expected, folder,
+    reloaded outputs)}``."""
+    root = tmp_path_factory.mktemp("lq_lora_reload")
     gen = torch.Generator().manual_seed(0)
     weights = {key: (torch.rand(64, generator=gen) * 10 + 0.01, torch.rand(64, generator=gen) * 10 + 0.01)
                for key in QV}
-    if fisher:
-        with quant.use_fisher(weights):
+    trained = {}
+    for case, (fisher, svd) in RELOAD_CASES.items():
+        with quant.use_fisher(weights) if fisher else contextlib.nullcontext():
             pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=3, svd=svd)
-    else:
-        pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=3, svd=svd)
-    expected = train_then_output(pm, _ids, torch.tensor([0, 1, 0]))
-    save_lq_lora(pm, tmp_path)
-    saved = json.loads((tmp_path / LQ_LORA_FILE).read_text())
+        expected = train_then_output(pm, _ids, torch.tensor([0, 1, 0]))
+        save_lq_lora(pm, root / case)
+        trained[case] = (pm, expected, root / case)
+    got = reload_outputs([("lq_lora", folder) for _, _, folder in trained.values()])
+    return {case: (pm, expected, folder, got[str(folder)]) for case, (pm, expected, folder) in trained.items()}
+
+
+@pytest.mark.parametrize("case", RELOAD_CASES)
+def test_trains_saves_and_reloads_in_a_fresh_process(trained_and_reloaded, case):
+    fisher, svd = RELOAD_CASES[case]
+    pm, expected, folder, got = trained_and_reloaded[case]
+    saved = json.loads((folder / LQ_LORA_FILE).read_text())
     assert saved["targets"] == QV and saved["plan"] == PLAN and saved["rank"] == 2 and saved["svd"] == svd
     assert (saved.get("fisher_file") == quant.LQ_FISHER_FILE) is fisher
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.tensor(json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("OUT "))[4:]))
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     # PEFT's merge re-quantizes Q + ΔW in each layer's configuration: close, not exact
     merged = pm.merge_and_unload()

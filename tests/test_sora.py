@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 from _builders import BUILDERS, output_of
-from _plain_peft import plain_peft_outputs
 from peft import PeftModel, get_peft_model
 
-from sparse_lowrank_peft import SoraCallback, SoraConfig, adapter_param_groups, export_to_lora, sora_prox_step
+from sparse_lowrank_peft import SoraCallback, SoraConfig, adapter_param_groups, sora_prox_step
 from sparse_lowrank_peft.callbacks import sora_lambda_at
 
 
@@ -165,24 +164,6 @@ def test_prox_step_rejects_negative_values():
         sora_prox_step(pm, 1e-3, sparse_lambda=-1.0)
     with pytest.raises(ValueError, match="lr"):
         sora_prox_step(pm, -1e-3)
-
-
-@pytest.mark.parametrize("prune", [False, True])
-def test_export_to_plain_lora(tmp_path, prune):
-    base, make_inputs, task_type = BUILDERS["bert"]()
-    base.save_pretrained(tmp_path / "base")
-    pm = get_peft_model(base, SoraConfig(r=6, target_modules=["query", "value"], task_type=task_type,
-                                         modules_to_save=["pooler", "classifier"], init_weights=False,
-                                         sparse_lambda=2.0))
-    train_with_prox(pm, make_inputs, steps=15)
-    if prune:
-        pm.base_model.prune()
-    inputs = make_inputs(7)
-    with torch.no_grad():
-        expected = output_of(pm, inputs)
-    export_to_lora(pm, tmp_path / "lora")
-    got = plain_peft_outputs(tmp_path / "base", tmp_path / "lora", inputs, tmp_path)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_trainer_callback(tmp_path):
