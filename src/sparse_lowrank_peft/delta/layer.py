@@ -211,6 +211,23 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x``: ``(..., in_features)`` -> ``(..., out_features)`` in the base layer's output dtype."""
+        if torch.compiler.is_compiling() and not self.traceable():
+            return self._eager_forward(x, *args, **kwargs)
+        return self._forward(x, *args, **kwargs)
+
+    def traceable(self) -> bool:
+        """Whether ``torch.compile`` traces this layer's forward into its graph: not with a sparse term active."""
+        return not any(self.has_sparse(name) for name in self.active_adapters)
+
+    @torch.compiler.disable
+    def _eager_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """:meth:`_forward` outside ``torch.compile``'s graphs. The sparse term's support layouts are cached by data
+        pointer and run through torch.sparse CPU kernels or Triton launchers, which Dynamo cannot trace: breaking
+        inside them, it made 20 graphs for one SLTrain layer of the tiny test BERT (``torch._dynamo.explain``).
+        Run eagerly here, each such layer costs one graph break, and the rest of the model compiles."""
+        return self._forward(x, *args, **kwargs)
+
+    def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -158,6 +158,10 @@ class SparseRandLoraLayer(DeltaLayer):
         self.sparse_randlora_basis_key[adapter_name] = self.expected_basis_key(adapter_name)
         self._finish_update(adapter_name, config)
 
+    def traceable(self) -> bool:
+        """Never: the bases come from a lock-guarded cache and run as sparse products (``DeltaLayer._eager_forward``)."""
+        return False
+
     def get_basis(self, adapter_name: str) -> basis_cache.RandBasis:
         """The adapter's shared bases (drawn on first use, then a lookup)."""
         basis = self.sparse_randlora_basis_refs.get(adapter_name)
