@@ -5,10 +5,9 @@ module that checks fresh-process reloads gathers its folders in a module fixture
 """
 
 from __future__ import annotations
+from _forkserver import fresh_python
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -35,8 +34,7 @@ def reload_outputs(jobs: list[tuple[str, Path]]) -> dict[str, torch.Tensor]:
     """``{folder: outputs on _ids(9)}`` of each ``(loader, folder)`` loaded onto a fresh ``tiny_roberta()`` in one
     new process; ``loader`` is ``"peft"`` (``PeftModel.from_pretrained``) or ``"lq_lora"`` (``load_lq_lora``)."""
     arg = json.dumps([[loader, str(folder)] for loader, folder in jobs])
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(Path(__file__).parent), arg],
-                          capture_output=True, text=True, timeout=600)
+    proc = fresh_python(["-c", SCRIPT, Path(__file__).parent, arg], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("OUT ")]
     return {folder: torch.tensor(out) for folder, out in rows}

@@ -4,12 +4,11 @@ fix). Run in-process through ``cli.main``; one subprocess checks the module entr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from _builders import BUILDERS
+from _forkserver import fresh_python
 from peft import LoraConfig, get_peft_model
 from test_squeeze import lora_deltas, optimal_truncation, rel
 
@@ -149,8 +148,8 @@ def test_existing_output_needs_overwrite(folders, capsys, tmp_path):
 
 
 def test_module_entry_point_exit_status(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sparse_lowrank_peft.cli", "squeeze", str(tmp_path / "missing"),
-                           str(tmp_path / "o"), "--rank", "4"], capture_output=True, text=True, timeout=300)
+    proc = fresh_python(["-m", "sparse_lowrank_peft.cli", "squeeze", tmp_path / "missing", tmp_path / "o", "--rank", "4"],
+                        timeout=300)
     assert proc.returncode == 2
     # The CLI's own message is its last stderr line; a dependency may print before it (bitsandbytes does on
     # AVX-512-BF16 CPUs when peft imports it: "Failed to load CPU gemm_4bit_forward from kernels-community ...").

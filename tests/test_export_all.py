@@ -10,13 +10,12 @@ loads run in ONE subprocess that never imports ``sparse_lowrank_peft`` (it check
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from _builders import BUILDERS, output_of
+from _forkserver import fresh_python
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from test_sora import train_with_prox
@@ -116,8 +115,7 @@ def exported(tmp_path_factory):
         jobs.append({"base": str(bases[family]), "adapter": str(folder), "inputs": str(root / f"{case}-inputs.pt"),
                      "out": str(root / f"{case}-out.pt")})
     (root / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([sys.executable, "-c", PLAIN_PEFT_MANY, str(root / "jobs.json")],
-                          capture_output=True, text=True, timeout=900)
+    proc = fresh_python(["-c", PLAIN_PEFT_MANY, root / "jobs.json"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = {case: torch.load(root / f"{case}-out.pt") for case in CASES}
     return root, expected, got

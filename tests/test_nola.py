@@ -3,13 +3,12 @@ plain LoRA, bit-exact reload in a fresh process, and clear errors for bad config
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from _builders import BUILDERS, build_roberta_other_width, edit_adapter_config, output_of
+from _forkserver import fresh_python
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -305,11 +304,8 @@ def test_export_to_plain_lora_and_reload_in_fresh_process(tmp_path):
     assert torch.equal(factors[f"{key}.lora_A.weight"], A.detach())
     assert torch.equal(factors[f"{key}.lora_B.weight"], (B * layer.nola_scaling["default"]).detach())
     torch.save(inputs, tmp_path / "inputs.pt")
-    proc = subprocess.run(
-        [sys.executable, "-c", FRESH, str(tmp_path / "base"), str(tmp_path / "lora"), str(tmp_path / "nola"),
-         str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        capture_output=True, text=True, timeout=600,
-    )
+    proc = fresh_python(["-c", FRESH, tmp_path / "base", tmp_path / "lora", tmp_path / "nola", tmp_path / "inputs.pt",
+                         tmp_path / "out.pt"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
     torch.testing.assert_close(out["lora"], expected, atol=1e-5, rtol=0)

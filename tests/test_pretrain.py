@@ -1,9 +1,8 @@
 """SLTrain pretraining from scratch (issue #23): the op, the replacement and its inverse, save/load, per-layer updates."""
 
 from __future__ import annotations
+from _forkserver import fresh_python
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -256,11 +255,8 @@ def test_save_and_reload_in_a_fresh_process(tmp_path):
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         expected = model(input_ids=x).logits
-    proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "out.pt"),
-         str(torch.get_num_threads())],
-        capture_output=True, text=True, timeout=120,
-    )
+    proc = fresh_python(["-c", RELOAD, folder, tmp_path / "x.pt", tmp_path / "out.pt", torch.get_num_threads()],
+                        timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
     # a model built in this process (another seed, so other supports and weights) takes the saved ones on load

@@ -6,8 +6,6 @@ saves and reloads it, on both of bitsandbytes' CPU paths, and the README's 4-bit
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import torch
 from _bnb_cpu import PATHS, bnb_cpu_path
 from _builders import VOCAB, _ids
+from _forkserver import fresh_python
 from peft import PeftModel, get_peft_model
 
 from sparse_lowrank_peft import DyLoraConfig, NolaConfig, SLTrainConfig, SoraConfig, SparseRandLoraConfig
@@ -164,7 +163,6 @@ def test_readme_4bit_example_runs(tmp_path):
     """The README's 4-bit block is examples/qlora_seq_cls.py, which loads a SEQ_CLS model in 4-bit and reloads it."""
     example = (ROOT / "examples" / "qlora_seq_cls.py").read_text()
     assert example.split('"""', 2)[2].strip() in (ROOT / "README.md").read_text(), "README's 4-bit block differs"
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "qlora_seq_cls.py")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    out = fresh_python([ROOT / "examples" / "qlora_seq_cls.py"], cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "reloaded == trained: True" in out.stdout, out.stdout

@@ -1,16 +1,16 @@
 """The README's quickstart (examples/quickstart.py) runs as written."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from _forkserver import fresh_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quickstart_runs(tmp_path):
     script = ROOT / "examples" / "quickstart.py"
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = fresh_python([script], cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "reloaded == merged: True" in out.stdout, out.stdout
     losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out.stdout)]
@@ -29,8 +29,7 @@ def test_causal_lm_example_runs(tmp_path):
     """examples/finetune_causal_lm.py (the README's LLM section): SLTrain on an all-NF4 LLaMA trains, reloads to the
     same loss, and its one-rank plain LoRA export keeps the trained perplexity."""
     script = ROOT / "examples" / "finetune_causal_lm.py"
-    out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "run")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    out = fresh_python([script, "--out", tmp_path / "run"], cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "reloaded loss equal: True" in out.stdout, out.stdout
     before, after = map(float, re.search(r"validation perplexity ([0-9.]+) -> ([0-9.]+)", out.stdout).groups())
