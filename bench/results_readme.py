@@ -467,6 +467,39 @@ def lq_svd_section(results: Path, base: Path) -> list[str]:
     return lines + [""]
 
 
+def compile_section(results: Path, base: Path) -> list[str]:
+    """``torch.compile`` per tuner: graphs, breaks, agreement with eager (``bench/compile.py``), and the same
+    measurement of an earlier commit where a ``compile-cpu-before-<sha>.json`` file is kept."""
+    data, path, lines = _one_file_section(results, "compile-cpu.json", "torch.compile: graphs and agreement with eager",
+                                          "compile.py")
+    if not data:
+        return lines
+    before = {}
+    for old in sorted(results.glob("compile-cpu-before-*.json")):
+        for r in (_load(old) or {}).get("rows", []):
+            before[(r["family"], r["tuner"])] = (r, old)
+    dev = data.get("device") or {}
+    lines += [
+        f"`python bench/compile.py` (backend {data.get('backend')}, {dev.get('name')} with {data.get('threads')} "
+        f"threads; commit {_commit(data.get('git_commit'), data.get('git_dirty'))}; file `{_link(path, base)}`): one "
+        "forward and backward of a tiny model (BERT: query/value adapted; LLaMA: every linear), compiled against "
+        "eager. A layer with a sparse term runs eagerly between the compiled parts (`DeltaLayer._eager_forward`)."
+        + (" *Before*: the same script on the commit named in its file, before that change." if before else ""),
+        "",
+        "| model | tuner | graphs | graph breaks | break reasons | first compiled step | max output diff | "
+        "max gradient diff (max gradient) | before: graphs, first step |",
+        "|:---|:---|---:|---:|:---|---:|---:|---:|:---|",
+    ]
+    for r in data.get("rows") or []:
+        old = before.get((r["family"], r["tuner"]))
+        then = f"{old[0]['graphs']}, {old[0]['first_compiled_step_s']:.1f} s (`{old[1].name}`)" if old else "–"
+        reasons = "; ".join(r["break_reasons"]) or "–"
+        lines.append(f"| {r['family']} | {r['tuner']} | {r['graphs']} | {r['graph_breaks']} | {reasons} | "
+                     f"{r['first_compiled_step_s']:.1f} s | {r['max_abs_output_diff']:.1e} | "
+                     f"{r['max_abs_grad_diff']:.1e} ({r['max_abs_grad']:.1e}) | {then} |")
+    return lines + [""]
+
+
 def _bitbudget_table(data: dict, path: Path, base: Path) -> list[str]:
     """One bench/bitbudget.py result: per budget the plan against the best uniform configuration within its bits,
     by the objective and by the measured change of the output."""
@@ -758,7 +791,7 @@ def generate(results: Path, base: Path) -> str:
         "",
     ]
     for section in (minilm_section, sora_gates_section, quality_section, throughput_section, sparse_delta_section,
-                    quant_section, lq_svd_section, bitbudget_section, squeeze_section, glue_section):
+                    quant_section, lq_svd_section, bitbudget_section, squeeze_section, compile_section, glue_section):
         lines += section(results, base)
     return "\n".join(lines).rstrip() + "\n"
 

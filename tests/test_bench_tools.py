@@ -681,3 +681,29 @@ def test_eval_adapter_reference_agreement_and_its_table(tmp_path, capsys):
     entry = data["sst2"]["lora-export-original"]["vs_reference"]["validation"]
     assert f"| sst2 | lora-export-original | {entry['same_prediction']:.4f} | {entry['logit_rel_error']:.3f} |" in "\n".join(rows)
     assert "| sst2 | lora-lq-trained | reference | – |" in "\n".join(rows)
+
+
+def test_compile_bench_records_graphs_breaks_and_agreement(tmp_path):
+    """bench/compile.py on the tiny BERT (aot_eager: no C++ compiler; SoRA alone, tests/test_compile.py checks every
+    tuner): one graph, agreeing with eager; the file records where it ran."""
+    out = tmp_path / "compile.json"
+    result = _bench("compile").main(["--backend", "aot_eager", "--families", "bert", "--tuners", "sora",
+                                     "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    (row,) = result["rows"]
+    assert result["backend"] == "aot_eager" and "versions" in result and result["device"]
+    assert row["tuner"] == "sora" and row["graphs"] == 1 and row["graph_breaks"] == 0 and row["break_reasons"] == []
+    assert row["max_abs_output_diff"] < 1e-6 and row["max_abs_grad_diff"] <= 1e-4 * row["max_abs_grad"] + 1e-6
+
+
+def test_compile_section_reads_the_committed_files():
+    """docs/results.md's torch.compile table: a row per (model, tuner) of bench/results/compile-cpu.json, with the
+    earlier commit's graphs beside the tuners its file measured."""
+    readme_mod = _bench("results_readme")
+    results = ROOT / "bench" / "results"
+    lines = readme_mod.compile_section(results, ROOT / "docs")
+    data = json.loads((results / "compile-cpu.json").read_text())
+    rows = [line for line in lines if line.startswith("| bert |") or line.startswith("| llama |")]
+    assert len(rows) == len(data["rows"]) == 12
+    sltrain = next(line for line in rows if line.startswith("| llama | sltrain |"))
+    assert "compile-cpu-before-" in sltrain and "| 16 | 15 |" in sltrain
