@@ -178,7 +178,7 @@ def _quantize_targets(model, settings: dict, fisher: dict) -> dict[str, quant.LQ
 
         apply_plan(model, settings["plan"])
     if any(quant._is_linear4bit(m) for m in model.modules()):
-        quant.mark_loaded_in_4bit(model)
+        quant.mark_loaded_in_kbit(model, bits=4)
         quant.keep_standard_layouts(model, give_back=False)
     return results
 

@@ -228,6 +228,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         return self._forward(x, *args, **kwargs)
 
     def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output plus every active adapter's term (the fused-weight path where it pays)."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

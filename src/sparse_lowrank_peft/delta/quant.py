@@ -843,11 +843,6 @@ def mark_loaded_in_kbit(model: nn.Module, bits: int = 4) -> None:
     setattr(model, f"is_loaded_in_{bits}bit", True)
 
 
-def mark_loaded_in_4bit(model: nn.Module) -> None:
-    """:func:`mark_loaded_in_kbit` for 4-bit."""
-    mark_loaded_in_kbit(model, bits=4)
-
-
 def _is_bnb_linear(module: nn.Module) -> bool:
     """A bitsandbytes 4-bit or 8-bit linear layer (its weight is not a float tensor an optimizer can train)."""
     return type(module).__module__.startswith("bitsandbytes") and hasattr(module, "weight") and (
