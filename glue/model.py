@@ -538,7 +538,7 @@ def wrap_model(cfg: RunConfig, model, peft_config, plan: dict | None):
 
 def reload_trained(cfg, base, names: Sequence[str], quant_info: dict | None, folder):
     """The saved adapter ``folder`` on a freshly loaded ``base``, quantized as the run's base was (its plan, or the
-    uniform 4-bit format of ``names``; an LQ adapter rebuilds its own from its recorded plan, PEFT's LoRA through
+    run's uniform format, 4-bit or int8, of ``names``; an LQ adapter rebuilds its own from its recorded plan, PEFT's LoRA through
     ``load_lq_lora``). Shared by the GLUE and the causal-LM runners' ``verify_reload``."""
     from peft import PeftModel
 

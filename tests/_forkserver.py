@@ -82,7 +82,6 @@ def _start() -> subprocess.Popen:
     if _server is None or _server.poll() is not None:
         _server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    text=True, bufsize=1, start_new_session=True)  # its own group: see the timeout
-        atexit.register(_stop)
     return _server
 
 
@@ -95,6 +94,9 @@ def _stop() -> None:
         except subprocess.TimeoutExpired:
             _server.kill()
     _server = None
+
+
+atexit.register(_stop)
 
 
 def fresh_python(args: list[str], cwd: str | Path | None = None, env: dict | None = None,

@@ -15,7 +15,6 @@ from test_contract import ONE_CASE_PER_TUNER
 
 # the tuners whose whole forward and backward Dynamo captures in one graph, as it does PEFT's LoRA
 ONE_GRAPH = {"SoraConfig", "DyLoraConfig", "NolaConfig"}
-CASES = ONE_CASE_PER_TUNER
 
 
 def loss_and_grads(pm, model, inputs):
@@ -25,7 +24,7 @@ def loss_and_grads(pm, model, inputs):
     return out.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("cfg_cls,kwargs", CASES)
+@pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
 def test_compiled_model_matches_eager(cfg_cls, kwargs):
     torch._dynamo.reset()
     model, make_inputs, task_type = BUILDERS["bert"]()

@@ -30,7 +30,7 @@ DENSE_BUFFER = D * D * 4  # one out×in fp32 buffer: 64 MiB
 
 PROBE = textwrap.dedent(
     r"""
-    import json, os, sys, torch
+    import json, os, sys, torch, traceback
     from peft import get_peft_model
     from sparse_lowrank_peft import SLTrainConfig, SparseRandLoraConfig
 
@@ -94,7 +94,10 @@ PROBE = textwrap.dedent(
             try:
                 print(json.dumps({"job": job, **measure(*job)}), flush=True)
                 code = 0
+            except BaseException:
+                traceback.print_exc()
             finally:
+                sys.stderr.flush()
                 os._exit(code)
         _, status_code = os.waitpid(pid, 0)
         if status_code:
