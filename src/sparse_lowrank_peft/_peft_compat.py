@@ -29,12 +29,15 @@ from peft.utils import (
     resolve_quantization_backend,
 )
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from transformers.pytorch_utils import Conv1D
 
 __all__ = [
+    "AuxiliaryTrainingWrapper",
     "BaseTuner",
     "BaseTunerLayer",
     "BufferDict",
+    "ModulesToSaveWrapper",
     "REGISTERED",
     "DEFAULT_TARGET_MODULES",
     "add_peft_type",
@@ -43,6 +46,7 @@ __all__ = [
     "check_peft_version",
     "check_target_module_exists",
     "get_in_out_features",
+    "head_for_adapter",
     "is_all_linear",
     "register_method",
     "resolve_all_linear",
@@ -151,3 +155,11 @@ def register_method(name: str, config_cls, model_cls) -> PeftType:
 
 
 check_peft_version()
+
+
+def head_for_adapter(wrapper: ModulesToSaveWrapper, adapter_name: str) -> torch.nn.Module:
+    """The module a ``modules_to_save`` wrapper runs for ``adapter_name``: the adapter's own trained copy, or the
+    original module (``'__base__'``, or an adapter that saved no copy of it, as PEFT's wrapper does then)."""
+    if adapter_name in wrapper.modules_to_save:
+        return wrapper.modules_to_save[adapter_name]
+    return wrapper.original_module

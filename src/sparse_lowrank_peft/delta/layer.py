@@ -228,12 +228,17 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         break, and the rest of the model compiles (16 graphs: ``bench/compile.py``)."""
         return self._forward(x, *args, **kwargs)
 
-    def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base layer's output plus every active adapter's term (the fused-weight path where it pays)."""
+    def _forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output plus every active adapter's term (the fused-weight path where it pays); with
+        ``adapter_names`` (one per row of the batch) each row gets its own adapter (``delta.mixed_batch``)."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_forward(x, *args, **kwargs)
+        if adapter_names is not None:
+            from .mixed_batch import mixed_batch_forward
+
+            return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
         if self.merged:
             return self.base_forward(x, *args, **kwargs)
         fused = self._fused_adapters(x) if not (args or kwargs) else {}

@@ -7,11 +7,13 @@ optionally, ``config_checks`` for its own load-time checks. This class adds to P
   so a bad ``target_modules`` raises with the model untouched (PEFT itself would wrap layers until it hits the bad
   one);
 * checkpoint validation when an adapter is loaded, before any tensor is copied: tensor shapes against the model's,
-  and every sparse support (shape, index range, duplicates, order, count implied by the config).
+  and every sparse support (shape, index range, duplicates, order, count implied by the config);
+* mixed-adapter batches (``model(**inputs, adapter_names=[...])``), as PEFT's LoRA has them (``delta.mixed_batch``).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -261,6 +263,22 @@ class DeltaModel(BaseTuner):
         if dequantize:
             self.dequantize_base_layers()
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    # ------------------------------------------------------------------ mixed-adapter batches
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PEFT's ``PeftModel.forward`` / ``generate`` enter this with their keyword arguments: ``adapter_names``
+        (one adapter per row, ``'__base__'`` for none) reaches every adapter layer and head (``delta.mixed_batch``)."""
+        from .mixed_batch import adapter_names_hooks
+
+        if kwargs.get("alora_offsets") is not None:
+            raise ValueError(
+                f"alora_offsets is an argument of PEFT's activated LoRA (LoraConfig(alora_invocation_tokens=...)); "
+                f"{type(self).__name__} has no such variant and would ignore it. Fix: drop alora_offsets."
+            )
+        with adapter_names_hooks(self.model, self.tuner_layer_cls, kwargs.get("adapter_names"), self.training,
+                                 kwargs.get("num_beams")):
+            yield
 
     # ------------------------------------------------------------------ misc
     def _prepare_adapter_config(self, peft_config, model_config):
