@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from _builders import BUILDERS, TARGETS, output_of
-from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftConfig, PeftModel, get_peft_model
+from peft import (
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForSequenceClassification,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from sparse_lowrank_peft import SLTrainConfig
@@ -300,6 +308,29 @@ _FIRST_CASE = {}
 for _case in TUNER_CASES:
     _FIRST_CASE.setdefault(_case[1], _case)
 ONE_CASE_PER_TUNER = [pytest.param(case[1], case[2], id=case[0]) for case in _FIRST_CASE.values()]
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
+def test_low_cpu_mem_usage_and_inject_adapter_in_model(cfg_cls, kwargs, tmp_path):
+    """PEFT's two other entry points: ``low_cpu_mem_usage=True`` creates the adapter tensors on the meta device and
+    the load fills them (the same outputs as the trained model, nothing left on meta); ``inject_adapter_in_model``
+    wraps a plain model without a ``PeftModel`` and ``get_peft_model_state_dict`` reads exactly the saved tensors."""
+    pm, make_inputs, task_type = peft_model(cfg_cls, kwargs, "roberta", init_weights=False)
+    pm.eval()
+    inputs = make_inputs(6)
+    with torch.no_grad():
+        expected = output_of(pm, inputs)
+    pm.save_pretrained(tmp_path)
+    lazy = get_peft_model(build("roberta")[0], make_config(cfg_cls, kwargs, "roberta", task_type), low_cpu_mem_usage=True)
+    assert any(p.device.type == "meta" for p in lazy.parameters())
+    loaded = PeftModel.from_pretrained(build("roberta")[0], tmp_path, low_cpu_mem_usage=True).eval()
+    assert {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]} == {"cpu"}
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(loaded, inputs), expected, atol=0, rtol=0)
+    injected = inject_adapter_in_model(make_config(cfg_cls, kwargs, "roberta", task_type), build("roberta")[0])
+    assert not isinstance(injected, PeftModel)
+    saved = {k.removeprefix("base_model.model.") for k in get_peft_model_state_dict(pm)}
+    assert set(get_peft_model_state_dict(injected)) == saved
 
 
 @pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
