@@ -51,6 +51,20 @@ def test_squeeze_rank(folders, capsys, tmp_path):
         assert rel(W, optimal_truncation(deltas[name], 2)) < 1e-5
 
 
+def test_squeeze_energy_of_a_sparse_delta_takes_max_energy_rank(folders, capsys, tmp_path):
+    """A sparse delta's flat spectrum needs more than half the rank for 99% of its energy: refused, naming
+    --max-energy-rank, which then admits it."""
+    root, _ = folders
+    base = ("--base", root / "base")
+    code, _, err = run(capsys, "squeeze", root / "sltrain", tmp_path / "refused", "--energy", 0.99, *base)
+    assert code == 2 and "--max-energy-rank" in err
+    code, out, err = run(capsys, "squeeze", root / "sltrain", tmp_path / "e", "--energy", 0.99, *base,
+                         "--max-energy-rank", 36)
+    assert code == 0, err
+    info = json.loads((tmp_path / "e" / "export_info.json").read_text())
+    assert all(layer["energy_kept"] >= 0.99 - 1e-6 and layer["rank"] > 18 for layer in info["layers"].values())
+
+
 def test_squeeze_energy_writes_rank_pattern(folders, capsys, tmp_path):
     root, _ = folders
     code, out, err = run(capsys, "squeeze", root / "lora", tmp_path / "e", "--energy", 0.6)

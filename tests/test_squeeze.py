@@ -395,6 +395,8 @@ def test_energy_on_a_flat_operator_spectrum_is_refused():
         squeeze_state(pm, 0.999)
     ok = squeeze_state(pm, 0.5)  # the low-rank part carries half of the energy: a small rank, grown sketch
     assert 1 <= ok.layers["lin"].rank <= 24 and ok.layers["lin"].energy_kept >= 0.5 - 1e-6
+    full = squeeze_state(pm, 0.999, max_energy_rank=48)  # the limit the error names, raised
+    assert 24 < full.layers["lin"].rank <= 48 and full.layers["lin"].energy_kept >= 0.999 - 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--energy", type=_energy, help="keep this fraction of each layer's ‖ΔW‖_F², in (0, 1]")
     sq.add_argument("--base", help="base model folder (non-LoRA adapters only; default: base_model_name_or_path)")
     sq.add_argument("--lora-alpha", type=float, help="lora_alpha of the output (default: r per layer, scale 1)")
+    sq.add_argument("--max-energy-rank", type=_positive_int,
+                    help="with --energy: the largest per-layer rank accepted for a sparse / full-rank delta "
+                         "(default min(out, in) // 2)")
     sq.add_argument("--uniform-rank", action="store_true",
                     help="store every layer at the largest kept rank (zero-padded, no rank_pattern), so that vLLM, "
                          "llama.cpp and PEFT compute the same outputs")
@@ -257,7 +260,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         out = _check_output(args.output, args.overwrite)
         rank = args.rank if args.rank is not None else args.energy
         folder = adapter_folder_to_lora(args.input, out, rank, base=args.base, lora_alpha=args.lora_alpha,
-                                        uniform_rank=args.uniform_rank, relative_to=args.relative_to, **randomized)
+                                        uniform_rank=args.uniform_rank, relative_to=args.relative_to,
+                                        max_energy_rank=args.max_energy_rank, **randomized)
         _print_summary(folder)
     elif args.command == "export":
         out = _check_output(args.output, args.overwrite)

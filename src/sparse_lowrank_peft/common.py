@@ -28,6 +28,11 @@ class TargetFields:
         modules_to_save (`list[str]`, *optional*):
             Modules other than the adapter layers to train and save in full: the classification head (BERT-family
             models: ``["pooler", "classifier"]``, as MiniLM's pooler is untrained; RoBERTa: ``["classifier"]``).
+        trainable_token_indices (`list[int] | dict[str, list[int]]`, *optional*):
+            Token ids whose embedding rows train (and are saved) besides the adapter, e.g. new chat-template tokens,
+            without training the whole embedding matrix (PEFT's ``TrainableTokens``, as ``LoraConfig`` has it): a list
+            of ids for the input embedding, or ``{"embed_tokens": [ids], ...}`` per embedding module. Tied output
+            embeddings follow. Kept by ``merge_and_unload`` and by the export to plain LoRA.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
@@ -35,6 +40,8 @@ class TargetFields:
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Token ids whose embedding rows train (PEFT's TrainableTokens)."})
 
 
 @dataclass
@@ -235,8 +242,27 @@ def check_target_options(config) -> None:
             f"{type(config).__name__}: layers_pattern={config.layers_pattern!r} is only used together with "
             "layers_to_transform. Fix: also pass layers_to_transform=[...], or drop layers_pattern."
         )
+    _check_token_indices(config)
     if isinstance(getattr(config, "target_modules", None), str) and getattr(config, "layers_to_transform", None):
         raise ValueError(
             f"{type(config).__name__}: layers_to_transform cannot be combined with a regex target_modules string. "
             "Fix: pass target_modules as a list of names, or put the layer indices into the regex."
+        )
+
+
+def _check_token_indices(config) -> None:
+    """``trainable_token_indices``: a list of token ids (ints >= 0), or a dict of embedding module name -> such a
+    list (their range is checked against the model before injection: ``DeltaModel._validate_token_indices``)."""
+    value = getattr(config, "trainable_token_indices", None)
+    if value is None:
+        return
+    lists = value.values() if isinstance(value, dict) else [value]
+    ok = (not isinstance(value, dict) or all(isinstance(k, str) for k in value)) and all(
+        isinstance(ids, (list, tuple)) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                       for i in ids) for ids in lists)
+    if not ok:
+        raise ValueError(
+            f"{type(config).__name__}.trainable_token_indices={value!r} is not a list of token ids (ints >= 0) nor a "
+            "dict of embedding module name -> such a list. Fix: e.g. trainable_token_indices=[32000, 32001] (the "
+            "ids tokenizer.convert_tokens_to_ids gives for the new tokens), or {'embed_tokens': [32000, 32001]}."
         )

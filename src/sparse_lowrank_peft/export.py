@@ -46,6 +46,7 @@ def export_to_lora(
     seed: int = DEFAULT_SEED,
     uniform_rank: bool = False,
     relative_to: str = "original",
+    max_energy_rank: Optional[int] = None,
 ) -> Path:
     """Write ``peft_model``'s adapter ``adapter_name`` as a plain PEFT LoRA adapter folder ``out_dir``.
 
@@ -70,12 +71,14 @@ def export_to_lora(
             written as its change since the start, ``ΔW − L`` (exact at rank ``k + r``), so that on ``W`` it gives
             the trained ``Q + ΔW`` up to the quantization residual ``W − Q − L``. ``"trained"``: ``ΔW`` itself, for
             the quantized base it was trained on. Other adapters are the same either way.
+        max_energy_rank: with an energy threshold ``rank``, the largest per-layer rank accepted for a sparse or
+            full-rank delta (default ``min(out, in) // 2``, beyond which a LoRA saves nothing over the dense delta).
 
     Returns:
         The folder's path. ``PeftModel.from_pretrained(base, out_dir)`` loads it with plain peft.
     """
     result = squeeze_state(
         peft_model, rank, adapter_name, lora_alpha=lora_alpha, oversampling=oversampling,
-        power_iters=power_iters, seed=seed, relative_to=relative_to,
+        power_iters=power_iters, seed=seed, relative_to=relative_to, max_energy_rank=max_energy_rank,
     )
     return for_servers(result, uniform_rank).save(out_dir)

@@ -369,7 +369,8 @@ def _randomized_layer(layer: DeltaLayer, adapter_name: str, rank: RankSpec, name
         raise SqueezeError(
             f"layer '{name}' needs rank {k} of {n_min} to keep {rank:.0%} of its ‖ΔW‖_F² (a flat spectrum: its "
             f"delta has a sparse or full-rank term). A LoRA that large saves nothing over the dense delta. Fix: give "
-            f"an int rank (e.g. rank=16) or a lower energy threshold; max_energy_rank raises the limit ({limit})."
+            f"an int rank (e.g. rank=16) or a lower energy threshold; max_energy_rank (slpeft squeeze --max-energy-rank) "
+            f"raises the limit ({limit})."
         )
     return U, S, Vh, k, total
 
@@ -442,6 +443,14 @@ def _is_lora_layer(module) -> bool:
     from peft.tuners.lora import LoraLayer
 
     return isinstance(module, LoraLayer)
+
+
+def _is_token_layer(module) -> bool:
+    """PEFT's trainable-token rows (``trainable_token_indices``): not a delta to squeeze; their tensors are carried
+    into the LoRA folder as they are (``_state_besides_factors``), and ``LoraConfig`` takes the same indices."""
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    return isinstance(module, TrainableTokensLayer)
 
 
 def _lora_layer_target(name: str, module, adapter_name: str) -> Optional[_Target]:
@@ -534,7 +543,7 @@ def _targets(peft_model, adapter_name: str, rank: Optional[RankSpec], relative_t
         t = _layer_target(name, module, adapter_name, rank)
         if t is None:
             if isinstance(module, BaseTunerLayer) and not isinstance(module, DeltaLayer) and not _is_lora_layer(
-                    module) and adapter_name in getattr(module, "active_adapters", []):
+                    module) and not _is_token_layer(module) and adapter_name in getattr(module, "active_adapters", []):
                 raise SqueezeError(
                     f"layer '{name}' is a {type(module).__name__}: LoRA-Squeeze reads this package's tuners and "
                     "PEFT's LoRA. Fix: for PEFT's other methods use peft.convert_to_lora (dense SVD per layer)."
@@ -824,7 +833,8 @@ def _squeezed_lora_config(config, targets, kept: dict[str, int], lora_alpha, is_
     own_bias = getattr(config, "bias", "none")
     return LoraConfig(
         **ranks, target_modules=sorted(kept), lora_dropout=0.0, bias="lora_only" if own_bias.endswith("_only") else own_bias,
-        modules_to_save=config.modules_to_save, fan_in_fan_out=fan.pop(), task_type=config.task_type,
+        modules_to_save=config.modules_to_save, trainable_token_indices=getattr(config, "trainable_token_indices", None),
+        fan_in_fan_out=fan.pop(), task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path, revision=config.revision, init_lora_weights=True,
     )
 

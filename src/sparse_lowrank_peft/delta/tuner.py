@@ -121,6 +121,7 @@ class DeltaModel(BaseTuner):
             if not is_supported_base_layer(base):
                 bad.append(f"{key} ({type(base).__name__})")
         self._validate_plan(model, config, targeted)
+        self._validate_token_indices(model, config)
         if bad:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise TypeError(
@@ -129,6 +130,35 @@ class DeltaModel(BaseTuner):
                 "Fix: target the linear layers only (a list of their names or a regex). The model was not changed."
             )
         return targeted
+
+    @staticmethod
+    def _validate_token_indices(model: nn.Module, config) -> None:
+        """``trainable_token_indices`` must name embedding modules of this model and ids below their vocabulary size:
+        PEFT wraps the embedding after the adapter layers and failed there with an IndexError, model changed."""
+        indices = getattr(config, "trainable_token_indices", None)
+        if indices is None:
+            return
+        if isinstance(indices, dict):
+            found = {f"'{name}'": (_find_module(model, name), ids) for name, ids in indices.items()}
+        else:
+            embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            found = {"the input embedding": (embedding, indices)}
+        for name, (module, ids) in found.items():
+            size = _embedding_rows(module)
+            if size is None:
+                raise ValueError(
+                    f"{type(config).__name__}.trainable_token_indices names {name}, which is "
+                    f"{'not a module of this model' if module is None else 'a ' + type(module).__name__}, not an "
+                    "nn.Embedding. Fix: the name of an embedding module, e.g. {'embed_tokens': [ids]}. The model was "
+                    "not changed."
+                )
+            too_big = sorted(i for i in ids if i >= size)
+            if too_big:
+                raise ValueError(
+                    f"{type(config).__name__}.trainable_token_indices: ids {too_big[:5]} are not rows of {name} "
+                    f"({size} tokens). New tokens need rows first: model.resize_token_embeddings(len(tokenizer)) "
+                    "before get_peft_model. The model was not changed."
+                )
 
     @staticmethod
     def _validate_plan(model: nn.Module, config, targeted: list[str]) -> None:
@@ -296,3 +326,20 @@ class DeltaModel(BaseTuner):
         """The sparse support of the layer ``module_name`` (e.g. ``'roberta.encoder.layer.0.attention.self.query'``)."""
         module = self.model.get_submodule(module_name)
         return module.get_support(adapter_name or self.active_adapters[0])
+
+
+def _find_module(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """The module called ``name`` or ending in ``"." + name`` (PEFT's matching of module names), or None."""
+    for key, module in model.named_modules():
+        if key == name or key.endswith("." + name):
+            return module
+    return None
+
+
+def _embedding_rows(module: Optional[nn.Module]) -> Optional[int]:
+    """The number of rows of an ``nn.Embedding``, also under PEFT's wrappers (an earlier adapter's trainable tokens or
+    ``modules_to_save``); None if ``module`` is no embedding."""
+    while module is not None and not isinstance(module, nn.Embedding):
+        inner = getattr(module, "token_adapter", None) or getattr(module, "original_module", None)
+        module = inner.get_base_layer() if isinstance(inner, BaseTunerLayer) else inner
+    return None if module is None else module.num_embeddings
