@@ -38,7 +38,7 @@ __all__ = ["export_to_lora"]
 def export_to_lora(
     peft_model,
     out_dir: Union[str, Path],
-    adapter_name: str = "default",
+    adapter_name: Optional[str] = None,
     rank: Optional[RankSpec] = None,
     lora_alpha: Optional[float] = None,
     oversampling: int = DEFAULT_OVERSAMPLING,
@@ -55,7 +55,7 @@ def export_to_lora(
     Args:
         peft_model: a ``PeftModel`` whose adapter is one of this package's tuners or PEFT's LoRA.
         out_dir: the folder to write (created; existing files of the same names are overwritten).
-        adapter_name: which adapter to export.
+        adapter_name: which adapter to export (default: the active one).
         rank: ``None``: exact export of factored deltas (refused, with the fix, for sparse / full-rank ones).
             An int: the LoRA rank (DyLoRA: its nested rank ``b``; factored deltas: optimal truncation, layers of
             lower rank keep theirs; sparse / full-rank deltas: randomized SVD). A float in (0, 1]: energy

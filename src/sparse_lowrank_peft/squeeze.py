@@ -439,6 +439,16 @@ def _minus_lq_offset(t: _Target, offset: Optional[tuple[torch.Tensor, torch.Tens
     return t
 
 
+def _adapter_of(peft_model, adapter_name: Optional[str]) -> str:
+    """The adapter to squeeze: ``adapter_name``, or (None) the model's one active adapter."""
+    from .delta.tuner import pick_adapter
+
+    try:
+        return pick_adapter(peft_model.peft_config, peft_model.active_adapters, adapter_name, "squeeze / export")
+    except ValueError as exc:
+        raise SqueezeError(str(exc)) from None
+
+
 def _is_lora_layer(module) -> bool:
     from peft.tuners.lora import LoraLayer
 
@@ -711,20 +721,21 @@ def _pattern_key(name: str) -> str:
     return re.escape(name)
 
 
-def check_squeeze_rank(peft_model, rank: Optional[RankSpec], adapter_name: str = "default",
+def check_squeeze_rank(peft_model, rank: Optional[RankSpec], adapter_name: Optional[str] = None,
                        relative_to: str = "original") -> None:
     """Raise :class:`SqueezeError` now if :func:`squeeze_state` (and so ``export_to_lora``) would refuse ``rank`` for
     this adapter: a bad spec, or an int above every factored layer's rank. It depends only on the adapter's shapes,
     so a runner checks it before training rather than after."""
     if rank is not None:
         check_rank_spec(rank)
+    adapter_name = _adapter_of(peft_model, adapter_name)
     _check_int_rank(_targets(peft_model, adapter_name, rank, relative_to), rank)
 
 
 def squeeze_state(
     peft_model,
     rank: Optional[RankSpec],
-    adapter_name: str = "default",
+    adapter_name: Optional[str] = None,
     lora_alpha: Optional[float] = None,
     oversampling: int = DEFAULT_OVERSAMPLING,
     power_iters: int = DEFAULT_POWER_ITERS,
@@ -737,7 +748,7 @@ def squeeze_state(
     Args:
         peft_model: a ``PeftModel`` with PEFT's LoRA or one of this package's tuners.
         rank: int, energy threshold in (0, 1], or None (export exactly; refused for non-low-rank deltas).
-        adapter_name: the adapter to squeeze.
+        adapter_name: the adapter to squeeze (default: the active one).
         lora_alpha: ``lora_alpha`` of the output (its scale is ``lora_alpha / r`` per layer); default: ``r`` per
             layer (scale 1). Give the recipe's value to continue training the squeezed adapter (Cont-Squeeze).
         oversampling, power_iters, seed: randomized-path settings (operator deltas only).
@@ -754,6 +765,7 @@ def squeeze_state(
         check_rank_spec(rank)
     if lora_alpha is not None and not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
         raise SqueezeError(f"lora_alpha={lora_alpha!r} must be a positive number (the output's scale numerator).")
+    adapter_name = _adapter_of(peft_model, adapter_name)
     config = peft_model.peft_config[adapter_name]
     targets = _targets(peft_model, adapter_name, rank, relative_to)
     _check_int_rank(targets, rank)
@@ -842,7 +854,7 @@ def _squeezed_lora_config(config, targets, kept: dict[str, int], lora_alpha, is_
 def squeeze(
     peft_model,
     rank: RankSpec,
-    adapter_name: str = "default",
+    adapter_name: Optional[str] = None,
     lora_alpha: Optional[float] = None,
     **kwargs,
 ):
@@ -863,6 +875,7 @@ def squeeze(
     ``Q``), since that is the base it is re-wrapped around; ``export_to_lora`` writes one for the original weights.
     """
     check_rank_spec(rank)
+    adapter_name = _adapter_of(peft_model, adapter_name)
     result = squeeze_state(peft_model, rank, adapter_name, lora_alpha=lora_alpha, relative_to="trained", **kwargs)
     return _rewrap(peft_model, result, adapter_name)
 
@@ -1278,7 +1291,7 @@ def plot_spectra(report: dict, path: Union[str, Path]) -> Path:
 # training hooks: Post-, Cont- and In-Squeeze
 
 
-def post_squeeze(peft_model, rank: RankSpec, out_dir: Union[str, Path], adapter_name: str = "default",
+def post_squeeze(peft_model, rank: RankSpec, out_dir: Union[str, Path], adapter_name: Optional[str] = None,
                  lora_alpha: Optional[float] = None, **kwargs):
     """Post-Squeeze (and the first half of Cont-Squeeze): squeeze the trained model, save the LoRA folder.
 
@@ -1290,6 +1303,7 @@ def post_squeeze(peft_model, rank: RankSpec, out_dir: Union[str, Path], adapter_
     adapter instead).
     """
     check_rank_spec(rank)
+    adapter_name = _adapter_of(peft_model, adapter_name)
     result = squeeze_state(peft_model, rank, adapter_name, lora_alpha=lora_alpha, relative_to="trained", **kwargs)
     folder = result.save(out_dir)
     return _rewrap(peft_model, result, adapter_name), folder

@@ -146,6 +146,16 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         if self.in_features <= 0 or self.out_features <= 0:
             raise ValueError(f"{type(self).__name__}: base layer has no features ({self.out_features}x{self.in_features}).")
 
+    def check_unmerged(self, adapter_name: str, action: str) -> None:
+        """Refuse ``action``, which changes the adapter's ΔW, while the adapter is merged into this layer's base
+        weight: ``unmerge`` subtracts the ΔW of the moment, so the base would no longer be restored."""
+        if adapter_name in self.merged_adapters:
+            raise ValueError(
+                f"{action} changes the delta of adapter '{adapter_name}', which is merged into the base weights; "
+                "unmerging afterwards would subtract another delta than was added and corrupt the base model. Fix: "
+                f"model.unmerge_adapter() first, then {action}, then merge again."
+            )
+
     def _finish_update(self, adapter_name: str, config) -> None:
         """Move the new adapter's tensors to the base layer's device and (re)activate adapters; call at the end of
         ``update_layer``."""

@@ -23,7 +23,7 @@ from .._peft_compat import DEFAULT_TARGET_MODULES, BaseTuner, BaseTunerLayer, re
 from .layer import DeltaLayer, is_supported_base_layer
 from .support import SparseSupport
 
-__all__ = ["DeltaModel"]
+__all__ = ["DeltaModel", "pick_adapter"]
 
 
 class DeltaModel(BaseTuner):
@@ -343,3 +343,19 @@ def _embedding_rows(module: Optional[nn.Module]) -> Optional[int]:
         inner = getattr(module, "token_adapter", None) or getattr(module, "original_module", None)
         module = inner.get_base_layer() if isinstance(inner, BaseTunerLayer) else inner
     return None if module is None else module.num_embeddings
+
+
+def pick_adapter(adapter_names, active_adapters, adapter_name: Optional[str], action: str) -> str:
+    """The adapter an operation on one adapter applies to: ``adapter_name`` if the model has it, else (None) the
+    one active adapter. ``adapter_names``: the model's adapters; ``action`` names the operation in the errors."""
+    names = sorted(adapter_names)
+    if adapter_name is None:
+        if len(active_adapters) != 1:
+            raise ValueError(
+                f"{action}: {len(active_adapters)} adapters are active ({list(active_adapters)}), so which one is "
+                "meant is ambiguous. Fix: pass adapter_name=..."
+            )
+        return active_adapters[0]
+    if adapter_name not in names:
+        raise ValueError(f"{action}: the model has no adapter '{adapter_name}' (adapters: {names}). Fix: pass one of them.")
+    return adapter_name

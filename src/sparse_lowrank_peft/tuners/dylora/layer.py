@@ -57,6 +57,8 @@ class DyLoraLayer(DeltaLayer):
         r = self.dylora_r[adapter_name]
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r:
             raise ValueError(f"DyLoRA rank b={rank!r} is outside 1..r={r} of adapter '{adapter_name}'. Fix: 1 <= b <= {r}.")
+        if rank != self.dylora_rank[adapter_name]:
+            self.check_unmerged(adapter_name, f"set_rank({rank})")
         self.dylora_rank[adapter_name] = rank
 
     def _factors(self, adapter_name: str, rank: int, frozen: bool):

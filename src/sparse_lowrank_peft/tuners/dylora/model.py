@@ -67,8 +67,10 @@ class DyLoraModel(DeltaModel):
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None, rank=None,
                          dequantize: bool = False):
-        """Merge at ``rank`` (default: the current rank) and unload (``dequantize``: see ``DeltaModel``)."""
+        """Merge ``adapter_names`` (default: the active adapters) at ``rank`` (default: each one's current rank) and
+        unload (``dequantize``: see ``DeltaModel``)."""
         if rank is not None:
-            self.set_rank(rank)
+            for name in adapter_names or self.active_adapters:
+                self.set_rank(rank, name)
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names,
                                         dequantize=dequantize)

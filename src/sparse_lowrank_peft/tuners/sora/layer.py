@@ -86,6 +86,7 @@ class SoraLayer(DeltaLayer):
 
         ``softshrink`` is that formula bit for bit (``x ∓ t`` outside ``[−t, t]``, exactly 0 inside) in one kernel
         instead of five; it runs after every optimizer step on every adapted layer."""
+        self.check_unmerged(adapter_name, "the proximal gate step")
         gate = self.sora_gate[adapter_name]
         gate.copy_(torch.nn.functional.softshrink(gate, threshold))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ...delta.tuner import DeltaModel
+from ...delta.tuner import DeltaModel, pick_adapter
 from .layer import SoraLayer
 
 
@@ -33,20 +33,24 @@ class SoraModel(DeltaModel):
                 if layer.has_adapter(a):
                     layer.prox_step(a, threshold)
 
-    def kept_ranks(self, adapter_name: str = "default") -> dict[str, int]:
-        """``{module name: number of nonzero gates}`` for every adapted layer."""
+    def kept_ranks(self, adapter_name: Optional[str] = None) -> dict[str, int]:
+        """``{module name: number of nonzero gates}`` for every adapted layer of ``adapter_name`` (default: the
+        active adapter)."""
+        adapter_name = pick_adapter(self.peft_config, self.active_adapters, adapter_name, "kept_ranks")
         return {name: layer.kept_rank(adapter_name) for name, layer in self._sora_layers() if layer.has_adapter(adapter_name)}
 
-    def prune(self, adapter_name: str = "default") -> dict[str, int]:
-        """Remove ranks whose gate is exactly 0 from every layer; returns (and records in ``rank_pattern``) the kept
-        ranks. The adapter's outputs do not change."""
+    def prune(self, adapter_name: Optional[str] = None) -> dict[str, int]:
+        """Remove ranks whose gate is exactly 0 from every layer of ``adapter_name`` (default: the active adapter);
+        returns (and records in ``rank_pattern``) the kept ranks. The adapter's outputs do not change."""
+        adapter_name = pick_adapter(self.peft_config, self.active_adapters, adapter_name, "prune")
         kept = {name: layer.prune_ranks(adapter_name) for name, layer in self._sora_layers() if layer.has_adapter(adapter_name)}
         config = self.peft_config[adapter_name]
         config.rank_pattern = {name: k for name, k in kept.items()}
         return kept
 
-    def plot_kept_ranks(self, path, adapter_name: str = "default"):
+    def plot_kept_ranks(self, path, adapter_name: Optional[str] = None):
         """Bar chart of the kept rank per layer (of ``r``), written to ``path`` (PNG); returns the path."""
+        adapter_name = pick_adapter(self.peft_config, self.active_adapters, adapter_name, "plot_kept_ranks")
         return plot_kept_ranks(self.kept_ranks(adapter_name), self.peft_config[adapter_name].r, path)
 
 
