@@ -236,6 +236,12 @@ def test_a_configuration_the_library_cannot_do_is_refused_before_quantizing():
     with pytest.raises(ValueError, match=r"cannot do: HQQ packs 4 groups' 2-bit codes together.*37.*not changed"):
         get_peft_model(model, plan_config(plan=plan, target_modules=["intermediate.dense"]))
     assert type(model.roberta.encoder.layer[0].intermediate.dense) is torch.nn.Linear
+    # apply_plan on its own: the same check before the first module is quantized (HQQ asserted midway through)
+    plan = {"roberta.encoder.layer.0.attention.self.query": "bnb-nf4", **plan}
+    with pytest.raises(ValueError, match=r"plan\['roberta.encoder.layer.0.intermediate.dense'\] = 'hqq-2bit-g64'.*"
+                                         r"cannot do.*not changed"):
+        bb.apply_plan(model, plan)
+    assert type(model.roberta.encoder.layer[0].attention.self.query) is torch.nn.Linear
 
 
 def test_bad_plan_in_the_config():

@@ -434,9 +434,12 @@ def apply_plan(model: nn.Module, plan: dict[str, str]) -> int:
     """Quantize, in place, every plain ``nn.Linear`` of ``model`` that ``plan`` names (exact name or dotted suffix)
     with its configuration, keeping its bias and train/eval mode (an LQ adapter's bases are no longer plain linears
     and are left alone); returns how many. Its bitsandbytes layers keep the standard layout
-    (``quant.keep_standard_layout``, not given back on unload: the plan's base computes the same on every CPU)."""
-    from .quant import keep_standard_layout
+    (``quant.keep_standard_layout``, not given back on unload: the plan's base computes the same on every CPU).
+    A plan that names modules the model lacks, or a configuration the library cannot apply to a weight's shape, is
+    refused before anything is quantized (``quant.check_plan``)."""
+    from .quant import check_plan, keep_standard_layout
 
+    check_plan(model, plan, (), "plan")
     count = 0
     for name, module in list(model.named_modules()):
         key = next((k for k in plan if names_module(k, name)), None)
