@@ -109,3 +109,40 @@ def test_bad_adapter_names_are_refused_with_the_fix():
     pm.unmerge_adapter()
     with torch.no_grad():  # a failed call leaves no hook behind
         torch.testing.assert_close(output_of(pm, {**inputs, "adapter_names": ["default"] * 3}), output_of(pm, inputs))
+
+
+def test_encoder_decoder_beam_search_repeats_the_names_for_the_decoder_only():
+    """On an encoder-decoder model beam search repeats the decoder's rows, not the encoder's: each side gets the
+    names for its own batch (a tiny BART, three prompts, three beams)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=50, d_model=24, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                     forced_eos_token_id=None)
+    fields = dict(r=4, sparsity=0.1, target_modules=["q_proj", "v_proj"], task_type="SEQ_2_SEQ_LM", init_weights=False)
+    from peft import get_peft_model
+
+    pm = get_peft_model(BartForConditionalGeneration(cfg).eval(), SLTrainConfig(**fields))
+    pm.add_adapter("other", SLTrainConfig(**fields))
+    with torch.no_grad():  # adapters large enough that each gives its own continuation
+        for name, p in pm.named_parameters():
+            if "sltrain_" in name:
+                p.add_(2.0 * torch.randn_like(p))
+    pm.eval()
+    prompts = torch.randint(3, 50, (3, 6), generator=torch.Generator().manual_seed(1))
+    names = ["other", "__base__", "default"]
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, num_beams=3)
+    with torch.no_grad():
+        mixed = pm.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), adapter_names=names, **settings)
+        alone = []
+        for i, name in enumerate(names):
+            pm.set_adapter("default" if name == "__base__" else name)
+            prompt = dict(input_ids=prompts[i : i + 1], attention_mask=torch.ones_like(prompts[i : i + 1]))
+            if name == "__base__":
+                with pm.disable_adapter():
+                    alone.append(pm.generate(**prompt, **settings))
+            else:
+                alone.append(pm.generate(**prompt, **settings))
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=0, rtol=0)
+    assert len({tuple(row.tolist()) for row in mixed}) == 3
