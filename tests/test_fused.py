@@ -243,6 +243,37 @@ def test_layer_fused_equals_spmm_path(kind, monkeypatch):
         torch.testing.assert_close(g2[name], g1[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+SPARSE_TUNERS = [
+    pytest.param(SLTrainConfig, {"r": 2, "sparsity": 0.2}, id="sltrain"),
+    pytest.param(SparseRandLoraConfig, {"r": 4, "basis_density": 0.3}, id="sparse_randlora"),
+]
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", SPARSE_TUNERS)
+def test_the_path_never_changes_the_output_dtype_or_a_gradient(cfg_cls, kwargs, monkeypatch):
+    """Whichever path the dispatcher takes (it switches by token count), the layer returns what the base layer would:
+    under bf16 autocast a bf16 output on both paths (the fused one returned fp32), the same error for an input of
+    another dtype than a bf16 base (the fused one computed it), and a trainable base weight gets its gradient (the
+    fused one, reading W0 detached, dropped it)."""
+    x = torch.randn(2, 9, 23, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for path in ("spmm", "fused"):
+        monkeypatch.setenv(ops.PATH_ENV, path)
+        torch.manual_seed(0)
+        pm = get_peft_model(Net("linear"), cfg_cls(**kwargs, target_modules=["lin"], init_weights=False))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = pm(x)
+        assert y.dtype == torch.bfloat16
+        weight = pm.base_model.model.lin.base_layer.weight.requires_grad_(True)
+        (pm(x) ** 2).sum().backward()
+        outputs[path] = (y.float(), weight.grad.clone())
+        with pytest.raises(RuntimeError, match="same dtype"):
+            get_peft_model(Net("linear").to(torch.bfloat16), cfg_cls(**kwargs, target_modules=["lin"]))(x)
+    (y1, dw1), (y2, dw2) = outputs["spmm"], outputs["fused"]
+    torch.testing.assert_close(y2, y1, atol=0.03 * y1.abs().max().item(), rtol=0)  # bf16 rounding, other order
+    torch.testing.assert_close(dw2, dw1, atol=1e-5, rtol=1e-5)
+
+
 def test_weight_source_refuses_what_it_cannot_read():
     lin = torch.nn.Linear(4, 3)
     fresh = weight_source(lin, torch.float64)

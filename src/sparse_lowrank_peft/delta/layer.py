@@ -14,7 +14,7 @@ and its support cache, dtype handling and Conv1D's transposed weight. A method s
 * ``adapter_layer_names`` / ``other_param_names`` (every name starts with the method's prefix),
 * ``update_layer(adapter_name, config, key)`` to create the adapter's tensors,
 * ``lowrank_forward(x, adapter_name)`` (scaled low-rank output, or ``None``) and
-  ``lowrank_delta(adapter_name)`` (the dense ``(out, in)`` fp32 low-rank delta, for merge only, or ``None``),
+  ``lowrank_delta(adapter_name)`` (the dense ``(out, in)`` low-rank delta in ``merge_dtype``, for merge only, or ``None``),
 * ``sparse_values_attr`` / ``support_attr`` (names of the sparse containers) if it has a sparse term.
 """
 
@@ -89,7 +89,8 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         return None
 
     def lowrank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
-        """The method's low-rank delta as a dense ``(out, in)`` fp32 matrix (merge only); None if it has none."""
+        """The method's low-rank delta as a dense ``(out, in)`` matrix in :meth:`merge_dtype` (merge only); None if
+        it has none."""
         return None
 
     def lowrank_factors(
@@ -291,8 +292,11 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         """The active adapters whose term the dispatcher folds into the base GEMM for this input, with their
         ``(support, factor)`` (``delta.ops.resolve_sparse_path``); empty when the base cannot be read as a dense
         weight."""
-        if isinstance(self.base_layer, BaseTunerLayer) or getattr(self.base_layer, "weight", None) is None:
+        weight = getattr(self.base_layer, "weight", None)
+        if isinstance(self.base_layer, BaseTunerLayer) or weight is None:
             return {}  # HQQ and other bases without a readable weight
+        if weight.requires_grad or self._fused_dtype(x) is None:
+            return {}  # the fused GEMM reads W0 detached; an input the base itself would refuse gets its own error
         operands = {}
         for name in self.active_adapters:
             found = self.fused_operands(name) if self.has_adapter(name) else None
@@ -308,19 +312,34 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
 
         return operands if weight_source(self.base_layer, self._compute_dtype()) is not None else {}
 
+    def _fused_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        """The dtype the base layer computes ``x`` in, which the fused GEMM uses too: under ``torch.autocast`` a
+        float base computes in the autocast dtype; a 4-bit base in its compute dtype; otherwise the weight's dtype,
+        and an input of another dtype (which ``F.linear`` refuses) gets None."""
+        dtype = self._compute_dtype()
+        if self._is_4bit_base():
+            return dtype
+        if torch.is_autocast_enabled(x.device.type) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return torch.get_autocast_dtype(x.device.type)
+        return dtype if x.dtype == dtype else None
+
     def _fused_forward(self, x: torch.Tensor, operands: dict[str, tuple]) -> torch.Tensor:
-        """``base(x) + Σ x·ΔW_aᵀ`` as one GEMM with the transient ``W0 + Σ ΔW_a`` (``delta.fused``)."""
+        """``base(x) + Σ x·ΔW_aᵀ`` as one GEMM with the transient ``W0 + Σ ΔW_a`` (``delta.fused``), computed and
+        returned in the dtypes the base layer itself would use (the output in the input's dtype for a 4-bit base,
+        as bitsandbytes returns it), so the dispatcher's choice never changes the output dtype."""
         from .fused import fused_sparse_linear, weight_source
 
-        dtype = self._compute_dtype()
+        dtype = self._fused_dtype(x)
+        out_dtype = x.dtype if self._is_4bit_base() else dtype
         base = self.base_layer
         supports = [support for support, _ in operands.values()]
         factors = [factor for _, factor in operands.values()]
         values = [self.fused_values(n) for n in operands]
         bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
         sddmm = [resolve_sddmm(s, x.device, f) for s, f in zip(supports, factors)]
-        y = fused_sparse_linear(x.to(dtype), weight_source(base, dtype), bias, supports, values, sddmm, factors)
-        return y.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # computed in ``dtype`` exactly, forward and backward
+            y = fused_sparse_linear(x.to(dtype), weight_source(base, dtype), bias, supports, values, sddmm, factors)
+        return y.to(out_dtype)
 
     # ------------------------------------------------------------------ 4-bit bases
     @staticmethod
@@ -361,22 +380,31 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ΔW of ``adapter_name`` in the base weight's layout and dtype (``(in, out)`` for Conv1D).
 
-        Computed in fp32 (exact up to fp32 rounding), then cast. Besides the fused path's transient ``W0 + S``
-        (``delta.fused``), this and merge are the only places that build an ``(out, in)`` matrix.
+        Computed in :meth:`merge_dtype` (fp32, or fp64 for a float64 model), then cast. Besides the fused path's
+        transient ``W0 + S`` (``delta.fused``), this and merge are the only places that build an ``(out, in)`` matrix.
         """
         device = self._main_device(adapter_name)
+        dtype = self.merge_dtype(adapter_name)
         delta = self.lowrank_delta(adapter_name)
         if delta is None:
-            delta = torch.zeros(self.out_features, self.in_features, device=device, dtype=torch.float32)
+            delta = torch.zeros(self.out_features, self.in_features, device=device, dtype=dtype)
         else:
-            delta = delta.to(torch.float32)
+            delta = delta.to(dtype)
         if self.has_sparse(adapter_name):
             support = self.get_support(adapter_name)
-            values = getattr(self, self.sparse_values_attr)[adapter_name].to(torch.float32)
+            values = getattr(self, self.sparse_values_attr)[adapter_name].to(dtype)
             delta = delta.index_put((support.rows(delta.device), support.cols(delta.device)), values, accumulate=True)
         if self.fan_in_fan_out:
             delta = delta.T
         return delta.to(self._base_dtype())
+
+    def merge_dtype(self, adapter_name: str) -> torch.dtype:
+        """The dtype merges and ``lowrank_delta`` compute in: fp64 when the base weight or the adapter is fp64 (a
+        float64 model merges and unmerges to fp64 rounding, not fp32's), else fp32 (exact enough for fp32 and half
+        precision bases, whose weights are rounded to their own dtype afterwards)."""
+        if torch.float64 in (self._base_dtype(), self.adapter_dtype(adapter_name)):
+            return torch.float64
+        return torch.float32
 
     def _main_device(self, adapter_name: str) -> torch.device:
         container = self._main_container[adapter_name]
@@ -406,7 +434,8 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
                 continue
             weight = self.get_base_weight()
             delta = self.get_delta_weight(adapter_name)
-            merged = (weight.to(torch.float32) + delta.to(torch.float32).to(weight.device)).to(weight.dtype)
+            dtype = self.merge_dtype(adapter_name)
+            merged = (weight.to(dtype) + delta.to(dtype).to(weight.device)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"NaNs or infs detected in the merged weight of adapter '{adapter_name}' "
@@ -438,7 +467,8 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
                 continue
             weight = self.get_base_weight()
             delta = self.get_delta_weight(adapter_name)
-            self._set_merged_weight((weight.to(torch.float32) - delta.to(torch.float32).to(weight.device)).to(weight.dtype))
+            dtype = self.merge_dtype(adapter_name)
+            self._set_merged_weight((weight.to(dtype) - delta.to(dtype).to(weight.device)).to(weight.dtype))
 
     def dequantize_base(self) -> None:
         """Replace a quantized base layer by an ``nn.Linear`` holding its dequantized weight (its compute dtype)."""
@@ -459,10 +489,16 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         self.quantization_backend = None
 
     def _set_merged_weight(self, weight: torch.Tensor) -> None:
+        """Write the merged weight: in place, or for a quantized base through PEFT's backend, which re-quantizes.
+        PEFT's HQQ backend builds a new ``HQQLinear`` without the old layer's bias (its LoRA merges lose it too:
+        outputs moved 12.8% on a 36-wide test layer), so the bias is carried over here."""
         if self.quantization_backend is None:
             self.get_base_layer().weight.data = weight
-        else:
-            self.set_base_weight(weight)
+            return
+        bias = getattr(self.get_base_layer(), "bias", None)
+        self.set_base_weight(weight)
+        if bias is not None and getattr(self.get_base_layer(), "bias", None) is None:
+            self.get_base_layer().bias = bias
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

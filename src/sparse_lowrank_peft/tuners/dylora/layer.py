@@ -89,4 +89,5 @@ class DyLoraLayer(DeltaLayer):
 
     def lowrank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
         B, A = self.lowrank_factors(adapter_name)
-        return B.to(torch.float32) @ A.to(torch.float32)
+        dtype = self.merge_dtype(adapter_name)
+        return B.to(dtype) @ A.to(dtype)

@@ -140,7 +140,7 @@ class NolaLayer(DeltaLayer):
         return (h @ B.t()) * self.nola_scaling[adapter_name]
 
     def lowrank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
-        A, B = self.factors(adapter_name, dtype=torch.float32)
+        A, B = self.factors(adapter_name, dtype=self.merge_dtype(adapter_name))
         return (B @ A) * self.nola_scaling[adapter_name]
 
     def lowrank_factors(self, adapter_name: str, **kwargs):

@@ -66,6 +66,7 @@ class SLTrainLayer(DeltaLayer):
         return self.sltrain_B[adapter_name] * self.sltrain_scaling[adapter_name], self.sltrain_A[adapter_name]
 
     def lowrank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
-        A = self.sltrain_A[adapter_name].to(torch.float32)
-        B = self.sltrain_B[adapter_name].to(torch.float32)
+        dtype = self.merge_dtype(adapter_name)
+        A = self.sltrain_A[adapter_name].to(dtype)
+        B = self.sltrain_B[adapter_name].to(dtype)
         return (B @ A) * self.sltrain_scaling[adapter_name]

@@ -250,7 +250,7 @@ class SparseRandLoraLayer(DeltaLayer):
         """Dense ΔW (``out × in``, fp32): ``scale·B·T`` or ``scale·Tᵀ·Bᵀ``. Merge only."""
         basis = self.get_basis(adapter_name)
         device = self.sparse_randlora_lambda[adapter_name].device
-        A, B = basis.dense_bases(device, torch.float32)
+        A, B = basis.dense_bases(device, self.merge_dtype(adapter_name))
         T = self.scaled_T(adapter_name, A)
         delta = B @ T if not self.transposed else T.t() @ B.t()
         return delta * self.sparse_randlora_scaling[adapter_name]
