@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,7 +304,26 @@ def build_config(recipe: str | None, overrides: Sequence[str] = ()) -> RunConfig
     """
     cfg = read_recipe(RunConfig, recipe, overrides)
     validate_config(cfg)
+    _keep_record_unless_changed(cfg, overrides)
     return cfg
+
+
+# fields an override may change while the run still computes what its recipe's results_path records
+RESULTS_NEUTRAL = {"output_dir", "overwrite_output_dir", "data_dir", "num_threads", "dataloader_num_workers", "notes",
+                   "eval_batch_size"}
+
+
+def _keep_record_unless_changed(cfg: RunConfig, overrides: Sequence[str]) -> None:
+    """A recipe's ``results_path`` is its file of record (``bench/results/glue/...``). A run whose overrides change
+    what is computed (``max_train_samples=64``, another seed, ...) does not overwrite it: it writes only its
+    ``output_dir/results.json``, unless the command line names a ``results_path`` itself."""
+    fields = {text.split("=", 1)[0].split(".", 1)[0] for text in overrides}
+    changed = sorted(fields - RESULTS_NEUTRAL)
+    if cfg.results_path and changed and "results_path" not in fields:
+        print(f"note: not writing the recipe's results_path {cfg.results_path}: the overrides of {changed} change "
+              "the run it records. Its results are in output_dir/results.json; add results_path=PATH to copy them "
+              "there.", file=sys.stderr)
+        cfg.results_path = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,6 +394,7 @@ def _validate_numbers(cfg: RunConfig) -> None:
             raise GlueError(f"Recipe field '{name}' is {v}; use a positive integer or null.")
     if cfg.save_steps < 0 or cfg.dataloader_num_workers < 0:
         raise GlueError("Recipe fields 'save_steps' and 'dataloader_num_workers' must be >= 0.")
+    _validate_optim(cfg.optim)
     if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)):
         raise GlueError(f"Recipe field 'learning_rate' is {cfg.learning_rate}; it must be a positive number.")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
@@ -444,8 +466,22 @@ def validate_squeeze(cfg) -> None:
         )
 
 
+def _validate_optim(name: str) -> None:
+    """``optim`` is one of transformers' optimizer names (checked here, not when the Trainer is built)."""
+    from transformers.training_args import OptimizerNames
+
+    names = [o.value for o in OptimizerNames]
+    if name not in names:
+        close = difflib.get_close_matches(str(name), names, n=3)
+        raise GlueError(f"Recipe field 'optim' is {name!r}, which is no transformers optimizer"
+                        + (f" (did you mean {', '.join(close)}?)" if close else "") + ". Default: adamw_torch.")
+
+
 def _validate_plan_fields(cfg: RunConfig) -> None:
-    """``quantize: plan`` needs ``quantize_plan`` with exactly one of budget_bits / uniform (and nothing else)."""
+    """``quantize: plan`` needs ``quantize_plan`` with exactly one of budget_bits / uniform (and nothing else); a
+    key set to null (how an override drops a recipe's ``table``) counts as absent."""
+    if cfg.quantize_plan is not None:
+        cfg.quantize_plan = {k: v for k, v in dict(cfg.quantize_plan).items() if v is not None}
     if (cfg.quantize == "plan") != (cfg.quantize_plan is not None):
         raise GlueError("quantize: plan and quantize_plan go together: quantize_plan: {budget_bits: 2.75} (or uniform: "
                         "hqq-2bit-g64) says what to plan; other quantize values take no quantize_plan.")
@@ -470,12 +506,28 @@ def _validate_plan_fields(cfg: RunConfig) -> None:
     if "candidates" in plan and ("budget_bits" not in plan or "table" in plan or not plan["candidates"]):
         raise GlueError("quantize_plan.candidates (a non-empty list of configurations, e.g. [hqq-3bit-g64, bnb-nf4]) "
                         "restricts what the run measures: it goes with budget_bits and without table.")
-    if "budget_bits" in plan and (isinstance(plan["budget_bits"], bool) or not isinstance(plan["budget_bits"], (int, float))):
-        raise GlueError(f"quantize_plan.budget_bits={plan['budget_bits']!r} must be a number of bits per parameter.")
+    budget = plan.get("budget_bits")
+    if "budget_bits" in plan and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                  or not 0 < budget < math.inf):
+        raise GlueError(f"quantize_plan.budget_bits={budget!r} must be a positive number of bits per parameter.")
     _validate_calibration_batches(plan)
-    if "table" in plan and not Path(plan["table"]).is_file():
-        raise GlueError(f"quantize_plan.table={plan['table']!r} is not a file. Fix: the path of a bench/bitbudget.py "
-                        "result (e.g. bench/results/bitbudget-minilm.json), or drop it to measure in the run.")
+    if "table" in plan:
+        _check_budget_against_table(plan["table"], budget)
+
+
+def _check_budget_against_table(path: str, budget: float | None) -> None:
+    """A measurement table must be a file, and a budget at least its cheapest plan: known before the model loads."""
+    if not Path(path).is_file():
+        raise GlueError(f"quantize_plan.table={path!r} is not a file. Fix: the path of a bench/bitbudget.py result "
+                        "(e.g. bench/results/bitbudget-minilm.json), or drop it to measure in the run.")
+    if budget is None:
+        return
+    from sparse_lowrank_peft.delta import bitbudget as bb
+
+    smallest = bb.smallest_budget(bb.PlanTable.from_dict(json.loads(Path(path).read_text())["table"]))
+    if budget < smallest - 1e-9:
+        raise GlueError(f"quantize_plan.budget_bits={budget} is below the cheapest plan of {path} ({smallest:.3f} bits "
+                        f"per parameter). Fix: a budget of at least {smallest:.3f}.")
 
 
 def _validate_calibration_batches(plan: dict) -> None:

@@ -195,6 +195,20 @@ def head_module_names(model) -> list[str]:
     return names
 
 
+def check_head_modules(model, names: Sequence[str]) -> list[str]:
+    """The recipe's ``head_modules``, each of which must name a module of ``model`` (as PEFT matches
+    ``modules_to_save``: the name or a dotted suffix). PEFT ignores a name that matches nothing, and the head then
+    stayed frozen at its random start while the run trained on."""
+    keys = [k for k, _ in model.named_modules() if k]
+    missing = [n for n in names if not any(k == n or k.endswith("." + n) for k in keys)]
+    if missing:
+        top = [k for k, _ in model.named_children()]
+        raise GlueError(f"head_modules {missing} name no module of {type(model).__name__} (its top-level modules: "
+                        f"{top}). Fix: the head's module names, e.g. {head_module_names(model)}, or leave head_modules "
+                        "unset to use those.")
+    return list(names)
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; for a PEFT model the frozen originals of saved modules count as total."""
     trainable = total = 0
@@ -323,7 +337,10 @@ def make_quant_plan(cfg: RunConfig, model, names: Sequence[str], fisher: dict | 
         else:
             weights = {n: model.get_submodule(n).weight for n in names}
             table = bb.measure(weights, rank, choices, fisher=fisher, lq_layers=targets)
-    plan = bb.solve(table, float(spec["budget_bits"]))
+    try:
+        plan = bb.solve(table, float(spec["budget_bits"]))
+    except ValueError as err:  # a budget below what the measured configurations allow
+        raise GlueError(f"quantize_plan: {err}") from None
     info = {"budget_bits": spec["budget_bits"], **bb.plan_summary(table, plan), "table_rank": table.rank,
             "objective": table.objective, "plan": plan}
     for key in ("fisher_batches", "output_batches"):
@@ -453,7 +470,7 @@ def build_model(cfg: RunConfig, task: TaskSpec, train=None) -> BuiltModel:
 
     set_seed(cfg.seed)
     model, tokenizer, model_path = load_model_and_tokenizer(cfg, task)
-    head = list(cfg.head_modules) if cfg.head_modules else head_module_names(model)
+    head = check_head_modules(model, cfg.head_modules) if cfg.head_modules else head_module_names(model)
     built = BuiltModel(model, tokenizer, model_path, head)
     to_quantize = quantizable_linears(model, head) if cfg.quantize else []
     calibration = None if train is None else (lambda n: calibration_batches(cfg, tokenizer, train, n))

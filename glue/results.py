@@ -179,7 +179,9 @@ def results_record(cfg: RunConfig, data, built, training: dict, evals: list[dict
         cfg: the run's config.
         data: the loaded data (:class:`glue.data.TaskData`: the task, the splits' sizes, source, skipped rows).
         built: the :class:`glue.model.BuiltModel` that was trained.
-        training: ``{"examples", "global_step", "epochs", "train_loss", "wall_s"}`` of the training.
+        training: ``{"examples", "global_step", "epochs", "train_loss", "train_loss_steps", "wall_s"}`` of the
+            training (``train_loss`` averages the steps ``train_loss_steps`` names: a resumed run's, those after its
+            checkpoint).
         evals: every evaluation (:func:`evals_from_log_history`), the final step's included.
         adapter: ``{"path", "weights_bytes", "dir_bytes"}`` of the saved adapter (the model for ``full``).
         method_results: the method's extras (DyLoRA's rank evaluations, SoRA's kept ranks, quantization, squeeze).

@@ -48,6 +48,15 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _refuse_finished(out: Path, checkpoint: Path) -> None:
+    """``--resume`` of a run whose last checkpoint is its last step would train nothing and rewrite its results."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if state.get("max_steps") and state["global_step"] >= state["max_steps"] and (out / "results.json").is_file():
+        raise GlueError(f"--resume: the run in '{out}' already finished (step {state['global_step']} of "
+                        f"{state['max_steps']}); its results are in {out / 'results.json'}. Nothing to resume. Fix: "
+                        "a new output_dir (or overwrite_output_dir=true) to run it again.")
+
+
 def prepare_output_dir(cfg: RunConfig, out: Path, resume: bool) -> Path | None:
     """Check the output folder for this run; return the checkpoint to resume from (or None).
 
@@ -77,7 +86,10 @@ def prepare_output_dir(cfg: RunConfig, out: Path, resume: bool) -> Path | None:
                     f"--resume with a different recipe than the interrupted run in '{out}' ({details}). Resume with "
                     "the same recipe and overrides, or start a new run in another output_dir."
                 )
+        _refuse_finished(out, ckpts[-1])
         return ckpts[-1]
+    if out.exists() and not out.is_dir():
+        raise GlueError(f"output_dir '{out}' is a file, not a folder. Fix: another output_dir.")
     if exists:
         if not cfg.overwrite_output_dir:
             raise GlueError(
@@ -293,8 +305,16 @@ def train(trainer, clock: RunClock) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     output = trainer.train(resume_from_checkpoint=str(clock.checkpoint) if clock.checkpoint else None)
+    first = checkpoint_step(clock.checkpoint) + 1 if clock.checkpoint else 1
+    # transformers averages the loss over the steps this invocation trained: a resumed run's covers its last part
     return {"examples": len(trainer.train_dataset), "global_step": trainer.state.global_step,
-            "epochs": trainer.state.epoch, "train_loss": output.training_loss, "wall_s": clock.training_s()}
+            "epochs": trainer.state.epoch, "train_loss": output.training_loss,
+            "train_loss_steps": [first, trainer.state.global_step], "wall_s": clock.training_s()}
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a Trainer checkpoint was saved at."""
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
 def evaluate_at_end(trainer, task: TaskSpec) -> list[dict]:

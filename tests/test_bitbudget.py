@@ -294,12 +294,16 @@ def test_cli_prints_and_plots_a_plan(table, tmp_path, capsys):
 
     path = tmp_path / "bitbudget.json"
     path.write_text(json.dumps({"table": table.to_dict()}))
-    assert cli.main(["plan", str(path), "--budget", "3.3", "--plot", str(tmp_path / "c.png"),
-                     "--json", str(tmp_path / "plan.json")]) == 0
+    assert cli.main(["plan", str(path), "--budget", "3.3", "--plot", str(tmp_path / "new" / "c.png"),
+                     "--json", str(tmp_path / "new2" / "plan.json")]) == 0  # folders created before the work
     out = capsys.readouterr().out
-    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan = json.loads((tmp_path / "new2" / "plan.json").read_text())
     assert plan == bb.solve(table, 3.3) and all(f"{n}" in out for n in plan)
-    assert "bits per parameter (budget 3.3)" in out and (tmp_path / "c.png").stat().st_size > 0
+    assert "bits per parameter (budget 3.3)" in out and (tmp_path / "new" / "c.png").stat().st_size > 0
+    for bad in ("nan", "inf", "-1", "abc"):
+        with pytest.raises(SystemExit):
+            cli.main(["plan", str(path), "--budget", bad])
+        assert "not a positive number of bits per parameter" in capsys.readouterr().err
     assert cli.main(["plan", str(path), "--budget", "1"]) == 2
     assert "below the smallest plan" in capsys.readouterr().err
     assert cli.main(["plan", str(tmp_path / "missing.json"), "--budget", "3"]) == 2

@@ -49,11 +49,37 @@ class NoModel:
         ({"task": "rte", "method": "full", "export_lora_rank": 8}, "export_lora_rank needs an adapter method"),
         ({"task": "rte", "export_lora_rank": 0}, "'export_lora_rank' is 0"),
         ({}, "sets no 'task'"),
+        ({"task": "rte", "optim": "adamw_torhc"}, "'adamw_torhc', which is no transformers optimizer.*adamw_torch"),
+        ({"task": "sst2", "method": "sltrain", "init": "lq", "quantize": "plan",
+          "quantize_plan": {"budget_bits": float("nan")}}, "must be a positive number of bits"),
+        ({"task": "sst2", "method": "sltrain", "init": "lq", "quantize": "plan",
+          "quantize_plan": {"budget_bits": 1.5, "table": "bench/results/bitbudget-minilm.json"}},
+         r"below the cheapest plan of bench/results/bitbudget-minilm.json \(2\.\d+ bits"),
     ],
 )
 def test_bad_recipes_fail_with_clear_messages(values, message):
     with pytest.raises(GlueError, match=message):
         gconfig.config_from_mapping(values)
+
+
+def test_a_null_key_in_quantize_plan_drops_the_recipes_value():
+    """Mappings merge key by key, so ``quantize_plan.table=null`` is how an override drops a recipe's table: it
+    then measures in the run (it raised a TypeError)."""
+    cfg = gconfig.config_from_mapping({"task": "sst2", "method": "sltrain", "init": "lq", "quantize": "plan",
+                                       "quantize_plan": {"budget_bits": 3, "table": None}})
+    assert cfg.quantize_plan == {"budget_bits": 3}
+
+
+def test_overrides_that_change_the_run_do_not_overwrite_the_recipes_record(capsys, tmp_path):
+    """A recipe's ``results_path`` is a committed file of record: a run with ``max_train_samples=64`` (or another
+    seed) must not overwrite it, while an override of where the run writes or reads keeps it."""
+    recipe = REPO_ROOT / "recipes" / "minilm" / "nola-sst2.yaml"
+    assert gconfig.build_config(str(recipe)).results_path == "bench/results/glue/minilm-nola-sst2.json"
+    assert gconfig.build_config(str(recipe), [f"output_dir={tmp_path}", "num_threads=2"]).results_path is not None
+    assert gconfig.build_config(str(recipe), ["max_train_samples=64"]).results_path is None
+    assert "not writing the recipe's results_path" in capsys.readouterr().err
+    mine = str(tmp_path / "mine.json")
+    assert gconfig.build_config(str(recipe), ["seed=1", f"results_path={mine}"]).results_path == mine
 
 
 def test_unquoted_yaml_no_is_the_string_no():
@@ -200,3 +226,38 @@ def test_command_line_overrides_reach_the_run(capsys):
     assert r8["train_examples"] == 4000 and r16["train_examples"] == 500
     # query and value of 6 layers, 384 x 384: r (384 + 384) more parameters per matrix for each rank step
     assert r16["params"]["trainable"] - r8["params"]["trainable"] == 12 * 8 * (384 + 384)
+
+
+def test_output_folder_checks(tmp_path):
+    """An output_dir that is a file is named as such (and never deleted); ``--resume`` of a run that already finished
+    is refused (it trained nothing and rewrote results.json with a train_loss of 0.0)."""
+    from glue import train as gtrain
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(GlueError, match="is a file, not a folder"):
+            gtrain.prepare_output_dir(cfg(task="rte", overwrite_output_dir=overwrite), a_file, resume=False)
+    assert a_file.read_text() == "keep me"
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint-8"
+    ckpt.mkdir(parents=True)
+    (ckpt / gtrain.PROGRESS_FILE).write_text("{}")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 8, "max_steps": 16}))
+    assert gtrain.prepare_output_dir(cfg(task="rte", save_steps=4), out, resume=True) == ckpt  # interrupted: resumes
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 16, "max_steps": 16}))
+    (out / "results.json").write_text("{}")
+    with pytest.raises(GlueError, match="already finished \\(step 16 of 16\\).*Nothing to resume"):
+        gtrain.prepare_output_dir(cfg(task="rte", save_steps=4), out, resume=True)
+
+
+def test_head_modules_must_name_modules_of_the_model():
+    """PEFT ignores a modules_to_save name that matches nothing: the head stayed frozen at its random start."""
+    from _builders import BUILDERS
+    from glue.model import check_head_modules
+
+    model = BUILDERS["bert"]()[0]
+    assert check_head_modules(model, ["pooler", "classifier"]) == ["pooler", "classifier"]
+    with pytest.raises(GlueError, match=r"head_modules \['nothere'\] name no module of BertForSequenceClassification.*"
+                                        r"e.g. \['pooler', 'classifier'\]"):
+        check_head_modules(model, ["classifier", "nothere"])

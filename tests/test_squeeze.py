@@ -389,6 +389,17 @@ def test_folder_errors(tmp_path):
         squeeze_state(pm, 2)
 
 
+def test_a_rank_above_a_sparse_deltas_size_is_refused_from_shapes():
+    """Runners call check_squeeze_rank before training: a rank above a sparse delta's min(out, in) was refused only
+    by the randomized SVD after training (export_lora_rank=1000 failed at the end)."""
+    from sparse_lowrank_peft.squeeze import check_squeeze_rank
+
+    pm, _ = _layer(SLTrainConfig(r=2, sparsity=0.2, target_modules=["lin"]), out_f=64, in_f=48)
+    check_squeeze_rank(pm, 48)
+    with pytest.raises(SqueezeError, match=r"rank 49 is above what layer 'lin' has: its ΔW is 64 × 48"):
+        check_squeeze_rank(pm, 49)
+
+
 def test_energy_on_a_flat_operator_spectrum_is_refused():
     pm, _ = _layer(SLTrainConfig(r=2, sparsity=0.2, target_modules=["lin"], init_weights=False), out_f=64, in_f=48)
     with pytest.raises(SqueezeError, match="flat spectrum"):
@@ -494,6 +505,33 @@ def test_in_squeeze_callback_anneals_the_rank(tmp_path):
     final = squeeze(pm, 2).eval()
     with torch.no_grad():
         torch.testing.assert_close(output_of(final, inputs), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("resume_at", [4, 8])
+def test_in_squeeze_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_does(tmp_path, resume_at):
+    """``--resume`` restarts the schedule at the checkpoint's step: the cuts made before it (steps 3 and 8 here) are
+    recorded, not made again; a second cut cleared the optimizer state once more and the run ended elsewhere."""
+    from transformers import Trainer, TrainingArguments
+
+    def trainer(out):
+        model, make_inputs, task_type = BUILDERS["bert"]()
+        pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                              modules_to_save=["pooler", "classifier"], task_type=task_type))
+        data = [{"input_ids": make_inputs(i)["input_ids"][0], "attention_mask": make_inputs(i)["attention_mask"][0],
+                 "labels": torch.tensor(i % 3)} for i in range(24)]
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=2,
+                                 learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=4,
+                                 disable_tqdm=True, use_cpu=True, seed=0)
+        callback = InSqueezeCallback(2, start=0.2, end=0.6, stages=2)
+        return Trainer(model=pm, args=args, train_dataset=data, callbacks=[callback]), callback
+
+    whole, whole_cb = trainer(tmp_path / "whole")
+    whole.train()
+    resumed, resumed_cb = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / f"checkpoint-{resume_at}"))
+    assert resumed_cb.done == whole_cb.done == [(3, 5), (8, 2)]
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)
 
 
 def test_in_squeeze_refuses_non_lora_layers():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,15 +34,33 @@ class CliError(Exception):
 
 
 def _positive_int(text: str) -> int:
+    """A whole number >= 1 (argparse names the option in its message: ``argument --top: ...``)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"rank {text!r} is not an integer. Fix: e.g. --rank 4 (for a fraction of the energy use --energy 0.9)."
+            f"{text!r} is not a whole number. Fix: e.g. 4 (a fraction of the energy is --energy 0.9, not --rank)."
         ) from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"rank {value} must be >= 1. Fix: e.g. --rank 4.")
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1. Fix: e.g. 4.")
     return value
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of bits per parameter. Fix: e.g. 2.75.")
+    return value
+
+
+def _make_output_folders(args: argparse.Namespace) -> None:
+    """The folders of ``--json`` / ``--plot`` files are created before the work, so it never fails at the end."""
+    for path in (getattr(args, "json", None), getattr(args, "plot", None)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _energy(text: str) -> float:
@@ -128,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "stored bits and LQ error; with --plot, the budget-vs-error curve beside every "
                                     "uniform configuration. TABLE is a bench/bitbudget.py result file.")
     pl.add_argument("table", metavar="TABLE", help="measurement file (e.g. bench/results/bitbudget-minilm.json)")
-    pl.add_argument("--budget", type=float, required=True, help="average stored bits per parameter, e.g. 2.75")
+    pl.add_argument("--budget", type=_budget, required=True, help="average stored bits per parameter, e.g. 2.75")
     pl.add_argument("--plot", metavar="PNG", help="save the budget-vs-error curve")
     pl.add_argument("--json", metavar="FILE", help="write the plan (module -> configuration) as JSON")
     return parser
@@ -250,6 +269,7 @@ def _format_report(report: dict, top: int) -> str:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _make_output_folders(args)
     if args.command == "plan":
         _run_plan(args)
         return 0

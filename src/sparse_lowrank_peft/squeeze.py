@@ -604,9 +604,17 @@ def _squeeze_target(t: _Target, rank: Optional[RankSpec], lora_alpha: Optional[f
 
 
 def _check_int_rank(targets: list[_Target], rank: Optional[RankSpec]) -> None:
-    """An int rank above every factored layer's rank is an error (it would silently squeeze nothing)."""
+    """An int rank above every factored layer's rank is an error (it would silently squeeze nothing), and so is one
+    above a sparse / full-rank delta's ``min(out, in)``: both known from shapes, so runners check them before
+    training (the randomized SVD refused the latter only after it)."""
     if not isinstance(rank, int):
         return
+    for t in targets:
+        if t.layer is not None and rank > min(t.shape):
+            raise SqueezeError(
+                f"rank {rank} is above what layer '{t.name}' has: its ΔW is {t.shape[0]} × {t.shape[1]}, so its rank "
+                f"is at most {min(t.shape)}. Fix: a rank <= {min(t.shape)}."
+            )
     factored = [t for t in targets if t.layer is None and not t.nested]
     if factored and len(factored) == len(targets):
         have = max(t.B.shape[1] for t in factored)
@@ -1452,8 +1460,13 @@ class InSqueezeCallback(_transformers_callback_base()):
         layers = self._lora_layers(model)
         r0 = max(m.r[self.adapter_name] for _, m in layers)
         plan = self.schedule or in_squeeze_schedule(r0, min(self.final_rank, r0), self.start, self.end, self.stages)
-        self._pending = sorted(plan)
-        self.done = []
+        # A resumed run starts at its checkpoint's step, whose weights and optimizer state already hold the cuts made
+        # up to it: they are recorded as done, not made again (a second cut cleared the optimizer state again and
+        # the resumed run ended elsewhere than the uninterrupted one).
+        progress = state.global_step / state.max_steps if state.global_step and state.max_steps else -1.0
+        made = {math.ceil(p * state.max_steps): r for p, r in sorted(plan) if p <= progress}
+        self.done = list(made.items())
+        self._pending = [(p, r) for p, r in sorted(plan) if p > progress]
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self._pending or not state.max_steps:

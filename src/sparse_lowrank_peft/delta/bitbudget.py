@@ -383,6 +383,14 @@ def _last_hidden_states(model: nn.Module, batches: Sequence[dict]) -> list[torch
     return out
 
 
+def smallest_budget(table: PlanTable, choices: Optional[Iterable[str]] = None) -> float:
+    """The average stored bits per parameter of the cheapest plan: every matrix at its cheapest of ``choices``
+    (default: every measured configuration). A budget below it has no plan."""
+    names = list(choices) if choices is not None else table.choices()
+    total = sum(table.numel.values())
+    return sum(min(table.bits[l][c] for c in names if c in table.bits[l]) for l in table.numel) / total
+
+
 def solve(table: PlanTable, budget_bits: float, choices: Optional[Iterable[str]] = None) -> dict[str, str]:
     """The plan ``{layer: choice name}`` of least summed error whose average stored bits per parameter is at most
     ``budget_bits`` (``scipy.optimize.milp``). Raises ``ValueError`` if no plan fits the budget."""
@@ -397,7 +405,7 @@ def solve(table: PlanTable, budget_bits: float, choices: Optional[Iterable[str]]
     missing = [l for l in layers if not any(c in table.bits[l] for c in names)]
     if missing:
         raise ValueError(f"solve: no candidate configuration can quantize {missing[:3]}. Fix: add one that can.")
-    smallest = sum(min(table.bits[l][c] for c in names if c in table.bits[l]) for l in layers) / total
+    smallest = smallest_budget(table, names)
     if budget_bits < smallest - 1e-9:
         raise ValueError(
             f"budget_bits={budget_bits} is below the smallest plan these configurations allow ({smallest:.3f} bits per "
