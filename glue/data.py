@@ -275,9 +275,9 @@ def load_glue_local(task: TaskSpec, root: Path) -> TaskData:
     """
     folder = root / task.display
     if not folder.is_dir():
-        present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        present = sorted(p.name + ("" if p.is_dir() else " (a file)") for p in root.iterdir()) if root.is_dir() else []
         raise GlueError(
-            f"No '{task.display}' folder in the GLUE data folder '{root}' (it has: {present or 'nothing'}). "
+            f"No '{task.display}' folder in the GLUE data folder '{root}' (it has: {', '.join(present) or 'nothing'}). "
             f"Put the task's files at {folder}/{task.train_file} and "
             f"{', '.join(str(folder / s.local_file) for s in task.eval_splits)} (the glue_data layout), point "
             "data_dir/GLUE_DIR elsewhere, or unset both to load the task from the hub."

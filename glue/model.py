@@ -248,7 +248,19 @@ def load_model_and_tokenizer(cfg: RunConfig, task: TaskSpec):
             "folder with config.json, weights and tokenizer files; a hub id needs network access or a warm cache. "
             "The offline default is model: minilm."
         ) from e
+    _check_seq_len(cfg.max_seq_len, config)
     return model, tokenizer, path
+
+
+def _check_seq_len(max_seq_len: int, config) -> None:
+    """``max_seq_len`` within the model's positions (RoBERTa's first two are reserved for padding: 514 -> 512)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    usable = positions - 2 if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else positions
+    if max_seq_len > usable:
+        raise GlueError(f"max_seq_len={max_seq_len} is longer than the model's {usable} positions "
+                        f"({config.model_type}); longer inputs fail inside the embedding. Fix: max_seq_len <= {usable}.")
 
 
 def load_init_adapter(peft_model, path: str, head_modules: Sequence[str]) -> dict[str, int]:
@@ -550,7 +562,11 @@ def wrap_model(cfg: RunConfig, model, peft_config, plan: dict | None):
                                  max_iter=cfg.peft.get("lq_max_iter", 20), svd=cfg.peft.get("lq_svd", "auto"))
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config)
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:  # e.g. target_modules matching nothing: PEFT's message, as a recipe error
+        raise GlueError(f"peft config {type(peft_config).__name__}: {err} (recipe field peft.target_modules names "
+                        "the layers to adapt).") from err
 
 
 def reload_trained(cfg, base, names: Sequence[str], quant_info: dict | None, folder):

@@ -261,3 +261,21 @@ def test_head_modules_must_name_modules_of_the_model():
     with pytest.raises(GlueError, match=r"head_modules \['nothere'\] name no module of BertForSequenceClassification.*"
                                         r"e.g. \['pooler', 'classifier'\]"):
         check_head_modules(model, ["classifier", "nothere"])
+
+
+def test_model_dependent_recipe_errors_are_recipe_errors():
+    """What only the loaded model can tell is still reported as a recipe error, before training: target_modules
+    matching nothing (PEFT's traceback before), a max_seq_len beyond the model's positions (accepted before)."""
+    from _builders import BUILDERS
+    from glue.model import _check_seq_len, make_peft_config, wrap_model
+    from transformers import BertConfig, RobertaConfig
+
+    config = cfg(task="rte", method="sltrain")
+    peft_config = make_peft_config("sltrain", {"r": 2, "target_modules": ["nothere"]}, ["classifier"])
+    with pytest.raises(GlueError, match="peft.target_modules"):
+        wrap_model(config, BUILDERS["bert"]()[0], peft_config, None)
+    _check_seq_len(512, BertConfig())
+    with pytest.raises(GlueError, match="max_seq_len=513 is longer than the model's 512 positions"):
+        _check_seq_len(513, BertConfig())
+    with pytest.raises(GlueError, match="max_seq_len=513 is longer than the model's 512 positions \\(roberta\\)"):
+        _check_seq_len(513, RobertaConfig(max_position_embeddings=514))
