@@ -20,6 +20,7 @@ What a run does, in this order, so that a mistake in the recipe or the data is r
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -90,6 +91,7 @@ def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
 
     trainer = make_trainer(args, built.model, data, callbacks)
     train_start = time.time()
+    first_step = _resumed_step(out) + 1 if resume else 1
     output = trainer.train(resume_from_checkpoint=True if resume else None)
     train_s = time.time() - train_start
     before = initial_loss(trainer)
@@ -98,7 +100,7 @@ def run(cfg: LMRunConfig, resume: bool = False, dry_run: bool = False) -> dict:
     if not trainer.is_world_process_zero():  # the main process exports, checks and writes the results
         return {"process_index": args.process_index, "eval": {"loss_before": before, "loss_after": after}}
     results = results_record(cfg, data, built, trainer, output, (before, after), adapter, extras,
-                             (train_s, time.time() - start))
+                             (train_s, time.time() - start), first_step)
     glue_results.write_json(out / "results.json", results)
     print(f"[lm] validation perplexity {math.exp(before):.3f} -> {math.exp(after):.3f}; "
           f"adapter in {adapter['path']}; results in {out / 'results.json'}", flush=True)
@@ -251,7 +253,14 @@ def reload_check(cfg: LMRunConfig, built, data, folder: Path, loss: float) -> di
     return {"eval_loss": reload_loss, "trained_eval_loss": loss, "abs_difference": abs(reload_loss - loss)}
 
 
-def results_record(cfg, data, built, trainer, output, losses, adapter, extras, seconds) -> dict:
+def _resumed_step(out: Path) -> int:
+    """The step of the checkpoint ``--resume`` continues from (transformers' choice: the last one)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return int(json.loads((Path(get_last_checkpoint(str(out))) / "trainer_state.json").read_text())["global_step"])
+
+
+def results_record(cfg, data, built, trainer, output, losses, adapter, extras, seconds, first_step: int = 1) -> dict:
     """What the run did and measured, with its provenance."""
     import dataclasses
 
@@ -261,6 +270,7 @@ def results_record(cfg, data, built, trainer, output, losses, adapter, extras, s
         "eval": {"loss_before": before, "loss_after": after, "perplexity_before": math.exp(before),
                  "perplexity_after": math.exp(after)},
         "train": {"steps": trainer.state.global_step, "train_loss": output.training_loss,
+                  "train_loss_steps": [first_step, trainer.state.global_step],  # what train_loss averages
                   "train_tokens_per_epoch": data.train_tokens, "train_s": seconds[0]},
         "log_history": trainer.state.log_history, "data": {"source": data.source, "train_blocks": len(data.train),
                                                           "eval_blocks": len(data.eval)},

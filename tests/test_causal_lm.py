@@ -134,6 +134,8 @@ def test_resume_continues_to_the_same_result(text_file, tmp_path):
     resumed = run(_cfg(recipe, text_file, out, *args), resume=True)
     assert resumed["train"]["steps"] == 4
     assert resumed["eval"]["loss_after"] == pytest.approx(whole["eval"]["loss_after"], abs=1e-6)
+    # transformers' train_loss averages the steps this invocation trained: the results say which
+    assert (whole["train"]["train_loss_steps"], resumed["train"]["train_loss_steps"]) == ([1, 4], [3, 4])
 
 
 @pytest.mark.parametrize("recipe, mode", [("sltrain-qlora", "post"), ("sora-qlora", "cont"), ("lora-qlora", "in")])

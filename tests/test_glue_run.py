@@ -165,6 +165,7 @@ def test_resume_after_a_kill_ends_with_the_same_metrics(tiny_model, toy_task, tm
     assert resumed["resumed_from"].endswith("checkpoint-8")
     assert resumed["evals"] == straight["evals"]  # every evaluation, bit for bit, including those before the kill
     assert resumed["train"]["global_step"] == straight["train"]["global_step"] == 12
+    assert (straight["train"]["train_loss_steps"], resumed["train"]["train_loss_steps"]) == ([1, 12], [9, 12])
     a = safetensors.torch.load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
