@@ -172,7 +172,7 @@ def test_plan_errors_come_before_anything_is_quantized():
     before = {n: type(m).__name__ for n, m in model.named_modules()}
     other = dict(PLAN)
     other["roberta.encoder.layer.7.attention.self.query"] = "bnb-nf4"
-    with pytest.raises(ValueError, match=r"lq_plan names modules this model does not have.*layer\.7.*not changed"):
+    with pytest.raises(ValueError, match=r"lq_plan names modules this model has no linear layer for.*layer\.7.*not changed"):
         get_peft_model(model, plan_config(plan=other))
     missing = {k: v for k, v in PLAN.items() if "layer.1.attention.self.value" not in k}
     with pytest.raises(ValueError, match=r"no configuration for the targeted module.*layer\.1\.attention\.self\.value"):
@@ -431,3 +431,31 @@ def test_hqq_codes_do_not_depend_on_the_thread_count():
     W = torch.randn(384, 1536, generator=torch.Generator().manual_seed(5)) * 0.02
     one, two = at_thread_counts(lambda: choice.quantize_dequantize(W))  # also: the quantizer gives the count back
     assert torch.equal(one, two)
+
+
+def test_plan_entries_match_modules_whatever_their_order():
+    """A saved plan comes back with sorted keys: the entry for a module must not depend on order (the most specific
+    key wins), or a reload re-derived another base than the one trained on (NF4 at creation, HQQ after reload)."""
+    from sparse_lowrank_peft.delta.quant import plan_choice
+
+    q0 = "roberta.encoder.layer.0.attention.self.query"
+    for plan in ({q0: "bnb-nf4", "query": "hqq-4bit-g64"}, {"query": "hqq-4bit-g64", q0: "bnb-nf4"}):
+        assert plan_choice(plan, q0).name == "bnb-nf4"
+        assert plan_choice(plan, "roberta.encoder.layer.1.attention.self.query").name == "hqq-4bit-g64"
+        model = tiny_roberta()
+        bb.apply_plan(model, plan)
+        assert type(model.get_submodule(q0)).__name__ == "Linear4bit"
+        assert type(model.get_submodule(q0.replace("layer.0", "layer.1"))).__name__ == "HQQLinear"
+
+
+def test_plan_names_with_a_prefix_apply_and_non_linears_are_refused():
+    """A plan measured on a wrapped model (``base_model.model.`` names) quantizes the same linears (it quantized none,
+    silently); an entry naming an embedding or a block is refused (it was accepted and quantized nothing)."""
+    model = tiny_roberta()
+    linears = encoder_linears(model)
+    assert bb.apply_plan(model, {"base_model.model." + n: "bnb-nf4" for n in linears}) == len(linears)
+    for bad in ("roberta.embeddings.word_embeddings", "roberta.encoder.layer.0.attention"):
+        model = tiny_roberta()
+        with pytest.raises(ValueError, match=f"no linear layer for: \\['{bad}'\\].*not changed"):
+            bb.apply_plan(model, {bad: "bnb-nf4", linears[0]: "bnb-nf4"})
+        assert type(model.get_submodule(linears[0])) is torch.nn.Linear

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .quant import names_module
+from .quant import plan_key
 
 __all__ = [
     "CANDIDATES", "QuantChoice", "PlanTable", "apply_plan", "measure", "measure_output", "output_change",
@@ -450,7 +450,7 @@ def apply_plan(model: nn.Module, plan: dict[str, str]) -> int:
     check_plan(model, plan, (), "plan")
     count = 0
     for name, module in list(model.named_modules()):
-        key = next((k for k in plan if names_module(k, name)), None)
+        key = plan_key(plan, name)
         if key is None or type(module) is not nn.Linear:
             continue
         parent_name, _, child = name.rpartition(".")

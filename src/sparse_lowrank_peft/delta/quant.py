@@ -669,16 +669,30 @@ def _matches(key: str, name: str) -> bool:
     return names_module(name, key) or names_module(key, name)
 
 
+def plan_key(plan: dict, name: str) -> Optional[str]:
+    """The entry of ``plan`` that configures module ``name``, whatever the plan's key order (a saved plan comes back
+    with sorted keys): the exact name, else the longest key that is a dotted suffix of it (``"layer.0.query"`` before
+    ``"query"``), else a key that carries a prefix the module's name lacks (``"base_model.model.<name>"``); None if
+    none does."""
+    if name in plan:
+        return name
+    suffixes = [k for k in plan if names_module(k, name)]
+    if suffixes:
+        return max(suffixes, key=len)
+    prefixed = [k for k in plan if names_module(name, k)]
+    return min(prefixed, key=len) if prefixed else None
+
+
 def plan_choice(plan: Optional[dict], key: str):
-    """The ``delta.bitbudget.QuantChoice`` a mixed-configuration plan gives module ``key`` (exact name or dotted
-    suffix either way), or None without a plan."""
+    """The ``delta.bitbudget.QuantChoice`` a mixed-configuration plan gives module ``key`` (:func:`plan_key`), or
+    None without a plan."""
     if not plan:
         return None
     from .bitbudget import parse_choice
 
-    for name, choice in plan.items():
-        if _matches(key, name):
-            return parse_choice(choice)
+    entry = plan_key(plan, key)
+    if entry is not None:
+        return parse_choice(plan[entry])
     raise ValueError(
         f"lq_plan has no configuration for the targeted module '{key}'. The plan was made for other modules (or "
         "another model). Fix: measure and solve a plan over the modules this config targets (delta.bitbudget)."
@@ -688,15 +702,19 @@ def plan_choice(plan: Optional[dict], key: str):
 def check_plan(model: nn.Module, plan: dict, targeted: Iterable[str], owner: str) -> None:
     """Raise ``ValueError`` (naming ``owner``, e.g. ``"SLTrainConfig.lq_plan"``) unless the plan gives every module in
     ``targeted`` a configuration, every linear it names one the installed library can apply to its weight's shape,
-    and names only modules of ``model``: checked before anything is quantized."""
+    and every entry configures some linear of ``model`` (:func:`plan_key`, the matching the quantization uses):
+    checked before anything is quantized."""
     targeted = list(targeted)
     for key in targeted:  # in the given (the model's) order, so the first target without one is named
         plan_choice(plan, key)  # raises, naming the target without a configuration
     targeted = set(targeted)
+    configured = set()
     for name, module in model.named_modules():  # the targets and the other linears the plan quantizes
-        named = type(module) is nn.Linear and any(names_module(p, name) for p in plan)
+        named = _is_plain_or_adapted_linear(module) and plan_key(plan, name) is not None
+        if named or name in targeted:
+            configured.add(plan_key(plan, name))
         weight = getattr(module, "weight", None)
-        if (name in targeted or named) and weight is not None:
+        if (name in targeted or (named and type(module) is nn.Linear)) and weight is not None:
             choice = plan_choice(plan, name)
             reason = choice.unsupported(tuple(weight.shape))
             if reason:
@@ -705,15 +723,22 @@ def check_plan(model: nn.Module, plan: dict, targeted: Iterable[str], owner: str
                     "another configuration for that module (delta.bitbudget.measure lists only the ones each matrix "
                     "allows). The model was not changed."
                 )
-    names = [n for n, _ in model.named_modules() if n]
-    unknown = [p for p in plan if not any(_matches(n, p) for n in names)]
+    unknown = [p for p in plan if p not in configured]
     if unknown:
         raise ValueError(
-            f"{owner} names modules this model does not have: {unknown[:3]}"
+            f"{owner} names modules this model has no linear layer for: {unknown[:3]}"
             + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-            + ". The plan was made for another model. Fix: measure and solve a plan on this model "
-            "(delta.bitbudget.measure / solve). The model was not changed."
+            + ". A plan quantizes linear layers only, and this one was made for another model (or names an "
+            "embedding or a block). Fix: measure and solve a plan on this model (delta.bitbudget.measure / solve). "
+            "The model was not changed."
         )
+
+
+def _is_plain_or_adapted_linear(module: nn.Module) -> bool:
+    """A linear layer a plan configures: an ``nn.Linear``, one a plan already quantized (bitsandbytes, HQQ), or an
+    adapter layer around either (the plan's targets, quantized by LQ initialisation)."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return isinstance(base, nn.Linear) or (hasattr(base, "in_features") and hasattr(base, "out_features"))
 
 
 def fisher_for(key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
