@@ -135,6 +135,54 @@ def test_bad_requests_are_refused_before_the_model_changes(config, kwargs, match
     assert structure(model) == before
 
 
+LATER = "roberta.encoder.layer.1.attention.self.value"  # a target after others: a midway error left them quantized
+
+
+@pytest.mark.parametrize("make", ["lora", "sltrain"])
+@pytest.mark.parametrize("fisher,match", [
+    (None, r"rank 65 is above what 'roberta.encoder.layer.0.attention.self.query' \(64x64\) has"),
+    ({LATER: (torch.ones(63), torch.ones(64))}, r"Fisher weights of '.*layer.1.attention.self.value' have shapes"),
+    ({LATER: (torch.full((64,), float("nan")), torch.ones(64))}, "not all finite and non-negative"),
+])
+def test_lq_inputs_of_every_target_are_checked_before_the_first_is_quantized(make, fisher, match):
+    from peft import get_peft_model
+
+    from sparse_lowrank_peft import SLTrainConfig
+
+    model = tiny_roberta()
+    before = structure(model)
+    r = 65 if fisher is None else 2
+    with quant.use_fisher(fisher or {}), pytest.raises(ValueError, match=match + ".*not changed"):
+        if make == "lora":
+            get_lq_lora_model(model, LoraConfig(r=r, target_modules=["query", "value"], task_type="SEQ_CLS"))
+        else:
+            get_peft_model(model, SLTrainConfig(r=r, target_modules=["query", "value"], init_weights="lq",
+                                                task_type="SEQ_CLS"))
+    assert structure(model) == before
+
+
+def test_an_lq_adapter_is_refused_by_another_base_before_its_weights_are_replaced(tmp_path):
+    """Loading re-derives Q first; PEFT checks the weights' shapes only after, when W is gone (57 modules of the
+    user's model had changed). Both loaders now compare the saved factors with the layers first."""
+    from peft import PeftModel, get_peft_model
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from sparse_lowrank_peft import SLTrainConfig
+
+    save_lq_lora(get_lq_lora_model(tiny_roberta(), lora(), max_iter=1), tmp_path / "lora")
+    get_peft_model(tiny_roberta(), SLTrainConfig(r=2, target_modules=["query", "value"], init_weights="lq",
+                                                 lq_max_iter=1, task_type="SEQ_CLS")).save_pretrained(tmp_path / "sl")
+    for load in (lambda m: load_lq_lora(m, tmp_path / "lora"), lambda m: PeftModel.from_pretrained(m, tmp_path / "sl")):
+        torch.manual_seed(0)
+        wider = RobertaForSequenceClassification(RobertaConfig(vocab_size=97, hidden_size=128, num_hidden_layers=2,
+                                                               num_attention_heads=4, intermediate_size=37,
+                                                               max_position_embeddings=40))
+        before = structure(wider)
+        with pytest.raises(ValueError, match=r"shape \(2, 64\).*128x128.*not changed"):
+            load(wider)
+        assert structure(wider) == before
+
+
 def test_save_and_load_refuse_what_they_cannot_rebuild(tmp_path):
     from peft import get_peft_model
 

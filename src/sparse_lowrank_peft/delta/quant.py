@@ -746,6 +746,39 @@ def fisher_for(key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     return _fisher_of(_FISHER.get(), key)
 
 
+def check_lq_layers(model: nn.Module, targets: Iterable[str], rank: int, fisher: Callable[[str], Optional[tuple]],
+                    owner: str) -> None:
+    """What LQ initialisation of every target needs, checked before the first one is quantized (each raised midway,
+    after earlier targets were replaced): a ``rank`` the weight has (at most ``min(out, in)``), and Fisher weights
+    (``fisher(key)``) of the weight's row and column sizes, finite and non-negative."""
+    for key in targets:
+        weight = model.get_submodule(key).weight
+        out_features, in_features = weight.shape
+        if rank > min(out_features, in_features):
+            raise ValueError(
+                f"{owner}: rank {rank} is above what '{key}' ({out_features}x{in_features}) has, min(out, in) = "
+                f"{min(out_features, in_features)}, so LQ cannot split off a rank-{rank} L. Fix: a rank <= "
+                f"{min(out_features, in_features)}, or leave that module out of target_modules. The model was not "
+                "changed."
+            )
+        pair = fisher(key)
+        if pair is None:
+            continue
+        row, col = pair
+        if tuple(row.shape) != (out_features,) or tuple(col.shape) != (in_features,):
+            raise ValueError(
+                f"{owner}: the Fisher weights of '{key}' have shapes {tuple(row.shape)} / {tuple(col.shape)}, but its "
+                f"weight is {out_features}x{in_features} (rows, columns). They were computed for another model. Fix: "
+                "fisher_row_col_weights(model, batches) on this model. The model was not changed."
+            )
+        if not (torch.isfinite(row).all() and torch.isfinite(col).all() and (row >= 0).all() and (col >= 0).all()):
+            raise ValueError(
+                f"{owner}: the Fisher weights of '{key}' are not all finite and non-negative (squared gradients "
+                "are). Fix: recompute them with fisher_row_col_weights; a NaN loss in the calibration batches makes "
+                "NaN weights. The model was not changed."
+            )
+
+
 def fisher_for_modules(keys: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{key: (row, col)}`` of the enclosing :func:`use_fisher` block for each of ``keys`` it has weights for, as
     fp32 CPU copies (what an adapter records and saves); empty outside such a block."""

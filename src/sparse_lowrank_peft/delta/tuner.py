@@ -121,6 +121,7 @@ class DeltaModel(BaseTuner):
             if not is_supported_base_layer(base):
                 bad.append(f"{key} ({type(base).__name__})")
         self._validate_plan(model, config, targeted)
+        self._validate_lq_layers(model, config, targeted)
         self._validate_token_indices(model, config)
         if bad:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -130,6 +131,32 @@ class DeltaModel(BaseTuner):
                 "Fix: target the linear layers only (a list of their names or a regex). The model was not changed."
             )
         return targeted
+
+    @classmethod
+    def _validate_lq_layers(cls, model: nn.Module, config, targeted: list[str]) -> None:
+        """LQ initialisation: every target's rank and Fisher weights, and (loading) the saved factors' sizes, before
+        the first target is quantized: PEFT checks the weights it loads only after injection, when LQ has replaced
+        the full-precision weights."""
+        if getattr(config, "init_weights", None) != "lq":
+            return
+        from . import quant
+
+        def fisher(key):
+            return quant.fisher_for(key) if quant.active_fisher() is not None else quant.recorded_fisher(config, key)
+
+        linears = [key for key in targeted if type(model.get_submodule(key)) is nn.Linear]
+        quant.check_lq_layers(model, linears, config.r, fisher, type(config).__name__)
+        saved = getattr(config, "_saved_shapes", None) or {}
+        for key in linears:
+            layer = model.get_submodule(key)
+            for factor, dim, size in ((f"{cls.prefix}A", -1, layer.in_features), (f"{cls.prefix}B", 0, layer.out_features)):
+                shape = next((v for k, v in saved.items() if k.endswith(f"{key}.{factor}")), None)
+                if shape is not None and shape[dim] != size:
+                    raise ValueError(
+                        f"The adapter checkpoint does not fit this model: its {factor} of '{key}' has shape {shape}, "
+                        f"but the layer is {layer.out_features}x{layer.in_features}. It was saved for another base "
+                        "model. Fix: load it on the base model it was trained on. The model was not changed."
+                    )
 
     @staticmethod
     def _validate_token_indices(model: nn.Module, config) -> None:
