@@ -202,6 +202,19 @@ def test_per_layer_updates_equal_ordinary_loop(make_opt):
     assert not torch.equal(start.model.layers[0].mlp.up_proj.lowrank_B, ordinary["model.layers.0.mlp.up_proj.lowrank_B"])
 
 
+def test_a_new_per_layer_optimizer_takes_over_the_parameters():
+    """The newest PerLayerOptimizer steps the parameters: an earlier one's hooks stepped first and freed the gradient,
+    so a second optimizer (a new training phase, here one with lr 0) never stepped and the old one kept training."""
+    model = to_sltrain(tiny_llama(), LLAMA_TARGETS, rank=4, density=0.05).train()
+    PerLayerOptimizer(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.1))
+    with pytest.warns(UserWarning, match="earlier PerLayerOptimizer; its gradient hooks are removed"):
+        PerLayerOptimizer(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = ids(3)
+    model(input_ids=x, labels=x).loss.backward()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_per_layer_optimizer_under_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 

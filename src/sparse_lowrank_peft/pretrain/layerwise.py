@@ -18,6 +18,8 @@ backward passes (every backward steps). See :func:`check_trainer_args` for ``tra
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -60,7 +62,20 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self._params = plist
         self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
         self.enabled = True
+        self._take_over(plist)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in plist]
+
+    def _take_over(self, params: list[torch.nn.Parameter]) -> None:
+        """A parameter is stepped by one PerLayerOptimizer: the newest. An earlier one's hooks stayed registered,
+        stepped first and freed the gradient, so the new optimizer never stepped (and the old one kept training)."""
+        earlier = {id(owner): owner for p in params
+                   if (owner := getattr(p, "_slpeft_step_owner", lambda: None)()) is not None and owner._handles}
+        for owner in earlier.values():
+            owner.remove_hooks()
+            warnings.warn("PerLayerOptimizer: these parameters had an earlier PerLayerOptimizer; its gradient hooks "
+                          "are removed, and only the new one steps them.", stacklevel=3)
+        for p in params:
+            p._slpeft_step_owner = weakref.ref(self)
 
     def _hook(self, param: torch.Tensor) -> None:
         if not self.enabled:
