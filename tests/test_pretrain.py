@@ -304,6 +304,28 @@ def test_tampered_support_is_refused_before_the_model_changes(tmp_path, edit, ma
     assert not any(isinstance(m, SLTrainLinear) for m in fresh.modules())  # refused before any change
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda ts: ts.update({"model.embed_tokens.weight": ts["model.embed_tokens.weight"][:-1].contiguous()}),
+     r"'model.embed_tokens.weight' is \(\d+, \d+\) in the model but"),
+    (lambda ts: ts.pop("model.norm.weight"), "'model.norm.weight' is missing from the file"),
+    (lambda ts: ts.update({"model.extra.weight": torch.zeros(2)}), "'model.extra.weight' is not in the model"),
+], ids=["other-shape", "missing", "unexpected"])
+def test_a_checkpoint_whose_other_tensors_do_not_fit_is_refused_before_the_model_changes(tmp_path, edit, match):
+    """The embeddings, norms and dense layers are checked too before any layer is converted (a strict load failed
+    after, with the model's layers already SLTrain ones)."""
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved_llama(tmp_path)
+    path = folder / "sltrain_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    fresh = tiny_llama()
+    with pytest.raises(ValueError, match=match + ".*not changed"):
+        load_sltrain(fresh, folder)
+    assert not any(isinstance(m, SLTrainLinear) for m in fresh.modules())
+
+
 def test_load_state_dict_validates_support():
     layer = SLTrainLinear(9, 8, 2, density=0.2)
     state = layer.state_dict()

@@ -218,6 +218,7 @@ def load_sltrain(model_or_config=None, folder: str | os.PathLike = ".") -> nn.Mo
     weights = os.path.join(folder, WEIGHTS_NAME)
     with safe_open(weights, framework="pt") as f:
         _check_saved(model, settings, f)
+        _check_plain(model, settings, f)
     already = {n for n, m in model.named_modules() if isinstance(m, SLTrainLinear)}
     if already != set(settings.modules):
         if already:
@@ -238,6 +239,24 @@ def _build(model_or_config, folder) -> nn.Module:
 
     config = model_or_config if model_or_config is not None else AutoConfig.from_pretrained(folder)
     return AutoModelForCausalLM.from_config(config)
+
+
+def _check_plain(model: nn.Module, settings: SLTrainSettings, f) -> None:
+    """Raise ``ValueError`` unless the file's other tensors (embeddings, norms, dense layers) are the model's, with
+    its shapes: checked before the model's layers are converted (a strict load failed after, the model changed)."""
+    inside = tuple(name + "." for name in settings.modules)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
+    saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(inside)}
+    in_file = {state[k].data_ptr() for k in saved if k in state}
+    problems = [f"'{k}' is not in the model" for k in saved if k not in state]
+    problems += [f"'{k}' is {tuple(state[k].shape)} in the model but {shape} in the file" for k, shape in saved.items()
+                 if k in state and tuple(state[k].shape) != shape]
+    problems += [f"'{k}' is missing from the file" for k, v in state.items()
+                 if k not in saved and v.data_ptr() not in in_file]  # a tied copy of a saved tensor is not missing
+    if problems:
+        raise ValueError(f"load_sltrain: the checkpoint does not fit this model: {'; '.join(problems[:3])}"
+                         + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+                         + ". Load it on the architecture it was saved from. The model was not changed.")
 
 
 def _check_saved(model: nn.Module, settings: SLTrainSettings, f) -> None:
