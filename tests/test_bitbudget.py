@@ -13,6 +13,7 @@ from peft import get_peft_model
 
 from sparse_lowrank_peft import SLTrainConfig, SoraConfig
 from sparse_lowrank_peft.delta import bitbudget as bb
+from sparse_lowrank_peft.delta import quant
 
 pytest.importorskip("bitsandbytes", reason="bit budgets use bitsandbytes NF4 candidates")
 pytest.importorskip("hqq", reason="bit budgets use HQQ candidates (pip install hqq)")
@@ -85,6 +86,21 @@ def test_solve_is_optimal_on_a_table_small_enough_to_enumerate(table):
 def test_budget_below_the_cheapest_plan_is_refused(table):
     with pytest.raises(ValueError, match=r"budget_bits=1.0 is below the smallest plan.*Fix: a budget of at least"):
         bb.solve(table, 1.0)
+
+
+def test_api_misuse_gets_a_clear_error(table):
+    """Each raised a raw TypeError / KeyError / AttributeError, or (a misspelled choice) was silently dropped."""
+    with pytest.raises(ValueError, match="budget_bits='3' must be a positive number"):
+        bb.solve(table, "3")
+    with pytest.raises(ValueError, match=r"choices \['bnb-nf5'\] were not measured"):
+        bb.solve(table, 4.5, choices=["bnb-nf4", "bnb-nf5"])
+    with pytest.raises(ValueError, match="plan_summary: the table has no measurement for"):
+        bb.plan_summary(table, {"no.such.layer": "bnb-nf4"})
+    layer = next(iter(table.numel))
+    one = bb.plan_summary(table, {layer: "bnb-nf4"})  # over the matrices the plan covers, not the whole table
+    assert one["bits_per_param"] == pytest.approx(table.bits[layer]["bnb-nf4"] / table.numel[layer])
+    with pytest.raises(ValueError, match="max_iter=0 must be a positive int"):
+        quant.lq_decompose(torch.randn(8, 8), 2, max_iter=0)
 
 
 def test_choice_spellings():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
@@ -401,6 +402,12 @@ def solve(table: PlanTable, budget_bits: float, choices: Optional[Iterable[str]]
     names = list(choices) if choices is not None else table.choices()
     if not layers or not names:
         raise ValueError("solve: the measurement table is empty. Fix: run bitbudget.measure on the model's linears.")
+    if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0 < budget_bits < math.inf:
+        raise ValueError(f"solve: budget_bits={budget_bits!r} must be a positive number of bits per parameter.")
+    unmeasured = [c for c in names if c not in table.choices()]
+    if unmeasured:
+        raise ValueError(f"solve: choices {unmeasured} were not measured in this table (it has {table.choices()}). "
+                         "Fix: choose among those, or measure the others too.")
     total = sum(table.numel.values())
     missing = [l for l in layers if not any(c in table.bits[l] for c in names)]
     if missing:
@@ -430,8 +437,13 @@ def solve(table: PlanTable, budget_bits: float, choices: Optional[Iterable[str]]
 
 
 def plan_summary(table: PlanTable, plan: dict[str, str]) -> dict:
-    """Average stored bits per parameter and summed error of ``plan``."""
-    total = sum(table.numel.values())
+    """Average stored bits per parameter and summed error of ``plan``, over the matrices it covers (which must be
+    the table's with measured configurations)."""
+    missing = [f"{l}: {c}" for l, c in plan.items() if c not in table.bits.get(l, {})]
+    if missing:
+        raise ValueError(f"plan_summary: the table has no measurement for {missing[:3]}. Fix: a plan of this table's "
+                         "matrices and configurations (bitbudget.solve).")
+    total = sum(table.numel[l] for l in plan)
     return {
         "bits_per_param": sum(table.bits[l][c] for l, c in plan.items()) / total,
         "error": sum(table.error[l][c] for l, c in plan.items()),

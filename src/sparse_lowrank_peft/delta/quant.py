@@ -480,6 +480,8 @@ def lq_decompose(
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"lq_decompose: rank={rank!r} must be a positive int.")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"lq_decompose: max_iter={max_iter!r} must be a positive int (1 is LoftQ's single pass).")
     W = W.detach().to(torch.float32)  # what the quantizer sees
     if rank > min(W.shape):
         raise ValueError(f"lq_decompose: rank={rank} exceeds min(out, in)={min(W.shape)}.")
