@@ -279,7 +279,8 @@ def load_init_adapter(peft_model, path: str, head_modules: Sequence[str]) -> dic
     if not (folder / "adapter_config.json").is_file():
         raise GlueError(
             f"init_adapter '{path}' is not an adapter folder (no adapter_config.json). Point it at the 'adapter' "
-            "folder of a finished run, e.g. runs/glue/roberta-base/lora-mnli/adapter."
+            "folder of a finished run, e.g. runs/glue/roberta-base/<method>-mnli/adapter (a recipe that starts from "
+            "MNLI needs the same method's -mnli recipe run first, from the same working directory)."
         )
     source = PeftConfig.from_pretrained(str(folder))
     target = peft_model.peft_config["default"]

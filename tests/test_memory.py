@@ -1,6 +1,6 @@
 """Peak memory of an SLTrain training step on a 4096x4096 layer: at most one transient out×in above the unavoidable.
 
-The rule (DESIGN.md): no code path *keeps* a dense out×in matrix per layer (saved for backward, cached, or a dense
+The package's memory rule: no code path *keeps* a dense out×in matrix per layer (saved for backward, cached, or a dense
 gradient of the weight's size); a transient ``W0 + S`` in the compute dtype, built and freed inside one layer's op,
 is allowed (the fused-weight path, ``delta/fused.py``). So the bound on a training step is one out×in buffer above
 the unavoidable tensors, on both paths of the dispatcher.

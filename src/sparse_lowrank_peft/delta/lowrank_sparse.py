@@ -7,7 +7,8 @@ NeurIPS 2024, arXiv 2406.02214) parametrises every weight as ``W = s·B·A + S``
 Forward builds the transient ``W`` in the compute dtype (one ``out × r × in`` GEMM, then the values added into its
 flat view at ``support.flat()``), does the one ``F.linear`` a dense layer does, and frees ``W``. Only ``x``, ``B``,
 ``A`` and the values are saved (the parameters exist anyway), so a layer keeps no ``out × in`` tensor between forward
-and backward. Backward, in this order, so at most one ``out × in`` transient is alive at a time (DESIGN.md):
+and backward. Backward, in this order, so at most one ``out × in`` transient is alive at a time (the package's memory
+rule, ``tests/test_memory.py``):
 
 1. ``G = gᵀ·x`` (``out × in``, the weight gradient a dense layer would form), then ``∂B = s·G·Aᵀ``,
    ``∂A = s·Bᵀ·G``, ``∂v = G.flatten()[flat]``; ``G`` is freed;
