@@ -148,12 +148,33 @@ def mnli_adapters(tmp_path_factory):
     return adapter
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO_ROOT).as_posix())
-def test_every_recipe_dry_runs(path, stand_in_glue, mnli_adapters, capsys):
+# Dry runs that repeat, on every encoder linear or with another objective, what a faster dry run of the same kind
+# already builds in the default run (the LQ split on a plan: sltrain-plan2.75-lq / -qv; LQ on all linears:
+# lora-nf4-lq-all; a measured plan: sltrain-plan2.75-lq): 4 to 24 s each on 2 cores, 70 s together. They run with
+# -m slow; the default run still validates their configs (test_recipe_is_valid_and_starts_with_its_command).
+SLOW_DRY_RUNS = {
+    "recipes/minilm/sltrain-plan2.75fisher-lq-sst2.yaml", "recipes/minilm/lora-plan2.75-lq-all-sst2.yaml",
+    "recipes/minilm/sltrain-hqq2g64-lq-all-sst2.yaml", "recipes/minilm/sltrain-plan2.75-lq-all-sst2.yaml",
+    "recipes/minilm/sltrain-plan2.75output-lq-sst2.yaml", "recipes/minilm/sltrain-plan3.5qv-lq-sst2.yaml",
+    "recipes/minilm/sltrain-hqq3g128-lq-sst2.yaml",
+}
+DRY_RUNS = [pytest.param(p, marks=[pytest.mark.slow] if p.relative_to(REPO_ROOT).as_posix() in SLOW_DRY_RUNS else [],
+                         id=p.relative_to(REPO_ROOT).as_posix()) for p in RECIPES]
+
+
+def test_the_slow_dry_runs_are_recipes():
+    assert SLOW_DRY_RUNS <= {p.relative_to(REPO_ROOT).as_posix() for p in RECIPES}
+
+
+@pytest.mark.parametrize("path", DRY_RUNS)
+def test_every_recipe_dry_runs(path, request, capsys):
     """``python -m glue.run RECIPE model=minilm --dry-run`` (the RoBERTa recipes on the bundled MiniLM, offline): the
     config, the data, the model with its method, 4-bit base and initial adapter are built; nothing is written.
     ``init_adapter`` points at an MNLI adapter made here, LQ-LoRA's split makes one of its 20 alternations (an
     all-linear MiniLM recipe: 10.6 s with two, 8.2 s with one), and a Fisher-weighted plan reads 2 batches."""
+    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow dry run (SLOW_DRY_RUNS): run it with `python -m pytest -m slow`")
+    stand_in_glue, mnli_adapters = request.getfixturevalue("stand_in_glue"), request.getfixturevalue("mnli_adapters")
     text = path.read_text(encoding="utf-8")
     if "quantize: plan" in text:
         pytest.importorskip("hqq", reason="a bit-budget recipe's configurations need hqq (the hqq extra)")

@@ -121,20 +121,11 @@ class LQInitFields:
             config.lq_fisher = load_fisher(_adapter_file(pretrained_model_name_or_path, config.lq_fisher, subfolder,
                                                          kwargs))
         if config.init_weights == "lq":  # LQ quantizes the base before PEFT loads (and checks) the weights
-            config._saved_shapes = _saved_shapes(pretrained_model_name_or_path, subfolder)
+            from .delta.quant import saved_shapes
+
+            folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+            config._saved_shapes = saved_shapes(os.path.join(folder, "adapter_model.safetensors"))
         return config
-
-
-def _saved_shapes(path: str, subfolder: Optional[str]) -> Optional[dict[str, tuple]]:
-    """``{tensor name: shape}`` of a local adapter folder's weights file (read without loading), else None."""
-    folder = os.path.join(path, subfolder) if subfolder else path
-    file = os.path.join(folder, "adapter_model.safetensors")
-    if not os.path.isfile(file):
-        return None
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def _saved_with(path_or_repo: str, field_name: str, subfolder: Optional[str], kwargs: dict) -> bool:

@@ -96,7 +96,9 @@ def load_lq_lora(model: nn.Module, path: str, adapter_name: str = "default", **k
     quant.warn_on_other_quantizers(settings.get("quantizers"), settings["plan"], f"{LQ_LORA_FILE} in {path!r}")
     fisher = (quant.load_fisher(os.path.join(path, settings["fisher_file"]))
               if settings.get("fisher_file") else {})
-    _check_saved_shapes(model, path, settings["targets"])
+    saved = quant.saved_shapes(os.path.join(path, "adapter_model.safetensors"))
+    quant.check_saved_factors(model, settings["targets"], saved, ("lora_A.weight", "lora_B.weight"),
+                              f"load_lq_lora({path!r})")
     if settings["plan"]:
         quant.check_plan(model, settings["plan"], settings["targets"], f"{LQ_LORA_FILE} in {path!r}: plan")
     quant.check_lq_layers(model, settings["targets"], settings["rank"], fisher.get, f"{LQ_LORA_FILE} in {path!r}")
@@ -154,28 +156,6 @@ def _check_targets(model, targets: list[str], source: str) -> None:
     if wrong:
         raise ValueError(f"{source}: LQ-LoRA quantizes full-precision nn.Linear layers, but {wrong[:3]} are not. "
                          "Fix: load the model in full precision (no BitsAndBytesConfig) and target its linears.")
-
-
-def _check_saved_shapes(model, path: str, targets: list[str]) -> None:
-    """The saved LoRA factors fit the model's layers (``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``): checked before
-    the targets are quantized, since PEFT's own check comes after (and the full-precision weights are gone)."""
-    from safetensors import safe_open
-
-    file = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(file):
-        return  # PEFT names the missing file itself
-    with safe_open(file, framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    for key in targets:
-        layer = model.get_submodule(key)
-        for factor, dim, size in (("lora_A", 1, layer.in_features), ("lora_B", 0, layer.out_features)):
-            saved = next((v for k, v in shapes.items() if k.endswith(f"{key}.{factor}.weight")), None)
-            if saved is not None and saved[dim] != size:
-                raise ValueError(
-                    f"load_lq_lora: the adapter in {path!r} has {factor} of shape {saved} for '{key}', which is "
-                    f"{layer.out_features}x{layer.in_features} in this model. The adapter was trained on another "
-                    "base. Fix: load it onto that model. The model was not changed."
-                )
 
 
 def _has(model, name: str) -> bool:

@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import copy as _copy
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -779,6 +780,33 @@ def check_lq_layers(model: nn.Module, targets: Iterable[str], rank: int, fisher:
                 "are). Fix: recompute them with fisher_row_col_weights; a NaN loss in the calibration batches makes "
                 "NaN weights. The model was not changed."
             )
+
+
+def saved_shapes(file: str) -> Optional[dict[str, tuple]]:
+    """``{tensor name: shape}`` of a safetensors file, read without loading the tensors; None if there is no file."""
+    if not os.path.isfile(file):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_saved_factors(model: nn.Module, targets: Iterable[str], shapes: Optional[dict], factors: tuple[str, str],
+                        owner: str) -> None:
+    """An adapter's saved factors fit the model's layers before LQ replaces their weights (PEFT checks the shapes it
+    loads only after injection): the tensor named ``<target>.<factors[0]>`` has the layer's input size as its last
+    dimension, ``<target>.<factors[1]>`` its output size as its first."""
+    for key in targets:
+        layer = model.get_submodule(key)
+        for factor, dim, size in ((factors[0], -1, layer.in_features), (factors[1], 0, layer.out_features)):
+            shape = next((v for k, v in (shapes or {}).items() if k.endswith(f"{key}.{factor}")), None)
+            if shape is not None and shape[dim] != size:
+                raise ValueError(
+                    f"{owner}: the adapter's {factor} of '{key}' has shape {shape}, but the layer is "
+                    f"{layer.out_features}x{layer.in_features} in this model. It was saved for another base model. "
+                    "Fix: load it on the base model it was trained on. The model was not changed."
+                )
 
 
 def fisher_for_modules(keys: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -146,17 +146,8 @@ class DeltaModel(BaseTuner):
 
         linears = [key for key in targeted if type(model.get_submodule(key)) is nn.Linear]
         quant.check_lq_layers(model, linears, config.r, fisher, type(config).__name__)
-        saved = getattr(config, "_saved_shapes", None) or {}
-        for key in linears:
-            layer = model.get_submodule(key)
-            for factor, dim, size in ((f"{cls.prefix}A", -1, layer.in_features), (f"{cls.prefix}B", 0, layer.out_features)):
-                shape = next((v for k, v in saved.items() if k.endswith(f"{key}.{factor}")), None)
-                if shape is not None and shape[dim] != size:
-                    raise ValueError(
-                        f"The adapter checkpoint does not fit this model: its {factor} of '{key}' has shape {shape}, "
-                        f"but the layer is {layer.out_features}x{layer.in_features}. It was saved for another base "
-                        "model. Fix: load it on the base model it was trained on. The model was not changed."
-                    )
+        quant.check_saved_factors(model, linears, getattr(config, "_saved_shapes", None),
+                                  (f"{cls.prefix}A", f"{cls.prefix}B"), "The adapter checkpoint does not fit")
 
     @staticmethod
     def _validate_token_indices(model: nn.Module, config) -> None:
