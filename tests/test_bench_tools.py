@@ -35,6 +35,15 @@ def _glue_dir() -> Path | None:
     return None
 
 
+@pytest.fixture
+def slow_selected(request):
+    """Skip unless the run selected slow tests (``-m slow``). The bench smoke runs marked so (8-10 s each on 2 cores)
+    repeat checks the default run makes on the library itself (tests/test_compile.py, test_bitbudget.py, the GLUE
+    runner's tests); they check the scripts."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow test: run it with `python -m pytest -m slow`")
+
+
 @pytest.fixture(scope="module")
 def quick_throughput(tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput") / "throughput-cpu-quick.json"
@@ -76,7 +85,8 @@ def test_throughput_print_mode(quick_throughput, capsys):
     assert "| PEFT LoRA r=8 |" in text and "| target |" in text and "quick" in text
 
 
-def test_quality_smoke_cell_is_written_and_not_rerun(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_quality_smoke_cell_is_written_and_not_rerun(tmp_path, monkeypatch, slow_selected):
     glue_dir = _glue_dir()
     if glue_dir is None:
         pytest.skip("no GLUE RTE files here (set GLUE_DIR)")
@@ -475,7 +485,8 @@ def test_sora_gates_fates_and_total_shrinkage():
     assert sora_gates.sparse_lambda_of(no_lambda) == SoraConfig().sparse_lambda
 
 
-def test_bitbudget_bench_output_objective_and_its_results_section(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_bitbudget_bench_output_objective_and_its_results_section(tmp_path, monkeypatch, slow_selected):
     """bench/bitbudget.py --objective output on two MiniLM linears: a table of output changes, each plan's and
     uniform configuration's measured output change, a re-solve from the saved file, and the docs section."""
     pytest.importorskip("hqq")
@@ -683,7 +694,8 @@ def test_eval_adapter_reference_agreement_and_its_table(tmp_path, capsys):
     assert "| sst2 | lora-lq-trained | reference | – |" in "\n".join(rows)
 
 
-def test_compile_bench_records_graphs_breaks_and_agreement(tmp_path):
+@pytest.mark.slow
+def test_compile_bench_records_graphs_breaks_and_agreement(tmp_path, slow_selected):
     """bench/compile.py on the tiny BERT (aot_eager: no C++ compiler; SoRA alone, tests/test_compile.py checks every
     tuner): one graph, agreeing with eager; the file records where it ran."""
     out = tmp_path / "compile.json"
