@@ -20,7 +20,6 @@ What a run does, in this order, so that a mistake in the recipe or the data is r
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -33,8 +32,8 @@ from glue.errors import GlueError
 from glue.model import model_short_name
 from glue.run import list_methods, recipe_main
 from glue.train import (
-    check_target_rank, export_lora, is_main_process, method_results, run_callbacks, squeeze_after_training,
-    trainer_class,
+    check_target_rank, checkpoint_step, export_lora, is_main_process, method_results, run_callbacks,
+    squeeze_after_training, trainer_class,
 )
 
 from causal_lm.config import LMRunConfig, build_config, validate_config
@@ -257,7 +256,7 @@ def _resumed_step(out: Path) -> int:
     """The step of the checkpoint ``--resume`` continues from (transformers' choice: the last one)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    return int(json.loads((Path(get_last_checkpoint(str(out))) / "trainer_state.json").read_text())["global_step"])
+    return checkpoint_step(get_last_checkpoint(str(out)))
 
 
 def results_record(cfg, data, built, trainer, output, losses, adapter, extras, seconds, first_step: int = 1) -> dict:
