@@ -169,6 +169,24 @@ def test_bad_targets_raise_before_any_change():
     assert not any(isinstance(m, SLTrainLinear) for m in model.modules())
 
 
+def test_a_second_call_adds_its_targets_to_the_saved_settings(tmp_path):
+    """Converting in two calls (attention first, MLP later) records both calls' targets, and the saved model reloads
+    all 14 layers; a regex in either call leaves the names of every replaced module."""
+    model = to_sltrain(tiny_llama(), ["q_proj", "v_proj"], rank=4, density=0.05)
+    to_sltrain(model, ["v_proj", "up_proj"], rank=4, density=0.05)
+    assert model.sltrain_settings.target_modules == ["q_proj", "v_proj", "up_proj"]
+    assert len(model.sltrain_settings.modules) == 6
+    mixed = to_sltrain(tiny_llama(), r".*\.q_proj", rank=4, density=0.05)
+    to_sltrain(mixed, ["down_proj"], rank=4, density=0.05)
+    assert mixed.sltrain_settings.target_modules == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    save_sltrain(mixed, tmp_path / "m")
+    reloaded = load_sltrain(tiny_llama(seed=3), tmp_path / "m")
+    assert sorted(n for n, m in reloaded.named_modules() if isinstance(m, SLTrainLinear)) == sorted(
+        mixed.sltrain_settings.modules)
+
+
 # ------------------------------------------------------------------------------------------------------------ per-layer
 def _train(model, make_opt, per_layer: bool, steps: int = 3):
     if per_layer:
@@ -239,6 +257,31 @@ def test_per_layer_optimizer_under_trainer(tmp_path):
         check_trainer_args(TrainingArguments(output_dir=str(tmp_path)))
 
 
+def test_accumulating_over_micro_batches_is_refused_at_the_first_step(tmp_path):
+    """Per-layer updates step inside every backward, so two backward passes before ``step()`` were two updates: the
+    first ``step()`` says so (a plain loop, and a Trainer with gradient accumulation whose arguments were not
+    checked with ``check_trainer_args``)."""
+    from transformers import Trainer, TrainingArguments
+
+    model = to_sltrain(tiny_llama(), LLAMA_TARGETS, rank=4, density=0.05).train()
+    opt = PerLayerOptimizer(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.1))
+    for step in range(2):  # one backward per step: fine
+        model(input_ids=ids(step), labels=ids(step)).loss.backward()
+        opt.step()
+    for micro in range(2):
+        model(input_ids=ids(micro), labels=ids(micro)).loss.backward()
+    with pytest.raises(RuntimeError, match=r"2 backward passes ran since the last optimizer.step\(\)"):
+        opt.step()
+    opt.step()  # counted afresh after the error
+    data = [{"input_ids": ids(i, batch=1)[0], "labels": ids(i, batch=1)[0]} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             max_steps=1, max_grad_norm=0.0, report_to=[], save_strategy="no", disable_tqdm=True,
+                             use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
+    with pytest.raises(RuntimeError, match="gradient_accumulation_steps=1"):
+        trainer.train()
+
+
 # ------------------------------------------------------------------------------------------------------------ save/load
 RELOAD = textwrap.dedent(
     r"""
@@ -276,6 +319,27 @@ def test_save_and_reload_in_a_fresh_process(tmp_path):
     reloaded = load_sltrain(tiny_llama(seed=1), folder).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, expected, rtol=0, atol=0)
+
+
+def test_a_bfloat16_model_reloads_from_its_config_in_bfloat16(tmp_path):
+    """A model trained in bfloat16 and saved reloads from its own config.json in bfloat16 with every saved tensor
+    bit for bit (the config records no dtype when the model was cast after it was built, so the settings file
+    carries it). Outputs are not compared: ``.to(bfloat16)`` also cast RoPE's unsaved ``inv_freq`` buffer, which
+    transformers builds in float32 for a model created in bfloat16."""
+    model = to_sltrain(tiny_llama(), LLAMA_TARGETS, rank=4, density=0.05, seed=5).to(torch.bfloat16)
+    randomize_factors(model)
+    save_sltrain(model, tmp_path / "bf16")
+    reloaded = load_sltrain(None, tmp_path / "bf16")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    saved, got = model.state_dict(), reloaded.state_dict()
+    assert saved.keys() == got.keys()
+    for name in saved:
+        assert got[name].dtype == saved[name].dtype and torch.equal(got[name], saved[name]), name
+    # a model passed in keeps its own dtype and takes the saved values
+    fp32 = load_sltrain(tiny_llama(seed=1), tmp_path / "bf16")
+    assert fp32.model.layers[0].self_attn.q_proj.lowrank_B.dtype == torch.float32
+    torch.testing.assert_close(fp32.model.layers[0].self_attn.q_proj.lowrank_B,
+                               model.model.layers[0].self_attn.q_proj.lowrank_B.float(), rtol=0, atol=0)
 
 
 def _tamper(folder, edit):

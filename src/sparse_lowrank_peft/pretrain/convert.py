@@ -33,7 +33,11 @@ WEIGHTS_NAME = "sltrain_model.safetensors"
 class SLTrainSettings:
     """What :func:`to_sltrain` was called with and the layers it replaced (saved as ``sltrain_config.json``).
 
-    ``modules`` maps each replaced module's name to ``[out_features, in_features, dense_kind, has_bias]``.
+    ``modules`` maps each replaced module's name to ``[out_features, in_features, dense_kind, has_bias]``;
+    ``target_modules`` is what the call (or calls) named: a second call on the same model adds its names, and where
+    either call gave a regex it becomes the list of the replaced modules' names. ``dtype`` is the SLTrain layers'
+    parameter dtype at save time (``"bfloat16"``...), in which :func:`load_sltrain` builds a model from a config;
+    None in files saved before it was recorded (the model is then built in transformers' default dtype).
     """
 
     rank: int
@@ -42,6 +46,7 @@ class SLTrainSettings:
     seed: int
     target_modules: list[str] | str
     modules: dict[str, list] = field(default_factory=dict)
+    dtype: str | None = None
 
 
 def _matches(name: str, targets: list[str] | str) -> bool:
@@ -67,6 +72,14 @@ def _targets(model: nn.Module, target_modules: list[str] | str) -> list[tuple[st
             "A module matches if its name equals a target or ends with '.' + target."
         )
     return found
+
+
+def _joined_targets(before, added, added_names: list[str], before_names: list[str]) -> list[str] | str:
+    """The targets of two :func:`to_sltrain` calls on one model: both lists joined, or, where either is a regex
+    (which one list cannot hold beside names), the names of every module the two replaced."""
+    if isinstance(before, str) or isinstance(added, str):
+        return before_names + [n for n in added_names if n not in before_names]
+    return list(before) + [t for t in added if t not in before]
 
 
 def _shape(module: nn.Module) -> tuple[int, int, str]:
@@ -116,6 +129,8 @@ def to_sltrain(
                 f"alpha={previous.alpha}, seed={previous.seed}; one model takes one setting (call to_dense first)."
             )
         settings = previous
+        settings.target_modules = _joined_targets(previous.target_modules, target_modules, [n for n, _ in targets],
+                                                  list(previous.modules))
     for name, old in targets:
         out_features, in_features, kind = _shape(old)
         ref = old.weight
@@ -189,8 +204,10 @@ def save_sltrain(model: nn.Module, folder: str | os.PathLike) -> None:
         raise ValueError("save_sltrain: the model has no SLTrain layers (call to_sltrain first).")
     os.makedirs(folder, exist_ok=True)
     save_model(model, os.path.join(folder, WEIGHTS_NAME))  # shared (tied) tensors are stored once
+    layer = next(m for m in model.modules() if isinstance(m, SLTrainLinear))
+    record = {**asdict(settings), "dtype": str(layer.lowrank_B.dtype).removeprefix("torch.")}
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(asdict(settings), f, indent=2)
+        json.dump(record, f, indent=2)
     if hasattr(getattr(model, "config", None), "save_pretrained"):
         model.config.save_pretrained(folder)
 
@@ -204,9 +221,10 @@ def load_sltrain(model_or_config=None, folder: str | os.PathLike = ".") -> nn.Mo
     mismatched file raises ``ValueError`` naming the tensor.
 
     Args:
-        model_or_config: a freshly built dense model of the saved architecture (e.g. ``LlamaForCausalLM(config)``),
-            a transformers ``PretrainedConfig`` (the model is built with ``AutoModelForCausalLM.from_config``), or
-            None (the ``config.json`` in ``folder`` is used).
+        model_or_config: a freshly built dense model of the saved architecture (e.g. ``LlamaForCausalLM(config)``;
+            its tensors keep their dtypes and take the saved values), a transformers ``PretrainedConfig`` (the model
+            is built with ``AutoModelForCausalLM.from_config`` in the saved layers' dtype, so a model saved in
+            bfloat16 reloads in bfloat16), or None (the ``config.json`` in ``folder`` is used).
         folder: what :func:`save_sltrain` wrote.
     """
     from safetensors import safe_open
@@ -214,7 +232,7 @@ def load_sltrain(model_or_config=None, folder: str | os.PathLike = ".") -> nn.Mo
 
     with open(os.path.join(folder, CONFIG_NAME)) as f:
         settings = SLTrainSettings(**json.load(f))
-    model = _build(model_or_config, folder)
+    model = _build(model_or_config, folder, settings.dtype)
     weights = os.path.join(folder, WEIGHTS_NAME)
     with safe_open(weights, framework="pt") as f:
         _check_saved(model, settings, f)
@@ -232,13 +250,17 @@ def load_sltrain(model_or_config=None, folder: str | os.PathLike = ".") -> nn.Mo
     return model
 
 
-def _build(model_or_config, folder) -> nn.Module:
+def _build(model_or_config, folder, dtype: str | None) -> nn.Module:
     if isinstance(model_or_config, nn.Module):
         return model_or_config
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = model_or_config if model_or_config is not None else AutoConfig.from_pretrained(folder)
-    return AutoModelForCausalLM.from_config(config)
+    built_in = getattr(torch, dtype, dtype) if dtype is not None else None
+    if built_in is not None and not (isinstance(built_in, torch.dtype) and built_in.is_floating_point):
+        raise ValueError(f"load_sltrain: {CONFIG_NAME} in {folder} names dtype={dtype!r}, not a torch floating dtype; "
+                         "the file was edited or corrupted: re-save the model.")
+    return AutoModelForCausalLM.from_config(config, **({"dtype": built_in} if built_in is not None else {}))
 
 
 def _check_plain(model: nn.Module, settings: SLTrainSettings, f) -> None:

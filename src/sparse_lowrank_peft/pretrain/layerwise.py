@@ -13,7 +13,8 @@ whose update of a parameter depends on that parameter's gradient and state only 
 
 What it cannot do (by construction): clip gradients by their *global* norm (the whole-model gradient never exists;
 clip per parameter inside ``optimizer_factory``'s optimizer if needed), and accumulate gradients over several
-backward passes (every backward steps). See :func:`check_trainer_args` for ``transformers.Trainer``.
+backward passes (every backward steps; ``step()`` raises when it sees more than one backward since the previous
+call). See :func:`check_trainer_args` for ``transformers.Trainer``: it refuses both before training starts.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self._params = plist
         self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
         self.enabled = True
+        self._steps_since_step = 0  # hook steps of any one parameter since the last step(): more than 1 = accumulation
+        self._stepped: set[int] = set()
         self._take_over(plist)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in plist]
 
@@ -83,9 +86,26 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         opt = self.optimizers[id(param)]
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if id(param) in self._stepped:  # a second backward before step(): the caller meant to accumulate
+            self._steps_since_step += 1
+            self._stepped.clear()
+        self._stepped.add(id(param))
 
     def step(self, closure=None):
-        """A no-op (every parameter was stepped during backward); evaluates ``closure`` if given."""
+        """A no-op (every parameter was stepped during backward); evaluates ``closure`` if given.
+
+        Raises ``RuntimeError`` if a parameter was stepped by more than one backward since the previous call: the
+        caller accumulates gradients over micro-batches (e.g. ``Trainer`` with ``gradient_accumulation_steps > 1``),
+        which per-layer updates cannot do; each micro-batch was an update of its own."""
+        passes, self._steps_since_step = self._steps_since_step + 1, 0
+        self._stepped.clear()
+        if passes > 1:
+            raise RuntimeError(
+                f"PerLayerOptimizer: {passes} backward passes ran since the last optimizer.step(), and each updated "
+                "the parameters (per-layer updates step inside backward): gradients cannot be accumulated over "
+                "micro-batches. Use one backward per step (Trainer: gradient_accumulation_steps=1, a larger "
+                "per-device batch; check_trainer_args(args) catches this before training)."
+            )
         if closure is not None:
             with torch.enable_grad():
                 return closure()
