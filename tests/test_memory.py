@@ -6,18 +6,18 @@ is allowed (the fused-weight path, ``delta/fused.py``). So the bound on a traini
 the unavoidable tensors, on both paths of the dispatcher.
 
 Measured as the process's peak resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) in a fresh
-process per measurement, so nothing else pollutes it: one subprocess imports torch and peft once (6-8 s on 2 cores)
-and forks a child for each measurement before it runs any torch op. A densifying implementation (PEFT's approach: scatter
-the values into a dense copy of W, then F.linear, which saves that copy for backward; autograd then builds a dense
-weight gradient too) runs through the same measurement as the positive control: it keeps one out×in from forward to
-backward and adds the gradient's, so the probe must see it above the bound.
+process per measurement, so nothing else pollutes it: one process (a child of the test session's fork server, which
+imported torch and peft once: ``_forkserver``) forks a child for each measurement before it runs any torch op. A
+densifying implementation (PEFT's approach: scatter the values into a dense copy of W, then F.linear, which saves
+that copy for backward; autograd then builds a dense weight gradient too) runs through the same measurement as the
+positive control: it keeps one out×in from forward to backward and adds the gradient's, so the probe must see it
+above the bound.
 """
 
 from __future__ import annotations
+from _forkserver import fresh_python
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -112,10 +112,7 @@ JOBS = [("densify", "sltrain"), ("spmm", "sltrain"), ("fused", "sltrain"), ("spm
 @pytest.fixture(scope="module")
 def measured() -> dict:
     """``{(mode, tuner): {"peak_above_base", "unavoidable"}}`` of every measurement, all from one subprocess."""
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(D), str(TOKENS), json.dumps(JOBS)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
+    out = fresh_python(["-c", PROBE, str(D), str(TOKENS), json.dumps(JOBS)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     return {tuple(row.pop("job")): row for row in rows}
