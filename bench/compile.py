@@ -4,9 +4,11 @@ For each model family (a tiny BERT with query/value adapted, a tiny LLaMA with e
 (PEFT's LoRA for comparison), one forward and backward in eager mode and one through ``torch.compile`` (inductor by
 default): the maximum absolute difference of the outputs and of every trainable parameter's gradient, the graph and
 graph-break counts and the distinct break reasons from ``torch._dynamo.explain``, the recompilations Dynamo logged,
-and the seconds of the first compiled step (tracing and code generation).
+the seconds of the first compiled step (tracing and code generation), and the steady step time of each (the median
+of ``--steps`` forward + backward steps after the first, eager and compiled interleaved): on models this small a step
+is mostly per-op overhead, which is what graph breaks add.
 
-    python bench/compile.py [--backend inductor] [--families bert llama] [--tuners ...] [--out FILE.json]
+    python bench/compile.py [--backend inductor] [--families bert llama] [--tuners ...] [--steps 15] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -73,8 +75,22 @@ class _Recompiles(logging.Handler):
             self.count += 1
 
 
-def measure(family: str, name: str, cls, fields: dict, backend: str) -> dict:
-    """One tuner on one family: eager step, Dynamo's explanation, compiled step."""
+def steady_steps(pm, compiled, inputs, steps: int) -> tuple[float, float]:
+    """Median milliseconds of an eager and of a compiled step, ``steps`` of each, interleaved (so that a change of
+    the machine's load falls on both)."""
+    import statistics
+
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(steps):
+        for kind, model in (("eager", pm), ("compiled", compiled)):
+            start = time.perf_counter()
+            step(pm, model, inputs)
+            times[kind].append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times["eager"]), statistics.median(times["compiled"])
+
+
+def measure(family: str, name: str, cls, fields: dict, backend: str, steps: int) -> dict:
+    """One tuner on one family: eager step, Dynamo's explanation, compiled step, steady step times."""
     import torch._dynamo
     from peft import get_peft_model
 
@@ -93,6 +109,7 @@ def measure(family: str, name: str, cls, fields: dict, backend: str) -> dict:
         first = time.perf_counter() - start
     finally:
         logging.getLogger("torch._dynamo").removeHandler(handler)
+    eager_ms, compiled_ms = steady_steps(pm, compiled, inputs, steps)
     return {
         "family": family, "tuner": name, "graphs": explanation.graph_count,
         "graph_breaks": explanation.graph_break_count,
@@ -101,6 +118,7 @@ def measure(family: str, name: str, cls, fields: dict, backend: str) -> dict:
         "max_abs_output_diff": float((got - expected).abs().max()),
         "max_abs_grad_diff": max(float((grads[k] - expected_grads[k]).abs().max()) for k in expected_grads),
         "max_abs_grad": max(float(g.abs().max()) for g in expected_grads.values()),
+        "eager_step_ms": round(eager_ms, 2), "compiled_step_ms": round(compiled_ms, 2), "steps": steps,
     }
 
 
@@ -109,16 +127,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (inductor, aot_eager, eager)")
     parser.add_argument("--families", nargs="+", default=["bert", "llama"], choices=["bert", "llama"])
     parser.add_argument("--tuners", nargs="+", default=list(configs()), choices=list(configs()))
+    parser.add_argument("--steps", type=int, default=15, help="steady steps timed per mode (median)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "compile-cpu.json"))
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
-    rows = [measure(family, name, cls, fields, args.backend)
+    rows = [measure(family, name, cls, fields, args.backend, args.steps)
             for family in args.families for name, (cls, fields) in configs().items() if name in args.tuners]
     for r in rows:
         print(f"{r['family']:6s} {r['tuner']:16s} graphs {r['graphs']:3d} breaks {r['graph_breaks']:3d} "
               f"recompile warnings {r['recompile_warnings']:2d} first step {r['first_compiled_step_s']:6.2f} s "
               f"out diff {r['max_abs_output_diff']:.1e} grad diff {r['max_abs_grad_diff']:.1e} "
-              f"(max |grad| {r['max_abs_grad']:.1e})")
+              f"(max |grad| {r['max_abs_grad']:.1e}) step eager {r['eager_step_ms']:.1f} ms, compiled "
+              f"{r['compiled_step_ms']:.1f} ms")
     commit, dirty = git_commit("bench/compile.py")
     result = {"bench": "compile", "backend": args.backend, "device": device_info(torch.device("cpu")),
               "versions": versions(), "git_commit": commit, "git_dirty": dirty, "threads": torch.get_num_threads(),

@@ -479,24 +479,31 @@ def compile_section(results: Path, base: Path) -> list[str]:
         for r in (_load(old) or {}).get("rows", []):
             before[(r["family"], r["tuner"])] = (r, old)
     dev = data.get("device") or {}
+    timed = all("compiled_step_ms" in r for r in data.get("rows") or [])
     lines += [
         f"`python bench/compile.py` (backend {data.get('backend')}, {dev.get('name')} with {data.get('threads')} "
         f"threads; commit {_commit(data.get('git_commit'), data.get('git_dirty'))}; file `{_link(path, base)}`): one "
         "forward and backward of a tiny model (BERT: query/value adapted; LLaMA: every linear), compiled against "
-        "eager. A layer with a sparse term runs eagerly between the compiled parts (`DeltaLayer._eager_forward`)."
+        "eager. SLTrain's sparse term is traced as custom ops (`delta.custom_ops`); a layer that cannot be traced "
+        "(sparse RandLoRA's factored term, a sparse term on a 4-bit base) runs eagerly between the compiled parts "
+        "(`DeltaLayer._eager_forward`)."
+        + (" Steady steps: the median of the file's `steps` forward + backward steps after the first, eager and "
+           "compiled interleaved; at this size a step is mostly per-op overhead." if timed else "")
         + (" *Before*: the same script on the commit named in its file, before that change." if before else ""),
         "",
         "| model | tuner | graphs | graph breaks | break reasons | first compiled step | max output diff | "
-        "max gradient diff (max gradient) | before: graphs, first step |",
-        "|:---|:---|---:|---:|:---|---:|---:|---:|:---|",
+        "max gradient diff (max gradient) |" + (" step eager / compiled |" if timed else "")
+        + " before: graphs, first step |",
+        "|:---|:---|---:|---:|:---|---:|---:|---:|" + ("---:|" if timed else "") + ":---|",
     ]
     for r in data.get("rows") or []:
         old = before.get((r["family"], r["tuner"]))
         then = f"{old[0]['graphs']}, {old[0]['first_compiled_step_s']:.1f} s (`{old[1].name}`)" if old else "–"
         reasons = "; ".join(r["break_reasons"]) or "–"
+        steps = f" {r['eager_step_ms']:.1f} / {r['compiled_step_ms']:.1f} ms |" if timed else ""
         lines.append(f"| {r['family']} | {r['tuner']} | {r['graphs']} | {r['graph_breaks']} | {reasons} | "
                      f"{r['first_compiled_step_s']:.1f} s | {r['max_abs_output_diff']:.1e} | "
-                     f"{r['max_abs_grad_diff']:.1e} ({r['max_abs_grad']:.1e}) | {then} |")
+                     f"{r['max_abs_grad_diff']:.1e} ({r['max_abs_grad']:.1e}) |{steps} {then} |")
     return lines + [""]
 
 

@@ -275,6 +275,31 @@ def _sparse_randlora_model(dtype):
 
 
 @interpreted
+def test_custom_ops_run_the_triton_kernels(monkeypatch):
+    """The custom ops ``torch.compile`` traces (``delta.custom_ops``) run the backend's kernels: on Triton they equal
+    the reference backend, output and every gradient, on both paths."""
+    from sparse_lowrank_peft.delta import custom_ops
+
+    gen = torch.Generator().manual_seed(6)
+    S = SparseSupport.random((23, 37), 0.15, seed=4)
+    W, b0 = torch.randn(23, 37, generator=gen), torch.randn(23, generator=gen)
+    x0, v0, gy = torch.randn(2, 7, 37, generator=gen), torch.randn(S.nnz, generator=gen), torch.randn(2, 7, 23, generator=gen)
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv(BACKEND_ENV, backend)
+        got = []
+        for op in (lambda x, v, b: custom_ops.sparse_delta(x, S.indices, v, S.shape),
+                   lambda x, v, b: custom_ops.fused_linear(x, W, b, [S.indices], [v], S.shape, False)):
+            x, v, b = (t.clone().requires_grad_(True) for t in (x0, v0, b0))
+            y = op(x, v, b)
+            y.backward(gy)
+            got += [y, x.grad, v.grad]
+        results[backend] = got
+    for k, (t, r) in enumerate(zip(results["triton"], results["reference"])):
+        close(t, r, torch.float32, f"tensor {k}")
+
+
+@interpreted
 def test_sparse_randlora_layers_triton_match_reference(monkeypatch):
     """Sparse RandLoRA's layers (``B·T`` with sparse random bases) on the Triton kernels: output, input gradient and
     every trainable gradient equal the reference backend's (the SpMM path; the fused path's kernels for the same term:

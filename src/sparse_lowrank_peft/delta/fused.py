@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .support import SparseSupport
 
-__all__ = ["FrozenFactor", "FusedSparseLinear", "fused_sparse_linear", "weight_source"]
+__all__ = ["FrozenFactor", "FusedSparseLinear", "fused_backward", "fused_forward", "fused_sparse_linear", "weight_source"]
 
 
 def weight_source(base: torch.nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
@@ -126,9 +126,7 @@ class FusedSparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, source, supports, sddmm_paths, factors, *values):
-        W = _fused_weight(source, supports, values, factors)
-        y = F.linear(x, W, bias)
-        del W
+        y = fused_forward(x, source, bias, supports, values, factors)
         ctx.source, ctx.supports = source, supports
         ctx.sddmm_paths, ctx.factors = sddmm_paths, factors
         ctx.save_for_backward(x, *values)
@@ -137,25 +135,42 @@ class FusedSparseLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, *values = ctx.saved_tensors
-        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g2d = grad.reshape(-1, grad.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1])
-        # The values' gradients first: their temporaries are gone before the transient weight and the input
-        # gradient exist. bench/sparse_delta.py, 4,096 x 1024², peak above LoRA: 8.54 MB in the other order
-        # (bench/results/sparse_delta-cpu.json at commit ce158d5), 4.15 MB in this one (the current file).
-        dense_gx = _DenseGrad(g2d, x2d)
-        grad_values = [
-            _values_grad(g2d, x2d, dense_gx, support, v.dtype, path, factor) if ctx.needs_input_grad[6 + i] else None
-            for i, (support, v, path, factor) in enumerate(zip(ctx.supports, values, ctx.sddmm_paths, ctx.factors))
-        ]
-        del dense_gx
-        grad_bias = g2d.sum(0) if need_bias else None
-        grad_x = None
-        if need_x:
-            W = _fused_weight(ctx.source, ctx.supports, values, ctx.factors)
-            grad_x = grad.matmul(W.to(grad.dtype))
-            del W
+        grad_x, grad_bias, grad_values = fused_backward(
+            grad, x, ctx.source, ctx.supports, values, ctx.sddmm_paths, ctx.factors,
+            need_x=ctx.needs_input_grad[0], need_bias=ctx.needs_input_grad[1], need_values=ctx.needs_input_grad[6:],
+        )
         return (grad_x, grad_bias, None, None, None, None, *grad_values)
+
+
+def fused_forward(x, source, bias, supports, values, factors) -> torch.Tensor:
+    """``x · (W0 + Σ ΔW_a)ᵀ + b`` with one transient ``W0 + Σ ΔW_a``, freed before returning."""
+    W = _fused_weight(source, supports, values, factors)
+    y = F.linear(x, W, bias)
+    del W
+    return y
+
+
+def fused_backward(grad, x, source, supports, values, sddmm_paths, factors, need_x: bool, need_bias: bool,
+                   need_values: Sequence[bool]) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
+    """``(∂x, ∂b, [∂v_a])`` of :func:`fused_forward` (None where not needed)."""
+    g2d = grad.reshape(-1, grad.shape[-1])
+    x2d = x.reshape(-1, x.shape[-1])
+    # The values' gradients first: their temporaries are gone before the transient weight and the input
+    # gradient exist. bench/sparse_delta.py, 4,096 x 1024², peak above LoRA: 8.54 MB in the other order
+    # (bench/results/sparse_delta-cpu.json at commit ce158d5), 4.15 MB in this one (the current file).
+    dense_gx = _DenseGrad(g2d, x2d)
+    grad_values = [
+        _values_grad(g2d, x2d, dense_gx, support, v.dtype, path, factor) if need else None
+        for support, v, path, factor, need in zip(supports, values, sddmm_paths, factors, need_values)
+    ]
+    del dense_gx
+    grad_bias = g2d.sum(0) if need_bias else None
+    grad_x = None
+    if need_x:
+        W = _fused_weight(source, supports, values, factors)
+        grad_x = grad.matmul(W.to(grad.dtype))
+        del W
+    return grad_x, grad_bias, grad_values
 
 
 class _DenseGrad:

@@ -34,7 +34,8 @@ from .._peft_compat import (
     get_in_out_features,
     resolve_quantization_backend,
 )
-from .ops import resolve_sddmm, resolve_sparse_path, sparse_delta
+from . import custom_ops
+from .ops import plain_sparse_path, resolve_sddmm, resolve_sparse_path, sparse_delta
 from .support import SparseSupport, layer_seed, support_nnz
 
 __all__ = ["DeltaLayer", "is_supported_base_layer"]
@@ -212,6 +213,11 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         out = self.lowrank_forward(x, adapter_name)
         if sparse and self.has_sparse(adapter_name):
             values = getattr(self, self.sparse_values_attr)[adapter_name]
+            if torch.compiler.is_compiling():  # the traced twin of sparse_delta (delta.custom_ops)
+                indices = getattr(self, self.support_attr)[adapter_name]
+                shape = (self.out_features, self.in_features)
+                sparse_out = custom_ops.sparse_delta(x.to(values.dtype), indices, values, shape)
+                return sparse_out if out is None else out + sparse_out
             # Added in place into the low-rank output (which no autograd node saved): one activation-sized temporary
             # less than ``out + sparse_out``. bench/sparse_delta.py, 4096 tokens x 1024 x 1024, density 0.01:
             # 16.8 MB peak above LoRA out of place, 0.0 MB in place, same time.
@@ -227,16 +233,28 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         return self._forward(x, *args, **kwargs)
 
     def traceable(self) -> bool:
-        """Whether ``torch.compile`` traces this layer's forward into its graph: not with a sparse term active."""
-        return not any(self.has_sparse(name) for name in self.active_adapters)
+        """Whether ``torch.compile`` traces this layer's forward into its graph: yes, with its sparse term as the
+        custom ops of ``delta.custom_ops``, unless a sparse term is active on a base whose weight is not a plain
+        float tensor (4-bit / 8-bit bitsandbytes, HQQ, offloaded), which the fused op cannot read."""
+        if not any(self.has_sparse(name) for name in self.active_adapters):
+            return True
+        return self._plain_weight() is not None
+
+    def _plain_weight(self) -> Optional[torch.Tensor]:
+        """The base's float ``nn.Linear`` / ``Conv1D`` weight, or None for any other base (bitsandbytes' layers
+        subclass ``nn.Linear``, hence the exact type; written so that Dynamo traces it)."""
+        base = self.base_layer
+        if type(base) not in (nn.Linear, Conv1D) or hasattr(base, "_hf_hook"):
+            return None
+        return base.weight if base.weight.is_floating_point() else None
 
     @torch.compiler.disable
     def _eager_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """:meth:`_forward` outside ``torch.compile``'s graphs. The sparse term's support layouts are cached by data
-        pointer and run through torch.sparse CPU kernels or Triton launchers, which Dynamo cannot trace: breaking
-        inside them, it made 65 graphs of a tiny LLaMA with SLTrain on every linear, with a recompile warning
-        (``bench/results/compile-cpu-before-6bc1bf5.json``). Run eagerly here, each such layer costs one graph
-        break, and the rest of the model compiles (16 graphs: ``bench/compile.py``)."""
+        """:meth:`_forward` outside ``torch.compile``'s graphs, for a layer that is not :meth:`traceable`. The eager
+        sparse ops cache their layouts on Python objects and run torch.sparse CPU kernels or Triton launchers, which
+        Dynamo cannot trace: breaking inside them, it made 65 graphs of a tiny LLaMA with SLTrain on every linear,
+        with a recompile warning (``bench/results/compile-cpu-before-6bc1bf5.json``). Run eagerly here, each such
+        layer costs one graph break, and the rest of the model compiles."""
         return self._forward(x, *args, **kwargs)
 
     def _forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> torch.Tensor:
@@ -297,6 +315,8 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             return {}  # HQQ and other bases without a readable weight
         if weight.requires_grad or self._fused_dtype(x) is None:
             return {}  # the fused GEMM reads W0 detached; an input the base itself would refuse gets its own error
+        if torch.compiler.is_compiling():
+            return self._traced_fused_adapters(x)
         operands = {}
         for name in self.active_adapters:
             found = self.fused_operands(name) if self.has_adapter(name) else None
@@ -311,6 +331,20 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         from .fused import weight_source
 
         return operands if weight_source(self.base_layer, self._compute_dtype()) is not None else {}
+
+    def _traced_fused_adapters(self, x: torch.Tensor) -> dict[str, tuple]:
+        """:meth:`_fused_adapters` in a ``torch.compile`` trace (a :meth:`traceable` layer: plain terms on a float
+        weight): the same measured choice, made from the index buffers' sizes, with each adapter's index buffer in
+        place of its support (no layout is built inside the trace)."""
+        names = [n for n in self.active_adapters if self.has_adapter(n) and self.has_sparse(n)]
+        if not names:
+            return {}
+        buffers = getattr(self, self.support_attr)
+        tokens = x.numel() // max(x.shape[-1], 1)
+        density = buffers[names[0]].shape[1] / (self.out_features * self.in_features)
+        if plain_sparse_path(tokens, density, x.device) != "fused":
+            return {}
+        return {name: (buffers[name], None) for name in names}
 
     def _fused_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
         """The dtype the base layer computes ``x`` in, which the fused GEMM uses too: under ``torch.autocast`` a
@@ -336,9 +370,15 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         factors = [factor for _, factor in operands.values()]
         values = [self.fused_values(n) for n in operands]
         bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
-        sddmm = [resolve_sddmm(s, x.device, f) for s, f in zip(supports, factors)]
         with torch.autocast(x.device.type, enabled=False):  # computed in ``dtype`` exactly, forward and backward
-            y = fused_sparse_linear(x.to(dtype), weight_source(base, dtype), bias, supports, values, sddmm, factors)
+            if torch.compiler.is_compiling():  # the traced twin (delta.custom_ops); ``supports`` are index buffers
+                shape = (self.out_features, self.in_features)
+                y = custom_ops.fused_linear(x.to(dtype), base.weight, bias, supports, values, shape,
+                                            isinstance(base, Conv1D))
+            else:
+                sddmm = [resolve_sddmm(s, x.device, f) for s, f in zip(supports, factors)]
+                y = fused_sparse_linear(x.to(dtype), weight_source(base, dtype), bias, supports, values, sddmm,
+                                        factors)
         return y.to(out_dtype)
 
     # ------------------------------------------------------------------ 4-bit bases

@@ -23,8 +23,8 @@ from . import reference
 from .support import SparseSupport
 
 __all__ = [
-    "sparse_delta", "resolve_backend", "resolve_sparse_path", "resolve_sddmm", "get_ops", "BACKEND_ENV", "PATH_ENV",
-    "SDDMM_ENV", "SparseDeltaFunction", "SparseDeltaAddFunction",
+    "sparse_delta", "resolve_backend", "resolve_sparse_path", "resolve_sddmm", "plain_sparse_path", "plain_sddmm",
+    "get_ops", "BACKEND_ENV", "PATH_ENV", "SDDMM_ENV", "SparseDeltaFunction", "SparseDeltaAddFunction",
 ]
 
 BACKEND_ENV = "SLPEFT_SPARSE_BACKEND"
@@ -126,25 +126,43 @@ def resolve_sparse_path(tokens: int, support: SparseSupport, device: torch.devic
         per_column = FACTORED_FUSED_MIN_TOKENS_PER_COLUMN.get(device.type)
         columns = support.shape[1]
         return "fused" if per_column is not None and tokens >= per_column * columns else "spmm"
+    return plain_sparse_path(tokens, support.density, device)
+
+
+def plain_sparse_path(tokens: int, density: float, device: torch.device) -> str:
+    """:func:`resolve_sparse_path` for a term ``ΔW = S`` of the given density (from numbers only, so the traced forward
+    of ``torch.compile`` calls it too: ``delta.custom_ops``)."""
+    choice = _env_choice(PATH_ENV, _PATHS)
+    if choice != "auto":
+        return choice
     crossover = FUSED_MIN_TOKENS_X_DENSITY.get(device.type)
     if crossover is None:
         return "spmm"
-    return "fused" if tokens * support.density >= crossover else "spmm"
+    return "fused" if tokens * density >= crossover else "spmm"
 
 
 def resolve_sddmm(support: SparseSupport, device: torch.device, factor=None) -> str:
     """``"sampled"`` or ``"dense"`` for the values' gradient on the fused path: ``SLPEFT_SDDMM`` if set, else the
     measured density threshold. A factored term's sampled route costs ``tokens · (nnz(S) + nnz(L))`` (``∂y·L`` and
     the SDDMM), so its density is that count over the layer's ``out · in``, against its own measured threshold."""
+    if factor is None:
+        return plain_sddmm(support.density, device)
+    choice = _env_choice(SDDMM_ENV, _SDDMMS)
+    if choice != "auto":
+        return choice
+    threshold = FACTORED_DENSE_SDDMM_MIN_DENSITY.get(device.type)
+    p, c = factor.support.shape[0], support.shape[1]
+    density = (support.nnz + factor.support.nnz) / max(p * c, 1)
+    return "dense" if threshold is not None and density >= threshold else "sampled"
+
+
+def plain_sddmm(density: float, device: torch.device) -> str:
+    """:func:`resolve_sddmm` for a term ``ΔW = S`` of the given density (from numbers only, as
+    :func:`plain_sparse_path`)."""
     choice = _env_choice(SDDMM_ENV, _SDDMMS)
     if choice != "auto":
         return choice
     threshold = DENSE_SDDMM_MIN_DENSITY.get(device.type)
-    density = support.density
-    if factor is not None:
-        threshold = FACTORED_DENSE_SDDMM_MIN_DENSITY.get(device.type)
-        p, c = factor.support.shape[0], support.shape[1]
-        density = (support.nnz + factor.support.nnz) / max(p * c, 1)
     return "dense" if threshold is not None and density >= threshold else "sampled"
 
 
