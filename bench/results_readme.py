@@ -489,16 +489,20 @@ def compile_section(results: Path, base: Path) -> list[str]:
         "(`DeltaLayer._eager_forward`)."
         + (" Steady steps: the median of the file's `steps` forward + backward steps after the first, eager and "
            "compiled interleaved; at this size a step is mostly per-op overhead." if timed else "")
-        + (" *Before*: the same script on the commit named in its file, before that change." if before else ""),
+        + (" *Before*: the script on the commit named in its file (the source before that change; a file marked "
+           "dirty ran today's script on that source)." if before else ""),
         "",
         "| model | tuner | graphs | graph breaks | break reasons | first compiled step | max output diff | "
         "max gradient diff (max gradient) |" + (" step eager / compiled |" if timed else "")
-        + " before: graphs, first step |",
+        + " before: graphs, first step, compiled step |",
         "|:---|:---|---:|---:|:---|---:|---:|---:|" + ("---:|" if timed else "") + ":---|",
     ]
     for r in data.get("rows") or []:
         old = before.get((r["family"], r["tuner"]))
-        then = f"{old[0]['graphs']}, {old[0]['first_compiled_step_s']:.1f} s (`{old[1].name}`)" if old else "–"
+        then = "–"
+        if old:
+            then_step = f", {old[0]['compiled_step_ms']:.1f} ms" if "compiled_step_ms" in old[0] else ""
+            then = f"{old[0]['graphs']}, {old[0]['first_compiled_step_s']:.1f} s{then_step} (`{old[1].name}`)"
         reasons = "; ".join(r["break_reasons"]) or "–"
         steps = f" {r['eager_step_ms']:.1f} / {r['compiled_step_ms']:.1f} ms |" if timed else ""
         lines.append(f"| {r['family']} | {r['tuner']} | {r['graphs']} | {r['graph_breaks']} | {reasons} | "
