@@ -529,11 +529,16 @@ verify_reload: true
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="the recipe's NF4 base needs bitsandbytes")
-def test_causal_lm_runner_under_torchrun(tmp_path):
+def test_causal_lm_runner_under_torchrun(tmp_path, request):
     """``torchrun --nproc_per_node 2 -m causal_lm.run``: SoRA on an NF4 tiny LLaMA trains on both processes (the
     tiny model is built once, by the main process), the main process alone writes the run folder (the other only its
-    RNG state in a checkpoint), and the saved adapter reloads to the trained model's validation loss."""
+    RNG state in a checkpoint), and the saved adapter reloads to the trained model's validation loss. With -m slow
+    (22 s on 2 cores): the Trainer pieces it shares with the GLUE runner are checked under torchrun by default
+    (test_glue_runner_under_torchrun_checkpoints_crashes_and_resumes)."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow: a torchrun launch of the LLM runner; run it with -m slow")
     text = tmp_path / "corpus.txt"
     text.write_text(" ".join(WORDS * 40) + "\n", encoding="utf-8")
     recipe, out, logs = tmp_path / "lm.yaml", tmp_path / "run", tmp_path / "logs"

@@ -239,20 +239,24 @@ def _sltrain_model(dtype, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sltrain_layer_triton_matches_reference(dtype, monkeypatch):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 13, 45, generator=gen).to(dtype)
-    gy = torch.randn(2, 13, 38, generator=gen).to(dtype)
+    x, gy = torch.randn(2, 13, 45, generator=gen).to(dtype), torch.randn(2, 13, 38, generator=gen).to(dtype)
+    _model_matches_reference(lambda: _sltrain_model(dtype), x, gy, "sltrain_values", dtype, monkeypatch)
+
+
+def _model_matches_reference(make_model, x, gy, trained: str, dtype, monkeypatch) -> None:
+    """A model built by ``make_model`` on each backend: output, input gradient and every parameter gradient (among
+    them ones whose name contains ``trained``) of Triton's equal the reference backend's."""
     results = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv(BACKEND_ENV, backend)
-        model = _sltrain_model(dtype)
+        model = make_model()
         xr = x.clone().requires_grad_(True)
         y = model(xr)
         y.backward(gy)
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        assert any("sltrain_values" in n for n in grads)
+        assert any(trained in n for n in grads)
         results[backend] = (y, xr.grad, grads)
-    y_t, dx_t, gr_t = results["triton"]
-    y_r, dx_r, gr_r = results["reference"]
+    (y_t, dx_t, gr_t), (y_r, dx_r, gr_r) = results["triton"], results["reference"]
     close(y_t, y_r, dtype, "output")
     close(dx_t, dx_r, dtype, "input grad")
     assert gr_t.keys() == gr_r.keys()
@@ -306,24 +310,9 @@ def test_sparse_randlora_layers_triton_match_reference(monkeypatch):
     the next test)."""
     monkeypatch.setenv("SLPEFT_SPARSE_PATH", "spmm")
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 9, 45, generator=gen)
-    gy = torch.randn(2, 9, 45, generator=gen)
-    results = {}
-    for backend in ("reference", "triton"):
-        monkeypatch.setenv(BACKEND_ENV, backend)
-        model = _sparse_randlora_model(torch.float32)
-        xr = x.clone().requires_grad_(True)
-        y = model(xr)
-        y.backward(gy)
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        assert any("sparse_randlora" in n for n in grads)
-        results[backend] = (y, xr.grad, grads)
-    (y_t, dx_t, gr_t), (y_r, dx_r, gr_r) = results["triton"], results["reference"]
-    close(y_t, y_r, torch.float32, "output")
-    close(dx_t, dx_r, torch.float32, "input grad")
-    assert gr_t.keys() == gr_r.keys()
-    for name in gr_r:
-        close(gr_t[name], gr_r[name], torch.float32, name)
+    x, gy = torch.randn(2, 9, 45, generator=gen), torch.randn(2, 9, 45, generator=gen)
+    _model_matches_reference(lambda: _sparse_randlora_model(torch.float32), x, gy, "sparse_randlora", torch.float32,
+                             monkeypatch)
 
 
 @interpreted
