@@ -169,3 +169,44 @@ def test_support_of_caches_per_buffer_and_keeps_none_alive():
     del buf
     gc.collect()
     assert alive() is None and key not in custom_ops._SUPPORTS
+
+
+def test_compiled_sltrain_follows_adapter_switches_autocast_and_merge(monkeypatch):
+    """A compiled SLTrain layer through what a user does after compiling (fused path: two terms in one op): switch
+    the active adapter, activate two, disable adapters, run under bf16 autocast, merge. Each output equals eager
+    mode's (Dynamo's guards recompile where the layer's state changed). One layer is compiled: a whole model
+    recompiled six times took 26 s."""
+    from sparse_lowrank_peft import SLTrainConfig
+
+    monkeypatch.setenv("SLPEFT_SPARSE_PATH", "fused")
+    torch._dynamo.reset()
+    model, _, task_type = BUILDERS["bert"]()
+
+    def config(seed):
+        return SLTrainConfig(task_type=task_type, **TARGETS["bert"], r=4, sparsity=0.05, init_weights=False,
+                             support_seed=seed)
+
+    pm = get_peft_model(model, config(0)).eval()
+    pm.add_adapter("b", config(1))
+    layer = pm.base_model.model.bert.encoder.layer[0].attention.self.query
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(3))
+
+    def same(context=None):
+        with torch.no_grad(), (context or torch.autocast("cpu", enabled=False)):
+            got, want = compiled(x), layer(x)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        return want
+
+    outputs = []
+    for names in (["default"], ["b"], ["default", "b"]):
+        layer.set_adapter(names)
+        outputs.append(same())
+    assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[2], outputs[0])
+    with pm.disable_adapter():
+        same()
+    layer.set_adapter(["default"])
+    assert same(torch.autocast("cpu", dtype=torch.bfloat16)).dtype == torch.bfloat16
+    layer.merge()
+    same()
