@@ -4,9 +4,9 @@ For each model family (a tiny BERT with query/value adapted, a tiny LLaMA with e
 (PEFT's LoRA for comparison), one forward and backward in eager mode and one through ``torch.compile`` (inductor by
 default): the maximum absolute difference of the outputs and of every trainable parameter's gradient, the graph and
 graph-break counts and the distinct break reasons from ``torch._dynamo.explain``, the recompilations Dynamo logged,
-the seconds of the first compiled step (tracing and code generation, inductor's graph cache off), and the steady step time of each (the median
-of ``--steps`` forward + backward steps after the first, eager and compiled interleaved): on models this small a step
-is mostly per-op overhead, which is what graph breaks add.
+the seconds of the first compiled step (tracing and code generation, inductor's graph cache off), and the steady
+step time of each (the median of ``--steps`` forward + backward steps after the first, eager and compiled
+interleaved).
 
     python bench/compile.py [--backend inductor] [--families bert llama] [--tuners ...] [--steps 15] [--out FILE.json]
 """
@@ -131,8 +131,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "compile-cpu.json"))
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
-    # Every first step compiles from scratch: with inductor's on-disk graph cache, a tuner whose graphs an earlier
-    # run compiled took 3-4 s and a new one 15-28 s (the cache, not the tuner).
+    # Every first step compiles from scratch. With inductor's on-disk graph cache (a run at d248e04, not kept), the
+    # tuners whose graphs earlier runs had compiled took 2.9-5.0 s and SLTrain's new graphs 15.6 / 27.7 s; with the
+    # cache off, SLTrain took 9.1 / 20.7 s against SoRA's 10.6 / 19.1 s (compile-cpu.json): the cache, not the tuner.
     import torch._inductor.config
 
     torch._inductor.config.fx_graph_cache = False

@@ -488,7 +488,7 @@ def compile_section(results: Path, base: Path) -> list[str]:
         "(sparse RandLoRA's factored term, a sparse term on a 4-bit base) runs eagerly between the compiled parts "
         "(`DeltaLayer._eager_forward`)."
         + (" Steady steps: the median of the file's `steps` forward + backward steps after the first, eager and "
-           "compiled interleaved; at this size a step is mostly per-op overhead." if timed else "")
+           "compiled interleaved." if timed else "")
         + (" *Before*: the script on the commit named in its file (the source before that change; a file marked "
            "dirty ran today's script on that source)." if before else ""),
         "",

@@ -163,9 +163,9 @@ SLOW_DRY_RUNS = {
 def _repeated_builds(recipes: list[Path]) -> set[str]:
     """The recipes whose dry run builds what an earlier one of the same variant already built: a variant is a model
     folder and the name before the task (``roberta-base/sltrain-nf4`` for ``sltrain-nf4-{cola,...,stsb}.yaml``,
-    one method, base and initialisation). Every variant and every task keeps one dry run in the default run (about
-    50 of 140; the other 90 took 40 s on 2 cores); the others run with -m slow, and every config is still validated
-    by default."""
+    one method, base and initialisation). Every variant and every task keeps one dry run in the default run (47 of
+    the 140 recipes, with SLOW_DRY_RUNS out; the 86 repeats took 45 s together in a ``--durations`` run of the whole
+    suite on 2 cores); the others run with -m slow, and every config is still validated by default."""
     variants, tasks, repeated = set(), set(), set()
     for path in recipes:
         variant, task = path.stem.rsplit("-", 1)

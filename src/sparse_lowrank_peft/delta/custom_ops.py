@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from .fused import dense_copy, fused_backward, fused_forward
 from .ops import get_ops, plain_sddmm
 from .support import SparseSupport
 
@@ -108,15 +109,6 @@ def sparse_delta(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, s
 
 
 # ---------------------------------------------------------------------------------------------------------- fused path
-def _source(weight: torch.Tensor, transposed: bool, dtype: torch.dtype):
-    """A fresh ``(out, in)`` copy of a plain float weight in ``dtype`` (``fused.weight_source`` for Linear/Conv1D)."""
-    def fresh() -> torch.Tensor:
-        src = weight.detach().t() if transposed else weight.detach()
-        return torch.empty(src.shape, dtype=dtype, device=src.device).copy_(src)
-
-    return fresh
-
-
 def _supports(indices: list[torch.Tensor], out_features: int, in_features: int) -> list[SparseSupport]:
     return [support_of(i, (out_features, in_features)) for i in indices]
 
@@ -125,10 +117,8 @@ def _supports(indices: list[torch.Tensor], out_features: int, in_features: int) 
 def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], indices: list[torch.Tensor],
                   values: list[torch.Tensor], out_features: int, in_features: int,
                   weight_transposed: bool) -> torch.Tensor:
-    from .fused import fused_forward
-
     supports = _supports(indices, out_features, in_features)
-    source = _source(weight, weight_transposed, x.dtype)
+    source = dense_copy(weight, weight_transposed, x.dtype)
     return fused_forward(x, source, bias, supports, values, (None,) * len(supports))
 
 
@@ -142,10 +132,8 @@ def _fused_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
                            values: list[torch.Tensor], out_features: int, in_features: int, weight_transposed: bool,
                            dense_sddmm: list[bool], need_x: bool, need_bias: bool,
                            need_values: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    from .fused import fused_backward
-
     supports = _supports(indices, out_features, in_features)
-    source = _source(weight, weight_transposed, x.dtype)
+    source = dense_copy(weight, weight_transposed, x.dtype)
     sddmm = ["dense" if dense else "sampled" for dense in dense_sddmm]  # a schema takes no list of strings
     grad_x, grad_bias, grad_values = fused_backward(grad, x, source, supports, values, sddmm,
                                                     (None,) * len(supports), need_x, need_bias, need_values)

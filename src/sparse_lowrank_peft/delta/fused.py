@@ -31,7 +31,10 @@ from transformers.pytorch_utils import Conv1D
 
 from .support import SparseSupport
 
-__all__ = ["FrozenFactor", "FusedSparseLinear", "fused_backward", "fused_forward", "fused_sparse_linear", "weight_source"]
+__all__ = [
+    "FrozenFactor", "FusedSparseLinear", "dense_copy", "fused_backward", "fused_forward", "fused_sparse_linear",
+    "weight_source",
+]
 
 
 def weight_source(base: torch.nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
@@ -48,8 +51,12 @@ def weight_source(base: torch.nn.Module, dtype: torch.dtype) -> Callable[[], tor
         return lambda: dequantize_weight(base).to(dtype)
     if type(weight).__module__.startswith("bitsandbytes") or not weight.is_floating_point():
         return None
-    transposed = isinstance(base, Conv1D)
+    return dense_copy(weight, isinstance(base, Conv1D), dtype)
 
+
+def dense_copy(weight: torch.Tensor, transposed: bool, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A function returning a fresh ``(out, in)`` copy of a float weight in ``dtype`` (``transposed``: a Conv1D's
+    ``(in, out)`` weight, read transposed)."""
     def fresh() -> torch.Tensor:
         src = weight.detach().t() if transposed else weight.detach()
         return torch.empty(src.shape, dtype=dtype, device=src.device).copy_(src)

@@ -119,14 +119,13 @@ def resolve_sparse_path(tokens: int, support: SparseSupport, device: torch.devic
     """``"fused"`` (fold the term into the frozen weight's GEMMs, ``delta.fused``) or ``"spmm"`` (SpMM kernels) for a
     layer computing ``tokens`` rows on ``device``: ``SLPEFT_SPARSE_PATH`` if set, else the measured cost model
     (``factor``: the :class:`~.fused.FrozenFactor` of a factored term ``scale · L·S``, or None for ``ΔW = S``)."""
+    if factor is None:
+        return plain_sparse_path(tokens, support.density, device)
     choice = _env_choice(PATH_ENV, _PATHS)
     if choice != "auto":
         return choice
-    if factor is not None:
-        per_column = FACTORED_FUSED_MIN_TOKENS_PER_COLUMN.get(device.type)
-        columns = support.shape[1]
-        return "fused" if per_column is not None and tokens >= per_column * columns else "spmm"
-    return plain_sparse_path(tokens, support.density, device)
+    per_column = FACTORED_FUSED_MIN_TOKENS_PER_COLUMN.get(device.type)
+    return "fused" if per_column is not None and tokens >= per_column * support.shape[1] else "spmm"
 
 
 def plain_sparse_path(tokens: int, density: float, device: torch.device) -> str:

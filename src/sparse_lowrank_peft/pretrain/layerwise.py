@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections import Counter
 from typing import Callable, Iterable
 
 import torch
@@ -63,8 +64,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self._params = plist
         self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
         self.enabled = True
-        self._steps_since_step = 0  # hook steps of any one parameter since the last step(): more than 1 = accumulation
-        self._stepped: set[int] = set()
+        self._passes: Counter[int] = Counter()  # hook steps per parameter since the last step(): 2+ = accumulation
         self._take_over(plist)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in plist]
 
@@ -86,10 +86,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         opt = self.optimizers[id(param)]
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if id(param) in self._stepped:  # a second backward before step(): the caller meant to accumulate
-            self._steps_since_step += 1
-            self._stepped.clear()
-        self._stepped.add(id(param))
+        self._passes[id(param)] += 1
 
     def step(self, closure=None):
         """A no-op (every parameter was stepped during backward); evaluates ``closure`` if given.
@@ -97,8 +94,8 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         Raises ``RuntimeError`` if a parameter was stepped by more than one backward since the previous call: the
         caller accumulates gradients over micro-batches (e.g. ``Trainer`` with ``gradient_accumulation_steps > 1``),
         which per-layer updates cannot do; each micro-batch was an update of its own."""
-        passes, self._steps_since_step = self._steps_since_step + 1, 0
-        self._stepped.clear()
+        passes = max(self._passes.values(), default=1)
+        self._passes.clear()
         if passes > 1:
             raise RuntimeError(
                 f"PerLayerOptimizer: {passes} backward passes ran since the last optimizer.step(), and each updated "
