@@ -15,6 +15,11 @@
    ``fused`` (with each values-gradient route). The crossover is the smallest token count from which fused stays
    at or below spmm; the dispatcher's constant is the largest crossover over the layer's columns.
 
+4. Few tokens (CPU, the reference forward as a layer calls it: ``spmm(..., add_to=...)``, decoding): the single
+   product on a feature-major copy (``reference._spmm_few``) against the chunked path, at 1-64 tokens on the
+   LLaMA shapes of ``bench/decode.py`` (density 0.01), 15 rounds of 100 calls each. ``reference.FEW_TOKENS`` is the
+   largest token count up to which ``few`` stays at or below ``chunked`` on every shape.
+
     python bench/dispatch.py --parts factored --clock cpu   # only part 3, merged into the existing file
 
     python bench/dispatch.py                  # CPU, 1 thread: writes bench/results/dispatch-cpu.json
@@ -40,6 +45,8 @@ from sparse_lowrank_peft.delta import reference  # noqa: E402
 from sparse_lowrank_peft.delta.fused import fused_sparse_linear  # noqa: E402
 from sparse_lowrank_peft.delta.ops import get_ops, sparse_delta  # noqa: E402
 from sparse_lowrank_peft.delta.support import SparseSupport  # noqa: E402
+
+FEW_DEFAULT = reference.FEW_TOKENS
 
 TOKENS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 SHAPES = [(768, 0.01), (1024, 0.01), (768, 0.05), (1024, 0.05)]
@@ -207,14 +214,52 @@ def factored_crossovers(rows: list[dict]) -> list[dict]:
     return out
 
 
+FEW_SHAPES = [(1024, 1024), (2816, 1024), (1024, 2816)]
+FEW_TOKENS = [1, 2, 4, 8, 16, 32, 64]
+
+
+def few_table(rounds: int, clock: str) -> list[dict]:
+    """Part 4: the reference forward at a few tokens, single product (``few``) against the chunked path."""
+    rows = []
+    for out_f, in_f in FEW_SHAPES:
+        support = SparseSupport.random((out_f, in_f), 0.01, 1)
+        values = torch.randn(support.nnz)
+        for tokens in FEW_TOKENS:
+            x, base = torch.randn(tokens, in_f), torch.randn(tokens, out_f)
+
+            def calls(limit):
+                def run():
+                    reference.FEW_TOKENS = limit
+                    for _ in range(100):
+                        reference.spmm(x, support, values, add_to=base)
+                return run
+
+            ms = time_interleaved({"chunked": calls(0), "few": calls(1 << 30)}, torch.device("cpu"), rounds, 1, clock)
+            rows.append({"out": out_f, "in": in_f, "tokens": tokens, "us_per_call": {k: v * 10 for k, v in ms.items()},
+                         "few_vs_chunked": round(ms["few"] / ms["chunked"], 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    reference.FEW_TOKENS = FEW_DEFAULT
+    return rows
+
+
+def few_limit(rows: list[dict]) -> int | None:
+    """The largest token count up to which ``few`` is at or below ``chunked`` on every shape."""
+    limit = None
+    for tokens in FEW_TOKENS:
+        if any(r["few_vs_chunked"] > 1.0 for r in rows if r["tokens"] <= tokens):
+            break
+        limit = tokens
+    return limit
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the speed issue's condition: 1)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=None)
-    p.add_argument("--parts", nargs="+", default=["paths", "sddmm", "factored"],
-                   choices=["paths", "sddmm", "factored"], help="what to measure; the others are kept from --out")
+    p.add_argument("--parts", nargs="+", default=["paths", "sddmm", "factored", "few"],
+                   choices=["paths", "sddmm", "factored", "few"], help="what to measure; the others are kept from --out")
     p.add_argument("--clock", default="wall", choices=sorted(CLOCK), help="cpu: process time (1 thread, busy host)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -222,7 +267,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     info = device_info(device)
     out = Path(args.out or ROOT / "bench" / "results" / f"dispatch-{device_slug(info)}.json")
-    result = json.loads(out.read_text()) if out.exists() and len(args.parts) < 3 else {}
+    result = json.loads(out.read_text()) if out.exists() and len(args.parts) < 4 else {}
     commit, dirty = git_commit("bench/dispatch.py")
     run = {"command": "python bench/dispatch.py " + " ".join(argv or sys.argv[1:]), "commit": commit, "dirty": dirty,
            "loadavg": loadavg(), "date": time.strftime("%Y-%m-%d"), "clock": args.clock}
@@ -242,9 +287,13 @@ def main(argv=None) -> dict:
         per_column = [c["tokens_per_column"] for c in cross]
         result["factored"] = {"run": run, "rows": rows, "crossovers": cross,
                               "min_tokens_per_column": None if None in per_column else max(per_column)}
+    if "few" in args.parts and device.type == "cpu":
+        rows = few_table(max(args.rounds, 15), args.clock)
+        result["few"] = {"run": run, "rows": rows, "few_tokens": few_limit(rows)}
     out.write_text(json.dumps(result, indent=1) + "\n")
     keys = ("crossovers", "fused_min_tokens_x_density", "dense_sddmm_min_density")
-    print(json.dumps({k: result.get(k) for k in keys} | {"factored": result.get("factored", {}).get("crossovers")},
+    print(json.dumps({k: result.get(k) for k in keys} | {"factored": result.get("factored", {}).get("crossovers"),
+                                                          "few_tokens": result.get("few", {}).get("few_tokens")},
                      indent=1))
     return result
 

@@ -430,6 +430,43 @@ def test_generate_with_kv_cache_matches_full_forward(cfg_cls, kwargs, family):
 
 
 @pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
+def test_inference_follows_every_change_of_the_adapter(cfg_cls, kwargs):
+    """Outputs in inference (eval mode, ``torch.no_grad``: where a layer may reuse terms built from its parameters,
+    ``DeltaLayer.inference_cached``) equal the outputs computed with autograd on (nothing reused) after each way an
+    adapter changes: an in-place write (an optimizer step, ``load_state_dict``), a write through ``.data`` followed
+    by ``eval()``, a cast of the model, a switch of the active adapter."""
+    pm, make_inputs, _ = peft_model(cfg_cls, kwargs, "llama", init_weights=False)
+    inputs = make_inputs(3)
+
+    def check(label):
+        with torch.no_grad():
+            reused = [output_of(pm, inputs) for _ in range(2)]
+        fresh = output_of(pm, inputs).detach()
+        for out in reused:
+            torch.testing.assert_close(out, fresh, atol=1e-6, rtol=1e-6, msg=lambda m: f"after {label}: {m}")
+        return fresh
+
+    pm.eval()
+    first = check("creation")
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trainable:
+            p.mul_(1.5).add_(0.01)
+    changed = check("an in-place write")
+    assert not torch.allclose(changed, first)
+    for p in trainable:
+        p.data.mul_(0.5)
+    pm.eval()
+    check("a write through .data, then eval()")
+    pm.double()
+    check("a cast to float64")
+    pm.add_adapter("other", make_config(cfg_cls, kwargs, "llama", None, init_weights=False))
+    pm.set_adapter("other")
+    pm.eval()
+    check("a switch of adapters")
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
 def test_float64_model_merges_and_unmerges_in_float64(cfg_cls, kwargs):
     """A float64 model (numerical checks, small-scale science) merges to float64 rounding and unmerges to the bit
     pattern's neighbourhood: the merge computed in fp32 left 3e-8 relative errors and moved W0 by 1.5e-8."""

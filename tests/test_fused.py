@@ -301,6 +301,21 @@ def test_dispatcher_follows_the_measured_crossover(monkeypatch):
         ops.resolve_sparse_path(1, support, cpu)
 
 
+def test_dispatch_constants_are_the_committed_measurements():
+    """Every CPU constant of the dispatcher is what ``bench/dispatch.py`` derived in the committed results file, so a
+    rerun of the bench that moves a crossover fails here until the constant follows it."""
+    import json
+    from pathlib import Path
+
+    from sparse_lowrank_peft.delta import reference
+
+    measured = json.loads((Path(__file__).parents[1] / "bench/results/dispatch-cpu.json").read_text())
+    assert ops.FUSED_MIN_TOKENS_X_DENSITY["cpu"] == measured["fused_min_tokens_x_density"]
+    assert ops.DENSE_SDDMM_MIN_DENSITY["cpu"] == measured["dense_sddmm_min_density"]
+    assert ops.FACTORED_FUSED_MIN_TOKENS_PER_COLUMN["cpu"] == measured["factored"]["min_tokens_per_column"]
+    assert reference.FEW_TOKENS == measured["few"]["few_tokens"]
+
+
 def test_factored_dispatch_follows_the_measured_crossover(monkeypatch):
     """A factored term's crossover is a token count per column of ``S`` (CPU measured, CUDA unmeasured: SpMM)."""
     monkeypatch.delenv(ops.PATH_ENV, raising=False)

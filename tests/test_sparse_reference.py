@@ -149,6 +149,52 @@ def test_spmm_adds_into_a_given_tensor_and_backward_writes_into_a_given_buffer()
         ref.spmm(x, support, values, add_to=torch.zeros(40, 20))
 
 
+@pytest.mark.parametrize("tokens", [1, 2, ref.FEW_TOKENS, ref.FEW_TOKENS + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_few_tokens_forward_matches_the_oracle(tokens, dtype):
+    """The decoding forward (one product, ``_spmm_few``, up to ``FEW_TOKENS``) and the chunked one past it: the
+    oracle's result, contiguous in the input's dtype, added in place with ``add_to``, from a strided input too."""
+    support, values, x, g = make((37, 53), 0.1, tokens=tokens, dtype=dtype)
+    y, _, _ = oracle(support, values, x, g)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 * 2**-8}[dtype]
+    scale = y.abs().max().item()
+    for xin in (x, x.t().contiguous().t()):
+        got = ref.spmm(xin, support, values)
+        assert got.dtype == dtype and got.is_contiguous()
+        torch.testing.assert_close(got.double(), y, rtol=tol, atol=tol * scale)
+        base = torch.randn(tokens, 37, dtype=dtype)
+        out = base.clone()
+        assert ref.spmm(xin, support, values, add_to=out) is out
+        torch.testing.assert_close(out.double(), base.double() + y, rtol=tol, atol=2 * tol * (scale + 4))
+
+
+def test_without_autograd_the_kernels_are_called_directly(monkeypatch):
+    """Where autograd records nothing (``torch.no_grad``, or no input needs a gradient) ``sparse_delta`` skips its
+    autograd Functions and returns what they return, ``add_to`` written in place; with a gradient wanted it uses them."""
+    from sparse_lowrank_peft.delta import ops
+
+    support, values, x, _ = make((21, 34), 0.1, tokens=6)
+    x3 = x.view(2, 3, 34)
+    with_graph = sparse_delta(x3, support, values.clone().requires_grad_(True)).detach()
+    base = torch.randn(2, 3, 21)
+    with_graph_add = sparse_delta(x3, support, values.clone().requires_grad_(True), add_to=base.clone() * 1.0)
+
+    def refuse(*args):
+        raise AssertionError("the autograd Function ran without a graph to record")
+
+    monkeypatch.setattr(ops.SparseDeltaFunction, "apply", refuse)
+    monkeypatch.setattr(ops.SparseDeltaAddFunction, "apply", refuse)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse_delta(x3, support, values.requires_grad_(True)), with_graph)
+        out = base.clone()
+        assert sparse_delta(x3, support, values, add_to=out) is out
+        torch.testing.assert_close(out, with_graph_add.detach())
+    values.requires_grad_(False)
+    torch.testing.assert_close(sparse_delta(x3, support, values), with_graph)  # grad mode on, nothing needs one
+    with pytest.raises(AssertionError, match="autograd Function ran"):
+        sparse_delta(x3, support, values.requires_grad_(True))
+
+
 # -------------------------------------------------------------------------------------------- autograd (gradcheck)
 @pytest.mark.parametrize("shape,density", [((5, 7), 0.3), ((11, 4), 0.5), ((9, 13), 0.05)])
 def test_gradcheck_float64(shape, density):

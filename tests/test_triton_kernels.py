@@ -223,6 +223,25 @@ def test_sparse_delta_forward_and_gradients_batched(dtype, add, monkeypatch):
     assert results["triton"][0].shape == (3, 11, 23)
 
 
+@interpreted
+@pytest.mark.parametrize("add", [False, True])
+def test_sparse_delta_without_autograd_on_triton(add, monkeypatch):
+    """Under ``torch.no_grad`` ``sparse_delta`` calls the backend's ``spmm`` directly (decoding): the Triton kernels
+    give the reference's output, ``add_to`` written in place, for one token and for a batch."""
+    support, values, _, _ = make((23, 19), 0.1, 1, torch.float32)
+    for tokens in (1, 7):
+        x = torch.randn(1, tokens, 19)
+        results = {}
+        for backend in ("reference", "triton"):
+            monkeypatch.setenv(BACKEND_ENV, backend)
+            base = torch.randn(1, tokens, 23, generator=torch.Generator().manual_seed(tokens))
+            with torch.no_grad():
+                y = sparse_delta(x, support, values, add_to=base if add else None)
+            assert (y is base) == add
+            results[backend] = y
+        close(results["triton"], results["reference"], torch.float32, f"{tokens} tokens")
+
+
 def _sltrain_model(dtype, seed=0):
     from peft import get_peft_model
 

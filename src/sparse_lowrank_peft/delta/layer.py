@@ -21,7 +21,7 @@ and its support cache, dtype handling and Conv1D's transposed weight. A method s
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -80,6 +80,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             setattr(self, self.sparse_values_attr, nn.ParameterDict({}))
             setattr(self, self.support_attr, BufferDict({}, persistent=True))
         self._support_cache: dict[str, tuple[tuple, SparseSupport]] = {}
+        self._inference_cache: dict[str, tuple] = {}
 
     # ------------------------------------------------------------------ method hooks
     def update_layer(self, adapter_name: str, config, key: str = "", **kwargs) -> None:  # pragma: no cover - abstract
@@ -195,6 +196,31 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         support = SparseSupport(buf, (self.out_features, self.in_features), validate=False)
         self._support_cache[adapter_name] = (key, support)
         return support
+
+    def inference_cached(self, adapter_name: str, inputs: tuple[torch.Tensor, ...], compute: Callable[[], Any]) -> Any:
+        """``compute()`` (a function of ``inputs`` only), built once and reused in inference: in eval mode while
+        autograd records nothing (``torch.no_grad`` / ``inference_mode``, as ``generate`` and evaluation run) and
+        not in a ``torch.compile`` trace. A change of any input recomputes it: another tensor, its storage moved
+        (``.to``), or written in place (its ``_version``: an optimizer step, ``load_state_dict``). ``train()`` and
+        ``eval()`` clear the cache, which is the way to refresh it after writing an input through ``.data`` (which
+        autograd does not version).
+
+        For terms rebuilt from their parameters on every call (NOLA's ``A = Σ αᵢAᵢ`` reads k bases, 8 MB at
+        k = 256, r = 8, in = 1024: more than the base weight itself), this is what makes a decoding step cost
+        what LoRA's does (``bench/results/decode-cpu.json``)."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()
+        key = tuple((id(t), t.data_ptr(), t._version) for t in inputs) + (torch.is_inference_mode_enabled(),)
+        hit = self._inference_cache.get(adapter_name)
+        if hit is not None and hit[0] == key:
+            return hit[2]
+        value = compute()
+        self._inference_cache[adapter_name] = (key, inputs, value)  # holds the inputs, so no id is reused
+        return value
+
+    def train(self, mode: bool = True):
+        self._inference_cache.clear()
+        return super().train(mode)
 
     def expected_nnz(self, density: float) -> int:
         return support_nnz((self.out_features, self.in_features), density)

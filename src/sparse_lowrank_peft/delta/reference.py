@@ -49,17 +49,29 @@ _ACC = torch.float32
 # ~9, the same step took 992 ms of wall time in 256-token chunks, 404 ms in 1024-token chunks, 354 ms in one chunk.
 _CHUNK_ELEMS = 1 << 20
 _MIN_CHUNK = 128
+# Up to this many tokens (decoding) the forward is one product on a feature-major copy (`_spmm_few`): without the
+# chunk buffers it cost 0.70-0.92x the chunked path at 1-32 tokens on the LLaMA shapes of bench/decode.py, and
+# 0.90-1.06x at 64 (bench/results/dispatch-cpu.json "few": bench/dispatch.py --parts few --clock cpu, 1 thread).
+FEW_TOKENS = 32
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else _ACC
 
 
+_csr_warned = False
+
+
 def _csr(crow, col, values, shape) -> torch.Tensor:
-    with warnings.catch_warnings():
-        # "Sparse CSR tensor support is in beta state" fires on every construction; the ops used here are stable.
-        warnings.simplefilter("ignore", UserWarning)
+    global _csr_warned
+    if _csr_warned:  # torch warns once per process; catching it every time cost 5 of 10 µs per construction
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    with warnings.catch_warnings():
+        # "Sparse CSR tensor support is in beta state" fires on the first construction; the ops used here are stable.
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    _csr_warned = True
+    return csr
 
 
 def _chunks(tokens: int, features: int, device: torch.device):
@@ -110,6 +122,8 @@ def spmm(
     device = x.device
     csr, _ = support.layouts(device)
     S = _csr(csr.crow, csr.col, values.to(acc), (out_features, in_features))
+    if tokens <= FEW_TOKENS:
+        return _spmm_few(x, S, acc, out)
     y = torch.empty(tokens, out_features, dtype=x.dtype, device=device) if out is None else out
     bufs: dict = {}
     for t0, t1 in _chunks(tokens, max(in_features, out_features), device):
@@ -122,6 +136,20 @@ def spmm(
         else:  # transposing into a small contiguous buffer first makes the add a plain contiguous one
             y[t0:t1].add_(_buffer(bufs, "rows", n, out_features, acc, device).copy_(yt.t()))
     return y
+
+
+def _spmm_few(x: torch.Tensor, S: torch.Tensor, acc: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """:func:`spmm` for a few tokens (decoding): one product on a feature-major copy of ``x``, no chunk buffers. At
+    this size the chunked path's Python and allocations, not the product, were the cost (`bench/decode.py`)."""
+    xt = x.t()
+    if not (xt.is_contiguous() and xt.dtype == acc):  # one token in the accumulation dtype needs no copy
+        xt = torch.empty(xt.shape, dtype=acc, device=x.device).copy_(xt)
+    y = torch.mm(S, xt).t()  # (tokens, out); a view, contiguous for one token
+    if out is not None:
+        return out.add_(y)
+    if y.is_contiguous() and y.dtype == x.dtype:
+        return y
+    return torch.empty(y.shape, dtype=x.dtype, device=x.device).copy_(y)
 
 
 def backward(

@@ -120,18 +120,15 @@ class NolaLayer(DeltaLayer):
         return A, B
 
     def factors(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)``: ``A = Σ αᵢAᵢ`` (``r × in``) and ``B = Σ βⱼBⱼ`` (``out × r``), differentiable in α and β."""
+        """``(A, B)``: ``A = Σ αᵢAᵢ`` (``r × in``) and ``B = Σ βⱼBⱼ`` (``out × r``), differentiable in α and β;
+        built once per change of the coefficients in inference (:meth:`~DeltaLayer.inference_cached`)."""
         alpha = self.nola_alpha[adapter_name]
         beta = self.nola_beta[adapter_name]
         if dtype is not None:
             alpha, beta = alpha.to(dtype), beta.to(dtype)
         bases_A, bases_B = self.get_bases(adapter_name, alpha.device, alpha.dtype)
-        k_A, r, in_features = bases_A.shape
-        k_B, out_features, _ = bases_B.shape
-        # (k,) @ (k, r·in): one matrix-vector product; its backward needs only the bases and ∂A, no k-fold temporary
-        A = (alpha @ bases_A.reshape(k_A, r * in_features)).view(r, in_features)
-        B = (beta @ bases_B.reshape(k_B, out_features * r)).view(out_features, r)
-        return A, B
+        inputs = (self.nola_alpha[adapter_name], self.nola_beta[adapter_name], bases_A, bases_B)
+        return self.inference_cached(adapter_name, inputs, lambda: _combine(alpha, beta, bases_A, bases_B))
 
     def lowrank_forward(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         """``(α/r) · dropout(x) · Aᵀ · Bᵀ``: ``(..., in)`` -> ``(..., out)``."""
@@ -147,3 +144,13 @@ class NolaLayer(DeltaLayer):
         """``(B·α/r, A)``: NOLA's ΔW is exactly a rank-``r`` product, so it exports to plain LoRA without loss."""
         A, B = self.factors(adapter_name, dtype=torch.float32)
         return B * self.nola_scaling[adapter_name], A
+
+
+def _combine(alpha: torch.Tensor, beta: torch.Tensor, bases_A: torch.Tensor, bases_B: torch.Tensor):
+    """``(Σ αᵢAᵢ, Σ βⱼBⱼ)`` for bases ``(k_A, r, in)`` and ``(k_B, out, r)``. Each is one ``(k,) @ (k, r·in)``
+    matrix-vector product, whose backward needs only the bases and ``∂A``: no k-fold temporary."""
+    k_A, r, in_features = bases_A.shape
+    k_B, out_features, _ = bases_B.shape
+    A = (alpha @ bases_A.reshape(k_A, r * in_features)).view(r, in_features)
+    B = (beta @ bases_B.reshape(k_B, out_features * r)).view(out_features, r)
+    return A, B

@@ -10,7 +10,7 @@ from torch import nn
 from ..._peft_compat import BufferDict
 from ...delta.fused import FrozenFactor
 from ...delta.layer import DeltaLayer
-from ...delta.ops import get_ops, sparse_delta
+from ...delta.ops import get_ops, records_graph, sparse_delta
 from ...delta.support import SparseSupport
 from . import bases as basis_cache
 
@@ -83,6 +83,8 @@ def frozen_sparse_product(x: torch.Tensor, support: SparseSupport, values: torch
     x2d = x.reshape(-1, in_features)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
+    if not records_graph(x2d):
+        return get_ops(x2d.device).spmm(x2d, support, values).reshape(*lead, out_features)
     return _FrozenSparseProduct.apply(x2d, values.detach(), support).reshape(*lead, out_features)
 
 
@@ -188,18 +190,27 @@ class SparseRandLoraLayer(DeltaLayer):
     # ------------------------------------------------------------------ math
     def scaled_T(self, adapter_name: str, A: torch.Tensor) -> torch.Tensor:
         """Dense ``T`` (``N·r × min``): row ``k·N + b`` is ``λ[k, b] · A[k] ⊙ γ[b]`` (PEFT's ``UniqueBaseGrad``)."""
-        lam = self.sparse_randlora_lambda[adapter_name]
-        gamma = self.sparse_randlora_gamma[adapter_name]
-        lam, gamma = lam.to(A.dtype), gamma.to(A.dtype)
-        # (λ ⊗ γ) first, then × A: autograd saves only λ, γ and the frozen A, not an (r, N, min) product
-        T = (lam[:, :, None] * gamma[None, :, :]) * A[:, None, :]
-        return T.reshape(-1, A.shape[1])
+        lam_p = self.sparse_randlora_lambda[adapter_name]
+        gamma_p = self.sparse_randlora_gamma[adapter_name]
+
+        def build() -> torch.Tensor:
+            lam, gamma = lam_p.to(A.dtype), gamma_p.to(A.dtype)
+            # (λ ⊗ γ) first, then × A: autograd saves only λ, γ and the frozen A, not an (r, N, min) product
+            T = (lam[:, :, None] * gamma[None, :, :]) * A[:, None, :]
+            return T.reshape(-1, A.shape[1])
+
+        return self.inference_cached(adapter_name, (lam_p, gamma_p, A), build)
 
     def sparse_T_values(self, adapter_name: str, ops: basis_cache.SparseOperands) -> torch.Tensor:
         """The values of ``T`` on its support: ``λ[k, b] · γ[b, j] · A[k, j]`` (``nnz``-sized, differentiable)."""
-        lam = self.sparse_randlora_lambda[adapter_name].to(ops.a_values.dtype)
-        gamma = self.sparse_randlora_gamma[adapter_name].to(ops.a_values.dtype)
-        return _GatherScaled.apply(lam, gamma, ops.lam_idx, ops.gam_idx, ops.a_values)
+        lam_p = self.sparse_randlora_lambda[adapter_name]
+        gamma_p = self.sparse_randlora_gamma[adapter_name]
+
+        def gather() -> torch.Tensor:
+            lam, gamma = lam_p.to(ops.a_values.dtype), gamma_p.to(ops.a_values.dtype)
+            return _GatherScaled.apply(lam, gamma, ops.lam_idx, ops.gam_idx, ops.a_values)
+
+        return self.inference_cached(adapter_name, (lam_p, gamma_p, ops.a_values, ops.lam_idx), gather)
 
     def lowrank_forward(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         """``(α/r) · ΔW·dropout(x)`` without building ΔW: ``(..., in)`` -> ``(..., out)``."""
