@@ -50,8 +50,8 @@ _ACC = torch.float32
 _CHUNK_ELEMS = 1 << 20
 _MIN_CHUNK = 128
 # Up to this many tokens (decoding) the forward is one product on a feature-major copy (`_spmm_few`): without the
-# chunk buffers it cost 0.70-0.92x the chunked path at 1-32 tokens on the LLaMA shapes of bench/decode.py, and
-# 0.90-1.06x at 64 (bench/results/dispatch-cpu.json "few": bench/dispatch.py --parts few --clock cpu, 1 thread).
+# chunk buffers it cost 0.62-0.94x the chunked path at 1-32 tokens on the LLaMA shapes of bench/decode.py, and
+# 0.91-1.14x at 64 (bench/results/dispatch-cpu.json "few": bench/dispatch.py --parts few --clock cpu, 1 thread).
 FEW_TOKENS = 32
 
 
