@@ -511,6 +511,28 @@ def compile_section(results: Path, base: Path) -> list[str]:
     return lines + [""]
 
 
+def decode_section(results: Path, base: Path) -> list[str]:
+    """Decoding with the adapter unmerged, per method (``bench/decode.py``), and the same measurement of an earlier
+    commit where a ``decode-<device>-before-<sha>.json`` file is kept."""
+    lines = ["### Decoding with the adapter unmerged: LLaMA decoder", ""]
+    files = [p for p in sorted(results.glob("decode-*.json")) if not p.stem.endswith("-quick")]
+    found = [(p, d) for p in files if (d := _load(p)) and d.get("bench") == "decode"]
+    if not found:
+        return lines + ["Not run yet: `OMP_NUM_THREADS=1 python bench/decode.py --threads 1 --clock cpu` writes "
+                        "`bench/results/decode-<device>.json`.", ""]
+    decode = _bench_module("decode")
+    for path, data in sorted(found, key=lambda f: ("-before-" in f[0].stem, f[0].name)):
+        before = "-before-" in path.stem
+        lines += [
+            (f"Before (`{path.name}`, the same script on the code of commit {_commit(data.get('commit'), None)}):"
+             if before else f"`{data.get('command')}`; {data.get('date')}; file `{_link(path, base)}`."),
+            "",
+            decode.markdown(data),
+            "",
+        ]
+    return lines
+
+
 def _bitbudget_table(data: dict, path: Path, base: Path) -> list[str]:
     """One bench/bitbudget.py result: per budget the plan against the best uniform configuration within its bits,
     by the objective and by the measured change of the output."""
@@ -802,7 +824,8 @@ def generate(results: Path, base: Path) -> str:
         "",
     ]
     for section in (minilm_section, sora_gates_section, quality_section, throughput_section, sparse_delta_section,
-                    quant_section, lq_svd_section, bitbudget_section, squeeze_section, compile_section, glue_section):
+                    decode_section, quant_section, lq_svd_section, bitbudget_section, squeeze_section, compile_section,
+                    glue_section):
         lines += section(results, base)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -337,19 +337,17 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         ``(support, factor)`` (``delta.ops.resolve_sparse_path``); empty when the base cannot be read as a dense
         weight."""
         weight = getattr(self.base_layer, "weight", None)
-        if isinstance(self.base_layer, BaseTunerLayer) or weight is None:
-            return {}  # HQQ and other bases without a readable weight
-        if weight.requires_grad or self._fused_dtype(x) is None:
-            return {}  # the fused GEMM reads W0 detached; an input the base itself would refuse gets its own error
+        if isinstance(self.base_layer, BaseTunerLayer) or weight is None or weight.requires_grad:
+            return {}  # HQQ and other bases without a readable weight; the fused GEMM reads W0 detached
         if torch.compiler.is_compiling():
-            return self._traced_fused_adapters(x)
+            return self._traced_fused_adapters(x) if self._fused_dtype(x) is not None else {}
         operands = {}
         for name in self.active_adapters:
             found = self.fused_operands(name) if self.has_adapter(name) else None
             if found is not None:
                 operands[name] = found
-        if not operands:
-            return {}
+        if not operands or self._fused_dtype(x) is None:
+            return {}  # no term to fold (checked first: the common case); an input the base refuses gets its error
         tokens = x.numel() // max(x.shape[-1], 1)
         support, factor = next(iter(operands.values()))
         if resolve_sparse_path(tokens, support, x.device, factor) != "fused":
