@@ -202,8 +202,9 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         autograd records nothing (``torch.no_grad`` / ``inference_mode``, as ``generate`` and evaluation run) and
         not in a ``torch.compile`` trace. A change of any input recomputes it: another tensor, its storage moved
         (``.to``), or written in place (its ``_version``: an optimizer step, ``load_state_dict``). ``train()`` and
-        ``eval()`` clear the cache, which is the way to refresh it after writing an input through ``.data`` (which
-        autograd does not version).
+        ``eval()`` clear the cache, which is the way to refresh it after writing an input without a new version:
+        through ``.data``, or by ``torch.distributed.broadcast`` (checked: ``all_gather_into_tensor``, which FSDP
+        unshards with, versions its output; ``broadcast`` does not).
 
         For terms rebuilt from their parameters on every call (NOLA's ``A = Σ αᵢAᵢ`` reads k bases, 8 MB at
         k = 256, r = 8, in = 1024: more than the base weight itself), this is what makes a decoding step cost
