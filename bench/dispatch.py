@@ -18,7 +18,8 @@
 4. Few tokens (CPU, the reference forward as a layer calls it: ``spmm(..., add_to=...)``, decoding): the single
    product on a feature-major copy (``reference._spmm_few``) against the chunked path, at 1-64 tokens on the
    LLaMA shapes of ``bench/decode.py`` (density 0.01), 15 rounds of 100 calls each. ``reference.FEW_TOKENS`` is the
-   largest token count up to which ``few`` stays at or below ``chunked`` on every shape.
+   largest token count up to which ``few`` stays at or below ``chunked`` on every shape. For one token it also
+   times ``torch.mv`` against ``torch.mm`` with a one-column matrix, warm and after a 64 MB sweep of the caches.
 
     python bench/dispatch.py --parts factored --clock cpu   # only part 3, merged into the existing file
 
@@ -242,6 +243,30 @@ def few_table(rounds: int, clock: str) -> list[dict]:
     return rows
 
 
+def one_token_table(rounds: int) -> list[dict]:
+    """Part 4, one token: MKL's ``torch.mv`` against ``torch.mm`` with a one-column matrix (what ``_spmm_few`` takes
+    for one token), with warm caches and with a 64 MB sweep before each call (as between the layers of a model)."""
+    sweep = torch.zeros(1 << 24)
+    rows = []
+    for out_f, in_f in FEW_SHAPES:
+        support = SparseSupport.random((out_f, in_f), 0.01, 1)
+        csr, _ = support.layouts()
+        S = reference._csr(csr.crow, csr.col, torch.randn(support.nnz), (out_f, in_f))
+        x = torch.randn(1, in_f)
+        fns = {"mm": lambda: torch.mm(S, x.t()), "mv": lambda: torch.mv(S, x[0])}
+        us = {f"{name}_{state}": [] for name in fns for state in ("flushed", "warm")}
+        for _ in range(rounds * 10):
+            for name, fn in fns.items():
+                sweep.add_(1.0)
+                for state in ("flushed", "warm"):
+                    t = time.perf_counter()
+                    fn()
+                    us[f"{name}_{state}"].append(1e6 * (time.perf_counter() - t))
+        rows.append({"out": out_f, "in": in_f, "us": {k: round(statistics.median(v), 1) for k, v in us.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def few_limit(rows: list[dict]) -> int | None:
     """The largest token count up to which ``few`` is at or below ``chunked`` on every shape."""
     limit = None
@@ -289,7 +314,8 @@ def main(argv=None) -> dict:
                               "min_tokens_per_column": None if None in per_column else max(per_column)}
     if "few" in args.parts and device.type == "cpu":
         rows = few_table(max(args.rounds, 15), args.clock)
-        result["few"] = {"run": run, "rows": rows, "few_tokens": few_limit(rows)}
+        result["few"] = {"run": run, "rows": rows, "few_tokens": few_limit(rows),
+                         "one_token": one_token_table(max(args.rounds, 15))}
     out.write_text(json.dumps(result, indent=1) + "\n")
     keys = ("crossovers", "fused_min_tokens_x_density", "dense_sddmm_min_density")
     print(json.dumps({k: result.get(k) for k in keys} | {"factored": result.get("factored", {}).get("crossovers"),
