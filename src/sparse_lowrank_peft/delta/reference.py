@@ -50,8 +50,8 @@ _ACC = torch.float32
 _CHUNK_ELEMS = 1 << 20
 _MIN_CHUNK = 128
 # Up to this many tokens (decoding) the forward is one product on a feature-major copy (`_spmm_few`): without the
-# chunk buffers it cost 0.62-0.94x the chunked path at 1-32 tokens on the LLaMA shapes of bench/decode.py, and
-# 0.91-1.14x at 64 (bench/results/dispatch-cpu.json "few": bench/dispatch.py --parts few --clock cpu, 1 thread).
+# chunk buffers it cost 0.57-0.93x the chunked path at 1-32 tokens on the LLaMA shapes of bench/decode.py, and
+# 0.95-1.19x at 64 (bench/results/dispatch-cpu.json "few": bench/dispatch.py --parts few --clock cpu, 1 thread).
 FEW_TOKENS = 32
 
 
@@ -141,8 +141,9 @@ def spmm(
 def _spmm_few(x: torch.Tensor, S: torch.Tensor, acc: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
     """:func:`spmm` for a few tokens (decoding): one product on a feature-major copy of ``x``, no chunk buffers. At
     this size the chunked path's Python and allocations, not the product, were the cost (`bench/decode.py`). One
-    token takes ``torch.mv``: 49 against 67 µs (1024², density 0.01, warm caches) and 199 against 249 µs with the
-    caches flushed before each call, as in a model; 110 against 137 and 329 against 390 µs at 2816 x 1024."""
+    token takes ``torch.mv``: 57 against 77 µs for ``torch.mm`` (1024², density 0.01, warm caches), 256 against 287
+    µs with the caches swept before each call, as between a model's layers; 135 against 178 and 346 against 384 µs
+    at 2816 x 1024 (bench/results/dispatch-cpu.json "few" / "one_token")."""
     if x.shape[0] == 1:
         y = torch.mv(S, x[0].to(acc)).unsqueeze(0)
     else:
