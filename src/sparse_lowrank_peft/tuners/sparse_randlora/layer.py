@@ -190,16 +190,13 @@ class SparseRandLoraLayer(DeltaLayer):
     # ------------------------------------------------------------------ math
     def scaled_T(self, adapter_name: str, A: torch.Tensor) -> torch.Tensor:
         """Dense ``T`` (``N·r × min``): row ``k·N + b`` is ``λ[k, b] · A[k] ⊙ γ[b]`` (PEFT's ``UniqueBaseGrad``)."""
-        lam_p = self.sparse_randlora_lambda[adapter_name]
-        gamma_p = self.sparse_randlora_gamma[adapter_name]
-
-        def build() -> torch.Tensor:
-            lam, gamma = lam_p.to(A.dtype), gamma_p.to(A.dtype)
-            # (λ ⊗ γ) first, then × A: autograd saves only λ, γ and the frozen A, not an (r, N, min) product
-            T = (lam[:, :, None] * gamma[None, :, :]) * A[:, None, :]
-            return T.reshape(-1, A.shape[1])
-
-        return self.inference_cached(adapter_name, (lam_p, gamma_p, A), build)
+        lam = self.sparse_randlora_lambda[adapter_name]
+        gamma = self.sparse_randlora_gamma[adapter_name]
+        lam, gamma = lam.to(A.dtype), gamma.to(A.dtype)
+        # (λ ⊗ γ) first, then × A: autograd saves only λ, γ and the frozen A, not an (r, N, min) product. Never kept
+        # for inference (unlike the sparse values below): T is about min × min, a dense weight's size.
+        T = (lam[:, :, None] * gamma[None, :, :]) * A[:, None, :]
+        return T.reshape(-1, A.shape[1])
 
     def sparse_T_values(self, adapter_name: str, ops: basis_cache.SparseOperands) -> torch.Tensor:
         """The values of ``T`` on its support: ``λ[k, b] · γ[b, j] · A[k, j]`` (``nnz``-sized, differentiable)."""
