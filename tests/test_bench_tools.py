@@ -723,3 +723,20 @@ def test_compile_section_reads_the_committed_files():
     sltrain = next(line for line in rows if line.startswith("| llama | sltrain |"))
     assert "| 1 | 0 |" in sltrain  # one graph: the sparse term through delta.custom_ops
     assert "| 16, " in sltrain and "compile-cpu-before-" in sltrain  # before them: a graph break per layer
+
+
+def test_decode_bench_quick_and_its_results_section(tmp_path):
+    """bench/decode.py --quick (tiny LLaMA, two decoding steps): a step time and ratios per method and batch; the
+    results page shows the committed run and the earlier commit's file beside it."""
+    out = tmp_path / "decode-cpu-quick.json"
+    _bench("decode").main(["--quick", "--methods", "base", "lora", "sltrain", "nola", "--batches", "1", "2",
+                           "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["batches"]) == {"1", "2"}
+    for rows in saved["batches"].values():
+        assert list(rows) == ["base", "lora", "sltrain", "nola"]
+        assert all(r["step_ms"] > 0 for r in rows.values())
+        assert rows["lora"]["vs_lora"] == 1.0 and rows["base"]["vs_base"] == 1.0
+    text = "\n".join(_bench("results_readme").decode_section(ROOT / "bench" / "results", ROOT / "docs"))
+    assert "decode-cpu-before-0813f38.json" in text and text.count("| SLTrain r=8 + 1% sparse |") == 2
+

@@ -144,6 +144,9 @@ def _spmm_few(x: torch.Tensor, S: torch.Tensor, acc: torch.dtype, out: torch.Ten
     token takes ``torch.mv``: 57 against 77 µs for ``torch.mm`` (1024², density 0.01, warm caches), 256 against 287
     µs with the caches swept before each call, as between a model's layers; 135 against 178 and 346 against 384 µs
     at 2816 x 1024 (bench/results/dispatch-cpu.json "few" / "one_token")."""
+    if torch.is_autocast_enabled(x.device.type):  # it would cast S to a half type, which MKL's CSR product refuses
+        with torch.autocast(x.device.type, enabled=False):
+            return _spmm_few(x, S, acc, out)
     if x.shape[0] == 1:
         y = torch.mv(S, x[0].to(acc)).unsqueeze(0)
     else:
