@@ -10,7 +10,9 @@
 #      tuners, without the memory children (needs bitsandbytes in the device image; it fails on its own otherwise);
 #   6. if at least 60 s are left: the LLaMA decoder with every linear adapted (--model llama), the same methods;
 #   7. if at least 60 s are left: the causal-LM runner's recipes on CUDA (tests/test_causal_lm.py: NF4, LQ and the
-#      HQQ bit-budget base, whose scales must follow the model to the GPU; reload equal, bf16 base).
+#      HQQ bit-budget base, whose scales must follow the model to the GPU; reload equal, bf16 base);
+#   8. if at least 40 s are left: decoding with the adapter unmerged (bench/decode.py, bf16): the Triton SpMM at one
+#      token per sequence, which the CPU measurements cannot tell.
 #
 # The device machine reaches no registry and its image has its own peft / transformers. Before the call, on this
 # machine (once):
@@ -59,6 +61,9 @@ fi
 if (( SECONDS - start < 420 )); then
     step causal-lm $((480 - (SECONDS - start))) "$PY" -m pytest -q -p no:cacheprovider tests/test_causal_lm.py \
         -k "recipe_trains or hqq_layer or bf16 or squeeze"
+fi
+if (( SECONDS - start < 440 )); then
+    step decode $((480 - (SECONDS - start))) "$PY" bench/decode.py --dtype bfloat16 --rounds 3 --tokens 8
 fi
 cp bench/results/*nvidia* "$OUT/" 2>/dev/null
 echo "== done in $((SECONDS - start)) s; result files:"

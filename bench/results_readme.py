@@ -779,6 +779,14 @@ def _throughput_ratio(results: Path, kind: str, method: str | None, base: str = 
     return "–"
 
 
+def _decode_ratio(results: Path, method: str | None) -> str:
+    """One unmerged decoding step x PEFT LoRA at batch 1 in ``decode-cpu.json`` (``bench/decode.py``); full
+    fine-tuning decodes as the base model does."""
+    data = _load(results / "decode-cpu.json") or {}
+    row = ((data.get("batches") or {}).get("1") or {}).get("base" if method == "full" else method)
+    return "–" if not row or row.get("vs_lora") is None else f"{row['vs_lora']:.2f}"
+
+
 def summary_section(results: Path, base: Path) -> list[str]:
     """The README's one table: per method, the GLUE average and trainable parameters of the quality grid (the GPU
     grid if there is one), the training step time x LoRA on CPU and on a GPU, and the adapter bytes; one plot."""
@@ -790,8 +798,8 @@ def summary_section(results: Path, base: Path) -> list[str]:
     summary = grid["summary"]
     lines = [
         f"| method | GLUE avg, 5 tasks × 3 seeds (`{grid_path.name}`) | trainable params | step ×LoRA, CPU | "
-        "step ×LoRA, H100 | adapter bytes |",
-        "|:---|---:|---:|---:|---:|---:|",
+        "step ×LoRA, H100 | decode ×LoRA, CPU | adapter bytes |",
+        "|:---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, quality, throughput, base_kind in SUMMARY_ROWS:
         row = summary.get(quality) or {}
@@ -799,7 +807,8 @@ def summary_section(results: Path, base: Path) -> list[str]:
         lines.append(
             f"| {label} | {'–' if avg is None else f'{100 * avg:.1f}'} | "
             f"{row.get('params_trainable', 0):,} | {_throughput_ratio(results, 'cpu', throughput, base_kind)} | "
-            f"{_throughput_ratio(results, 'cuda', throughput, base_kind)} | {row.get('adapter_bytes', 0):,} |"
+            f"{_throughput_ratio(results, 'cuda', throughput, base_kind)} | "
+            f"{_decode_ratio(results, throughput if base_kind == 'dense' else None)} | {row.get('adapter_bytes', 0):,} |"
         )
     runs = []
     for _, data in _summary_runs(results):
@@ -811,7 +820,10 @@ def summary_section(results: Path, base: Path) -> list[str]:
     plot = grid_path.with_suffix(".png")
     lines += ["", "GLUE: MiniLM (6×384), each method at the recipe budget; step: roberta-base shape (CPU: 16×128 tokens "
               "fp32, 1 thread; H100: 32×512 bf16), paired ratio to PEFT LoRA r=8 in the same run (NF4 base: every encoder "
-              "linear in NF4, against PEFT's LoRA on it, i.e. QLoRA); adapter bytes include the trained head."]
+              "linear in NF4, against PEFT's LoRA on it, i.e. QLoRA); decode: one step of unmerged generation on a LLaMA decoder "
+              "with every linear adapted (`bench/decode.py`, batch 1, CPU, 1 thread), ratio to PEFT LoRA (SoRA's and DyLoRA's, "
+              "whose code did not change, moved by up to 0.15 between runs); adapter bytes "
+              "include the trained head."]
     if plot.is_file():
         lines += ["", f"![quality vs trainable parameters]({_link(plot, base)})"]
     return lines + [""]
