@@ -211,12 +211,13 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         what LoRA's does (``bench/results/decode-cpu.json``)."""
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return compute()
-        key = tuple((id(t), t.data_ptr(), t._version) for t in inputs) + (torch.is_inference_mode_enabled(),)
+        state = tuple((t.data_ptr(), t._version) for t in inputs) + (torch.is_inference_mode_enabled(),)
         hit = self._inference_cache.get(adapter_name)
-        if hit is not None and hit[0] == key:
+        if hit is not None and hit[1] == state and len(hit[0]) == len(inputs) and all(
+                a is b for a, b in zip(hit[0], inputs)):
             return hit[2]
         value = compute()
-        self._inference_cache[adapter_name] = (key, inputs, value)  # holds the inputs, so no id is reused
+        self._inference_cache[adapter_name] = (inputs, state, value)
         return value
 
     def train(self, mode: bool = True):
