@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -111,3 +112,16 @@ def print_saved(path: str, markdown) -> dict:
     saved = json.loads(Path(path).read_text())
     print(markdown(saved))
     return saved
+
+
+def save_result(path, result: dict, markdown) -> dict:
+    """Write ``result`` as JSON to ``path`` (folders made), print its markdown table and where it went; returns it."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    print(f"wrote {path}", file=sys.stderr)
+    return result
+

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import ROOT, device_info, device_slug, git_commit, loadavg, print_saved, versions  # noqa: E402
+from _env import ROOT, device_info, device_slug, git_commit, loadavg, print_saved, save_result, versions  # noqa: E402
 from throughput import METHODS, base_state, build_model, llama_config  # noqa: E402
 
 DEFAULT_METHODS = ["base", "lora", "sltrain", "sora", "dylora", "nola", "sparse_randlora_0.1", "sparse_randlora_0.01"]
@@ -164,12 +163,7 @@ def main(argv=None) -> dict:
         result["batches"][str(batch)] = time_decoding(args.methods, config, batch, args, device, dtype, clock)
     result["load_after"] = loadavg()
     slug = device_slug(info) + ("-quick" if args.quick else "")
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"decode-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown(result))
-    print(f"wrote {out}", file=sys.stderr)
-    return result
+    return save_result(args.out or ROOT / "bench" / "results" / f"decode-{slug}.json", result, markdown)
 
 
 if __name__ == "__main__":

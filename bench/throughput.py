@@ -83,7 +83,7 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:  # bench/_env.py, also when loaded by file path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import (  # noqa: E402
-    device_info, device_slug, git_commit, loadavg, print_saved, proc_status, reset_hwm, versions,
+    device_info, device_slug, git_commit, loadavg, print_saved, proc_status, reset_hwm, save_result, versions,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -652,10 +652,7 @@ def main(argv=None) -> dict:
     result["conditions"]["total_s"] = round(time.time() - t0, 1)
     result["targets"] = evaluate_targets({n: r for n, r in result["results"].items() if not r.get("skipped")})
     result["complete"] = True
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown(result))
-    print(f"\nwrote {out}", file=sys.stderr)
-    return result
+    return save_result(out, result, markdown)
 
 
 if __name__ == "__main__":
