@@ -725,9 +725,10 @@ def test_compile_section_reads_the_committed_files():
     assert "| 16, " in sltrain and "compile-cpu-before-" in sltrain  # before them: a graph break per layer
 
 
-def test_decode_bench_quick_and_its_results_section(tmp_path):
-    """bench/decode.py --quick (tiny LLaMA, two decoding steps): a step time and ratios per method and batch; the
-    results page shows the committed run and the earlier commit's file beside it."""
+@pytest.mark.slow
+def test_decode_bench_quick_run(tmp_path, slow_selected):
+    """bench/decode.py --quick (tiny LLaMA, two decoding steps; 12 s here): a step time and ratios per method and
+    batch. The results page's test below reads the committed full run instead."""
     out = tmp_path / "decode-cpu-quick.json"
     _bench("decode").main(["--quick", "--methods", "base", "lora", "sltrain", "nola", "--batches", "1", "2",
                            "--out", str(out)])
@@ -737,6 +738,15 @@ def test_decode_bench_quick_and_its_results_section(tmp_path):
         assert list(rows) == ["base", "lora", "sltrain", "nola"]
         assert all(r["step_ms"] > 0 for r in rows.values())
         assert rows["lora"]["vs_lora"] == 1.0 and rows["base"]["vs_base"] == 1.0
-    text = "\n".join(_bench("results_readme").decode_section(ROOT / "bench" / "results", ROOT / "docs"))
-    assert "decode-cpu-before-0813f38.json" in text and text.count("| SLTrain r=8 + 1% sparse |") == 2
 
+
+def test_decode_section_reads_the_committed_files():
+    """docs/results.md's decoding section: the committed run and the earlier commit's file beside it, a row per
+    method in each; the README summary's decode column comes from the same file."""
+    readme_mod = _bench("results_readme")
+    results = ROOT / "bench" / "results"
+    text = "\n".join(readme_mod.decode_section(results, ROOT / "docs"))
+    assert "decode-cpu-before-0813f38.json" in text and text.count("| SLTrain r=8 + 1% sparse |") == 2
+    saved = json.loads((results / "decode-cpu.json").read_text())
+    assert readme_mod._decode_ratio(results, "sltrain") == f"{saved['batches']['1']['sltrain']['vs_lora']:.2f}"
+    assert readme_mod._decode_ratio(results, "adalora") == "–"
