@@ -214,8 +214,7 @@ class SparseDeltaFunction(torch.autograd.Function):
         x2d = _rows(x)
         ctx.support, ctx.ops, ctx.x_shape = support, ops, x.shape
         ctx.save_for_backward(x2d, values)
-        y = ops.spmm(x2d, support, values)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], support.shape[0])
+        return _forward(ops, x2d, x.shape, support, values)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -232,7 +231,7 @@ class SparseDeltaAddFunction(torch.autograd.Function):
         x2d = _rows(x)
         ctx.support, ctx.ops, ctx.x_shape = support, ops, x.shape
         ctx.save_for_backward(x2d, values)
-        ops.spmm(x2d, support, values, add_to=add_to.view(-1, support.shape[0]))
+        _forward(ops, x2d, x.shape, support, values, add_to)
         ctx.mark_dirty(add_to)
         return add_to
 
@@ -275,17 +274,25 @@ def sparse_delta(
             )
         if not add_to.is_contiguous():
             return add_to + sparse_delta(x, support, values, backend=backend).to(add_to.dtype)
-        if not records_graph(add_to, x, values):
-            get_ops(x.device, backend).spmm(_rows(x), support, values, add_to=add_to.view(-1, out_features))
-            return add_to
+    if not records_graph(x, values, *(() if add_to is None else (add_to,))):  # inference: no autograd Function
+        return _forward(get_ops(x.device, backend), _rows(x), x.shape, support, values, add_to)
+    if add_to is not None:
         return SparseDeltaAddFunction.apply(add_to, x, values, support, backend)
-    if not records_graph(x, values):
-        y = get_ops(x.device, backend).spmm(_rows(x), support, values)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
     return SparseDeltaFunction.apply(x, values, support, backend)
+
+
+def _forward(ops: ModuleType, x2d: torch.Tensor, x_shape: torch.Size, support: SparseSupport, values: torch.Tensor,
+             add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward kernel on the rows of ``x``: added into ``add_to`` in place (returned), or a new ``(..., out)``."""
+    out_features = support.shape[0]
+    if add_to is not None:
+        ops.spmm(x2d, support, values, add_to=add_to.view(-1, out_features))
+        return add_to
+    y = ops.spmm(x2d, support, values)
+    return y if len(x_shape) == 2 else y.view(*x_shape[:-1], out_features)
 
 
 def records_graph(*tensors: torch.Tensor) -> bool:
     """Whether autograd records an op on ``tensors``. Where it does not (inference, ``torch.no_grad``), the kernels
-    are called directly: the autograd Function's bookkeeping was a third of the term's cost per decoding step."""
+    are called without an autograd Function (nothing saved, no graph node)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -139,9 +139,8 @@ def spmm(
 
 
 def _spmm_few(x: torch.Tensor, S: torch.Tensor, acc: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
-    """:func:`spmm` for a few tokens (decoding): one product on a feature-major copy of ``x``, no chunk buffers. At
-    this size the chunked path's Python and allocations, not the product, were the cost (`bench/decode.py`). One
-    token takes ``torch.mv``: 57 against 77 µs for ``torch.mm`` (1024², density 0.01, warm caches), 256 against 287
+    """:func:`spmm` for a few tokens (decoding): one product on a feature-major copy of ``x``, without the chunked
+    path's buffers and copies (0.57-0.93x its time at 1-32 tokens, ``FEW_TOKENS`` above). One token takes ``torch.mv``: 57 against 77 µs for ``torch.mm`` (1024², density 0.01, warm caches), 256 against 287
     µs with the caches swept before each call, as between a model's layers; 135 against 178 and 346 against 384 µs
     at 2816 x 1024 (bench/results/dispatch-cpu.json "few" / "one_token")."""
     if torch.is_autocast_enabled(x.device.type):  # it would cast S to a half type, which MKL's CSR product refuses
