@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,14 @@ from peft import (
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from sparse_lowrank_peft import SLTrainConfig
+
+# peft 0.22 checks a checkpoint's adapter keys against the model and can raise on any missing or unexpected one;
+# 0.21 only warns about missing ones. Every reload here asks for the strictest check the installed peft has.
+STRICT_LOAD = (
+    {"strict_adapter_check": "error"}
+    if "strict_adapter_check" in inspect.signature(PeftModel.from_pretrained).parameters
+    else {}
+)
 
 # bert-nf4 and bert-nf4-avx512: the two CPU code paths of bitsandbytes, each forced on any machine (tests/_bnb_cpu.py);
 # bert-int8: an LLM.int8 (load_in_8bit) base
@@ -140,7 +150,11 @@ class TestContract:
             expected = output_of(pm, inputs)
         pm.save_pretrained(tmp_path)
         fresh, _, _ = build(family)
-        loaded = PeftModel.from_pretrained(fresh, tmp_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = PeftModel.from_pretrained(fresh, tmp_path, **STRICT_LOAD)
+        key_warnings = [str(w.message) for w in caught if "adapter keys" in str(w.message)]
+        assert not key_warnings, key_warnings  # every saved tensor is one the model expects, and none is missing
         loaded.eval()
         with torch.no_grad():
             got = output_of(loaded, inputs)

@@ -64,9 +64,10 @@ def test_no_default_targets_for_custom_model():
 
 
 def test_peft_version_guard():
-    check_peft_version("0.21.2")
-    for bad in ("0.20.9", "0.22.0", "1.0.0"):
-        with pytest.raises(ImportError, match=r"peft>=0\.21\.0,<0\.22\.0.*Fix"):
+    for good in ("0.21.2", "0.22.0"):
+        check_peft_version(good)
+    for bad in ("0.20.9", "0.23.0", "1.0.0"):
+        with pytest.raises(ImportError, match=r"peft>=0\.21\.0,<0\.23\.0.*Fix"):
             check_peft_version(bad)
 
 

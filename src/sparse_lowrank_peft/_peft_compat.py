@@ -97,7 +97,7 @@ def as_injected(config, model):
 
 #: The PEFT versions this package is tested against: [min, max).
 PEFT_MIN_VERSION = "0.21.0"
-PEFT_MAX_VERSION = "0.22.0"
+PEFT_MAX_VERSION = "0.23.0"
 
 
 def check_peft_version(version: str | None = None) -> None:
