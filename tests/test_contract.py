@@ -521,3 +521,19 @@ def test_bf16_base_and_autocast(cfg_cls, kwargs):
         out = output_of(pm, make_inputs(3))
     (out.float() ** 2).mean().backward()
     assert out.dtype == torch.bfloat16 and all(torch.isfinite(p.grad).all() for p in pm.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
+def test_peft_healthcheck_finds_nothing_wrong(cfg_cls, kwargs):
+    """peft 0.22's ``run_healthcheck`` (what a PEFT user runs on a model that misbehaves) reads our layers as it reads
+    LoRA's: every layer counted, the trainable share right, and no finding on a correctly built model."""
+    healthcheck = pytest.importorskip("peft.utils.healthcheck", reason="peft < 0.22 has no healthcheck")
+    pm, _, _ = peft_model(cfg_cls, kwargs, "roberta")
+    report = healthcheck.run_healthcheck(pm)
+    assert report["is_ready"] and report["findings"] == [], report["findings"]
+    summary = report["summary"]
+    assert summary["trainable_params"] == sum(p.numel() for p in pm.parameters() if p.requires_grad), summary
+    layer_cls = type(pm.base_model).tuner_layer_cls.__name__
+    counts = {kind.rsplit(".", 1)[-1]: n for kind, n in summary["adapter_layer_types"]["default"].items()}
+    assert counts[layer_cls] == sum(isinstance(m, BaseTunerLayer) for m in pm.modules()) > 0, counts
+    assert report["adapter_state"]["requires_grad"] == {"default": True}, report["adapter_state"]
