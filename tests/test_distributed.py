@@ -1,5 +1,5 @@
 """Multi-process data-parallel training: every tuner under DDP (2 CPU processes, gloo), and the GLUE runner under
-torchrun with a checkpoint, a crash and ``--resume``.
+torchrun (by default one launch; with ``-m slow`` a crash right after a checkpoint and ``--resume`` as well).
 
 One ``torchrun --nproc_per_node 2`` launch of ``_ddp_worker.py tuners`` runs every case (module fixture): each row of
 the contract table (``test_contract.TUNER_CASES``, so every tuner's ``tests/_cases_*.py`` rows are included as soon
@@ -8,7 +8,7 @@ False)`` with the custom-loop hooks (``dylora_sample_rank`` before each forward,
 then the same training in one process on the whole global batch (rank 0); the same training under FSDP1
 (``FullyShardedDataParallel(use_orig_params=True)``) and FSDP2 (``fully_shard``) for one case of every tuner; then
 ``transformers.Trainer`` with ``training_callbacks(model)`` for SoRA and DyLoRA. The tests here compare what the two
-ranks saved. The GLUE tests launch the runner twice more (a crash right after a checkpoint, then ``--resume``).
+ranks saved. The GLUE test launches the runner once more and checks that only the main process writes the run.
 
 Tolerances:
 
@@ -386,6 +386,7 @@ if _rank is not None and _root and _log:
             _busy.pop()
 
     sys.addaudithook(_hook)
+    open(_log, "a").close()  # logged by the hook itself: the proof that it runs in this process
 """
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
@@ -433,15 +434,32 @@ def glue_recipe(tmp_path: Path, model: str) -> Path:
     return path
 
 
+def write_logger(tmp_path: Path) -> tuple[Path, dict]:
+    """The logs folder and the environment that make every process log the files it opens for writing."""
+    logs, site = tmp_path / "logs", tmp_path / "site"
+    logs.mkdir()
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return logs, {"PYTHONPATH": str(site), "SLPEFT_TEST_WRITE_ROOT": str(tmp_path),
+                  "SLPEFT_TEST_WRITE_LOG": str(logs / "w")}
+
+
+def files_written(logs: Path) -> dict:
+    """``{rank: [path relative to the test folder, ...]}`` from the write logger."""
+    return {rank: sorted({f.removesuffix(".tmp") for f in (logs / f"w.rank{rank}").read_text().split()})
+            if (logs / f"w.rank{rank}").is_file() else [] for rank in range(WORLD)}
+
+
+#: what a launch adds to the recipe: the shipping checks (they do not change what is trained)
+SHIPPING = ["verify_reload=true", "export_lora_rank=2"]
+
+
 def crash_then_resume(tmp_path: Path, model: str) -> dict:
     """Launch 1: ``glue.run.main`` on 2 processes (rank 1 starts 3 s late), every rank crashes right after
     checkpoint-4. Launch 2: ``torchrun --nproc_per_node 2 -m glue.run RECIPE output_dir=... --resume``. Both with the
     write logger. Returns the output folder, the results and the files each rank wrote."""
-    recipe, out, logs = glue_recipe(tmp_path, model), tmp_path / "run", tmp_path / "logs"
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {"PYTHONPATH": str(site), "SLPEFT_TEST_WRITE_ROOT": str(tmp_path), "SLPEFT_TEST_WRITE_LOG": str(logs / "w")}
+    recipe, out = glue_recipe(tmp_path, model), tmp_path / "run"
+    logs, env = write_logger(tmp_path)
     first = launch([str(TESTS / "_ddp_worker.py"), "glue", str(logs), str(CRASH_STEP), "1", "3", "--", str(recipe),
                     f"output_dir={out}"], tmp_path / "launch1.log", env)
     crashes = [line for rank in range(WORLD) if (logs / f"events.rank{rank}.jsonl").is_file()
@@ -451,35 +469,29 @@ def crash_then_resume(tmp_path: Path, model: str) -> dict:
     ckpt = out / f"checkpoint-{CRASH_STEP}"
     assert (ckpt / "trainer_state.json").is_file() and (ckpt / "glue_progress.json").is_file()
     assert not (out / "results.json").exists() and not (out / "adapter").exists()
-    # the shipping checks may be switched on at resume (they do not change what is trained)
-    second = launch(["-m", "glue.run", str(recipe), f"output_dir={out}", "--resume", "verify_reload=true",
-                     "export_lora_rank=2"], tmp_path / "launch2.log", env)
+    # the shipping checks may be switched on at resume
+    second = launch(["-m", "glue.run", str(recipe), f"output_dir={out}", "--resume", *SHIPPING],
+                    tmp_path / "launch2.log", env)
     assert second.returncode == 0, f"resume failed (rc {second.returncode}):\n{tail(second)}"
     print(f"\n[ddp-glue] crash run {first.wall_s:.1f} s, resumed run {second.wall_s:.1f} s")
-    writes = {rank: sorted({f.removesuffix(".tmp") for f in (logs / f"w.rank{rank}").read_text().split()})
-              if (logs / f"w.rank{rank}").is_file() else [] for rank in range(WORLD)}
-    return {"out": out, "writes": writes, "results": json.loads((out / "results.json").read_text())}
+    return {"out": out, "writes": files_written(logs), "results": json.loads((out / "results.json").read_text())}
 
 
-@needs_rte
-def test_glue_runner_under_torchrun_checkpoints_crashes_and_resumes(tiny_bert, tmp_path):
-    run = crash_then_resume(tmp_path, tiny_bert)
-    out, res = run["out"], run["results"]
-    assert res["resumed_from"].endswith(f"checkpoint-{CRASH_STEP}")
+def check_finished_run(out: Path, res: dict, writes: dict) -> None:
+    """What every finished 2-process run of GLUE_RECIPE must show, whether it ran straight or was resumed."""
     assert res["final_step"] == res["train"]["global_step"] == 6
-    assert [e["step"] for e in res["evals"]] == [3, 6]  # the one before the crash is kept from the checkpoint
+    assert [e["step"] for e in res["evals"]] == [3, 6]
     assert res["train"]["examples"] == 64 and res["eval_examples"] == {"validation": 16}
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not list(out.rglob("*.tmp")), "a half-written file was left behind"
     # the saved adapter, reloaded on both processes and evaluated by the run's Trainer, gives the trained metrics
     assert res["method_results"]["reload"]["max_abs_difference"] < 1e-6, res["method_results"]["reload"]
-    assert "run/lora/adapter_config.json" in run["writes"][0]  # the plain LoRA export: main process only
+    assert "run/lora/adapter_config.json" in writes[0]  # the plain LoRA export: main process only
     # every file of the run is written by the main process, except each process's own RNG state in a checkpoint
     assert {"run/results.json", "run/run_config.json", "run/adapter/adapter_config.json",
-            f"run/checkpoint-{CRASH_STEP}/trainer_state.json"} <= set(run["writes"][0])
-    assert "logs/events.rank1.jsonl" in run["writes"][1]  # the logger works in rank 1 (the crash hook's own file)
-    others = [f for f in run["writes"][1]
-              if f.startswith("run/") and not re.fullmatch(r"run/checkpoint-\d+/rng_state_1\.pth", f)]
+            f"run/checkpoint-{CRASH_STEP}/trainer_state.json"} <= set(writes[0])
+    assert "logs/w.rank1" in writes[1]  # the logger runs in rank 1 (it logs the opening of its own file)
+    others = [f for f in writes[1] if f.startswith("run/") and not re.fullmatch(r"run/checkpoint-\d+/rng_state_1\.pth", f)]
     assert not others, f"rank 1 wrote {others}"
     # the runner adds the method's callbacks: SoRA's proximal step logs the open ranks at every logging step
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
@@ -487,17 +499,33 @@ def test_glue_runner_under_torchrun_checkpoints_crashes_and_resumes(tiny_bert, t
     assert logged and all("sora_open_ranks" in e for e in logged), logged[:2]
 
 
+@needs_rte
+def test_glue_runner_under_torchrun_writes_only_on_the_main_process(tiny_bert, tmp_path):
+    """One ``torchrun --nproc_per_node 2 -m glue.run`` launch (about 25 s): the run finishes, its checkpoints, adapter,
+    reload check and plain-LoRA export are written by the main process alone. Crashing and resuming under torchrun
+    takes two more launches and runs with ``-m slow`` (the next test)."""
+    recipe, out = glue_recipe(tmp_path, tiny_bert), tmp_path / "run"
+    logs, env = write_logger(tmp_path)
+    proc = launch(["-m", "glue.run", str(recipe), f"output_dir={out}", *SHIPPING], tmp_path / "launch.log", env)
+    assert proc.returncode == 0, tail(proc)
+    check_finished_run(out, json.loads((out / "results.json").read_text()), files_written(logs))
+
+
 @pytest.mark.slow
 @needs_rte
 def test_glue_runner_under_torchrun_resume_equals_uninterrupted(tiny_bert, tmp_path, request):
-    """Three more launches (about a minute): the crashed-and-resumed run ends bit for bit where an uninterrupted
-    one does. Runs only when asked for with ``-m slow``."""
+    """Three more launches (about a minute): every rank crashes after a checkpoint, ``--resume`` finishes the run
+    with what a straight run shows, and it ends bit for bit where an uninterrupted one does. Runs only when asked for
+    with ``-m slow``."""
     import safetensors.torch
 
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("slow: three torchrun launches; run with -m slow")
     (tmp_path / "a").mkdir()
     run = crash_then_resume(tmp_path / "a", tiny_bert)
+    assert run["results"]["resumed_from"].endswith(f"checkpoint-{CRASH_STEP}")
+    check_finished_run(run["out"], run["results"], run["writes"])  # the eval at step 3 is kept from the checkpoint
+    assert "logs/events.rank1.jsonl" in run["writes"][1]  # the crash hook's own file, written in rank 1
     recipe, out = glue_recipe(tmp_path, tiny_bert), tmp_path / "straight"
     proc = launch(["-m", "glue.run", str(recipe), f"output_dir={out}"], tmp_path / "straight.log")
     assert proc.returncode == 0, tail(proc)
@@ -536,26 +564,21 @@ def test_causal_lm_runner_under_torchrun(tmp_path, request):
     tiny model is built once, by the main process), the main process alone writes the run folder (the other only its
     RNG state in a checkpoint), and the saved adapter reloads to the trained model's validation loss. With -m slow
     (22 s on 2 cores): the Trainer pieces it shares with the GLUE runner are checked under torchrun by default
-    (test_glue_runner_under_torchrun_checkpoints_crashes_and_resumes)."""
+    (test_glue_runner_under_torchrun_writes_only_on_the_main_process)."""
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("slow: a torchrun launch of the LLM runner; run it with -m slow")
     text = tmp_path / "corpus.txt"
     text.write_text(" ".join(WORDS * 40) + "\n", encoding="utf-8")
-    recipe, out, logs = tmp_path / "lm.yaml", tmp_path / "run", tmp_path / "logs"
+    recipe, out = tmp_path / "lm.yaml", tmp_path / "run"
     recipe.write_text(LM_RECIPE.format(text=text))
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {"PYTHONPATH": str(site), "SLPEFT_TEST_WRITE_ROOT": str(tmp_path), "SLPEFT_TEST_WRITE_LOG": str(logs / "w"),
-           "SLPEFT_CACHE": str(tmp_path / "cache")}
-    logs.mkdir()
+    logs, env = write_logger(tmp_path)
+    env["SLPEFT_CACHE"] = str(tmp_path / "cache")
     proc = launch(["-m", "causal_lm.run", str(recipe), f"output_dir={out}"], tmp_path / "launch.log", env)
     assert proc.returncode == 0, tail(proc)
     res = json.loads((out / "results.json").read_text())
     assert res["train"]["steps"] == 4 and res["reload"]["abs_difference"] < 1e-5
     assert (out / "lora" / "adapter_model.safetensors").is_file() and (out / "checkpoint-4").is_dir()
-    writes = {rank: sorted({f.removesuffix(".tmp") for f in (logs / f"w.rank{rank}").read_text().split()})
-              if (logs / f"w.rank{rank}").is_file() else [] for rank in range(WORLD)}
+    writes = files_written(logs)
     assert {"run/results.json", "run/adapter/adapter_config.json"} <= set(writes[0])
     assert any(f.startswith("cache/") for f in writes[0]) and not any(f.startswith("cache/") for f in writes[1])
     others = [f for f in writes[1] if f.startswith("run/") and not re.fullmatch(r"run/checkpoint-\d+/rng_state_1\.pth", f)]
