@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import inspect
 import statistics
 import sys
 import time
@@ -52,20 +53,28 @@ class Decoder:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    @property
+    def cache_name(self) -> str:
+        """The key/value cache's name, as argument and output field: transformers 5.25 renamed ``past_key_values`` to
+        ``cache`` (the old name still works there, with a deprecation warning); 5.23 knows only the old one."""
+        forward = getattr(self.model, "get_base_model", lambda: self.model)().forward
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, tokens: int, clock) -> list[float]:
         """Prefill ``ids`` (untimed), then ``tokens`` greedy steps; returns each step's seconds on ``clock``."""
+        name = self.cache_name
         out = self.model(input_ids=ids, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, nxt = getattr(out, name), out.logits[:, -1:].argmax(-1)
         times = []
         for _ in range(tokens):
             t0 = clock()
-            out = self.model(input_ids=nxt, past_key_values=past, use_cache=True)
+            out = self.model(input_ids=nxt, use_cache=True, **{name: past})
             nxt = out.logits[:, -1:].argmax(-1)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             times.append(clock() - t0)
-            past = out.past_key_values
+            past = getattr(out, name)
         return times
 
 
