@@ -3,10 +3,10 @@ errors before training, the command line."""
 
 import dataclasses
 import importlib.util
+import importlib.metadata
 import json
 import string
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -308,9 +308,9 @@ def test_command_line(tiny_model, toy_task, tmp_path, capsys):
 
 
 def test_console_script_points_at_main():
-    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    module, _, func = scripts["slpeft-glue"].partition(":")
-    assert (module, func) == ("glue.run", "main") and callable(getattr(grun, func))
+    """The installed ``slpeft-glue`` entry point (what pip put on the user's PATH) runs ``glue.run.main``."""
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="slpeft-glue")
+    assert (script.module, script.attr) == ("glue.run", "main") and script.load() is grun.main
 
 
 def test_head_modules_are_derived_from_the_model_structure(tiny_model):
