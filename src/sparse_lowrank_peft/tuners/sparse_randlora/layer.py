@@ -264,6 +264,6 @@ class SparseRandLoraLayer(DeltaLayer):
         return delta * self.sparse_randlora_scaling[adapter_name]
 
     def lowrank_factors(self, adapter_name: str, **kwargs):
-        """None: RandLoRA's ΔW has full rank, so plain LoRA can only hold a rank-capped approximation of it, which
-        goes through LoRA-Squeeze (randomized SVD of ΔW) once that exists; export refuses it until then."""
+        """None: RandLoRA's ΔW has full rank, so plain LoRA can only hold a rank-capped approximation of it; export
+        and LoRA-Squeeze compute that with a randomized SVD of ΔW applied as an operator (``squeeze.py``)."""
         return None
