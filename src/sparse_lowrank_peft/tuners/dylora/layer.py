@@ -6,9 +6,10 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ...delta.layer import DeltaLayer
+from ...delta.layer import DeltaLayer, ParameterDict
 
 
 class DyLoraLayer(DeltaLayer):
@@ -25,8 +26,8 @@ class DyLoraLayer(DeltaLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, key: str = "", **kwargs) -> None:
         super().__init__(base_layer, **kwargs)
-        self.dylora_A = nn.ParameterDict({})
-        self.dylora_B = nn.ParameterDict({})
+        self.dylora_A = ParameterDict({})
+        self.dylora_B = ParameterDict({})
         self.dylora_dropout = nn.ModuleDict({})
         self.dylora_r: dict[str, int] = {}
         self.dylora_rank: dict[str, int] = {}
@@ -76,7 +77,8 @@ class DyLoraLayer(DeltaLayer):
         """``(..., in)`` -> ``(..., out)`` at the current rank ``b``."""
         b = self.dylora_rank[adapter_name]
         B_b, A_b = self._factors(adapter_name, b, self.dylora_frozen[adapter_name] and self.training)
-        return ((self.dylora_dropout[adapter_name](x) @ A_b.t()) @ B_b.t()) * (self.dylora_alpha[adapter_name] / b)
+        h = F.linear(self.dylora_dropout[adapter_name](x), A_b)
+        return F.linear(h, B_b) * (self.dylora_alpha[adapter_name] / b)
 
     def lowrank_factors(self, adapter_name: str, rank: Optional[int] = None, **kwargs):
         """``((α/b) · B[:, :b], A[:b])`` at ``rank`` (default: the current rank)."""

@@ -7,10 +7,11 @@ import zlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..._peft_compat import BufferDict
-from ...delta.layer import DeltaLayer
+from ...delta.layer import DeltaLayer, ParameterDict
 from . import bases as basis_cache
 
 #: fields of the per-layer basis record ``nola_basis_key`` saved in every checkpoint (int64)
@@ -39,8 +40,8 @@ class NolaLayer(DeltaLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, key: str = "", **kwargs) -> None:
         super().__init__(base_layer, **kwargs)
-        self.nola_alpha = nn.ParameterDict({})
-        self.nola_beta = nn.ParameterDict({})
+        self.nola_alpha = ParameterDict({})
+        self.nola_beta = ParameterDict({})
         self.nola_basis_key = BufferDict({}, persistent=True)
         self.nola_basis_A = BufferDict({}, persistent=True)  # only adapters with save_basis=True
         self.nola_basis_B = BufferDict({}, persistent=True)
@@ -133,8 +134,7 @@ class NolaLayer(DeltaLayer):
     def lowrank_forward(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         """``(α/r) · dropout(x) · Aᵀ · Bᵀ``: ``(..., in)`` -> ``(..., out)``."""
         A, B = self.factors(adapter_name)
-        h = self.nola_dropout[adapter_name](x) @ A.t()
-        return (h @ B.t()) * self.nola_scaling[adapter_name]
+        return F.linear(F.linear(self.nola_dropout[adapter_name](x), A), B) * self.nola_scaling[adapter_name]
 
     def lowrank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
         A, B = self.factors(adapter_name, dtype=self.merge_dtype(adapter_name))

@@ -6,9 +6,10 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ...delta.layer import DeltaLayer
+from ...delta.layer import DeltaLayer, ParameterDict
 
 
 class SLTrainLayer(DeltaLayer):
@@ -27,8 +28,8 @@ class SLTrainLayer(DeltaLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, key: str = "", **kwargs) -> None:
         super().__init__(base_layer, **kwargs)
-        self.sltrain_A = nn.ParameterDict({})
-        self.sltrain_B = nn.ParameterDict({})
+        self.sltrain_A = ParameterDict({})
+        self.sltrain_B = ParameterDict({})
         self.sltrain_dropout = nn.ModuleDict({})
         self.sltrain_r: dict[str, int] = {}
         self.sltrain_alpha: dict[str, float] = {}
@@ -56,10 +57,8 @@ class SLTrainLayer(DeltaLayer):
 
     def lowrank_forward(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         """``(α/r) · dropout(x) · Aᵀ · Bᵀ``: ``(..., in)`` -> ``(..., out)``."""
-        A = self.sltrain_A[adapter_name]
-        B = self.sltrain_B[adapter_name]
-        h = self.sltrain_dropout[adapter_name](x) @ A.t()
-        return (h @ B.t()) * self.sltrain_scaling[adapter_name]
+        h = F.linear(self.sltrain_dropout[adapter_name](x), self.sltrain_A[adapter_name])
+        return F.linear(h, self.sltrain_B[adapter_name]) * self.sltrain_scaling[adapter_name]
 
     def lowrank_factors(self, adapter_name: str, rank: Optional[int] = None, **kwargs):
         """``((α/r)·B, A)``: the low-rank term alone (export also needs the sparse term: it refuses SLTrain)."""

@@ -6,9 +6,10 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ...delta.layer import DeltaLayer
+from ...delta.layer import DeltaLayer, ParameterDict
 
 
 class SoraLayer(DeltaLayer):
@@ -26,9 +27,9 @@ class SoraLayer(DeltaLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, key: str = "", **kwargs) -> None:
         super().__init__(base_layer, **kwargs)
-        self.sora_A = nn.ParameterDict({})
-        self.sora_B = nn.ParameterDict({})
-        self.sora_gate = nn.ParameterDict({})
+        self.sora_A = ParameterDict({})
+        self.sora_B = ParameterDict({})
+        self.sora_gate = ParameterDict({})
         self.sora_dropout = nn.ModuleDict({})
         self.sora_r: dict[str, int] = {}
         self.sora_alpha: dict[str, float] = {}
@@ -60,8 +61,8 @@ class SoraLayer(DeltaLayer):
 
     def lowrank_forward(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         """``(..., in)`` -> ``(..., out)``: ``(α/r) · ((dropout(x) Aᵀ) ⊙ g) Bᵀ``."""
-        h = self.sora_dropout[adapter_name](x) @ self.sora_A[adapter_name].t()
-        return ((h * self.sora_gate[adapter_name]) @ self.sora_B[adapter_name].t()) * self.sora_scaling[adapter_name]
+        h = F.linear(self.sora_dropout[adapter_name](x), self.sora_A[adapter_name]) * self.sora_gate[adapter_name]
+        return F.linear(h, self.sora_B[adapter_name]) * self.sora_scaling[adapter_name]
 
     def lowrank_factors(self, adapter_name: str, rank: Optional[int] = None, **kwargs):
         """``(α/r) · B[:, kept] · g[kept]`` and ``A[kept]``: only the ranks whose gate is nonzero (exact)."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..._peft_compat import BufferDict
 from ...delta.fused import FrozenFactor
-from ...delta.layer import DeltaLayer
+from ...delta.layer import DeltaLayer, ParameterDict
 from ...delta.ops import get_ops, records_graph, sparse_delta
 from ...delta.support import SparseSupport
 from . import bases as basis_cache
@@ -110,8 +110,8 @@ class SparseRandLoraLayer(DeltaLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, key: str = "", **kwargs) -> None:
         super().__init__(base_layer, **kwargs)
-        self.sparse_randlora_lambda = nn.ParameterDict({})
-        self.sparse_randlora_gamma = nn.ParameterDict({})
+        self.sparse_randlora_lambda = ParameterDict({})
+        self.sparse_randlora_gamma = ParameterDict({})
         self.sparse_randlora_basis_key = BufferDict({}, persistent=True)
         self.sparse_randlora_basis_refs: dict[str, basis_cache.RandBasis] = {}  # keeps the shared bases alive
         self.sparse_randlora_dropout = nn.ModuleDict({})
