@@ -17,6 +17,7 @@ per-round ratios of medians.
 Usage::
 
     OMP_NUM_THREADS=1 python bench/decode.py --threads 1 --clock cpu           # CPU: batch 1 and 8
+    OMP_NUM_THREADS=1 python bench/decode.py --threads 1 --clock cpu --size tiny   # the per-call overhead
     python bench/decode.py --methods lora sltrain --batches 1 --rounds 3
     python bench/decode.py --print bench/results/decode-cpu.json
 
@@ -138,6 +139,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--size", choices=["llm", "tiny"], default="llm",
+                   help="llm: the LLaMA above; tiny: hidden 64, 2 layers, where a step is mostly the layers' per-call "
+                        "Python work (as on a GPU at batch 1), so it measures the adapters' overhead per call")
     p.add_argument("--quick", action="store_true", help="tiny LLaMA, 2 steps x 1 round (smoke test)")
     p.add_argument("--out", default=None)
     p.add_argument("--print", dest="print_path", default=None)
@@ -155,7 +159,7 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    config = llama_config(args.quick, args.prompt + args.tokens + 1)
+    config = llama_config(args.quick or args.size == "tiny", args.prompt + args.tokens + 1)
     info = device_info(device)
     commit, dirty = git_commit(__file__)
     result = {
@@ -171,7 +175,7 @@ def main(argv=None) -> dict:
     for batch in args.batches:
         result["batches"][str(batch)] = time_decoding(args.methods, config, batch, args, device, dtype, clock)
     result["load_after"] = loadavg()
-    slug = device_slug(info) + ("-quick" if args.quick else "")
+    slug = device_slug(info) + ("-quick" if args.quick else "-tiny" if args.size == "tiny" else "")
     return save_result(args.out or ROOT / "bench" / "results" / f"decode-{slug}.json", result, markdown)
 
 
