@@ -513,7 +513,8 @@ def compile_section(results: Path, base: Path) -> list[str]:
 
 def decode_section(results: Path, base: Path) -> list[str]:
     """Decoding with the adapter unmerged, per method (``bench/decode.py``), and the same measurement of an earlier
-    commit where a ``decode-<device>-before-<sha>.json`` file is kept."""
+    commit where a ``decode-<device>-before-<sha>.json`` file is kept; the LLM-sized decoder first, then ``--size
+    tiny`` (the per-call overhead)."""
     lines = ["### Decoding with the adapter unmerged: LLaMA decoder", ""]
     files = [p for p in sorted(results.glob("decode-*.json")) if not p.stem.endswith("-quick")]
     found = [(p, d) for p in files if (d := _load(p)) and d.get("bench") == "decode"]
@@ -521,7 +522,7 @@ def decode_section(results: Path, base: Path) -> list[str]:
         return lines + ["Not run yet: `OMP_NUM_THREADS=1 python bench/decode.py --threads 1 --clock cpu` writes "
                         "`bench/results/decode-<device>.json`.", ""]
     decode = _bench_module("decode")
-    for path, data in sorted(found, key=lambda f: ("-before-" in f[0].stem, f[0].name)):
+    for path, data in sorted(found, key=lambda f: ("-tiny" in f[0].stem, "-before-" in f[0].stem, f[0].name)):
         before = "-before-" in path.stem
         lines += [
             (f"Before (`{path.name}`, the same script on the code of commit {_commit(data.get('commit'), None)}):"
@@ -821,8 +822,8 @@ def summary_section(results: Path, base: Path) -> list[str]:
     lines += ["", "GLUE: MiniLM (6×384), each method at the recipe budget; step: roberta-base shape (CPU: 16×128 tokens "
               "fp32, 1 thread; H100: 32×512 bf16), paired ratio to PEFT LoRA r=8 in the same run (NF4 base: every encoder "
               "linear in NF4, against PEFT's LoRA on it, i.e. QLoRA); decode: one step of unmerged generation on a LLaMA decoder "
-              "with every linear adapted (`bench/decode.py`, batch 1, CPU, 1 thread), ratio to PEFT LoRA (SoRA's and DyLoRA's, "
-              "whose code did not change, moved by up to 0.15 between runs); adapter bytes "
+              "with every linear adapted (`bench/decode.py`, batch 1, CPU, 1 thread), ratio to PEFT LoRA (runs of unchanged "
+              "code differ by up to 0.15 on this shared machine); adapter bytes "
               "include the trained head."]
     if plot.is_file():
         lines += ["", f"![quality vs trainable parameters]({_link(plot, base)})"]
