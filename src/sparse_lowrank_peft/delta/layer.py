@@ -360,7 +360,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             return {}  # HQQ and other bases without a readable weight; the fused GEMM reads W0 detached
         if torch.compiler.is_compiling():
             return self._traced_fused_adapters(x) if self._fused_dtype(x) is not None else {}
-        if not self.fused_covers_lowrank and not self._plain_terms_fold(x):
+        if not self.terms_may_fold(x):
             return {}  # decoding and small batches: the measured choice, from sizes alone (no support built)
         operands = {}
         for name in self.active_adapters:
@@ -377,10 +377,11 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
 
         return operands if weight_source(self.base_layer, self._compute_dtype()) is not None else {}
 
-    def _plain_terms_fold(self, x: torch.Tensor, names: Optional[list[str]] = None) -> bool:
-        """Whether the dispatcher folds this layer's plain sparse terms (``ΔW = S``) into W0 for input ``x``: the
-        measured choice (``plain_sparse_path``) from the token count and the first active term's density, read off
-        its index buffer's size, so that nothing is built for a call that keeps the SpMM path (every decoding step)."""
+    def terms_may_fold(self, x: torch.Tensor, names: Optional[list[str]] = None) -> bool:
+        """Whether the dispatcher folds this layer's terms into W0 for input ``x``, decided from sizes alone so that
+        nothing is built for a call that keeps the SpMM path (every decoding step). Here for plain sparse terms
+        (``ΔW = S``): ``plain_sparse_path`` from the token count and the first active term's density, read off its
+        index buffer's size. A layer with a factored term (``fused_covers_lowrank``) overrides it."""
         names = [n for n in self.active_adapters if self.has_sparse(n)] if names is None else names
         if not names:
             return False
@@ -393,7 +394,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         weight): the same measured choice, with each adapter's index buffer in place of its support (no layout is
         built inside the trace)."""
         names = [n for n in self.active_adapters if self.has_adapter(n) and self.has_sparse(n)]
-        if not self._plain_terms_fold(x, names):
+        if not self.terms_may_fold(x, names):
             return {}
         buffers = getattr(self, self.support_attr)
         return {name: (buffers[name], None) for name in names}

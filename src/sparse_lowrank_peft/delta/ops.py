@@ -121,11 +121,17 @@ def resolve_sparse_path(tokens: int, support: SparseSupport, device: torch.devic
     (``factor``: the :class:`~.fused.FrozenFactor` of a factored term ``scale · L·S``, or None for ``ΔW = S``)."""
     if factor is None:
         return plain_sparse_path(tokens, support.density, device)
+    return factored_sparse_path(tokens, support.shape[1], device)
+
+
+def factored_sparse_path(tokens: int, columns: int, device: torch.device) -> str:
+    """:func:`resolve_sparse_path` for a factored term ``scale · L·S`` whose ``S`` has ``columns`` columns (from numbers
+    only, so a layer decides before it builds its operands)."""
     choice = _env_choice(PATH_ENV, _PATHS)
     if choice != "auto":
         return choice
     per_column = FACTORED_FUSED_MIN_TOKENS_PER_COLUMN.get(device.type)
-    return "fused" if per_column is not None and tokens >= per_column * support.shape[1] else "spmm"
+    return "fused" if per_column is not None and tokens >= per_column * columns else "spmm"
 
 
 def plain_sparse_path(tokens: int, density: float, device: torch.device) -> str:

@@ -10,7 +10,7 @@ from torch import nn
 from ..._peft_compat import BufferDict
 from ...delta.fused import FrozenFactor
 from ...delta.layer import DeltaLayer, ParameterDict
-from ...delta.ops import get_ops, records_graph, sparse_delta
+from ...delta.ops import factored_sparse_path, get_ops, records_graph, sparse_delta
 from ...delta.support import SparseSupport
 from . import bases as basis_cache
 
@@ -242,6 +242,12 @@ class SparseRandLoraLayer(DeltaLayer):
             return None
         lam = self.sparse_randlora_lambda[adapter_name]
         return basis.operands(False, lam.device, lam.dtype)
+
+    def terms_may_fold(self, x: torch.Tensor, names=None) -> bool:
+        """The factored term's measured choice (``factored_sparse_path``) from the token count and ``T``'s column
+        count (``min(out, in)``), before any operand is built."""
+        tokens = x.numel() // max(x.shape[-1], 1)
+        return factored_sparse_path(tokens, self.min_dim, x.device) == "fused"
 
     def fused_operands(self, adapter_name: str):
         """``ΔW = scale · B·T`` (``scale · (B·T)ᵀ`` when ``out < in``) as a factored term: ``S = T``, ``L = B``."""
