@@ -35,7 +35,7 @@ from .._peft_compat import (
     resolve_quantization_backend,
 )
 from . import custom_ops
-from .ops import plain_sparse_path, resolve_sddmm, resolve_sparse_path, sparse_delta
+from .ops import plain_sparse_path, resolve_sddmm, sparse_delta
 from .support import SparseSupport, layer_seed, support_nnz
 
 __all__ = ["DeltaLayer", "ParameterDict", "is_supported_base_layer"]
@@ -44,11 +44,11 @@ __all__ = ["DeltaLayer", "ParameterDict", "is_supported_base_layer"]
 class ParameterDict(nn.ParameterDict):
     """``nn.ParameterDict`` whose lookup reads the registered parameter directly.
 
-    Every layer call looks up each adapter tensor by name. ``nn.ParameterDict.__getitem__`` goes through
-    ``Module.__getattr__`` (2.2 µs a lookup on the 2-core CPU of this project); reading ``_parameters``, where that
-    lookup ends anyway, takes 0.25 µs. A SoRA layer makes four per call, a cost LoRA's ``ModuleDict`` of
-    ``nn.Linear`` does not pay. Everything else (registration, state dict, ``.to()``, FSDP's swaps of
-    ``_parameters``) is ``nn.ParameterDict``'s.
+    Every layer call looks up each adapter tensor by name (four lookups per SoRA call). ``nn.ParameterDict``'s
+    lookup goes through the Python ``Module.__getattr__``; this one reads ``_parameters``, where that lookup ends
+    anyway. It is part of the per-call work that made SoRA's unmerged decoding step cost more than LoRA's
+    (``bench/results/decode-cpu-before-7df2620.json`` against ``decode-cpu.json``). Everything else (registration,
+    state dict, ``.to()``, FSDP's swaps of ``_parameters``) is ``nn.ParameterDict``'s.
     """
 
     def __getitem__(self, key: str) -> Any:
@@ -223,7 +223,8 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
 
         For terms rebuilt from their parameters on every call (NOLA's ``A = Σ αᵢAᵢ`` reads k bases, 8 MB at
         k = 256, r = 8, in = 1024: more than the base weight itself), this took NOLA's unmerged decoding step from
-        2.69x PEFT LoRA's to 1.12x (``bench/results/decode-cpu-before-0813f38.json``, ``decode-cpu.json``)."""
+        2.69x PEFT LoRA's (``bench/results/decode-cpu-before-0813f38.json``) to 1.12x (``decode-cpu.json`` as committed
+        in 8c9152f; the per-call changes after it brought it to 0.98x, the file as it is now)."""
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return compute()
         state = tuple((t.data_ptr(), t._version) for t in inputs) + (torch.is_inference_mode_enabled(),)
@@ -351,53 +352,43 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
 
     def _fused_adapters(self, x: torch.Tensor) -> dict[str, tuple]:
         """The active adapters whose term the dispatcher folds into the base GEMM for this input, with their
-        ``(support, factor)`` (``delta.ops.resolve_sparse_path``); empty when the base cannot be read as a dense
-        weight."""
-        if self.sparse_values_attr is None and not self.fused_covers_lowrank:
-            return {}  # no term of this method folds into W0 (SoRA, DyLoRA, NOLA): decided without looking further
+        ``(support, factor)``; empty when :meth:`terms_may_fold` keeps the SpMM path or the base cannot be read as a
+        dense weight."""
+        if not self.terms_may_fold(x):
+            return {}  # no term to fold, or the measured choice keeps SpMM (every decoding step): nothing built
         weight = getattr(self.base_layer, "weight", None)
         if isinstance(self.base_layer, BaseTunerLayer) or weight is None or weight.requires_grad:
             return {}  # HQQ and other bases without a readable weight; the fused GEMM reads W0 detached
+        if self._fused_dtype(x) is None:
+            return {}  # an input the base refuses gets its own error there
         if torch.compiler.is_compiling():
-            return self._traced_fused_adapters(x) if self._fused_dtype(x) is not None else {}
-        if not self.terms_may_fold(x):
-            return {}  # decoding and small batches: the measured choice, from sizes alone (no support built)
+            return self._traced_fused_adapters()
         operands = {}
         for name in self.active_adapters:
             found = self.fused_operands(name) if self.has_adapter(name) else None
             if found is not None:
                 operands[name] = found
-        if not operands or self._fused_dtype(x) is None:
-            return {}  # no term to fold (checked first: the common case); an input the base refuses gets its error
-        tokens = x.numel() // max(x.shape[-1], 1)
-        support, factor = next(iter(operands.values()))
-        if resolve_sparse_path(tokens, support, x.device, factor) != "fused":
-            return {}
         from .fused import weight_source
 
-        return operands if weight_source(self.base_layer, self._compute_dtype()) is not None else {}
+        return operands if operands and weight_source(self.base_layer, self._compute_dtype()) is not None else {}
 
-    def terms_may_fold(self, x: torch.Tensor, names: Optional[list[str]] = None) -> bool:
-        """Whether the dispatcher folds this layer's terms into W0 for input ``x``, decided from sizes alone so that
-        nothing is built for a call that keeps the SpMM path (every decoding step). Here for plain sparse terms
-        (``ΔW = S``): ``plain_sparse_path`` from the token count and the first active term's density, read off its
-        index buffer's size. A layer with a factored term (``fused_covers_lowrank``) overrides it."""
-        names = [n for n in self.active_adapters if self.has_sparse(n)] if names is None else names
+    def terms_may_fold(self, x: torch.Tensor) -> bool:
+        """The dispatcher's choice for input ``x`` (``delta.ops.resolve_sparse_path``'s measured rule), made from
+        sizes alone so that nothing is built for a call that keeps the SpMM path. Here for plain sparse terms
+        (``ΔW = S``, ``plain_sparse_path``): the token count and the first active term's density, read off its index
+        buffer's size (False for a method without a sparse term). A layer with a factored term overrides it."""
+        names = [n for n in self.active_adapters if self.has_sparse(n)]
         if not names:
             return False
         tokens = x.numel() // max(x.shape[-1], 1)
         density = getattr(self, self.support_attr)[names[0]].shape[1] / (self.out_features * self.in_features)
         return plain_sparse_path(tokens, density, x.device) == "fused"
 
-    def _traced_fused_adapters(self, x: torch.Tensor) -> dict[str, tuple]:
+    def _traced_fused_adapters(self) -> dict[str, tuple]:
         """:meth:`_fused_adapters` in a ``torch.compile`` trace (a :meth:`traceable` layer: plain terms on a float
-        weight): the same measured choice, with each adapter's index buffer in place of its support (no layout is
-        built inside the trace)."""
-        names = [n for n in self.active_adapters if self.has_adapter(n) and self.has_sparse(n)]
-        if not self.terms_may_fold(x, names):
-            return {}
+        weight), with each adapter's index buffer in place of its support (no layout is built inside the trace)."""
         buffers = getattr(self, self.support_attr)
-        return {name: (buffers[name], None) for name in names}
+        return {name: (buffers[name], None) for name in self.active_adapters if self.has_sparse(name)}
 
     def _fused_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
         """The dtype the base layer computes ``x`` in, which the fused GEMM uses too: under ``torch.autocast`` a

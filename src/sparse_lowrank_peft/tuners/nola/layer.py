@@ -123,12 +123,10 @@ class NolaLayer(DeltaLayer):
     def factors(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)``: ``A = Σ αᵢAᵢ`` (``r × in``) and ``B = Σ βⱼBⱼ`` (``out × r``), differentiable in α and β;
         built once per change of the coefficients in inference (:meth:`~DeltaLayer.inference_cached`)."""
-        alpha = self.nola_alpha[adapter_name]
-        beta = self.nola_beta[adapter_name]
-        if dtype is not None:
-            alpha, beta = alpha.to(dtype), beta.to(dtype)
+        alpha_p, beta_p = self.nola_alpha[adapter_name], self.nola_beta[adapter_name]
+        alpha, beta = (alpha_p, beta_p) if dtype is None else (alpha_p.to(dtype), beta_p.to(dtype))
         bases_A, bases_B = self.get_bases(adapter_name, alpha.device, alpha.dtype)
-        inputs = (self.nola_alpha[adapter_name], self.nola_beta[adapter_name], bases_A, bases_B)
+        inputs = (alpha_p, beta_p, bases_A, bases_B)
         return self.inference_cached(adapter_name, inputs, lambda: _combine(alpha, beta, bases_A, bases_B))
 
     def lowrank_forward(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:

@@ -243,7 +243,7 @@ class SparseRandLoraLayer(DeltaLayer):
         lam = self.sparse_randlora_lambda[adapter_name]
         return basis.operands(False, lam.device, lam.dtype)
 
-    def terms_may_fold(self, x: torch.Tensor, names=None) -> bool:
+    def terms_may_fold(self, x: torch.Tensor) -> bool:
         """The factored term's measured choice (``factored_sparse_path``) from the token count and ``T``'s column
         count (``min(out, in)``), before any operand is built."""
         tokens = x.numel() // max(x.shape[-1], 1)
