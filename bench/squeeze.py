@@ -204,7 +204,8 @@ def bench_tune(out_f: int, in_f: int, ranks, ps, qs) -> dict:
     from peft import get_peft_model
 
     from sparse_lowrank_peft import SLTrainConfig
-    from sparse_lowrank_peft.squeeze import _operator_mode, delta_operator, randomized_svd
+    from sparse_lowrank_peft.squeeze import delta_operator, randomized_svd
+    from sparse_lowrank_peft.squeeze.svd import _operator_mode
     from sparse_lowrank_peft.tuners.sparse_randlora import SparseRandLoraConfig
 
     sys.path.insert(0, str(ROOT / "tests"))

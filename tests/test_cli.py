@@ -208,7 +208,7 @@ def test_heads_of_any_size_inspect_export_squeeze(tmp_path, capsys, tuner, label
 
 def test_the_minilm_alias_is_the_bundled_model():
     """``--base minilm`` is the harness's alias of the bundled MiniLM, not a hub name."""
-    from sparse_lowrank_peft.squeeze import _resolve_alias
+    from sparse_lowrank_peft.squeeze.folders import _resolve_alias
 
     assert Path(_resolve_alias("minilm")).is_dir()
     assert _resolve_alias("some/model") == "some/model"

@@ -23,14 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from .squeeze import (
-    DEFAULT_OVERSAMPLING,
-    DEFAULT_POWER_ITERS,
-    DEFAULT_SEED,
-    RankSpec,
-    for_servers,
-    squeeze_state,
-)
+from .squeeze import DEFAULT_OVERSAMPLING, DEFAULT_POWER_ITERS, DEFAULT_SEED, squeeze_state
+from .squeeze.folders import for_servers
+from .squeeze.svd import RankSpec
 
 __all__ = ["export_to_lora"]
 

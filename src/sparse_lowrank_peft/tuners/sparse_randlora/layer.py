@@ -271,5 +271,5 @@ class SparseRandLoraLayer(DeltaLayer):
 
     def lowrank_factors(self, adapter_name: str, **kwargs):
         """None: RandLoRA's ΔW has full rank, so plain LoRA can only hold a rank-capped approximation of it; export
-        and LoRA-Squeeze compute that with a randomized SVD of ΔW applied as an operator (``squeeze.py``)."""
+        and LoRA-Squeeze compute that with a randomized SVD of ΔW applied as an operator (``squeeze/svd.py``)."""
         return None
