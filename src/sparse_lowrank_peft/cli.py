@@ -1,4 +1,4 @@
-"""``slpeft``: squeeze, export and inspect adapters from the command line.
+"""``slpeft``: squeeze, export, inspect and merge adapters from the command line.
 
 ::
 
@@ -8,6 +8,7 @@
     ... --uniform-rank                        # (export, squeeze) one rank for every layer: what LoRA servers read
     ... --relative-to trained                 # (export, squeeze) an LQ adapter's ΔW for its quantized base Q
     slpeft inspect IN [--plot spectra.png]    # per-layer ranks, singular values, energy ranks, sparsity, bytes
+    slpeft merge IN OUT                       # the base with the adapter merged in: a plain transformers folder
 
 A LoRA folder needs no base model. Other adapters (SLTrain, SoRA, DyLoRA, NOLA, sparse RandLoRA) are loaded onto
 their base model: ``--base PATH``, else the config's ``base_model_name_or_path`` (also a LoRA folder saved by
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slpeft", description="Squeeze, export and inspect PEFT adapters (sparse_lowrank_peft).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{squeeze,export,inspect,plan}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{squeeze,export,inspect,merge,plan}")
 
     sq = sub.add_parser("squeeze", help="compress an adapter folder to a plain LoRA of a lower rank",
                         description="Compress an adapter folder to a plain PEFT LoRA folder (LoRA-Squeeze).")
@@ -142,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     _add_randomized(ins)
 
+    mg = sub.add_parser("merge", help="merge an adapter into its base: a plain transformers model folder",
+                        description="Merge an adapter folder into its base model and save the result as a plain "
+                                    "transformers model folder (full precision: an adapter trained on a quantized "
+                                    "base is merged into the dequantized base), with the base's tokenizer if any.")
+    mg.add_argument("input", metavar="IN", help="adapter folder")
+    mg.add_argument("output", metavar="OUT", help="folder to write the merged model to")
+    mg.add_argument("--base", help="base model folder (default: the config's base_model_name_or_path)")
+    mg.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty OUT")
+
     pl = sub.add_parser("plan", help="solve and show an LQ-LoRA bit-budget plan from a measurement file",
                         description="Per layer: the configuration the integer program picks under --budget, its "
                                     "stored bits and LQ error; with --plot, the budget-vs-error curve beside every "
@@ -178,6 +188,17 @@ def _run_plan(args) -> None:
         print(f"plan written to {args.json}")
     if args.plot:
         print(f"curve plotted to {_plot_plan_curve(table, args.plot)}")
+
+
+def _run_merge(args) -> None:
+    from .merge import merge_adapter_folder
+
+    out = _check_output(args.output, args.overwrite)
+    info = merge_adapter_folder(args.input, out, base=args.base)
+    quantized = f", {info['dequantized']} of them on quantized bases (dequantized)" if info["dequantized"] else ""
+    print(f"wrote {info['folder']}: {info['adapter']} merged into {info['layers']} layers{quantized}; "
+          f"{'with' if info['tokenizer'] else 'no'} tokenizer (the base has {'one' if info['tokenizer'] else 'none'}); "
+          "it loads with transformers alone")
 
 
 #: what a measurement table's ``error`` is, by its objective (delta/bitbudget.py)
@@ -272,6 +293,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     _make_output_folders(args)
     if args.command == "plan":
         _run_plan(args)
+        return 0
+    if args.command == "merge":
+        _run_merge(args)
         return 0
     from .squeeze import adapter_folder_to_lora, inspect_adapter, plot_spectra
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from torch import nn
 
 from .compress import SqueezeResult, _PREFIX, _factor_keys, _lora_config, _match_pattern, _rank_fields, squeeze_state
 from .svd import DEFAULT_OVERSAMPLING, DEFAULT_POWER_ITERS, DEFAULT_SEED, RankSpec, SqueezeError, check_rank_spec
@@ -158,15 +159,9 @@ def _head_labels(folder: Path) -> Optional[int]:
     return None
 
 
-def load_adapter_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]] = None):
-    """``PeftModel.from_pretrained(base, in_dir)`` with the base from ``base`` or the config's
-    ``base_model_name_or_path`` (transformers Auto class by ``task_type``); eval mode. A folder of PEFT's LoRA saved
-    by ``save_lq_lora`` is loaded with ``load_lq_lora`` (its base ``Q`` rebuilt from the weights)."""
-    import transformers
-    from peft import PeftModel
-
-    import sparse_lowrank_peft  # noqa: F401  (registers every tuner, so PEFT can read the folder)
-
+def base_model_path(in_dir: Union[str, Path], base: Optional[Union[str, Path]] = None) -> str:
+    """Where the base model of an adapter folder is: ``base``, else the config's ``base_model_name_or_path``
+    (``minilm`` names the bundled encoder)."""
     folder, cfg = _read_adapter_folder(in_dir)
     path = str(base) if base is not None else cfg.get("base_model_name_or_path")
     if not path:
@@ -174,19 +169,39 @@ def load_adapter_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]
             f"'{folder}' is a {cfg['peft_type']} adapter; reading its ΔW needs the base model, and its config names "
             "none (base_model_name_or_path is empty). Fix: pass the base model folder (--base PATH / base=PATH)."
         )
+    return _resolve_alias(path)
+
+
+def load_base_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]] = None) -> nn.Module:
+    """The full-precision base model of an adapter folder, from :func:`base_model_path` (transformers Auto class by
+    ``task_type``; a classifier gets the trained head's number of labels)."""
+    import transformers
+
+    folder, cfg = _read_adapter_folder(in_dir)
+    path = base_model_path(in_dir, base)
     auto = getattr(transformers, _TASK_AUTO.get(str(cfg.get("task_type")), "AutoModel"))
-    path = _resolve_alias(path)
     kwargs = {}
     labels = _head_labels(folder) if str(cfg.get("task_type")) == "SEQ_CLS" else None
     if labels is not None:
         kwargs["num_labels"] = labels  # the trained head's size (MNLI 3, STS-B 1, ...), not transformers' default 2
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        return auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise SqueezeError(
             f"could not load the base model '{path}' of '{folder}' ({type(e).__name__}: {e}). Fix: pass a local "
             "base model folder with --base PATH / base=PATH."
         ) from e
+
+
+def load_adapter_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]] = None):
+    """``PeftModel.from_pretrained(base, in_dir)`` with the base of :func:`load_base_model`; eval mode. A folder of
+    PEFT's LoRA saved by ``save_lq_lora`` is loaded with ``load_lq_lora`` (its base ``Q`` rebuilt from the weights)."""
+    from peft import PeftModel
+
+    import sparse_lowrank_peft  # noqa: F401  (registers every tuner, so PEFT can read the folder)
+
+    model = load_base_model(in_dir, base)
+    folder = Path(in_dir)
     if _is_lq_lora_folder(folder):  # PEFT's LoRA trained on LQ-LoRA's Q: rebuild that base (and L) from the weights
         from ..lq_lora import load_lq_lora
 
