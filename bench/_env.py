@@ -84,6 +84,15 @@ def versions() -> dict:
     return out
 
 
+def provenance(script: str, argv, **extra_versions) -> dict:
+    """The head of a CPU result file: ``command`` (``script`` and its arguments: ``argv``, else the process's),
+    ``commit``, ``dirty``, ``device`` and ``versions`` (:func:`versions` plus ``extra_versions``)."""
+    commit, dirty = git_commit(script)
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return {"command": " ".join(["python", script, *map(str, args)]), "commit": commit, "dirty": dirty,
+            "device": device_info(torch.device("cpu")), "versions": {**versions(), **extra_versions}}
+
+
 def loadavg() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import ROOT, device_info, git_commit, versions  # noqa: E402
+from _env import ROOT, provenance  # noqa: E402
 
 from sparse_lowrank_peft.delta import bitbudget as bb  # noqa: E402
 from sparse_lowrank_peft.delta.quant import names_module  # noqa: E402
@@ -47,6 +47,14 @@ def minilm():
 def minilm_linears(model) -> dict[str, torch.Tensor]:
     return {n: m.weight.detach().clone() for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}"}
+
+
+def one_per_shape(weights: dict[str, torch.Tensor]) -> dict[tuple, tuple[str, torch.Tensor]]:
+    """``{shape: (name, fp32 weight)}``: the first matrix of each shape (stored bits depend on the shape only)."""
+    by_shape = {}
+    for name, weight in weights.items():
+        by_shape.setdefault(tuple(weight.shape), (name, weight.float()))
+    return by_shape
 
 
 def calibration_batches(count: int, required: bool, batch_size: int = 16, max_len: int = 64) -> list[dict] | None:
@@ -198,11 +206,8 @@ def measure_table(args, model, batches, argv) -> tuple[bb.PlanTable, float, dict
     else:
         table = bb.measure(weights, args.rank, CHOICES, max_iter=args.max_iter, lq_layers=targets, progress=progress)
         norm2 = sum(float(w.double().square().sum()) for w in weights.values())
-    commit, dirty = git_commit("bench/bitbudget.py")
-    meta = {"command": "python bench/bitbudget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": commit, "dirty": dirty, "device": device_info(torch.device("cpu")), "versions": versions(),
-            "seconds": round(time.time() - start, 1), "max_iter": args.max_iter, "lq_targets": targets,
-            "calibration_sentences": args.calibration}
+    meta = {**provenance("bench/bitbudget.py", argv), "seconds": round(time.time() - start, 1),
+            "max_iter": args.max_iter, "lq_targets": targets, "calibration_sentences": args.calibration}
     return table, norm2, meta
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import ROOT, device_info, git_commit, versions  # noqa: E402
+from _env import ROOT, provenance  # noqa: E402
 from bitbudget import calibration_batches, minilm  # noqa: E402
 
 from sparse_lowrank_peft.delta import bitbudget as bb  # noqa: E402
@@ -163,11 +163,9 @@ def main(argv=None) -> None:
                 model, base_weights(model, names, plan, grams, rounding), held_out, reference)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    commit, dirty = git_commit("bench/gptq_probe.py")
-    result = {"command": "python " + " ".join(["bench/gptq_probe.py", *(argv or sys.argv[1:])]), "commit": commit,
-              "dirty": dirty, "device": device_info(torch.device("cpu")), "versions": versions(),
-              "seconds": round(time.time() - start, 1), "calibration_sentences": 256, "held_out_sentences": 128,
-              "rank": RANK, "lq_targets": list(LQ_TARGETS), "rows": rows}
+    result = {**provenance("bench/gptq_probe.py", argv), "seconds": round(time.time() - start, 1),
+              "calibration_sentences": 256, "held_out_sentences": 128, "rank": RANK, "lq_targets": list(LQ_TARGETS),
+              "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import ROOT, device_info, git_commit, versions  # noqa: E402
+from _env import ROOT, provenance  # noqa: E402
 
 CONFIGS = [(2, 32), (2, 64), (3, 64), (3, 128), (4, 64)]
 
@@ -52,19 +52,14 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "hqq-meta-minilm.json"))
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "bench"))
-    from bitbudget import minilm, minilm_linears
+    from bitbudget import minilm, minilm_linears, one_per_shape
 
-    by_shape = {}
-    for name, weight in minilm_linears(minilm()).items():  # one matrix of each shape: the bits depend on it only
-        by_shape.setdefault(tuple(weight.shape), (name, weight.float()))
+    by_shape = one_per_shape(minilm_linears(minilm()))
     rows = [{"layer": name, "shape": list(shape), **measure(w, b, g, meta)}
             for shape, (name, w) in by_shape.items() for b, g in CONFIGS for meta in (False, True)]
     import hqq
 
-    commit, dirty = git_commit("bench/hqq_meta.py")
-    result = {"command": "python bench/hqq_meta.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "commit": commit, "dirty": dirty, "device": device_info(torch.device("cpu")),
-              "versions": {**versions(), "hqq": getattr(hqq, "__version__", "unknown")}, "rows": rows}
+    result = {**provenance("bench/hqq_meta.py", argv, hqq=getattr(hqq, "__version__", "unknown")), "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for r in rows:
         print(f"{r['layer']:45s} {r['bits']}-bit g{r['group_size']:<4d} meta-quant={r['quant_scale_zero']!s:5s} "

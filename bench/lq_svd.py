@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import ROOT, device_info, git_commit, versions  # noqa: E402
+from _env import ROOT, provenance  # noqa: E402
 
 #: (label, shape, ranks, modes): the exact SVD of 4096x4096 takes 12 s per alternation, so it runs at one rank only
 FULL = [
@@ -72,11 +72,8 @@ def main(argv=None) -> dict:
                 rows.append(row)
                 print(f"{label:20s} {shape[0]:>5d}x{shape[1]:<5d} r={rank:<3d} {svd:10s} {row['seconds']:8.2f} s  "
                       f"error {row['error']:.5f} ({row['alternations']} alternations)", flush=True)
-    commit, dirty = git_commit("bench/lq_svd.py")
-    result = {"command": "python bench/lq_svd.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "commit": commit, "dirty": dirty, "device": device_info(torch.device("cpu")), "versions": versions(),
-              "threads": args.threads, "max_iter": args.max_iter, "quant_type": "nf4", "rows": rows,
-              "pairs": pairs(rows)}
+    result = {**provenance("bench/lq_svd.py", argv), "threads": args.threads, "max_iter": args.max_iter,
+              "quant_type": "nf4", "rows": rows, "pairs": pairs(rows)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result

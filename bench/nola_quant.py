@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import ROOT, device_info, git_commit, versions  # noqa: E402
+from _env import ROOT, provenance  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -81,10 +81,8 @@ def main(argv=None) -> dict:
             result = evaluate(str(path), args.task, args.model, args.max_seq_len, None)
             scores[name] = {"metrics": result, "adapter_bytes": (path / "adapter_model.safetensors").stat().st_size}
             print(name, json.dumps(scores[name]), flush=True)
-    commit, dirty = git_commit("bench/nola_quant.py")
-    out = {"command": "python bench/nola_quant.py " + " ".join(argv or sys.argv[1:]), "commit": commit,
-           "dirty": dirty, "device": device_info(torch.device("cpu")), "versions": versions(),
-           "adapter": str(folder), "task": args.task, "scores": scores, "default_sizes_no_head": default_sizes()}
+    out = {**provenance("bench/nola_quant.py", argv), "adapter": str(folder), "task": args.task, "scores": scores,
+           "default_sizes_no_head": default_sizes()}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out["default_sizes_no_head"]))
     return out

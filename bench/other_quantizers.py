@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import ROOT, device_info, git_commit, versions  # noqa: E402
+from _env import ROOT, provenance  # noqa: E402
 
 from sparse_lowrank_peft.delta import bitbudget as bb  # noqa: E402
 from sparse_lowrank_peft.delta.quant import dequantize_weight  # noqa: E402
@@ -96,11 +96,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "other-quantizers-minilm.json"))
     args = p.parse_args(argv)
-    from bitbudget import minilm, minilm_linears
+    from bitbudget import minilm, minilm_linears, one_per_shape
 
-    by_shape = {}
-    for name, weight in minilm_linears(minilm()).items():  # one matrix of each shape, as bench/hqq_meta.py
-        by_shape.setdefault(tuple(weight.shape), (name, weight.float()))
+    by_shape = one_per_shape(minilm_linears(minilm()))
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchao's notices about its CUDA-only extensions
@@ -112,10 +110,7 @@ def main(argv=None) -> dict:
                              "relative_error": float((deq.float() - w).norm() / w.norm())})
     libs = {d: importlib.metadata.version(d) for d in ("hqq", "bitsandbytes", "optimum-quanto", "torchao")
             if _installed(d)}
-    commit, dirty = git_commit("bench/other_quantizers.py")
-    result = {"command": "python bench/other_quantizers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "commit": commit, "dirty": dirty, "device": device_info(torch.device("cpu")),
-              "versions": {**versions(), **libs}, "rows": rows}
+    result = {**provenance("bench/other_quantizers.py", argv, **libs), "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for r in rows:
         print(f"{r['library']:15s} {r['format']:14s} {str(r['shape']):12s} {r['bits_per_param']:.3f} bits  "
