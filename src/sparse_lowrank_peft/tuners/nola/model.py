@@ -7,8 +7,13 @@ import zlib
 import torch
 from torch import nn
 
+from ...delta import basis_record
 from ...delta.tuner import DeltaModel
 from .layer import KEY_FIELDS, NolaLayer
+
+
+#: basis-record fields a config sets: checked against the saved record before loading (``delta.basis_record``)
+_CONFIG_FIELDS = {name: (name, 1) for name in ("basis_seed", "r", "num_basis_A", "num_basis_B")}
 
 
 class NolaModel(DeltaModel):
@@ -108,46 +113,19 @@ class NolaModel(DeltaModel):
                         f"different adapters (or {field_name} was edited). Fix: load it with the adapter_config.json it "
                         f"was saved with ({field_name}={coef.shape[0] if coef.dim() == 1 else '?'})."
                     )
-            saved = state_dict.get(f"{prefix}nola_basis_key.{adapter_name}")
-            if saved is None:
-                raise ValueError(
-                    f"layer '{layer}': the NOLA checkpoint has no basis record 'nola_basis_key' (seed, rank, shape and "
-                    "checksum of the random bases its coefficients were trained on), so it cannot be checked against "
-                    "the bases this config regenerates. It was not written by this version of sparse_lowrank_peft or "
-                    "was edited. Fix: re-save it from the trained model."
-                )
-            expected = module.expected_basis_key(adapter_name)
-            if tuple(saved.shape) != (len(KEY_FIELDS),) or saved.dtype.is_floating_point:
-                raise ValueError(
-                    f"layer '{layer}': the checkpoint's nola_basis_key has shape {tuple(saved.shape)} and dtype "
-                    f"{saved.dtype}; expected {len(KEY_FIELDS)} integers {KEY_FIELDS}. The checkpoint is corrupted: "
-                    "re-save it from the trained model."
-                )
-            cls._compare_keys(layer, saved.to(torch.int64), expected, config, state_dict, prefix, adapter_name)
+            got = basis_record.read_record(
+                state_dict, f"{prefix}nola_basis_key.{adapter_name}", "nola_basis_key", KEY_FIELDS, layer,
+                "seed, rank, shape and checksum of the random bases its coefficients were trained on")
+            want = dict(zip(KEY_FIELDS, (int(v) for v in module.expected_basis_key(adapter_name))))
+            basis_record.check_record(layer, got, want, _CONFIG_FIELDS, "NolaConfig", "coefficients")
+            if got["checksum"] != want["checksum"]:
+                cls._check_stored_bases(layer, got, want, config, state_dict, prefix, adapter_name)
         super()._validate_checkpoint(model, config, adapter_name, state_dict)
 
     @staticmethod
-    def _compare_keys(layer, saved, expected, config, state_dict, prefix, adapter_name) -> None:
-        got = dict(zip(KEY_FIELDS, (int(v) for v in saved)))
-        want = dict(zip(KEY_FIELDS, (int(v) for v in expected)))
-        for field_name in ("basis_seed", "r", "num_basis_A", "num_basis_B"):
-            if got[field_name] != want[field_name]:
-                raise ValueError(
-                    f"layer '{layer}': the checkpoint's coefficients were trained on the random bases of "
-                    f"{field_name}={got[field_name]}, but its config says NolaConfig.{field_name}={want[field_name]}: "
-                    "the coefficients would be mixed with other bases and give wrong outputs. Fix: set "
-                    f"{field_name}={got[field_name]} in adapter_config.json (or load it with the config it was saved "
-                    "with)."
-                )
-        if (got["out_features"], got["in_features"]) != (want["out_features"], want["in_features"]):
-            raise ValueError(
-                f"layer '{layer}': the checkpoint was trained on a {got['out_features']}x{got['in_features']} layer, "
-                f"but this model's layer is {want['out_features']}x{want['in_features']}: NOLA coefficients only mean "
-                "something with the bases of the shape they were trained on. Fix: load the adapter on the base model "
-                "it was trained on."
-            )
-        if got["checksum"] == want["checksum"]:
-            return
+    def _check_stored_bases(layer, got, want, config, state_dict, prefix, adapter_name) -> None:
+        """A checksum mismatch is fine only when the checkpoint carries the bases it was trained on (``save_basis``)
+        and they are the ones its record names."""
         stored_A = state_dict.get(f"{prefix}nola_basis_A.{adapter_name}")
         stored_B = state_dict.get(f"{prefix}nola_basis_B.{adapter_name}")
         if config.save_basis and stored_A is not None and stored_B is not None:
@@ -165,9 +143,5 @@ class NolaModel(DeltaModel):
                 f"layer '{layer}': the bases stored in the checkpoint do not match its basis record (checksum "
                 f"{checksum} vs {got['checksum']}). The checkpoint is corrupted: re-save it from the trained model."
             )
-        raise ValueError(
-            f"layer '{layer}': the random bases regenerated from basis_seed={want['basis_seed']} differ from the ones "
-            f"the adapter was trained with (checksum {want['checksum']} vs {got['checksum']}): this torch draws other "
-            "numbers from the same seed, or the checkpoint was edited. Fix: load it with the torch it was trained "
-            "with and re-save it with save_basis=True, which stores the bases in the checkpoint."
-        )
+        raise basis_record.bases_differ(layer, got, want, "load it with the torch it was trained with and re-save it "
+                                        "with save_basis=True, which stores the bases in the checkpoint.")

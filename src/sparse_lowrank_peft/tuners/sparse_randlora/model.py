@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...delta import basis_record
 from ...delta.tuner import DeltaModel
 from .bases import num_bases
 from .layer import KEY_FIELDS, SparseRandLoraLayer
+
+
+#: basis-record field -> (config field, scale of the saved integer): checked before loading (``delta.basis_record``)
+_CONFIG_FIELDS = {"basis_seed": ("basis_seed", 1), "r": ("r", 1), "basis_density_ppm": ("basis_density", 1e6)}
 
 
 class SparseRandLoraModel(DeltaModel):
@@ -43,44 +48,11 @@ class SparseRandLoraModel(DeltaModel):
                         "from different adapters (r edited?) or the base model differs. Fix: load it with the "
                         "adapter_config.json it was saved with, on the base model it was trained on."
                     )
-            saved = state_dict.get(f"{prefix}sparse_randlora_basis_key.{adapter_name}")
-            if saved is None:
-                raise ValueError(
-                    f"layer '{layer}': the checkpoint has no basis record 'sparse_randlora_basis_key' (seed, r, density, "
-                    "shape and checksum of the random bases it was trained on). It was not written by this version of "
-                    "sparse_lowrank_peft or was edited. Fix: re-save it from the trained model."
-                )
-            if tuple(saved.shape) != (len(KEY_FIELDS),) or saved.dtype.is_floating_point:
-                raise ValueError(
-                    f"layer '{layer}': the checkpoint's sparse_randlora_basis_key has shape {tuple(saved.shape)} and "
-                    f"dtype {saved.dtype}; expected {len(KEY_FIELDS)} integers {KEY_FIELDS}. The checkpoint is "
-                    "corrupted: re-save it from the trained model."
-                )
-            got = dict(zip(KEY_FIELDS, (int(v) for v in saved)))
+            got = basis_record.read_record(
+                state_dict, f"{prefix}sparse_randlora_basis_key.{adapter_name}", "sparse_randlora_basis_key",
+                KEY_FIELDS, layer, "seed, r, density, shape and checksum of the random bases it was trained on")
             want = dict(zip(KEY_FIELDS, (int(v) for v in module.expected_basis_key(adapter_name))))
-            shown = {"basis_seed": "basis_seed", "r": "r", "basis_density_ppm": "basis_density"}
-            for field_name, config_name in shown.items():
-                if got[field_name] != want[field_name]:
-                    g, w = got[field_name], want[field_name]
-                    if field_name == "basis_density_ppm":
-                        g, w = g / 1e6, w / 1e6
-                    raise ValueError(
-                        f"layer '{layer}': the checkpoint was trained on the random bases of {config_name}={g}, but "
-                        f"its config says SparseRandLoraConfig.{config_name}={w}: its scalings would be applied to "
-                        f"other bases and give wrong outputs. Fix: set {config_name}={g} in adapter_config.json (or "
-                        "load it with the config it was saved with)."
-                    )
-            if (got["out_features"], got["in_features"]) != (want["out_features"], want["in_features"]):
-                raise ValueError(
-                    f"layer '{layer}': the checkpoint was trained on a {got['out_features']}x{got['in_features']} "
-                    f"layer, but this model's layer is {want['out_features']}x{want['in_features']}. Fix: load the "
-                    "adapter on the base model it was trained on."
-                )
+            basis_record.check_record(layer, got, want, _CONFIG_FIELDS, "SparseRandLoraConfig", "scalings")
             if got["checksum"] != want["checksum"]:
-                raise ValueError(
-                    f"layer '{layer}': the random bases regenerated from basis_seed={want['basis_seed']} differ from "
-                    f"the ones the adapter was trained with (checksum {want['checksum']} vs {got['checksum']}): this "
-                    "torch draws other numbers from the same seed, or the checkpoint was edited. Fix: load it with "
-                    "the torch version it was trained with."
-                )
+                raise basis_record.bases_differ(layer, got, want, "load it with the torch version it was trained with.")
         super()._validate_checkpoint(model, config, adapter_name, state_dict)
