@@ -214,6 +214,17 @@ def test_the_minilm_alias_is_the_bundled_model():
     assert _resolve_alias("some/model") == "some/model"
 
 
+#: a fresh process loads a merged folder with transformers alone (this package never imported) and saves its logits
+PLAIN_TRANSFORMERS = """
+import sys, torch
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    torch.save(model(**torch.load(sys.argv[2])).logits, sys.argv[3])
+assert not any(m.startswith("sparse_lowrank_peft") for m in sys.modules), "loading the merged model imported us"
+"""
+
+
 def _adapter_with_trained_head(tmp_path, kind: str) -> tuple:
     """A saved base, and an adapter on it (random ΔW, and a head moved from the base's) with its eval model."""
     import torch
@@ -235,8 +246,9 @@ def _adapter_with_trained_head(tmp_path, kind: str) -> tuple:
 
 @pytest.mark.parametrize("kind", ["lora", "sltrain", "sora"])
 def test_merge_writes_a_plain_model_that_computes_the_adapted_one(tmp_path, capsys, kind):
-    """``slpeft merge``: a transformers folder (no adapter file) whose model gives the adapted model's outputs,
-    the trained head included; the tiny base has no tokenizer, and the message says so."""
+    """``slpeft merge``: a transformers folder (no adapter file) whose model, loaded in a fresh process that never
+    imports this package, gives the adapted model's outputs, the trained head included; the tiny base has no
+    tokenizer, and the message says so."""
     import torch
     from _builders import _ids
     from transformers import AutoModelForSequenceClassification
@@ -246,10 +258,12 @@ def test_merge_writes_a_plain_model_that_computes_the_adapted_one(tmp_path, caps
     assert code == 0, err
     assert "merged into 4 layers" in out and "no tokenizer" in out
     assert not list((tmp_path / "merged").glob("adapter_*")) and (tmp_path / "merged" / "config.json").is_file()
-    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    assert not any("lora" in n or "sltrain" in n or "sora" in n for n, _ in merged.named_parameters())
+    torch.save(_ids(5), tmp_path / "inputs.pt")
+    proc = fresh_python(["-c", PLAIN_TRANSFORMERS, tmp_path / "merged", tmp_path / "inputs.pt", tmp_path / "got.pt"])
+    assert proc.returncode == 0, proc.stderr
+    got = torch.load(tmp_path / "got.pt")
     with torch.no_grad():
-        want, got = model(**_ids(5)).logits, merged(**_ids(5)).logits
+        want = model(**_ids(5)).logits
         untrained_head = AutoModelForSequenceClassification.from_pretrained(base).eval()(**_ids(5)).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert (got - untrained_head).abs().max() > 0.1  # the adapter and its head changed the outputs
