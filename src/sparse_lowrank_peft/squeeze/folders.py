@@ -166,8 +166,9 @@ def base_model_path(in_dir: Union[str, Path], base: Optional[Union[str, Path]] =
     path = str(base) if base is not None else cfg.get("base_model_name_or_path")
     if not path:
         raise SqueezeError(
-            f"'{folder}' is a {cfg['peft_type']} adapter; reading its ΔW needs the base model, and its config names "
-            "none (base_model_name_or_path is empty). Fix: pass the base model folder (--base PATH / base=PATH)."
+            f"'{folder}' is a {cfg['peft_type']} adapter; loading it (to read its ΔW or merge it) needs the base model, "
+            "and its config names none (base_model_name_or_path is empty). Fix: pass the base model folder "
+            "(--base PATH / base=PATH)."
         )
     return _resolve_alias(path)
 
