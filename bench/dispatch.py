@@ -20,6 +20,9 @@
    LLaMA shapes of ``bench/decode.py`` (density 0.01), 15 rounds of 100 calls each. ``reference.FEW_TOKENS`` is the
    largest token count up to which ``few`` stays at or below ``chunked`` on every shape. For one token it also
    times ``torch.mv`` against ``torch.mm`` with a one-column matrix, warm and after a 64 MB sweep of the caches.
+5. ELL probe (CPU, decoding): the reference forward against an ELLPACK gather (every row padded to the longest,
+   three dense ops, padded values kept), at 1-4 tokens, after a cache sweep and warm. Not built: see
+   ``reference.FEW_TOKENS``.
 
     python bench/dispatch.py --parts factored --clock cpu   # only part 3, merged into the existing file
 
@@ -48,6 +51,7 @@ from sparse_lowrank_peft.delta.ops import get_ops, sparse_delta  # noqa: E402
 from sparse_lowrank_peft.delta.support import SparseSupport  # noqa: E402
 
 FEW_DEFAULT = reference.FEW_TOKENS
+PARTS = ["paths", "sddmm", "factored", "few", "ell"]
 
 TOKENS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 SHAPES = [(768, 0.01), (1024, 0.01), (768, 0.05), (1024, 0.05)]
@@ -268,6 +272,60 @@ def one_token_table(rounds: int) -> list[dict]:
     return rows
 
 
+ELL_TOKENS = [1, 2, 4]
+
+
+def ell_layout(support: SparseSupport) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """S in ELLPACK form: ``(col, source, width)``, every row padded to the longest row's ``width`` slots; slot
+    ``r·width + j`` holds the column and the values index of row ``r``'s ``j``-th entry (index ``nnz``, an appended
+    zero, for padding). A probe: measured here, not built into ``delta.reference``."""
+    rows, cols = support.rows(), support.cols()
+    counts = torch.bincount(rows, minlength=support.shape[0])
+    width = int(counts.max())
+    slot = rows * width + torch.arange(support.nnz) - (torch.cumsum(counts, 0) - counts)[rows]
+    col = torch.zeros(support.shape[0] * width, dtype=torch.int64)
+    source = torch.full_like(col, support.nnz)
+    col[slot], source[slot] = cols, torch.arange(support.nnz)
+    return col, source, width
+
+
+def ell_table(rounds: int) -> list[dict]:
+    """Part 5: the reference forward (``few``: the CSR single product at these counts) against an ELLPACK gather
+    (``ell``: gather ``x`` at the padded columns, multiply by the padded values, sum each row; the padded values built
+    once, as a decoder could keep them), each call after a 64 MB sweep of the caches (``flushed``: as between a
+    model's layers) and again at once (``warm``); medians of ``rounds * 10`` calls."""
+    sweep = torch.zeros(1 << 24)
+    rows = []
+    for out_f, in_f in FEW_SHAPES:
+        support = SparseSupport.random((out_f, in_f), 0.01, 1)
+        values = torch.randn(support.nnz)
+        col, source, width = ell_layout(support)
+        padded = torch.cat([values, values.new_zeros(1)]).index_select(0, source)
+        for tokens in ELL_TOKENS:
+            x, base = torch.randn(tokens, in_f), torch.randn(tokens, out_f)
+            want = base + reference.spmm(x, support, values)
+
+            def ell():
+                return base.add_(x.index_select(1, col).mul_(padded).view(tokens, out_f, width).sum(-1))
+
+            fns = {"few": lambda: reference.spmm(x, support, values, add_to=base), "ell": ell}
+            torch.testing.assert_close(ell(), want, rtol=1e-4, atol=1e-4)
+            us = {f"{name}_{state}": [] for name in fns for state in ("flushed", "warm")}
+            for _ in range(rounds * 10):
+                for name, fn in fns.items():
+                    sweep.add_(1.0)
+                    for state in ("flushed", "warm"):
+                        t = time.perf_counter()
+                        fn()
+                        us[f"{name}_{state}"].append(1e6 * (time.perf_counter() - t))
+            med = {k: round(statistics.median(v), 1) for k, v in us.items()}
+            rows.append({"out": out_f, "in": in_f, "tokens": tokens, "width": width, "us": med,
+                         "ell_vs_few_flushed": round(med["ell_flushed"] / med["few_flushed"], 3),
+                         "ell_vs_few_warm": round(med["ell_warm"] / med["few_warm"], 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def few_limit(rows: list[dict]) -> int | None:
     """The largest token count up to which ``few`` is at or below ``chunked`` on every shape."""
     limit = None
@@ -284,8 +342,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the speed issue's condition: 1)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=None)
-    p.add_argument("--parts", nargs="+", default=["paths", "sddmm", "factored", "few"],
-                   choices=["paths", "sddmm", "factored", "few"], help="what to measure; the others are kept from --out")
+    p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS,
+                   help="what to measure; the others are kept from --out")
     p.add_argument("--clock", default="wall", choices=sorted(CLOCK), help="cpu: process time (1 thread, busy host)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -293,7 +351,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     info = device_info(device)
     out = Path(args.out or ROOT / "bench" / "results" / f"dispatch-{device_slug(info)}.json")
-    result = json.loads(out.read_text()) if out.exists() and len(args.parts) < 4 else {}
+    result = json.loads(out.read_text()) if out.exists() and len(args.parts) < len(PARTS) else {}
     commit, dirty = git_commit("bench/dispatch.py")
     run = {"command": "python bench/dispatch.py " + " ".join(argv or sys.argv[1:]), "commit": commit, "dirty": dirty,
            "loadavg": loadavg(), "date": time.strftime("%Y-%m-%d"), "clock": args.clock}
@@ -317,6 +375,8 @@ def main(argv=None) -> dict:
         rows = few_table(max(args.rounds, 15), args.clock)
         result["few"] = {"run": run, "rows": rows, "few_tokens": few_limit(rows),
                          "one_token": one_token_table(max(args.rounds, 15))}
+    if "ell" in args.parts and device.type == "cpu":
+        result["ell"] = {"run": run, "rows": ell_table(max(args.rounds, 15))}
     out.write_text(json.dumps(result, indent=1) + "\n")
     keys = ("crossovers", "fused_min_tokens_x_density", "dense_sddmm_min_density")
     print(json.dumps({k: result.get(k) for k in keys} | {"factored": result.get("factored", {}).get("crossovers"),
