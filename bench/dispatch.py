@@ -20,9 +20,9 @@
    LLaMA shapes of ``bench/decode.py`` (density 0.01), 15 rounds of 100 calls each. ``reference.FEW_TOKENS`` is the
    largest token count up to which ``few`` stays at or below ``chunked`` on every shape. For one token it also
    times ``torch.mv`` against ``torch.mm`` with a one-column matrix, warm and after a 64 MB sweep of the caches.
-5. ELL probe (CPU, decoding): the reference forward against an ELLPACK gather (every row padded to the longest,
-   three dense ops, padded values kept), at 1-4 tokens, after a cache sweep and warm. Not built: see
-   ``reference.FEW_TOKENS``.
+5. Decoding probe (CPU): the reference forward as a layer calls it against the bare CSR product and an ELLPACK
+   gather (every row padded to the longest, three dense ops), both with operands built once, at 1-4 tokens, after
+   a cache sweep and warm. What it showed is written at ``reference.FEW_TOKENS``.
 
     python bench/dispatch.py --parts factored --clock cpu   # only part 3, merged into the existing file
 
@@ -290,10 +290,11 @@ def ell_layout(support: SparseSupport) -> tuple[torch.Tensor, torch.Tensor, int]
 
 
 def ell_table(rounds: int) -> list[dict]:
-    """Part 5: the reference forward (``few``: the CSR single product at these counts) against an ELLPACK gather
-    (``ell``: gather ``x`` at the padded columns, multiply by the padded values, sum each row; the padded values built
-    once, as a decoder could keep them), each call after a 64 MB sweep of the caches (``flushed``: as between a
-    model's layers) and again at once (``warm``); medians of ``rounds * 10`` calls."""
+    """Part 5: the reference forward as a layer calls it (``few``: ``reference.spmm(..., add_to=...)``, the CSR single
+    product at these counts) against two bare products with their operands built once, as a decoder could keep them:
+    ``csr_bare`` (MKL's product on the CSR tensor, ``torch.mv`` for one token) and ``ell`` (an ELLPACK gather: ``x`` at
+    the padded columns, times the padded values, summed per row). Each call after a 64 MB sweep of the caches
+    (``flushed``: as between a model's layers) and again at once (``warm``); medians of ``rounds * 10`` calls."""
     sweep = torch.zeros(1 << 24)
     rows = []
     for out_f, in_f in FEW_SHAPES:
@@ -301,6 +302,8 @@ def ell_table(rounds: int) -> list[dict]:
         values = torch.randn(support.nnz)
         col, source, width = ell_layout(support)
         padded = torch.cat([values, values.new_zeros(1)]).index_select(0, source)
+        csr, _ = support.layouts()
+        S = reference._csr(csr.crow, csr.col, values, (out_f, in_f))
         for tokens in ELL_TOKENS:
             x, base = torch.randn(tokens, in_f), torch.randn(tokens, out_f)
             want = base + reference.spmm(x, support, values)
@@ -308,8 +311,13 @@ def ell_table(rounds: int) -> list[dict]:
             def ell():
                 return base.add_(x.index_select(1, col).mul_(padded).view(tokens, out_f, width).sum(-1))
 
-            fns = {"few": lambda: reference.spmm(x, support, values, add_to=base), "ell": ell}
-            torch.testing.assert_close(ell(), want, rtol=1e-4, atol=1e-4)
+            def csr_bare():
+                return base.add_(torch.mv(S, x[0]).unsqueeze(0) if tokens == 1 else torch.mm(S, x.t()).t())
+
+            fns = {"few": lambda: reference.spmm(x, support, values, add_to=base), "csr_bare": csr_bare, "ell": ell}
+            for fn in (ell, csr_bare):
+                base.copy_(want - reference.spmm(x, support, values))
+                torch.testing.assert_close(fn(), want, rtol=1e-4, atol=1e-4)
             us = {f"{name}_{state}": [] for name in fns for state in ("flushed", "warm")}
             for _ in range(rounds * 10):
                 for name, fn in fns.items():
@@ -320,8 +328,8 @@ def ell_table(rounds: int) -> list[dict]:
                         us[f"{name}_{state}"].append(1e6 * (time.perf_counter() - t))
             med = {k: round(statistics.median(v), 1) for k, v in us.items()}
             rows.append({"out": out_f, "in": in_f, "tokens": tokens, "width": width, "us": med,
-                         "ell_vs_few_flushed": round(med["ell_flushed"] / med["few_flushed"], 3),
-                         "ell_vs_few_warm": round(med["ell_warm"] / med["few_warm"], 3)})
+                         "ell_vs_csr_bare_flushed": round(med["ell_flushed"] / med["csr_bare_flushed"], 3),
+                         "csr_bare_vs_few_flushed": round(med["csr_bare_flushed"] / med["few_flushed"], 3)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
