@@ -56,7 +56,10 @@ FEW_TOKENS = 32
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else _ACC
+    for t in tensors:
+        if t.dtype == torch.float64:
+            return torch.float64
+    return _ACC
 
 
 _csr_warned = False
@@ -72,6 +75,26 @@ def _csr(crow, col, values, shape) -> torch.Tensor:
         csr = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
     _csr_warned = True
     return csr
+
+
+def _csr_of(support: SparseSupport, values: torch.Tensor, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The CSR tensor of S with ``values`` (as ``acc``), kept on the support while ``values`` is the same tensor at the
+    same version (decoding multiplies the same frozen values at every step; a training step changes their version).
+
+    Decoding pays this path's per-call work after the caches were swept by the layers in between, where every call
+    into torch costs tens of µs: at 1-4 tokens the bare product with its operands kept took 0.52-0.66x of the whole
+    path (bench/results/dispatch-cpu-before-99e4376.json, "ell": ``bench/dispatch.py --parts ell``), and building
+    this tensor was about 50 µs of the difference. Not kept while autograd records ``values`` (the tensor would
+    carry its graph)."""
+    key = (values._version, acc, device, torch.is_inference_mode_enabled())
+    hit = support._csr_cache.entry
+    if hit is not None and hit[0] is values and hit[1] == key:
+        return hit[2]
+    csr, _ = support.layouts(device)
+    S = _csr(csr.crow, csr.col, values.to(acc), support.shape)
+    if not (values.requires_grad and torch.is_grad_enabled()):
+        support._csr_cache.entry = (values, key, S)  # holding values keeps its address from being reused
+    return S
 
 
 def _chunks(tokens: int, features: int, device: torch.device):
@@ -120,8 +143,7 @@ def spmm(
     if support.nnz == 0 or tokens == 0:
         return x.new_zeros(tokens, out_features) if out is None else out
     device = x.device
-    csr, _ = support.layouts(device)
-    S = _csr(csr.crow, csr.col, values.to(acc), (out_features, in_features))
+    S = _csr_of(support, values, acc, device)
     if tokens <= FEW_TOKENS:
         return _spmm_few(x, S, acc, out)
     y = torch.empty(tokens, out_features, dtype=x.dtype, device=device) if out is None else out
@@ -146,8 +168,8 @@ def _spmm_few(x: torch.Tensor, S: torch.Tensor, acc: torch.dtype, out: torch.Ten
     if torch.is_autocast_enabled(x.device.type):  # it would cast S to a half type, which MKL's CSR product refuses
         with torch.autocast(x.device.type, enabled=False):
             return _spmm_few(x, S, acc, out)
-    if x.shape[0] == 1:
-        y = torch.mv(S, x[0].to(acc)).unsqueeze(0)
+    if x.shape[0] == 1:  # (a no-op .to() is still a dispatcher call: tens of µs after a cache sweep)
+        y = torch.mv(S, x[0] if x.dtype == acc else x[0].to(acc)).unsqueeze(0)
     else:
         xt = x.t()
         if not (xt.is_contiguous() and xt.dtype == acc):

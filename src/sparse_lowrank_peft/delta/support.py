@@ -59,6 +59,21 @@ class KernelLayouts:
     t_perm: torch.Tensor
 
 
+class OneEntryCache:
+    """One cached entry that is not copied or pickled with its owner (``entry``: whatever the owner keeps)."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self):
+        self.entry = None
+
+    def __deepcopy__(self, memo) -> "OneEntryCache":
+        return OneEntryCache()
+
+    def __reduce__(self):
+        return (OneEntryCache, ())
+
+
 class SparseSupport:
     """A fixed, validated sparsity pattern of an ``(out_features, in_features)`` matrix.
 
@@ -77,6 +92,7 @@ class SparseSupport:
         self._layouts: dict[tuple, tuple[_CSR, _CSR]] = {}
         self._kernel_layouts: dict[tuple, KernelLayouts] = {}
         self._flat: dict[tuple, torch.Tensor] = {}
+        self._csr_cache = OneEntryCache()  # delta.reference's CSR tensor of S for the values it last multiplied
 
     # ------------------------------------------------------------------ construction
     @classmethod
