@@ -52,6 +52,9 @@ _MIN_CHUNK = 128
 # Up to this many tokens (decoding) the forward is one product on a feature-major copy (`_spmm_few`): without the
 # chunk buffers it cost 0.57-0.93x the chunked path at 1-32 tokens on the LLaMA shapes of bench/decode.py, and
 # 0.95-1.19x at 64 (bench/results/dispatch-cpu.json "few": bench/dispatch.py --parts few --clock cpu, 1 thread).
+# An ELLPACK gather instead (rows padded to the longest, three dense ops, no sparse routine) took 0.97-1.85x of MKL's
+# product at 1-4 tokens after a cache sweep, both with operands kept (dispatch-cpu.json and
+# dispatch-cpu-before-99e4376.json, "ell"), so it is not built.
 FEW_TOKENS = 32
 
 
