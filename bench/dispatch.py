@@ -248,6 +248,20 @@ def few_table(rounds: int, clock: str) -> list[dict]:
     return rows
 
 
+def time_swept(fns: dict, sweep: torch.Tensor, calls: int) -> dict[str, float]:
+    """Median µs per call of each function, ``{name}_flushed`` right after touching all of ``sweep`` (a 64 MB tensor:
+    the caches hold other data, as between a model's layers) and ``{name}_warm`` when called again at once."""
+    us = {f"{name}_{state}": [] for name in fns for state in ("flushed", "warm")}
+    for _ in range(calls):
+        for name, fn in fns.items():
+            sweep.add_(1.0)
+            for state in ("flushed", "warm"):
+                t = time.perf_counter()
+                fn()
+                us[f"{name}_{state}"].append(1e6 * (time.perf_counter() - t))
+    return {k: round(statistics.median(v), 1) for k, v in us.items()}
+
+
 def one_token_table(rounds: int) -> list[dict]:
     """Part 4, one token: MKL's ``torch.mv`` against ``torch.mm`` with a one-column matrix (what ``_spmm_few`` takes
     for one token), with warm caches and with a 64 MB sweep before each call (as between the layers of a model)."""
@@ -259,15 +273,7 @@ def one_token_table(rounds: int) -> list[dict]:
         S = reference._csr(csr.crow, csr.col, torch.randn(support.nnz), (out_f, in_f))
         x = torch.randn(1, in_f)
         fns = {"mm": lambda: torch.mm(S, x.t()), "mv": lambda: torch.mv(S, x[0])}
-        us = {f"{name}_{state}": [] for name in fns for state in ("flushed", "warm")}
-        for _ in range(rounds * 10):
-            for name, fn in fns.items():
-                sweep.add_(1.0)
-                for state in ("flushed", "warm"):
-                    t = time.perf_counter()
-                    fn()
-                    us[f"{name}_{state}"].append(1e6 * (time.perf_counter() - t))
-        rows.append({"out": out_f, "in": in_f, "us": {k: round(statistics.median(v), 1) for k, v in us.items()}})
+        rows.append({"out": out_f, "in": in_f, "us": time_swept(fns, sweep, rounds * 10)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -318,15 +324,7 @@ def ell_table(rounds: int) -> list[dict]:
             for fn in (ell, csr_bare):
                 base.copy_(want - reference.spmm(x, support, values))
                 torch.testing.assert_close(fn(), want, rtol=1e-4, atol=1e-4)
-            us = {f"{name}_{state}": [] for name in fns for state in ("flushed", "warm")}
-            for _ in range(rounds * 10):
-                for name, fn in fns.items():
-                    sweep.add_(1.0)
-                    for state in ("flushed", "warm"):
-                        t = time.perf_counter()
-                        fn()
-                        us[f"{name}_{state}"].append(1e6 * (time.perf_counter() - t))
-            med = {k: round(statistics.median(v), 1) for k, v in us.items()}
+            med = time_swept(fns, sweep, rounds * 10)
             rows.append({"out": out_f, "in": in_f, "tokens": tokens, "width": width, "us": med,
                          "ell_vs_csr_bare_flushed": round(med["ell_flushed"] / med["csr_bare_flushed"], 3),
                          "csr_bare_vs_few_flushed": round(med["csr_bare_flushed"] / med["few_flushed"], 3)})
