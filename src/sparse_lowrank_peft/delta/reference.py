@@ -59,10 +59,7 @@ FEW_TOKENS = 32
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    for t in tensors:
-        if t.dtype == torch.float64:
-            return torch.float64
-    return _ACC
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else _ACC
 
 
 _csr_warned = False
@@ -84,11 +81,10 @@ def _csr_of(support: SparseSupport, values: torch.Tensor, acc: torch.dtype, devi
     """The CSR tensor of S with ``values`` (as ``acc``), kept on the support while ``values`` is the same tensor at the
     same version (decoding multiplies the same frozen values at every step; a training step changes their version).
 
-    Decoding pays this path's per-call work after the caches were swept by the layers in between, where every call
-    into torch costs tens of µs: at 1-4 tokens the bare product with its operands kept took 0.52-0.66x of the whole
-    path (bench/results/dispatch-cpu-before-99e4376.json, "ell": ``bench/dispatch.py --parts ell``), and building
-    this tensor was about 50 µs of the difference. Not kept while autograd records ``values`` (the tensor would
-    carry its graph)."""
+    Decoding pays this path's per-call work after the caches were swept by the layers in between: at 1-4 tokens the
+    bare product with its operands kept took 0.52-0.66x of the whole path, building this tensor each call included
+    (bench/results/dispatch-cpu-before-99e4376.json, "ell": ``bench/dispatch.py --parts ell``); 0.62-0.75x with it
+    kept (dispatch-cpu.json). Not kept while autograd records ``values`` (the tensor would carry its graph)."""
     key = (values._version, acc, device, torch.is_inference_mode_enabled())
     hit = support._csr_cache.entry
     if hit is not None and hit[0] is values and hit[1] == key:
@@ -171,7 +167,7 @@ def _spmm_few(x: torch.Tensor, S: torch.Tensor, acc: torch.dtype, out: torch.Ten
     if torch.is_autocast_enabled(x.device.type):  # it would cast S to a half type, which MKL's CSR product refuses
         with torch.autocast(x.device.type, enabled=False):
             return _spmm_few(x, S, acc, out)
-    if x.shape[0] == 1:  # (a no-op .to() is still a dispatcher call: tens of µs after a cache sweep)
+    if x.shape[0] == 1:  # (a no-op .to() is still a call into torch's dispatcher)
         y = torch.mv(S, x[0] if x.dtype == acc else x[0].to(acc)).unsqueeze(0)
     else:
         xt = x.t()

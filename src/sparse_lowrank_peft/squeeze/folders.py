@@ -162,7 +162,10 @@ def _head_labels(folder: Path) -> Optional[int]:
 def base_model_path(in_dir: Union[str, Path], base: Optional[Union[str, Path]] = None) -> str:
     """Where the base model of an adapter folder is: ``base``, else the config's ``base_model_name_or_path``
     (``minilm`` names the bundled encoder)."""
-    folder, cfg = _read_adapter_folder(in_dir)
+    return _base_path(*_read_adapter_folder(in_dir), base)
+
+
+def _base_path(folder: Path, cfg: dict, base: Optional[Union[str, Path]]) -> str:
     path = str(base) if base is not None else cfg.get("base_model_name_or_path")
     if not path:
         raise SqueezeError(
@@ -179,7 +182,7 @@ def load_base_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]] =
     import transformers
 
     folder, cfg = _read_adapter_folder(in_dir)
-    path = base_model_path(in_dir, base)
+    path = _base_path(folder, cfg, base)
     auto = getattr(transformers, _TASK_AUTO.get(str(cfg.get("task_type")), "AutoModel"))
     kwargs = {}
     labels = _head_labels(folder) if str(cfg.get("task_type")) == "SEQ_CLS" else None
