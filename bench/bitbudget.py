@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import ROOT, provenance  # noqa: E402
 
 from sparse_lowrank_peft.delta import bitbudget as bb  # noqa: E402
-from sparse_lowrank_peft.delta.quant import names_module  # noqa: E402
+from sparse_lowrank_peft.delta.lq_checks import names_module  # noqa: E402
 
 BUDGETS = [2.5, 2.75, 3.0, 3.5, 4.2, 4.6]  # 4.2: uniform NF4 with double quant stores 4.19 bits on a 384x384 matrix
 # the candidates measured here: the 2/3/4/8 bits at two or three group sizes, and NF4 with and without double

@@ -507,7 +507,7 @@ def prepare_base(cfg, model, names: Sequence[str], calibration=None) -> tuple[di
     plan = fisher = quant_info = None
     if cfg.quantize == "plan":
         from sparse_lowrank_peft.delta.bitbudget import apply_plan
-        from sparse_lowrank_peft.delta.quant import fisher_row_col_weights
+        from sparse_lowrank_peft.delta.fisher import fisher_row_col_weights
 
         spec = cfg.quantize_plan
         needs = [k for k in ("fisher_batches", "output_batches") if spec.get(k)]
@@ -590,10 +590,10 @@ def reload_trained(cfg, base, names: Sequence[str], quant_info: dict | None, fol
 
 
 def with_fisher(fisher: dict | None, fn, *args):
-    """``fn(*args)`` with LQ init reading ``fisher``'s row/column weights (``delta.quant.use_fisher``), if any."""
+    """``fn(*args)`` with LQ init reading ``fisher``'s row/column weights (``delta.fisher.use_fisher``), if any."""
     if fisher is None:
         return fn(*args)
-    from sparse_lowrank_peft.delta.quant import use_fisher
+    from sparse_lowrank_peft.delta.fisher import use_fisher
 
     with use_fisher(fisher):
         return fn(*args)

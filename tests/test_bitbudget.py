@@ -201,7 +201,7 @@ def test_all_linear_targets_are_resolved_before_the_checks():
     it: a plan missing one of those linears is refused with the model untouched, a whole plan quantizes every one,
     and the Fisher weights of every target are recorded for the reload. Matching the shorthand as a module name
     found no target, so the plan check came after quantizing and no Fisher weight was recorded."""
-    from sparse_lowrank_peft.delta.quant import use_fisher
+    from sparse_lowrank_peft.delta.fisher import use_fisher
 
     model = tiny_roberta()
     before = {n: type(m).__name__ for n, m in model.named_modules()}
@@ -452,7 +452,7 @@ def test_hqq_codes_do_not_depend_on_the_thread_count():
 def test_plan_entries_match_modules_whatever_their_order():
     """A saved plan comes back with sorted keys: the entry for a module must not depend on order (the most specific
     key wins), or a reload re-derived another base than the one trained on (NF4 at creation, HQQ after reload)."""
-    from sparse_lowrank_peft.delta.quant import plan_choice
+    from sparse_lowrank_peft.delta.lq_checks import plan_choice
 
     q0 = "roberta.encoder.layer.0.attention.self.query"
     for plan in ({q0: "bnb-nf4", "query": "hqq-4bit-g64"}, {"query": "hqq-4bit-g64", q0: "bnb-nf4"}):

@@ -504,7 +504,7 @@ def test_all_linear_builds_what_the_recipes_regex_built(tiny_model, toy_task):
 
 def test_fisher_weights_reach_the_plan_and_lq_init(tiny_model, toy_task, monkeypatch):
     """fisher_batches: the table is measured with the Fisher weights of that many training batches, and LQ init
-    reads the same weights for its targets (delta.quant.use_fisher)."""
+    reads the same weights for its targets (delta.fisher.use_fisher)."""
     pytest.importorskip("hqq")
     from glue import model as gmodel
     from sparse_lowrank_peft.delta import bitbudget, quant

@@ -13,7 +13,9 @@ from _builders import _ids, output_of, train_then_output
 from _fresh import reload_outputs
 from peft import LoraConfig
 
+from sparse_lowrank_peft.delta import fisher as fisher_weights
 from sparse_lowrank_peft.delta import quant
+from sparse_lowrank_peft.delta.lq_checks import plan_choice
 from sparse_lowrank_peft.lq_lora import LQ_LORA_FILE, get_lq_lora_model, load_lq_lora, save_lq_lora
 
 pytest.importorskip("bitsandbytes", reason="NF4 bases need bitsandbytes")
@@ -42,7 +44,7 @@ def test_lora_starts_at_l_on_the_planned_bases():
     for key in QV:
         layer = pm.base_model.model.get_submodule(key)
         W = full.get_submodule(key).weight.detach()
-        result = quant.lq_decompose(W, 2, max_iter=3, quantizer=quant.plan_choice(PLAN, key).quantize_dequantize)
+        result = quant.lq_decompose(W, 2, max_iter=3, quantizer=plan_choice(PLAN, key).quantize_dequantize)
         effective = quant.dequantize_weight(layer.base_layer) + layer.get_delta_weight("default")
         torch.testing.assert_close(effective, result.Q + result.B @ result.A, atol=1e-6, rtol=1e-6)
 
@@ -61,7 +63,7 @@ def trained_and_reloaded(tmp_path_factory):
                for key in QV}
     trained = {}
     for case, (fisher, svd) in RELOAD_CASES.items():
-        with quant.use_fisher(weights) if fisher else contextlib.nullcontext():
+        with fisher_weights.use_fisher(weights) if fisher else contextlib.nullcontext():
             pm = get_lq_lora_model(tiny_roberta(), lora(), plan=PLAN, max_iter=3, svd=svd)
         expected = train_then_output(pm, _ids, torch.tensor([0, 1, 0]))
         save_lq_lora(pm, root / case)
@@ -76,7 +78,7 @@ def test_trains_saves_and_reloads_in_a_fresh_process(trained_and_reloaded, case)
     pm, expected, folder, got = trained_and_reloaded[case]
     saved = json.loads((folder / LQ_LORA_FILE).read_text())
     assert saved["targets"] == QV and saved["plan"] == PLAN and saved["rank"] == 2 and saved["svd"] == svd
-    assert (saved.get("fisher_file") == quant.LQ_FISHER_FILE) is fisher
+    assert (saved.get("fisher_file") == fisher_weights.LQ_FISHER_FILE) is fisher
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     # PEFT's merge re-quantizes Q + ΔW in each layer's configuration: close, not exact
@@ -152,7 +154,7 @@ def test_lq_inputs_of_every_target_are_checked_before_the_first_is_quantized(mak
     model = tiny_roberta()
     before = structure(model)
     r = 65 if fisher is None else 2
-    with quant.use_fisher(fisher or {}), pytest.raises(ValueError, match=match + ".*not changed"):
+    with fisher_weights.use_fisher(fisher or {}), pytest.raises(ValueError, match=match + ".*not changed"):
         if make == "lora":
             get_lq_lora_model(model, LoraConfig(r=r, target_modules=["query", "value"], task_type="SEQ_CLS"))
         else:

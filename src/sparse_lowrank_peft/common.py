@@ -71,7 +71,7 @@ class LQInitFields:
             in ``adapter_config.json``, and loading re-derives the same quantized base (the LQ decomposition and both
             libraries are deterministic) before the trained adapter weights are loaded onto it.
         lq_fisher (`dict[str, tuple[torch.Tensor, torch.Tensor]]`, *optional*):
-            Recorded, not set by hand: the Fisher row/column weights (``delta.quant.use_fisher``) each targeted
+            Recorded, not set by hand: the Fisher row/column weights (``delta.fisher.use_fisher``) each targeted
             layer's LQ decomposition was weighted by. ``save_pretrained`` writes them beside the adapter as
             ``lq_fisher.safetensors`` (``adapter_config.json`` names the file) and ``from_pretrained`` reads them back,
             so a Fisher-weighted adapter reloads onto the same quantized base without the calibration data.
@@ -93,7 +93,7 @@ class LQInitFields:
 
     def to_dict(self) -> dict:
         """PEFT's dict of the config, with recorded Fisher weights replaced by the name of their file."""
-        from .delta.quant import LQ_FISHER_FILE
+        from .delta.fisher import LQ_FISHER_FILE
 
         out = super().to_dict()
         if isinstance(out.get("lq_fisher"), dict):
@@ -104,7 +104,7 @@ class LQInitFields:
         """PEFT's ``adapter_config.json``, and the recorded Fisher weights beside it (``lq_fisher.safetensors``)."""
         super().save_pretrained(save_directory, **kwargs)
         if isinstance(self.lq_fisher, dict):
-            from .delta.quant import LQ_FISHER_FILE, save_fisher
+            from .delta.fisher import LQ_FISHER_FILE, save_fisher
 
             save_fisher(self.lq_fisher, os.path.join(save_directory, LQ_FISHER_FILE))
 
@@ -116,12 +116,12 @@ class LQInitFields:
         if config.init_weights == "lq" and not _saved_with(pretrained_model_name_or_path, "lq_svd", subfolder, kwargs):
             config.lq_svd = "exact-fp32"
         if isinstance(config.lq_fisher, str):
-            from .delta.quant import load_fisher
+            from .delta.fisher import load_fisher
 
             config.lq_fisher = load_fisher(_adapter_file(pretrained_model_name_or_path, config.lq_fisher, subfolder,
                                                          kwargs))
         if config.init_weights == "lq":  # LQ quantizes the base before PEFT loads (and checks) the weights
-            from .delta.quant import saved_shapes
+            from .delta.lq_checks import saved_shapes
 
             folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
             config._saved_shapes = saved_shapes(os.path.join(folder, "adapter_model.safetensors"))
@@ -221,7 +221,7 @@ def _check_lq_fisher(config) -> None:
                             and all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in p) for k, p in pairs):
         raise ValueError(
             f"{type(config).__name__}.lq_fisher must map module names to (row, column) 1-D tensors. It is recorded "
-            "for you: create the adapter inside delta.quant.use_fisher(fisher_row_col_weights(...)) instead."
+            "for you: create the adapter inside delta.fisher.use_fisher(fisher_row_col_weights(...)) instead."
         )
 
 

@@ -4,7 +4,7 @@ LQ-LoRA (Guo et al., "LQ-LoRA: Low-rank plus quantized matrix decomposition for 
 finetuning", ICLR 2024) splits every targeted weight into a quantized ``Q`` (kept frozen) and the rank-``r`` part
 ``L`` of its error, from which LoRA starts; with a bit-budget plan (``delta.bitbudget.solve``) each matrix gets its
 own configuration. This is what PEFT's LoftQ (``init_lora_weights="loftq"``) does with one NF4 pass, here with LQ's
-alternating decomposition (``delta.quant.lq_decompose``), optionally Fisher-weighted (``delta.quant.use_fisher``),
+alternating decomposition (``delta.quant.lq_decompose``), optionally Fisher-weighted (``delta.fisher.use_fisher``),
 and any configuration of a plan (HQQ 2/3/4/8 bits, bitsandbytes NF4)::
 
     model = get_lq_lora_model(base, LoraConfig(r=8, target_modules=["query", "value"]), plan=plan)
@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ._peft_compat import as_injected, check_target_module_exists, is_all_linear
-from .delta import quant
+from .delta import fisher as fisher_weights
+from .delta import lq_checks, quant
 
 __all__ = ["LQ_LORA_FILE", "get_lq_lora_model", "load_lq_lora", "save_lq_lora"]
 
@@ -53,13 +54,13 @@ def get_lq_lora_model(model: nn.Module, config, plan: Optional[dict] = None, qua
         svd: LQ's SVD: ``"auto"`` (exact for small matrices, randomized for large), ``"exact"`` or ``"randomized"``
             (``delta.quant.resolve_lq_svd``).
 
-    Everything is checked before the model is changed. Within ``delta.quant.use_fisher(...)`` the decompositions
+    Everything is checked before the model is changed. Within ``delta.fisher.use_fisher(...)`` the decompositions
     are Fisher-weighted, and :func:`save_lq_lora` keeps those weights for reloading.
     """
     targets = _check_request(model, config, plan, quant_type, max_iter, svd)
     settings = {"format": _FORMAT, "targets": targets, "rank": config.r, "quant_type": quant_type,
-                "max_iter": max_iter, "plan": plan, "svd": svd, "quantizers": quant.quantizer_versions(plan)}
-    fisher = quant.fisher_for_modules(targets)
+                "max_iter": max_iter, "plan": plan, "svd": svd, "quantizers": lq_checks.quantizer_versions(plan)}
+    fisher = fisher_weights.fisher_for_modules(targets)
     factors = _quantize_targets(model, settings, fisher)
     if is_all_linear(config.target_modules):  # PEFT's shorthand would now skip the targets HQQ holds
         config.target_modules = set(targets)
@@ -81,8 +82,8 @@ def save_lq_lora(peft_model, save_directory: str, **kwargs) -> None:
     peft_model.save_pretrained(save_directory, **kwargs)
     record = {k: v for k, v in settings.items() if k != "fisher"}
     if settings.get("fisher"):
-        quant.save_fisher(settings["fisher"], os.path.join(save_directory, quant.LQ_FISHER_FILE))
-        record["fisher_file"] = quant.LQ_FISHER_FILE
+        fisher_weights.save_fisher(settings["fisher"], os.path.join(save_directory, fisher_weights.LQ_FISHER_FILE))
+        record["fisher_file"] = fisher_weights.LQ_FISHER_FILE
     with open(os.path.join(save_directory, LQ_LORA_FILE), "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
 
@@ -93,15 +94,15 @@ def load_lq_lora(model: nn.Module, path: str, adapter_name: str = "default", **k
     ``path`` loaded onto it (``PeftModel.from_pretrained(model, path, adapter_name, **kwargs)``)."""
     settings = _read_settings(path)
     _check_targets(model, settings["targets"], f"{LQ_LORA_FILE} in {path!r}")
-    quant.warn_on_other_quantizers(settings.get("quantizers"), settings["plan"], f"{LQ_LORA_FILE} in {path!r}")
-    fisher = (quant.load_fisher(os.path.join(path, settings["fisher_file"]))
+    lq_checks.warn_on_other_quantizers(settings.get("quantizers"), settings["plan"], f"{LQ_LORA_FILE} in {path!r}")
+    fisher = (fisher_weights.load_fisher(os.path.join(path, settings["fisher_file"]))
               if settings.get("fisher_file") else {})
-    saved = quant.saved_shapes(os.path.join(path, "adapter_model.safetensors"))
-    quant.check_saved_factors(model, settings["targets"], saved, ("lora_A.weight", "lora_B.weight"),
+    saved = lq_checks.saved_shapes(os.path.join(path, "adapter_model.safetensors"))
+    lq_checks.check_saved_factors(model, settings["targets"], saved, ("lora_A.weight", "lora_B.weight"),
                               f"load_lq_lora({path!r})")
     if settings["plan"]:
-        quant.check_plan(model, settings["plan"], settings["targets"], f"{LQ_LORA_FILE} in {path!r}: plan")
-    quant.check_lq_layers(model, settings["targets"], settings["rank"], fisher.get, f"{LQ_LORA_FILE} in {path!r}")
+        lq_checks.check_plan(model, settings["plan"], settings["targets"], f"{LQ_LORA_FILE} in {path!r}: plan")
+    lq_checks.check_lq_layers(model, settings["targets"], settings["rank"], fisher.get, f"{LQ_LORA_FILE} in {path!r}")
     factors = _quantize_targets(model, settings, fisher)
     from peft import PeftModel
 
@@ -139,8 +140,8 @@ def _check_request(model, config, plan, quant_type, max_iter, svd) -> list[str]:
     targets = [key for key, _ in model.named_modules() if key and check_target_module_exists(resolved, key)]
     _check_targets(model, targets, f"LoraConfig.target_modules={config.target_modules!r}")
     if plan is not None:
-        quant.check_plan(model, plan, targets, "get_lq_lora_model: plan")
-    quant.check_lq_layers(model, targets, config.r, quant.fisher_for, "get_lq_lora_model")
+        lq_checks.check_plan(model, plan, targets, "get_lq_lora_model: plan")
+    lq_checks.check_lq_layers(model, targets, config.r, fisher_weights.fisher_for, "get_lq_lora_model")
     return targets
 
 
@@ -173,7 +174,7 @@ def _quantize_targets(model, settings: dict, fisher: dict) -> dict[str, quant.LQ
         parent_name, _, child = key.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
-        choice = quant.plan_choice(settings["plan"], key)
+        choice = lq_checks.plan_choice(settings["plan"], key)
         quantized, result = quant.lq_quantize(linear, settings["rank"], settings["quant_type"], settings["max_iter"],
                                               fisher=fisher.get(key), choice=choice,
                                               svd=settings.get("svd", "exact-fp32"))  # saved before svd existed

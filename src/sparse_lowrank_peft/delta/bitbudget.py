@@ -10,7 +10,7 @@ the whole model meets an average bit budget::
               Σ_l Σ_c bits[l, c] · x[l, c] ≤ B · Σ_l numel_l     (B: the average bits per parameter)
               x ∈ {0, 1}
 
-with ``e[l, c] = ‖W_l − Q_c − L‖²_F`` (optionally Fisher-weighted, ``delta.quant.fisher_row_col_weights``) and
+with ``e[l, c] = ‖W_l − Q_c − L‖²_F`` (optionally Fisher-weighted, ``delta.fisher.fisher_row_col_weights``) and
 ``bits[l, c]`` counted from the tensors the library stores for that matrix (codes, scales, zeros, their dtypes, the
 constant tables it saves), not from a formula. The paper solves it with Gurobi; here ``scipy.optimize.milp``
 (HiGHS). The errors are measured once (:func:`measure`) and any number of budgets solved from them (:func:`solve`).
@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .quant import plan_key
+from .lq_checks import plan_key
 
 __all__ = [
     "CANDIDATES", "QuantChoice", "PlanTable", "apply_plan", "measure", "measure_output", "output_change",
@@ -456,8 +456,9 @@ def apply_plan(model: nn.Module, plan: dict[str, str]) -> int:
     and are left alone); returns how many. Its bitsandbytes layers keep the standard layout
     (``quant.keep_standard_layout``, not given back on unload: the plan's base computes the same on every CPU).
     A plan that names modules the model lacks, or a configuration the library cannot apply to a weight's shape, is
-    refused before anything is quantized (``quant.check_plan``)."""
-    from .quant import check_plan, keep_standard_layout
+    refused before anything is quantized (``lq_checks.check_plan``)."""
+    from .lq_checks import check_plan
+    from .quant import keep_standard_layout
 
     check_plan(model, plan, (), "plan")
     count = 0

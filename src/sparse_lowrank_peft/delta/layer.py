@@ -127,6 +127,8 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         back from the adapter folder).
         """
         from . import quant
+        from .fisher import recorded_fisher
+        from .lq_checks import plan_choice
 
         base = self.get_base_layer()
         if self.quantization_backend is not None or not isinstance(base, nn.Linear):
@@ -142,8 +144,8 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
                 "for the first adapter of a layer. Fix: add further adapters with init_weights=True."
             )
         self.base_layer, result = quant.lq_quantize(
-            base, rank, config.lq_quant_type, config.lq_max_iter, fisher=quant.recorded_fisher(config, key),
-            choice=quant.plan_choice(getattr(config, "lq_plan", None), key), svd=getattr(config, "lq_svd", "auto"),
+            base, rank, config.lq_quant_type, config.lq_max_iter, fisher=recorded_fisher(config, key),
+            choice=plan_choice(getattr(config, "lq_plan", None), key), svd=getattr(config, "lq_svd", "auto"),
         )
         self.quantization_backend = resolve_quantization_backend(self.base_layer)
         self._keep_4bit_layout(self.base_layer)

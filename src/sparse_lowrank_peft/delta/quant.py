@@ -12,22 +12,24 @@ and keeps the best iterate, since quantization makes the error non-monotone. The
 
 With Fisher weighting (the paper's Section 3.2) the SVD step minimises ``‖D_r (W − Q − L) D_c‖_F`` for diagonal row
 and column weights from squared gradients (``F ≈ d_r d_cᵀ``, a rank-1 approximation of the empirical Fisher):
-``L = D_r⁻¹ · SVD_r(D_r (W − Q) D_c) · D_c⁻¹``.
+``L = D_r⁻¹ · SVD_r(D_r (W − Q) D_c) · D_c⁻¹`` (the weights: ``delta.fisher``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy as _copy
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
+
+# Fisher weighting is delta.fisher's and the checks before LQ initialisation are delta.lq_checks'; the two public
+# Fisher names stay importable from here, where earlier versions had them.
+from .fisher import fisher_row_col_weights, use_fisher  # noqa: F401
+from .lq_checks import names_module
 
 __all__ = [
     "LQResult",
@@ -534,28 +536,6 @@ def lq_decompose(
     return best
 
 
-_FISHER: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("slpeft_lq_fisher", default=None)
-
-
-@contextlib.contextmanager
-def use_fisher(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    """Within this block, LQ initialisation (``init_weights="lq"``) weights each layer's decomposition by its Fisher
-    row/column weights from ``weights`` (``fisher_row_col_weights``; keys are module names of the base model)::
-
-        fisher = fisher_row_col_weights(base, calibration_batches)
-        with use_fisher(fisher):
-            model = get_peft_model(base, SLTrainConfig(init_weights="lq", ...))
-
-    The weights of the targeted layers are recorded in the adapter's config (``lq_fisher``) and saved beside it
-    (``lq_fisher.safetensors``), so ``PeftModel.from_pretrained`` re-derives the same quantized base without them.
-    """
-    token = _FISHER.set(dict(weights))
-    try:
-        yield
-    finally:
-        _FISHER.reset(token)
-
-
 def lq_quantize(linear: nn.Linear, rank: int, quant_type: str = "nf4", max_iter: int = 20,
                 fisher: Optional[tuple[torch.Tensor, torch.Tensor]] = None, choice=None,
                 svd: str = "auto") -> tuple[nn.Module, LQResult]:
@@ -588,283 +568,6 @@ def record_lq_offset(layer: nn.Module, result: LQResult) -> None:
 def lq_offset(layer: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """``(B₀, A₀)`` with ``B₀·A₀ = L`` that :func:`record_lq_offset` kept on this layer, or None."""
     return layer.__dict__.get("lq_offset_factors")
-
-
-#: the file beside ``adapter_config.json`` that holds the Fisher weights an LQ initialisation used (``lq_fisher``)
-LQ_FISHER_FILE = "lq_fisher.safetensors"
-
-
-def active_fisher() -> Optional[dict]:
-    """The weights of the enclosing :func:`use_fisher` block, or None outside one."""
-    return _FISHER.get()
-
-
-def recorded_fisher(config, key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The Fisher row/column weights ``config.lq_fisher`` holds for module ``key`` (exact name or dotted suffix
-    either way), else None: what LQ initialisation of that layer is weighted by."""
-    return _fisher_of(getattr(config, "lq_fisher", None), key)
-
-
-def save_fisher(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str) -> None:
-    """Write ``{module: (row, col)}`` Fisher weights to a safetensors file (tensors ``<module>.row`` / ``.col``)."""
-    from safetensors.torch import save_file
-
-    save_file({f"{name}.{part}": t.detach().to("cpu", torch.float32).contiguous()
-               for name, pair in weights.items() for part, t in zip(("row", "col"), pair)}, path)
-
-
-def load_fisher(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Read the file :func:`save_fisher` wrote; raises ``ValueError`` naming the file if a module lacks a half."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    names = {key.rsplit(".", 1)[0] for key in tensors}
-    missing = [n for n in names if f"{n}.row" not in tensors or f"{n}.col" not in tensors]
-    if missing or any(not k.endswith((".row", ".col")) for k in tensors):
-        raise ValueError(f"{path} is not a Fisher weights file of this package (module {missing[:1]} lacks its row or "
-                         "column weights). Fix: save the adapter again with save_pretrained.")
-    return {n: (tensors[f"{n}.row"], tensors[f"{n}.col"]) for n in sorted(names)}
-
-
-def quantizer_versions(plan: Optional[dict] = None) -> dict[str, str]:
-    """The installed versions of the libraries an LQ base is quantized with: bitsandbytes without a plan, and the
-    libraries of the configurations a ``plan`` names. An adapter records them, since loading re-derives its base."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from .bitbudget import parse_choice
-
-    packages = {"bnb": "bitsandbytes", "hqq": "hqq"}  # QuantChoice.library -> its distribution
-    libraries = sorted({packages[parse_choice(c).library] for c in plan.values()}) if plan else ["bitsandbytes"]
-    out = {}
-    for library in libraries:
-        try:
-            out[library] = version(library)
-        except PackageNotFoundError:
-            out[library] = "not installed"
-    return out
-
-
-def warn_on_other_quantizers(recorded: Optional[dict], plan: Optional[dict], owner: str) -> None:
-    """Warn when the installed quantization libraries differ from the versions ``recorded`` with an adapter: its base
-    is re-derived at load, and another version may quantize some entries differently."""
-    if not recorded:
-        return
-    installed = quantizer_versions(plan)
-    changed = [f"{lib} {made} -> {installed.get(lib)}" for lib, made in sorted(recorded.items())
-               if installed.get(lib, made) != made]
-    if changed:
-        warnings.warn(
-            f"{owner}: this LQ adapter's quantized base is re-derived now with other quantizer versions than it was "
-            f"trained on ({', '.join(changed)}). The base may differ slightly (bitsandbytes 0.49.2 vs 0.50.2 quantize a "
-            "768x1024 weight to NF4 with double quantization with ||dQ||/||W|| = 2.5e-4), so outputs may not equal the "
-            "trained model's. Fix: install the recorded versions where exact equality matters.",
-            stacklevel=3,
-        )
-
-
-def names_module(key: str, name: str) -> bool:
-    """Whether ``key`` (a plan entry, a target) names the module ``name``: equal, or a dotted suffix of it."""
-    return name == key or name.endswith("." + key)
-
-
-def _matches(key: str, name: str) -> bool:
-    """Either name names the other (a loaded adapter's names may carry a prefix the model lacks, or the reverse)."""
-    return names_module(name, key) or names_module(key, name)
-
-
-def plan_key(plan: dict, name: str) -> Optional[str]:
-    """The entry of ``plan`` that configures module ``name``, whatever the plan's key order (a saved plan comes back
-    with sorted keys): the exact name, else the longest key that is a dotted suffix of it (``"layer.0.query"`` before
-    ``"query"``), else a key that carries a prefix the module's name lacks (``"base_model.model.<name>"``); None if
-    none does."""
-    if name in plan:
-        return name
-    suffixes = [k for k in plan if names_module(k, name)]
-    if suffixes:
-        return max(suffixes, key=len)
-    prefixed = [k for k in plan if names_module(name, k)]
-    return min(prefixed, key=len) if prefixed else None
-
-
-def plan_choice(plan: Optional[dict], key: str):
-    """The ``delta.bitbudget.QuantChoice`` a mixed-configuration plan gives module ``key`` (:func:`plan_key`), or
-    None without a plan."""
-    if not plan:
-        return None
-    from .bitbudget import parse_choice
-
-    entry = plan_key(plan, key)
-    if entry is not None:
-        return parse_choice(plan[entry])
-    raise ValueError(
-        f"lq_plan has no configuration for the targeted module '{key}'. The plan was made for other modules (or "
-        "another model). Fix: measure and solve a plan over the modules this config targets (delta.bitbudget)."
-    )
-
-
-def check_plan(model: nn.Module, plan: dict, targeted: Iterable[str], owner: str) -> None:
-    """Raise ``ValueError`` (naming ``owner``, e.g. ``"SLTrainConfig.lq_plan"``) unless the plan gives every module in
-    ``targeted`` a configuration, every linear it names one the installed library can apply to its weight's shape,
-    and every entry configures some linear of ``model`` (:func:`plan_key`, the matching the quantization uses):
-    checked before anything is quantized."""
-    targeted = list(targeted)
-    for key in targeted:  # in the given (the model's) order, so the first target without one is named
-        plan_choice(plan, key)  # raises, naming the target without a configuration
-    targeted = set(targeted)
-    configured = set()
-    for name, module in model.named_modules():  # the targets and the other linears the plan quantizes
-        named = _is_plain_or_adapted_linear(module) and plan_key(plan, name) is not None
-        if named or name in targeted:
-            configured.add(plan_key(plan, name))
-        weight = getattr(module, "weight", None)
-        if (name in targeted or (named and type(module) is nn.Linear)) and weight is not None:
-            choice = plan_choice(plan, name)
-            reason = choice.unsupported(tuple(weight.shape))
-            if reason:
-                raise ValueError(
-                    f"{owner}['{name}'] = '{choice.name}', which the installed library cannot do: {reason}. Fix: "
-                    "another configuration for that module (delta.bitbudget.measure lists only the ones each matrix "
-                    "allows). The model was not changed."
-                )
-    unknown = [p for p in plan if p not in configured]
-    if unknown:
-        raise ValueError(
-            f"{owner} names modules this model has no linear layer for: {unknown[:3]}"
-            + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-            + ". A plan quantizes linear layers only, and this one was made for another model (or names an "
-            "embedding or a block). Fix: measure and solve a plan on this model (delta.bitbudget.measure / solve). "
-            "The model was not changed."
-        )
-
-
-def _is_plain_or_adapted_linear(module: nn.Module) -> bool:
-    """A linear layer a plan configures: an ``nn.Linear``, one a plan already quantized (bitsandbytes, HQQ), or an
-    adapter layer around either (the plan's targets, quantized by LQ initialisation)."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return isinstance(base, nn.Linear) or (hasattr(base, "in_features") and hasattr(base, "out_features"))
-
-
-def fisher_for(key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The Fisher weights ``use_fisher`` set for module ``key`` (exact name or a dotted suffix), else None."""
-    return _fisher_of(_FISHER.get(), key)
-
-
-def check_lq_layers(model: nn.Module, targets: Iterable[str], rank: int, fisher: Callable[[str], Optional[tuple]],
-                    owner: str) -> None:
-    """What LQ initialisation of every target needs, checked before the first one is quantized (each raised midway,
-    after earlier targets were replaced): a ``rank`` the weight has (at most ``min(out, in)``), and Fisher weights
-    (``fisher(key)``) of the weight's row and column sizes, finite and non-negative."""
-    for key in targets:
-        weight = model.get_submodule(key).weight
-        out_features, in_features = weight.shape
-        if rank > min(out_features, in_features):
-            raise ValueError(
-                f"{owner}: rank {rank} is above what '{key}' ({out_features}x{in_features}) has, min(out, in) = "
-                f"{min(out_features, in_features)}, so LQ cannot split off a rank-{rank} L. Fix: a rank <= "
-                f"{min(out_features, in_features)}, or leave that module out of target_modules. The model was not "
-                "changed."
-            )
-        pair = fisher(key)
-        if pair is None:
-            continue
-        row, col = pair
-        if tuple(row.shape) != (out_features,) or tuple(col.shape) != (in_features,):
-            raise ValueError(
-                f"{owner}: the Fisher weights of '{key}' have shapes {tuple(row.shape)} / {tuple(col.shape)}, but its "
-                f"weight is {out_features}x{in_features} (rows, columns). They were computed for another model. Fix: "
-                "fisher_row_col_weights(model, batches) on this model. The model was not changed."
-            )
-        if not (torch.isfinite(row).all() and torch.isfinite(col).all() and (row >= 0).all() and (col >= 0).all()):
-            raise ValueError(
-                f"{owner}: the Fisher weights of '{key}' are not all finite and non-negative (squared gradients "
-                "are). Fix: recompute them with fisher_row_col_weights; a NaN loss in the calibration batches makes "
-                "NaN weights. The model was not changed."
-            )
-
-
-def saved_shapes(file: str) -> Optional[dict[str, tuple]]:
-    """``{tensor name: shape}`` of a safetensors file, read without loading the tensors; None if there is no file."""
-    if not os.path.isfile(file):
-        return None
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
-def check_saved_factors(model: nn.Module, targets: Iterable[str], shapes: Optional[dict], factors: tuple[str, str],
-                        owner: str) -> None:
-    """An adapter's saved factors fit the model's layers before LQ replaces their weights (PEFT checks the shapes it
-    loads only after injection): the tensor named ``<target>.<factors[0]>`` has the layer's input size as its last
-    dimension, ``<target>.<factors[1]>`` its output size as its first."""
-    for key in targets:
-        layer = model.get_submodule(key)
-        for factor, dim, size in ((factors[0], -1, layer.in_features), (factors[1], 0, layer.out_features)):
-            shape = next((v for k, v in (shapes or {}).items() if k.endswith(f"{key}.{factor}")), None)
-            if shape is not None and shape[dim] != size:
-                raise ValueError(
-                    f"{owner}: the adapter's {factor} of '{key}' has shape {shape}, but the layer is "
-                    f"{layer.out_features}x{layer.in_features} in this model. It was saved for another base model. "
-                    "Fix: load it on the base model it was trained on. The model was not changed."
-                )
-
-
-def fisher_for_modules(keys: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{key: (row, col)}`` of the enclosing :func:`use_fisher` block for each of ``keys`` it has weights for, as
-    fp32 CPU copies (what an adapter records and saves); empty outside such a block."""
-    pairs = {key: fisher_for(key) for key in keys}
-    return {key: tuple(t.detach().to("cpu", torch.float32).clone() for t in pair)
-            for key, pair in pairs.items() if pair is not None}
-
-
-def _fisher_of(weights: Optional[dict], key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``weights``' entry for module ``key``: its exact name, else a name one is a dotted suffix of the other."""
-    if not isinstance(weights, dict):
-        return None
-    if key in weights:
-        return weights[key]
-    return next((value for name, value in weights.items() if _matches(key, name)), None)
-
-
-@torch.no_grad()
-def _accumulate(store: dict, name: str, grad: torch.Tensor) -> None:
-    sq = grad.detach().to(torch.float32) ** 2
-    row, col = sq.sum(1), sq.sum(0)
-    if name in store:
-        store[name][0].add_(row)
-        store[name][1].add_(col)
-    else:
-        store[name] = [row, col]
-
-
-def fisher_row_col_weights(
-    model: nn.Module, batches: Iterable[dict], module_names: Optional[Iterable[str]] = None
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Row and column weights of the empirical Fisher of every ``nn.Linear`` weight (or those named), from the
-    squared gradients of the loss on ``batches`` (dicts of model inputs with labels): ``d_row = Σ_j F_ij``,
-    ``d_col = Σ_i F_ij`` with ``F = Σ_batches (∂loss/∂W)²``. Weights' ``requires_grad`` flags are restored."""
-    wanted = set(module_names) if module_names is not None else None
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and (wanted is None or n in wanted)}
-    flags = {n: m.weight.requires_grad for n, m in linears.items()}
-    store: dict = {}
-    try:
-        for m in linears.values():
-            m.weight.requires_grad_(True)
-        was_training = model.training
-        model.eval()
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            out = model(**batch)
-            out.loss.backward()
-            for n, m in linears.items():
-                if m.weight.grad is not None:
-                    _accumulate(store, n, m.weight.grad)
-        model.train(was_training)
-    finally:
-        model.zero_grad(set_to_none=True)  # leave no calibration gradient behind, on any parameter
-        for n, m in linears.items():
-            m.weight.requires_grad_(flags[n])
-    return {n: (v[0], v[1]) for n, v in store.items()}
 
 
 def to_linear8bit(linear: nn.Linear, threshold: float = 6.0) -> nn.Module:

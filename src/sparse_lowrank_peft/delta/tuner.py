@@ -58,10 +58,10 @@ class DeltaModel(BaseTuner):
     @staticmethod
     def _record_quantizers(config) -> None:
         """LQ initialisation: a config that recorded its quantizer versions (a loaded adapter) is checked against the
-        installed ones (``delta.quant.warn_on_other_quantizers``); a new one records them."""
+        installed ones (``delta.lq_checks.warn_on_other_quantizers``); a new one records them."""
         if getattr(config, "init_weights", None) != "lq":
             return
-        from .quant import quantizer_versions, warn_on_other_quantizers
+        from .lq_checks import quantizer_versions, warn_on_other_quantizers
 
         plan = getattr(config, "lq_plan", None)
         if config.lq_quantizers:
@@ -76,7 +76,7 @@ class DeltaModel(BaseTuner):
         Outside such a block a config's recorded weights (read back by ``from_pretrained``) are used as they are."""
         if getattr(config, "init_weights", None) != "lq":
             return
-        from .quant import LQ_FISHER_FILE, active_fisher, fisher_for_modules
+        from .fisher import LQ_FISHER_FILE, active_fisher, fisher_for_modules
 
         if active_fisher() is not None:
             config.lq_fisher = fisher_for_modules(targeted) or None
@@ -139,14 +139,15 @@ class DeltaModel(BaseTuner):
         the full-precision weights."""
         if getattr(config, "init_weights", None) != "lq":
             return
-        from . import quant
+        from .fisher import active_fisher, fisher_for, recorded_fisher
+        from .lq_checks import check_lq_layers, check_saved_factors
 
         def fisher(key):
-            return quant.fisher_for(key) if quant.active_fisher() is not None else quant.recorded_fisher(config, key)
+            return fisher_for(key) if active_fisher() is not None else recorded_fisher(config, key)
 
         linears = [key for key in targeted if type(model.get_submodule(key)) is nn.Linear]
-        quant.check_lq_layers(model, linears, config.r, fisher, type(config).__name__)
-        quant.check_saved_factors(model, linears, getattr(config, "_saved_shapes", None),
+        check_lq_layers(model, linears, config.r, fisher, type(config).__name__)
+        check_saved_factors(model, linears, getattr(config, "_saved_shapes", None),
                                   (f"{cls.prefix}A", f"{cls.prefix}B"), "The adapter checkpoint does not fit")
 
     @staticmethod
@@ -184,7 +185,7 @@ class DeltaModel(BaseTuner):
         before anything is quantized."""
         plan = getattr(config, "lq_plan", None)
         if plan and getattr(config, "init_weights", None) == "lq":
-            from .quant import check_plan
+            from .lq_checks import check_plan
 
             check_plan(model, plan, targeted, f"{type(config).__name__}.lq_plan")
 
