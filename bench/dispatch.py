@@ -20,9 +20,10 @@
    LLaMA shapes of ``bench/decode.py`` (density 0.01), 15 rounds of 100 calls each. ``reference.FEW_TOKENS`` is the
    largest token count up to which ``few`` stays at or below ``chunked`` on every shape. For one token it also
    times ``torch.mv`` against ``torch.mm`` with a one-column matrix, warm and after a 64 MB sweep of the caches.
-5. Decoding probe (CPU): the reference forward as a layer calls it against the bare CSR product and an ELLPACK
-   gather (every row padded to the longest, three dense ops), both with operands built once, at 1-4 tokens, after
-   a cache sweep and warm. What it showed is written at ``reference.FEW_TOKENS``.
+5. Decoding probe (CPU): the reference forward as a layer calls it against the bare CSR product (with int64 and
+   with int32 index arrays) and an ELLPACK gather (every row padded to the longest, three dense ops), all with
+   operands built once, at 1-32 tokens, after a cache sweep and warm. What it showed is written at
+   ``reference.FEW_TOKENS`` and ``SparseSupport.csr32``.
 
     python bench/dispatch.py --parts factored --clock cpu   # only part 3, merged into the existing file
 
@@ -278,7 +279,7 @@ def one_token_table(rounds: int) -> list[dict]:
     return rows
 
 
-ELL_TOKENS = [1, 2, 4]
+ELL_TOKENS = [1, 2, 4, 16, 32]
 
 
 def ell_layout(support: SparseSupport) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -297,9 +298,10 @@ def ell_layout(support: SparseSupport) -> tuple[torch.Tensor, torch.Tensor, int]
 
 def ell_table(rounds: int) -> list[dict]:
     """Part 5: the reference forward as a layer calls it (``few``: ``reference.spmm(..., add_to=...)``, the CSR single
-    product at these counts) against two bare products with their operands built once, as a decoder could keep them:
-    ``csr_bare`` (MKL's product on the CSR tensor, ``torch.mv`` for one token) and ``ell`` (an ELLPACK gather: ``x`` at
-    the padded columns, times the padded values, summed per row). Each call after a 64 MB sweep of the caches
+    product at these counts) against bare products with their operands built once, as a decoder could keep them:
+    ``csr_bare`` (MKL's product on the CSR tensor, ``torch.mv`` for one token), ``csr_bare32`` (the same with int32
+    instead of int64 index arrays: what ``SparseSupport.csr32`` gives the few-token path) and ``ell`` (an ELLPACK
+    gather: ``x`` at the padded columns, times the padded values, summed per row). Each call after a 64 MB sweep of the caches
     (``flushed``: as between a model's layers) and again at once (``warm``); medians of ``rounds * 10`` calls."""
     sweep = torch.zeros(1 << 24)
     rows = []
@@ -310,6 +312,7 @@ def ell_table(rounds: int) -> list[dict]:
         padded = torch.cat([values, values.new_zeros(1)]).index_select(0, source)
         csr, _ = support.layouts()
         S = reference._csr(csr.crow, csr.col, values, (out_f, in_f))
+        S32 = reference._csr(csr.crow.int(), csr.col.int(), values, (out_f, in_f))
         for tokens in ELL_TOKENS:
             x, base = torch.randn(tokens, in_f), torch.randn(tokens, out_f)
             want = base + reference.spmm(x, support, values)
@@ -317,17 +320,20 @@ def ell_table(rounds: int) -> list[dict]:
             def ell():
                 return base.add_(x.index_select(1, col).mul_(padded).view(tokens, out_f, width).sum(-1))
 
-            def csr_bare():
+            def csr_bare(S=S):
                 return base.add_(torch.mv(S, x[0]).unsqueeze(0) if tokens == 1 else torch.mm(S, x.t()).t())
 
-            fns = {"few": lambda: reference.spmm(x, support, values, add_to=base), "csr_bare": csr_bare, "ell": ell}
-            for fn in (ell, csr_bare):
+            fns = {"few": lambda: reference.spmm(x, support, values, add_to=base), "csr_bare": csr_bare,
+                   "csr_bare32": lambda: csr_bare(S32), "ell": ell}
+            for fn in fns.values():
                 base.copy_(want - reference.spmm(x, support, values))
                 torch.testing.assert_close(fn(), want, rtol=1e-4, atol=1e-4)
             med = time_swept(fns, sweep, rounds * 10)
             rows.append({"out": out_f, "in": in_f, "tokens": tokens, "width": width, "us": med,
                          "ell_vs_csr_bare_flushed": round(med["ell_flushed"] / med["csr_bare_flushed"], 3),
-                         "csr_bare_vs_few_flushed": round(med["csr_bare_flushed"] / med["few_flushed"], 3)})
+                         "csr_bare_vs_few_flushed": round(med["csr_bare_flushed"] / med["few_flushed"], 3),
+                         **{f"csr32_vs_csr64_{state}": round(med[f"csr_bare32_{state}"] / med[f"csr_bare_{state}"], 3)
+                            for state in ("flushed", "warm")}})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -340,6 +340,10 @@ def test_support_layouts_are_consistent_and_cached():
     assert torch.equal(kl.crow.long(), csr.crow) and torch.equal(kl.ccol.long(), csr_t.crow)
     assert torch.equal(kl.t_row.long(), csr_t.col) and torch.equal(kl.t_perm.long(), csr_t.perm)
     assert torch.equal(kl.row.long(), rows) and torch.equal(kl.col.long(), cols)
+    crow32, col32 = s.csr32()  # the few-token products' int32 CSR: the same arrays, built once
+    assert s.csr32() == (crow32, col32) and s.csr32()[0] is crow32
+    assert crow32.dtype == col32.dtype == torch.int32 and crow32.is_contiguous() and col32.is_contiguous()
+    assert torch.equal(crow32.long(), csr.crow) and torch.equal(col32.long(), csr.col)
 
 
 # ---------------------------------------------------------------------------------------------------------- memory
@@ -435,6 +439,7 @@ def test_decoding_reuses_the_csr_tensor_only_while_the_values_are_unchanged():
     x = torch.randn(1, 23, generator=torch.Generator().manual_seed(4))
     first = ref.spmm(x, support, values)
     cached = support._csr_cache.entry[2]
+    assert cached.crow_indices().dtype == torch.int32  # (SparseSupport.csr32: faster few-token products)
     torch.testing.assert_close(ref.spmm(x, support, values), first)
     assert support._csr_cache.entry[2] is cached  # the second token reused it
     with torch.no_grad():

@@ -77,20 +77,26 @@ def _csr(crow, col, values, shape) -> torch.Tensor:
     return csr
 
 
-def _csr_of(support: SparseSupport, values: torch.Tensor, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+def _csr_of(support: SparseSupport, values: torch.Tensor, acc: torch.dtype, device: torch.device,
+            few: bool = False) -> torch.Tensor:
     """The CSR tensor of S with ``values`` (as ``acc``), kept on the support while ``values`` is the same tensor at the
     same version (decoding multiplies the same frozen values at every step; a training step changes their version).
+    ``few``: for a product of at most ``FEW_TOKENS`` tokens, with int32 indices (``SparseSupport.csr32``).
 
     Decoding pays this path's per-call work after the caches were swept by the layers in between: at 1-4 tokens the
     bare product with its operands kept took 0.52-0.66x of the whole path, building this tensor each call included
     (bench/results/dispatch-cpu-before-99e4376.json, "ell": ``bench/dispatch.py --parts ell``); 0.62-0.75x with it
     kept (dispatch-cpu.json). Not kept while autograd records ``values`` (the tensor would carry its graph)."""
-    key = (values._version, acc, device, torch.is_inference_mode_enabled())
+    key = (values._version, acc, device, torch.is_inference_mode_enabled(), few)
     hit = support._csr_cache.entry
     if hit is not None and hit[0] is values and hit[1] == key:
         return hit[2]
-    csr, _ = support.layouts(device)
-    S = _csr(csr.crow, csr.col, values.to(acc), support.shape)
+    if few:
+        crow, col = support.csr32(device)
+    else:
+        csr, _ = support.layouts(device)
+        crow, col = csr.crow, csr.col
+    S = _csr(crow, col, values.to(acc), support.shape)
     if not (values.requires_grad and torch.is_grad_enabled()):
         support._csr_cache.entry = (values, key, S)  # holding values keeps its address from being reused
     return S
@@ -142,8 +148,9 @@ def spmm(
     if support.nnz == 0 or tokens == 0:
         return x.new_zeros(tokens, out_features) if out is None else out
     device = x.device
-    S = _csr_of(support, values, acc, device)
-    if tokens <= FEW_TOKENS:
+    few = tokens <= FEW_TOKENS and support.nnz < 2**31  # (int32 indices)
+    S = _csr_of(support, values, acc, device, few)
+    if few:
         return _spmm_few(x, S, acc, out)
     y = torch.empty(tokens, out_features, dtype=x.dtype, device=device) if out is None else out
     bufs: dict = {}
