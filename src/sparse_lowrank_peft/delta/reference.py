@@ -175,7 +175,11 @@ def _spmm_few(x: torch.Tensor, S: torch.Tensor, acc: torch.dtype, out: torch.Ten
         with torch.autocast(x.device.type, enabled=False):
             return _spmm_few(x, S, acc, out)
     if x.shape[0] == 1:  # (a no-op .to() is still a call into torch's dispatcher)
-        y = torch.mv(S, x[0] if x.dtype == acc else x[0].to(acc)).unsqueeze(0)
+        x0 = x[0] if x.dtype == acc else x[0].to(acc)
+        if out is not None and out.dtype == acc and out.is_contiguous():
+            out[0].addmv_(S, x0)  # one call, no temporary (dispatch-cpu.json "ell": few against csr_bare32)
+            return out
+        y = torch.mv(S, x0).unsqueeze(0)
     else:
         xt = x.t()
         if not (xt.is_contiguous() and xt.dtype == acc):
