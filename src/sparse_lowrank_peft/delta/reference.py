@@ -52,9 +52,9 @@ _MIN_CHUNK = 128
 # Up to this many tokens (decoding) the forward is one product on a feature-major copy (`_spmm_few`): without the
 # chunk buffers it cost 0.57-0.93x the chunked path at 1-32 tokens on the LLaMA shapes of bench/decode.py, and
 # 0.95-1.19x at 64 (bench/results/dispatch-cpu.json "few": bench/dispatch.py --parts few --clock cpu, 1 thread).
-# An ELLPACK gather instead (rows padded to the longest, three dense ops, no sparse routine) took 0.97-1.85x of MKL's
-# product at 1-4 tokens after a cache sweep, both with operands kept (dispatch-cpu.json and
-# dispatch-cpu-before-99e4376.json, "ell"), so it is not built.
+# An ELLPACK gather instead (rows padded to the longest, three dense ops, no sparse routine) took 0.95-1.80x of MKL's
+# product at 1-4 tokens after a cache sweep and up to 5x at 32, both with operands kept (dispatch-cpu.json "ell";
+# 0.97-1.85x at 1-4 in dispatch-cpu-before-ee15691.json), so it is not built.
 FEW_TOKENS = 32
 
 
@@ -86,7 +86,9 @@ def _csr_of(support: SparseSupport, values: torch.Tensor, acc: torch.dtype, devi
     Decoding pays this path's per-call work after the caches were swept by the layers in between: at 1-4 tokens the
     bare product with its operands kept took 0.52-0.66x of the whole path, building this tensor each call included
     (bench/results/dispatch-cpu-before-99e4376.json, "ell": ``bench/dispatch.py --parts ell``); 0.62-0.75x with it
-    kept (dispatch-cpu.json). Not kept while autograd records ``values`` (the tensor would carry its graph)."""
+    kept (dispatch-cpu-before-ee15691.json). With int32 indices (``few``) and one token added in place, that int64
+    bare product takes 0.98-1.09x of the path at one token and 0.66-0.90x at 2-32 (dispatch-cpu.json). Not kept
+    while autograd records ``values`` (the tensor would carry its graph)."""
     key = (values._version, acc, device, torch.is_inference_mode_enabled(), few)
     hit = support._csr_cache.entry
     if hit is not None and hit[0] is values and hit[1] == key:
@@ -177,7 +179,7 @@ def _spmm_few(x: torch.Tensor, S: torch.Tensor, acc: torch.dtype, out: torch.Ten
     if x.shape[0] == 1:  # (a no-op .to() is still a call into torch's dispatcher)
         x0 = x[0] if x.dtype == acc else x[0].to(acc)
         if out is not None and out.dtype == acc and out.is_contiguous():
-            out[0].addmv_(S, x0)  # one call, no temporary (dispatch-cpu.json "ell": few against csr_bare32)
+            out[0].addmv_(S, x0)  # one call into torch and no temporary, where mv + add_ made two and one
             return out
         y = torch.mv(S, x0).unsqueeze(0)
     else:

@@ -230,7 +230,10 @@ class SparseSupport:
     def csr32(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crow, col)`` of S's row-major CSR as int32 (``(out + 1,)``, ``(nnz,)``), for torch.sparse's products of
         a few tokens (``delta.reference.FEW_TOKENS``), which run faster on int32 indices than on :meth:`layouts`'
-        int64 ones. Built from the indices alone (no CSR of Sᵀ, which inference does not need), once per device."""
+        int64 ones: MKL's bare product took 0.80-0.95x the time after a cache sweep and 0.68-0.98x warm, at 1-32
+        tokens on ``bench/decode.py``'s LLaMA shapes (``bench/results/dispatch-cpu.json`` "ell", ``csr32_vs_csr64``;
+        ``python bench/dispatch.py --parts ell --clock cpu``). Built from the indices alone (no CSR of Sᵀ, which
+        inference does not need), once per device."""
         device = torch.device(device) if device is not None else self.device
         key = (device.type, device.index)
         cached = self._csr32.get(key)
