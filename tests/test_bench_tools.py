@@ -781,3 +781,27 @@ def test_decode_section_reads_the_committed_files():
     saved = json.loads((results / "decode-cpu.json").read_text())
     assert readme_mod._decode_ratio(results, "sltrain") == f"{saved['batches']['1']['sltrain']['vs_lora']:.2f}"
     assert readme_mod._decode_ratio(results, "adalora") == "–"
+
+
+def test_rd_bound_estimates_known_entropy_powers_and_spreads_bits_over_matrices():
+    """bench/rd_bound.py (the #21 lower bound): Vasicek's estimate gives a Gaussian's entropy power (its variance)
+    and a Laplace's (e/π of it); per-group scales known for free lower a mixture's entropy power to the geometric
+    mean of the group variances; the model bound at R bits is sqrt(geomean(N)·2^(-2R)·n / Σ‖W‖²), best per matrix."""
+    import math
+
+    rd = _bench("rd_bound")
+    g = torch.Generator().manual_seed(0)
+    gauss = torch.randn(200_000, generator=g, dtype=torch.float64)
+    assert rd.entropy_power(gauss) / float(gauss.var()) == pytest.approx(1.0, abs=0.01)
+    u = torch.rand(200_000, generator=g, dtype=torch.float64) - 0.5
+    laplace = -u.sign() * torch.log1p(-2 * u.abs())  # the inverse CDF of a standard Laplace
+    assert rd.entropy_power(laplace) / float(laplace.var()) == pytest.approx(math.e / math.pi, abs=0.01)
+    scales = torch.tensor([0.5, 2.0]).repeat_interleave(rd.GROUP).repeat(1000)  # groups of two variances
+    mixed = torch.randn(scales.numel(), generator=g, dtype=torch.float64) * scales
+    assert rd.grouped_entropy_power(mixed) == pytest.approx(1.0, rel=0.03)  # geomean(0.25, 4)
+    assert rd.entropy_power(mixed) > 1.3  # pooled, the mixture keeps more entropy power than that
+    rows = [{"numel": 100, "sum_sq": 100.0, "W": {"pooled": 1.0, "grouped": 0.25}},
+            {"numel": 300, "sum_sq": 300.0, "W": {"pooled": 0.5, "grouped": 0.8}}]
+    expected = math.sqrt(math.exp((100 * math.log(0.25) + 300 * math.log(0.5)) / 400) * 2 ** -6)
+    assert rd.model_bound(rows, "W", "best", 3.0) == pytest.approx(expected)
+    assert rd.model_bound(rows, "W", "pooled", 3.0) == pytest.approx(math.sqrt(math.exp(300 * math.log(0.5) / 400) / 64))
