@@ -340,6 +340,11 @@ def test_support_layouts_are_consistent_and_cached():
     assert torch.equal(kl.crow.long(), csr.crow) and torch.equal(kl.ccol.long(), csr_t.crow)
     assert torch.equal(kl.t_row.long(), csr_t.col) and torch.equal(kl.t_perm.long(), csr_t.perm)
     assert torch.equal(kl.row.long(), rows) and torch.equal(kl.col.long(), cols)
+    fresh = SparseSupport.random((37, 53), 0.1, seed=1)  # the kernels' layouts alone keep no int64 arrays
+    fresh_kl = fresh.kernel_layouts()
+    assert fresh._layouts == {} and torch.equal(fresh_kl.t_perm, kl.t_perm) and torch.equal(fresh_kl.ccol, kl.ccol)
+    assert fresh_kl.row.data_ptr() == fresh.indices[0].data_ptr()  # views of the int32 indices, no copies
+    assert fresh_kl.col.data_ptr() == fresh.indices[1].data_ptr()
     crow32, col32 = s.csr32()  # the few-token products' int32 CSR: the same arrays, built once
     assert s.csr32() == (crow32, col32) and s.csr32()[0] is crow32
     assert crow32.dtype == col32.dtype == torch.int32 and crow32.is_contiguous() and col32.is_contiguous()

@@ -213,8 +213,12 @@ class SparseSupport:
         device = torch.device(device) if device is not None else self.device
         key = (device.type, device.index)
         cached = self._layouts.get(key)
-        if cached is not None:
-            return cached
+        if cached is None:
+            cached = self._layouts[key] = self._build_layouts(device)
+        return cached
+
+    def _build_layouts(self, device: torch.device) -> tuple[_CSR, _CSR]:
+        """:meth:`layouts`, built (not cached)."""
         out_features, in_features = self.shape
         rows = self.indices[0].to(device, torch.int64)
         cols = self.indices[1].to(device, torch.int64)
@@ -223,9 +227,7 @@ class SparseSupport:
         perm = torch.sort(cols * out_features + rows).indices
         ccol = torch.zeros(in_features + 1, dtype=torch.int64, device=device)
         ccol[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
-        layouts = (_CSR(crow, cols, None), _CSR(ccol, rows[perm].contiguous(), perm))
-        self._layouts[key] = layouts
-        return layouts
+        return _CSR(crow, cols, None), _CSR(ccol, rows[perm].contiguous(), perm)
 
     def csr32(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crow, col)`` of S's row-major CSR as int32 (``(out + 1,)``, ``(nnz,)``), for torch.sparse's products of
@@ -248,6 +250,10 @@ class SparseSupport:
 
         Built from :meth:`layouts` (same order, same permutation); int32 because every index fits (``nnz``, ``in`` and
         ``out`` are below 2**31 for any layer a support can be drawn for) and halves the index traffic of the kernels.
+        The int64 layouts they are derived from are not kept unless something else asked for them, so a support on
+        the device of its int32 indices holds 8 bytes per entry for the kernels (``t_row``, ``t_perm``; ``row`` and
+        ``col`` are views of the indices) besides the pointers, where keeping the int64 layouts too held 24 more
+        (their column indices, Sᵀ's, and the permutation).
         """
         device = torch.device(device) if device is not None else self.device
         key = (device.type, device.index)
@@ -256,7 +262,7 @@ class SparseSupport:
             return cached
         if self.nnz >= 2**31:
             raise ValueError(f"{self!r}: more than 2**31 - 1 nonzeros cannot be indexed with int32.")
-        csr, csr_t = self.layouts(device)
+        csr, csr_t = self._layouts.get(key) or self._build_layouts(device)
         i32 = torch.int32
         layouts = KernelLayouts(
             row=self.indices[0].to(device, i32).contiguous(),
