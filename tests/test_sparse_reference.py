@@ -345,6 +345,13 @@ def test_support_layouts_are_consistent_and_cached():
     assert fresh._layouts == {} and torch.equal(fresh_kl.t_perm, kl.t_perm) and torch.equal(fresh_kl.ccol, kl.ccol)
     assert fresh_kl.row.data_ptr() == fresh.indices[0].data_ptr()  # views of the int32 indices, no copies
     assert fresh_kl.col.data_ptr() == fresh.indices[1].data_ptr()
+    forward_only = SparseSupport.random((37, 53), 0.1, seed=1)  # a forward builds S's CSR alone, no Sᵀ layout
+    y = ref.spmm(torch.randn(ref.FEW_TOKENS + 8, 53), forward_only, torch.randn(forward_only.nnz))
+    assert y.shape == (ref.FEW_TOKENS + 8, 37) and forward_only._layouts == {} and len(forward_only._row_csr) == 1
+    row_csr = forward_only.row_csr()
+    assert torch.equal(row_csr.crow, csr.crow) and torch.equal(row_csr.col, csr.col)
+    assert forward_only.layouts()[0] is row_csr and forward_only._row_csr == {}  # then reused by the pair
+    assert forward_only.row_csr() is row_csr and torch.equal(forward_only.layouts()[1].perm, csr_t.perm)
     crow32, col32 = s.csr32()  # the few-token products' int32 CSR: the same arrays, built once
     assert s.csr32() == (crow32, col32) and s.csr32()[0] is crow32
     assert crow32.dtype == col32.dtype == torch.int32 and crow32.is_contiguous() and col32.is_contiguous()

@@ -96,7 +96,7 @@ def _csr_of(support: SparseSupport, values: torch.Tensor, acc: torch.dtype, devi
     if few:
         crow, col = support.csr32(device)
     else:
-        csr, _ = support.layouts(device)
+        csr = support.row_csr(device)
         crow, col = csr.crow, csr.col
     S = _csr(crow, col, values.to(acc), support.shape)
     if not (values.requires_grad and torch.is_grad_enabled()):

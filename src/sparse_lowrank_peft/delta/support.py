@@ -90,6 +90,7 @@ class SparseSupport:
         self.indices = indices
         self.shape = (int(shape[0]), int(shape[1]))
         self._layouts: dict[tuple, tuple[_CSR, _CSR]] = {}
+        self._row_csr: dict[tuple, _CSR] = {}  # S's CSR alone, until layouts() is asked for (then in _layouts)
         self._kernel_layouts: dict[tuple, KernelLayouts] = {}
         self._flat: dict[tuple, torch.Tensor] = {}
         self._csr32: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -214,20 +215,37 @@ class SparseSupport:
         key = (device.type, device.index)
         cached = self._layouts.get(key)
         if cached is None:
-            cached = self._layouts[key] = self._build_layouts(device)
+            cached = self._layouts[key] = self._build_layouts(device, self._row_csr.pop(key, None))
         return cached
 
-    def _build_layouts(self, device: torch.device) -> tuple[_CSR, _CSR]:
-        """:meth:`layouts`, built (not cached)."""
-        out_features, in_features = self.shape
-        rows = self.indices[0].to(device, torch.int64)
-        cols = self.indices[1].to(device, torch.int64)
+    def row_csr(self, device: torch.device | None = None) -> _CSR:
+        """The row-major CSR of S alone (int64), what a forward reads, cached per device. Inference never builds
+        :meth:`layouts`' CSR of Sᵀ (16 more bytes per entry, and a sort), which only the backward reads."""
+        device = torch.device(device) if device is not None else self.device
+        key = (device.type, device.index)
+        pair = self._layouts.get(key)
+        if pair is not None:
+            return pair[0]
+        csr = self._row_csr.get(key)
+        if csr is None:
+            csr = self._row_csr[key] = self._build_row_csr(device)
+        return csr
+
+    def _build_row_csr(self, device: torch.device) -> _CSR:
+        out_features = self.shape[0]
         crow = torch.zeros(out_features + 1, dtype=torch.int64, device=device)
-        crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
+        crow[1:] = torch.bincount(self.indices[0].to(device, torch.int64), minlength=out_features).cumsum(0)
+        return _CSR(crow, self.indices[1].to(device, torch.int64), None)
+
+    def _build_layouts(self, device: torch.device, csr: _CSR | None = None) -> tuple[_CSR, _CSR]:
+        """:meth:`layouts`, built (not cached), reusing S's CSR if given."""
+        out_features, in_features = self.shape
+        csr = csr if csr is not None else self._build_row_csr(device)
+        rows, cols = self.indices[0].to(device, torch.int64), csr.col
         perm = torch.sort(cols * out_features + rows).indices
         ccol = torch.zeros(in_features + 1, dtype=torch.int64, device=device)
         ccol[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
-        return _CSR(crow, cols, None), _CSR(ccol, rows[perm].contiguous(), perm)
+        return csr, _CSR(ccol, rows[perm].contiguous(), perm)
 
     def csr32(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crow, col)`` of S's row-major CSR as int32 (``(out + 1,)``, ``(nnz,)``), for torch.sparse's products of
@@ -262,7 +280,7 @@ class SparseSupport:
             return cached
         if self.nnz >= 2**31:
             raise ValueError(f"{self!r}: more than 2**31 - 1 nonzeros cannot be indexed with int32.")
-        csr, csr_t = self._layouts.get(key) or self._build_layouts(device)
+        csr, csr_t = self._layouts.get(key) or self._build_layouts(device, self._row_csr.get(key))
         i32 = torch.int32
         layouts = KernelLayouts(
             row=self.indices[0].to(device, i32).contiguous(),
