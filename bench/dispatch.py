@@ -24,6 +24,8 @@
    with int32 index arrays) and an ELLPACK gather (every row padded to the longest, three dense ops), all with
    operands built once, at 1-32 tokens, after a cache sweep and warm. What it showed is written at
    ``reference.FEW_TOKENS`` and ``SparseSupport.csr32``.
+6. Index width of the fused path's scatter and gather (``SparseSupport.flat``): ``index_add_`` of the values into
+   ``W0`` and ``index_select`` of the values' gradient from ``∂yᵀx``, with int64 and with int32 positions.
 
     python bench/dispatch.py --parts factored --clock cpu   # only part 3, merged into the existing file
 
@@ -52,7 +54,7 @@ from sparse_lowrank_peft.delta.ops import get_ops, sparse_delta  # noqa: E402
 from sparse_lowrank_peft.delta.support import SparseSupport  # noqa: E402
 
 FEW_DEFAULT = reference.FEW_TOKENS
-PARTS = ["paths", "sddmm", "factored", "few", "ell"]
+PARTS = ["paths", "sddmm", "factored", "few", "ell", "flat"]
 
 TOKENS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 SHAPES = [(768, 0.01), (1024, 0.01), (768, 0.05), (1024, 0.05)]
@@ -338,6 +340,37 @@ def ell_table(rounds: int) -> list[dict]:
     return rows
 
 
+FLAT_SHAPES = [((1024, 1024), 0.01), ((1024, 1024), 0.05), ((2816, 1024), 0.03), ((4096, 4096), 0.03)]
+
+
+def flat_table(device, rounds: int, clock: str) -> list[dict]:
+    """Part 6: ``index_add_`` (the fused forward's ``W0 + S``) and ``index_select`` (the dense route's ``∂v``) with
+    int64 and int32 positions, interleaved; medians of ``rounds * 3`` rounds of 10 calls."""
+    rows = []
+    for shape, density in FLAT_SHAPES:
+        support = SparseSupport.random(shape, density, 1)
+        flat64 = support.rows(device) * shape[1] + support.cols(device)
+        flat32 = flat64.to(torch.int32)
+        values, W, G = torch.randn(support.nnz, device=device), torch.randn(shape, device=device), torch.randn(shape, device=device)
+
+        def calls(fn):
+            def run():
+                for _ in range(10):
+                    fn()
+            return run
+
+        fns = {f"{op}{bits}": calls(fn) for bits, flat in (("64", flat64), ("32", flat32)) for op, fn in (
+            ("add", lambda f=flat: W.view(-1).index_add_(0, f, values)),
+            ("select", lambda f=flat: G.view(-1).index_select(0, f)))}
+        ms = time_interleaved(fns, device, rounds * 3, clock=clock)
+        rows.append({"shape": list(shape), "density": density, "nnz": support.nnz,
+                     "us_per_call": {k: round(v * 100, 1) for k, v in ms.items()},  # ms per 10 calls -> µs per call
+                     "add_32_vs_64": round(ms["add32"] / ms["add64"], 3),
+                     "select_32_vs_64": round(ms["select32"] / ms["select64"], 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def few_limit(rows: list[dict]) -> int | None:
     """The largest token count up to which ``few`` is at or below ``chunked`` on every shape."""
     limit = None
@@ -389,6 +422,8 @@ def main(argv=None) -> dict:
                          "one_token": one_token_table(max(args.rounds, 15))}
     if "ell" in args.parts and device.type == "cpu":
         result["ell"] = {"run": run, "rows": ell_table(max(args.rounds, 15))}
+    if "flat" in args.parts:
+        result["flat"] = {"run": run, "rows": flat_table(device, args.rounds, args.clock)}
     out.write_text(json.dumps(result, indent=1) + "\n")
     keys = ("crossovers", "fused_min_tokens_x_density", "dense_sddmm_min_density")
     print(json.dumps({k: result.get(k) for k in keys} | {"factored": result.get("factored", {}).get("crossovers"),

@@ -358,6 +358,19 @@ def test_support_layouts_are_consistent_and_cached():
     assert torch.equal(crow32.long(), csr.crow) and torch.equal(col32.long(), csr.col)
 
 
+def test_flat_positions_are_int32_where_they_fit():
+    """``SparseSupport.flat``: ``row · in + col`` (or ``col · out + row`` transposed) as int32 while ``out · in`` fits,
+    int64 for a larger matrix, where int32 would wrap."""
+    small = SparseSupport.random((37, 53), 0.1, seed=1)
+    rows, cols = small.rows(), small.cols()
+    assert small.flat().dtype == torch.int32 and torch.equal(small.flat().long(), rows * 53 + cols)
+    assert torch.equal(small.flat(transposed=True).long(), cols * 37 + rows)
+    big = SparseSupport.random((1 << 16, 1 << 16), 1e-9, seed=1)  # 2**32 positions
+    flat = big.flat()
+    assert flat.dtype == torch.int64 and torch.equal(flat, big.rows() * (1 << 16) + big.cols())
+    assert int(flat.max()) >= 2**31  # (seed 1 draws one past int32's range)
+
+
 # ---------------------------------------------------------------------------------------------------------- memory
 def _largest_allocation(fn) -> int:
     """The largest number of bytes any single op allocated itself while ``fn`` ran (torch profiler, CPU)."""

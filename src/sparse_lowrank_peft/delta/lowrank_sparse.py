@@ -47,7 +47,7 @@ def lowrank_sparse_weight(
         B (`torch.Tensor`): ``(out, r)``.
         A (`torch.Tensor`): ``(r, in)``.
         values (`torch.Tensor`, *optional*): ``(nnz,)`` values of S (None: no sparse term).
-        flat (`torch.Tensor`, *optional*): ``(nnz,)`` int64 row-major positions of the values
+        flat (`torch.Tensor`, *optional*): ``(nnz,)`` row-major positions (int32 or int64) of the values
             (:meth:`SparseSupport.flat`).
         scale (`float`): ``α / r``.
     """
@@ -114,7 +114,7 @@ def lowrank_sparse_linear(
         x (`torch.Tensor`): activations ``(..., in)``.
         B (`torch.Tensor`): ``(out, r)``; A (`torch.Tensor`): ``(r, in)``.
         values (`torch.Tensor`, *optional*): ``(nnz,)`` values of S in the support's row-major order, or None.
-        flat (`torch.Tensor`, *optional*): ``(nnz,)`` int64 positions from :meth:`SparseSupport.flat` on ``x``'s
+        flat (`torch.Tensor`, *optional*): ``(nnz,)`` positions (int32 or int64) from :meth:`SparseSupport.flat` on ``x``'s
             device (None with ``values``).
         scale (`float`): ``α / r``.
         bias (`torch.Tensor`, *optional*): ``(out,)``.
