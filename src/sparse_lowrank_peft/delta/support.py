@@ -197,8 +197,8 @@ class SparseSupport:
         """Positions of the entries in a row-major ``(out, in)`` matrix (``row · in + col``), or with ``transposed`` in
         a row-major ``(in, out)`` one (``col · out + row``: Conv1D's weight), for ``index_add_`` / ``index_select``;
         cached per device. int32 where every position fits (``out · in < 2**31``): half the bytes of int64, which
-        the fused path and SLTrain pretraining keep per entry, and no slower: 0.92-1.04x int64's time for
-        ``index_add_``, 0.89-0.98x for ``index_select`` at 10k-500k entries (CPU, 1 thread;
+        the fused path and SLTrain pretraining keep per entry, and no slower: 0.96-0.99x int64's time for
+        ``index_add_``, 0.92-1.02x for ``index_select`` at 10k-500k entries (CPU, 1 thread;
         ``bench/results/dispatch-cpu.json`` "flat": ``python bench/dispatch.py --parts flat --clock cpu``); int64
         above."""
         device = torch.device(device) if device is not None else self.device
