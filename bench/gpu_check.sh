@@ -3,7 +3,8 @@
 # files that name the GPU. Steps (each with its own time limit, so one stuck step cannot eat the lease):
 #   1. the CUDA kernel tests and the fused-path tests (Triton SpMM/SDDMM, fused W0 + S on CUDA tensors);
 #   2. bench/dispatch.py --device cuda: the fused-vs-SpMM crossover, the SDDMM choice and sparse RandLoRA's factored
-#      term (B·T) on both paths, measured (the constants of delta/ops.py for CUDA come from this file once it exists);
+#      term (B·T) on both paths, measured (the constants of delta/ops.py for CUDA come from this file once it exists),
+#      and int32 against int64 positions for the fused path's scatter and gather (SparseSupport.flat);
 #   3. bench/sparse_delta.py at the H100 shapes, both paths side by side;
 #   4. bench/throughput.py on the roberta-base shape (bf16, 32 x 512), every adapter method;
 #   5. if at least 80 s of the 8 minutes are left: the same on QLoRA's NF4 base for LoRA (QLoRA) and our factored
