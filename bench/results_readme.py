@@ -467,6 +467,31 @@ def lq_svd_section(results: Path, base: Path) -> list[str]:
     return lines + [""]
 
 
+def index_memory_section(results: Path, base: Path) -> list[str]:
+    """Index bytes a sparse term keeps per entry, now and before (``bench/index_memory.py``)."""
+    data, path, lines = _one_file_section(results, "index-memory-cpu.json",
+                                          "Index arrays a sparse term keeps, per entry", "index_memory.py")
+    if not data:
+        return lines
+    befores = sorted(results.glob("index-memory-cpu-before-*.json"))
+    before = _load(befores[-1]) if befores else None
+    lines += [
+        f"`{data.get('command')}` (SLTrain r 8, density 0.01, every linear of the LLaMA decoder of "
+        f"`bench/decode.py`, CPU; commit {_commit(data.get('commit'), data.get('dirty'))}; file `{_link(path, base)}`):"
+        " bytes of the integer arrays the supports keep cached after each case, over the sparse entries (the saved "
+        "int32 indices, 8 bytes per entry, and the values, 4, not counted)"
+        + (f"; before: the same script on the code of commit {_commit(before.get('code'), None)}." if before else "."),
+        "",
+        "| after | bytes per entry | " + ("before | " if before else "") + "cached |",
+        "|:---|---:|" + ("---:|" if before else "") + "---:|",
+    ]
+    old = {r["case"]: r for r in (before or {}).get("rows", [])}
+    for r in data.get("rows") or []:
+        prior = f"{old[r['case']]['bytes_per_entry']:.1f} | " if r["case"] in old else ("– | " if before else "")
+        lines.append(f"| {r['case']} | {r['bytes_per_entry']:.1f} | {prior}{r['index_bytes'] / 2**20:.1f} MiB |")
+    return lines + [""]
+
+
 def compile_section(results: Path, base: Path) -> list[str]:
     """``torch.compile`` per tuner: graphs, breaks, agreement with eager (``bench/compile.py``), and the same
     measurement of an earlier commit where a ``compile-cpu-before-<sha>.json`` file is kept."""
@@ -837,7 +862,7 @@ def generate(results: Path, base: Path) -> str:
         "",
     ]
     for section in (minilm_section, sora_gates_section, quality_section, throughput_section, sparse_delta_section,
-                    decode_section, quant_section, lq_svd_section, bitbudget_section, squeeze_section, compile_section,
+                    decode_section, index_memory_section, quant_section, lq_svd_section, bitbudget_section, squeeze_section, compile_section,
                     glue_section):
         lines += section(results, base)
     return "\n".join(lines).rstrip() + "\n"

@@ -805,3 +805,19 @@ def test_rd_bound_estimates_known_entropy_powers_and_spreads_bits_over_matrices(
     expected = math.sqrt(math.exp((100 * math.log(0.25) + 300 * math.log(0.5)) / 400) * 2 ** -6)
     assert rd.model_bound(rows, "W", "best", 3.0) == pytest.approx(expected)
     assert rd.model_bound(rows, "W", "pooled", 3.0) == pytest.approx(math.sqrt(math.exp(300 * math.log(0.5) / 400) / 64))
+
+
+def test_index_memory_counts_cached_integer_storages_once_and_not_the_saved_indices():
+    """bench/index_memory.py: the bytes of the integer arrays a support caches, each storage once, its own indices
+    (views of them included) and float tensors not counted; CSR tensors counted through their arrays."""
+    from sparse_lowrank_peft.delta import reference
+    from sparse_lowrank_peft.delta.support import SparseSupport
+
+    im = _bench("index_memory")
+    s = SparseSupport.random((37, 53), 0.1, seed=1)
+    assert im.index_bytes([s]) == (0, s.nnz)
+    s.kernel_layouts()  # t_row, t_perm (int32, nnz each), crow (38), ccol (54); row and col are views of the indices
+    assert im.index_bytes([s])[0] == 4 * (2 * s.nnz + 38 + 54)
+    reference.spmm(torch.randn(1, 53), s, torch.randn(s.nnz))  # csr32: its crow (38 int32) and a view; the CSR tensor
+    assert im.index_bytes([s])[0] == 4 * (2 * s.nnz + 38 + 54 + 38)
+    assert im.index_bytes([s, s]) == (4 * (2 * s.nnz + 38 + 54 + 38), 2 * s.nnz)
