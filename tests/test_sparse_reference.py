@@ -350,6 +350,8 @@ def test_support_layouts_are_consistent_and_cached():
     assert y.shape == (ref.FEW_TOKENS + 8, 37) and forward_only._layouts == {} and len(forward_only._row_csr) == 1
     row_csr = forward_only.row_csr()
     assert torch.equal(row_csr.crow, csr.crow) and torch.equal(row_csr.col, csr.col)
+    ref.sddmm(torch.randn(5, 37), torch.randn(5, 53), forward_only)  # the values' gradient alone: S's CSR
+    assert forward_only._layouts == {} and forward_only.row_csr() is row_csr
     assert forward_only.layouts()[0] is row_csr and forward_only._row_csr == {}  # then reused by the pair
     assert forward_only.row_csr() is row_csr and torch.equal(forward_only.layouts()[1].perm, csr_t.perm)
     crow32, col32 = s.csr32()  # the few-token products' int32 CSR: the same arrays, built once

@@ -228,8 +228,9 @@ def backward(
         return grad_x, grad_v
     device = g.device
     acc = _acc_dtype(g, *[t for t in (x if need_values else None, values if need_x else None) if t is not None])
-    csr, csr_t = support.layouts(device)
+    csr = support.row_csr(device)  # the CSR of Sᵀ only for ∂x: the fused path's sampled ∂v never builds it
     if need_x:
+        _, csr_t = support.layouts(device)
         St = _csr(csr_t.crow, csr_t.col, values.to(acc)[csr_t.perm], (in_features, out_features))
         grad_x = torch.empty(tokens, in_features, dtype=x_dtype, device=device) if grad_x_into is None else grad_x_into
     if need_values:
