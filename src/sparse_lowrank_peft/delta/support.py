@@ -226,8 +226,9 @@ class SparseSupport:
         return cached
 
     def row_csr(self, device: torch.device | None = None) -> _CSR:
-        """The row-major CSR of S alone (int64), what a forward reads, cached per device. Inference never builds
-        :meth:`layouts`' CSR of Sᵀ (16 more bytes per entry, and a sort), which only the backward reads."""
+        """The row-major CSR of S alone (int64), what a forward and the sampled values gradient read, cached per
+        device. :meth:`layouts` adds the CSR of Sᵀ (16 more bytes per entry, and a sort), which only the input
+        gradient reads, so inference never builds it."""
         device = torch.device(device) if device is not None else self.device
         key = (device.type, device.index)
         pair = self._layouts.get(key)
