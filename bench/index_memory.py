@@ -88,8 +88,9 @@ def run_case(case: str) -> dict:
             model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     supports = [layer.get_support(name) for layer in layers for name in layer.sltrain_values]
     nbytes, entries = index_bytes(supports)
+    values = next(iter(layers[0].sltrain_values.values()))
     return {"case": case, "index_bytes": nbytes, "entries": entries, "bytes_per_entry": round(nbytes / entries, 2),
-            "values_bytes_per_entry": 4}
+            "values_bytes_per_entry": values.element_size()}
 
 
 def main(argv=None) -> dict:

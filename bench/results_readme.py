@@ -479,7 +479,8 @@ def index_memory_section(results: Path, base: Path) -> list[str]:
         f"`{data.get('command')}` (SLTrain r 8, density 0.01, every linear of the LLaMA decoder of "
         f"`bench/decode.py`, CPU; commit {_commit(data.get('commit'), data.get('dirty'))}; file `{_link(path, base)}`):"
         " bytes of the integer arrays the supports keep cached after each case, over the sparse entries (the saved "
-        "int32 indices, 8 bytes per entry, and the values, 4, not counted)"
+        f"int32 indices, 8 bytes per entry, and the values, {(data.get('rows') or [{}])[0].get('values_bytes_per_entry')}"
+        ", not counted)"
         + (f"; before: the same script on the code of commit {_commit(before.get('code'), None)}." if before else "."),
         "",
         "| after | bytes per entry | " + ("before | " if before else "") + "cached |",

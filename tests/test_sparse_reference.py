@@ -325,7 +325,8 @@ def test_support_is_uniform():
 def test_support_layouts_are_consistent_and_cached():
     s = SparseSupport.random((37, 53), 0.1, seed=1)
     csr, csr_t = s.layouts()
-    assert s.layouts() is s._layouts[("cpu", None)]
+    assert csr is s._row_csr[("cpu", None)] and csr_t is s._csr_t[("cpu", None)]  # cached
+    assert s.layouts()[0] is csr and s.layouts()[1] is csr_t
     rows, cols = s.rows(), s.cols()
     # CSR of S: rows expand back to the row indices
     assert torch.equal(torch.repeat_interleave(torch.arange(37), csr.crow.diff()), rows)
@@ -342,17 +343,18 @@ def test_support_layouts_are_consistent_and_cached():
     assert torch.equal(kl.row.long(), rows) and torch.equal(kl.col.long(), cols)
     fresh = SparseSupport.random((37, 53), 0.1, seed=1)  # the kernels' layouts alone keep no int64 arrays
     fresh_kl = fresh.kernel_layouts()
-    assert fresh._layouts == {} and torch.equal(fresh_kl.t_perm, kl.t_perm) and torch.equal(fresh_kl.ccol, kl.ccol)
+    assert fresh._row_csr == fresh._csr_t == {}
+    assert torch.equal(fresh_kl.t_perm, kl.t_perm) and torch.equal(fresh_kl.ccol, kl.ccol)
     assert fresh_kl.row.data_ptr() == fresh.indices[0].data_ptr()  # views of the int32 indices, no copies
     assert fresh_kl.col.data_ptr() == fresh.indices[1].data_ptr()
     forward_only = SparseSupport.random((37, 53), 0.1, seed=1)  # a forward builds S's CSR alone, no Sᵀ layout
     y = ref.spmm(torch.randn(ref.FEW_TOKENS + 8, 53), forward_only, torch.randn(forward_only.nnz))
-    assert y.shape == (ref.FEW_TOKENS + 8, 37) and forward_only._layouts == {} and len(forward_only._row_csr) == 1
+    assert y.shape == (ref.FEW_TOKENS + 8, 37) and forward_only._csr_t == {} and len(forward_only._row_csr) == 1
     row_csr = forward_only.row_csr()
     assert torch.equal(row_csr.crow, csr.crow) and torch.equal(row_csr.col, csr.col)
     ref.sddmm(torch.randn(5, 37), torch.randn(5, 53), forward_only)  # the values' gradient alone: S's CSR
-    assert forward_only._layouts == {} and forward_only.row_csr() is row_csr
-    assert forward_only.layouts()[0] is row_csr and forward_only._row_csr == {}  # then reused by the pair
+    assert forward_only._csr_t == {} and forward_only.row_csr() is row_csr
+    assert forward_only.layouts()[0] is row_csr and len(forward_only._csr_t) == 1  # then reused by the pair
     assert forward_only.row_csr() is row_csr and torch.equal(forward_only.layouts()[1].perm, csr_t.perm)
     crow32, col32 = s.csr32()  # the few-token products' int32 CSR: the same arrays, built once
     assert s.csr32() == (crow32, col32) and s.csr32()[0] is crow32

@@ -89,8 +89,8 @@ class SparseSupport:
             self.check(indices, shape, name=name)
         self.indices = indices
         self.shape = (int(shape[0]), int(shape[1]))
-        self._layouts: dict[tuple, tuple[_CSR, _CSR]] = {}
-        self._row_csr: dict[tuple, _CSR] = {}  # S's CSR alone, until layouts() is asked for (then in _layouts)
+        self._row_csr: dict[tuple, _CSR] = {}  # S's CSR, for the forward (and the sampled values gradient)
+        self._csr_t: dict[tuple, _CSR] = {}  # Sᵀ's CSR, for the input gradient
         self._kernel_layouts: dict[tuple, KernelLayouts] = {}
         self._flat: dict[tuple, torch.Tensor] = {}
         self._csr32: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -213,17 +213,19 @@ class SparseSupport:
         return cached
 
     def layouts(self, device: torch.device | None = None) -> tuple[_CSR, _CSR]:
-        """Row-major CSR of S and CSR of Sᵀ (= column-major order of S), built once per device and cached.
+        """Row-major CSR of S (:meth:`row_csr`) and CSR of Sᵀ (= column-major order of S), each built once per device
+        and cached.
 
         ``csr_t.perm[j]`` is the row-major position of the j-th entry in column-major order, so
         ``values[csr_t.perm]`` are the values of Sᵀ in its CSR order.
         """
         device = torch.device(device) if device is not None else self.device
         key = (device.type, device.index)
-        cached = self._layouts.get(key)
-        if cached is None:
-            cached = self._layouts[key] = self._build_layouts(device, self._row_csr.pop(key, None))
-        return cached
+        csr = self.row_csr(device)
+        csr_t = self._csr_t.get(key)
+        if csr_t is None:
+            csr_t = self._csr_t[key] = self._build_csr_t(device, csr)
+        return csr, csr_t
 
     def row_csr(self, device: torch.device | None = None) -> _CSR:
         """The row-major CSR of S alone (int64), what a forward and the sampled values gradient read, cached per
@@ -231,29 +233,29 @@ class SparseSupport:
         gradient reads, so inference never builds it."""
         device = torch.device(device) if device is not None else self.device
         key = (device.type, device.index)
-        pair = self._layouts.get(key)
-        if pair is not None:
-            return pair[0]
         csr = self._row_csr.get(key)
         if csr is None:
             csr = self._row_csr[key] = self._build_row_csr(device)
         return csr
 
     def _build_row_csr(self, device: torch.device) -> _CSR:
-        out_features = self.shape[0]
-        crow = torch.zeros(out_features + 1, dtype=torch.int64, device=device)
-        crow[1:] = torch.bincount(self.indices[0].to(device, torch.int64), minlength=out_features).cumsum(0)
-        return _CSR(crow, self.indices[1].to(device, torch.int64), None)
+        """S's CSR (not cached)."""
+        return _CSR(self._row_pointers(device), self.indices[1].to(device, torch.int64), None)
 
-    def _build_layouts(self, device: torch.device, csr: _CSR | None = None) -> tuple[_CSR, _CSR]:
-        """:meth:`layouts`, built (not cached), reusing S's CSR if given."""
+    def _row_pointers(self, device: torch.device) -> torch.Tensor:
+        """``(out + 1,)`` int64 CSR row pointers of S on ``device``."""
+        crow = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=device)
+        crow[1:] = torch.bincount(self.indices[0].to(device, torch.int64), minlength=self.shape[0]).cumsum(0)
+        return crow
+
+    def _build_csr_t(self, device: torch.device, csr: _CSR) -> _CSR:
+        """The CSR of Sᵀ (not cached), from S's."""
         out_features, in_features = self.shape
-        csr = csr if csr is not None else self._build_row_csr(device)
         rows, cols = self.indices[0].to(device, torch.int64), csr.col
         perm = torch.sort(cols * out_features + rows).indices
         ccol = torch.zeros(in_features + 1, dtype=torch.int64, device=device)
         ccol[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
-        return csr, _CSR(ccol, rows[perm].contiguous(), perm)
+        return _CSR(ccol, rows[perm].contiguous(), perm)
 
     def csr32(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crow, col)`` of S's row-major CSR as int32 (``(out + 1,)``, ``(nnz,)``), for torch.sparse's products of
@@ -266,8 +268,7 @@ class SparseSupport:
         key = (device.type, device.index)
         cached = self._csr32.get(key)
         if cached is None:
-            crow = torch.zeros(self.shape[0] + 1, dtype=torch.int32, device=device)
-            crow[1:] = torch.bincount(self.indices[0].to(device, torch.int64), minlength=self.shape[0]).cumsum(0)
+            crow = self._row_pointers(device).to(torch.int32)
             cached = self._csr32[key] = (crow, self.indices[1].to(device, torch.int32).contiguous())
         return cached
 
@@ -288,7 +289,8 @@ class SparseSupport:
             return cached
         if self.nnz >= 2**31:
             raise ValueError(f"{self!r}: more than 2**31 - 1 nonzeros cannot be indexed with int32.")
-        csr, csr_t = self._layouts.get(key) or self._build_layouts(device, self._row_csr.get(key))
+        csr = self._row_csr.get(key) or self._build_row_csr(device)
+        csr_t = self._csr_t.get(key) or self._build_csr_t(device, csr)
         i32 = torch.int32
         layouts = KernelLayouts(
             row=self.indices[0].to(device, i32).contiguous(),
