@@ -29,7 +29,7 @@ from peft.utils import (
     resolve_quantization_backend,
 )
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
-from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "get_in_out_features",
     "head_for_adapter",
     "is_all_linear",
+    "pattern_key",
     "register_method",
     "resolve_all_linear",
     "resolve_quantization_backend",
@@ -55,6 +56,15 @@ __all__ = [
 
 #: Default target modules per transformers model type (LoRA's: attention query/value), used when a config sets none.
 DEFAULT_TARGET_MODULES = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+
+def pattern_key(patterns, module_key: str):
+    """The key of ``patterns`` (a ``rank_pattern`` / ``alpha_pattern``) that names module ``module_key`` by PEFT's rule
+    for LoRA (the first key ``k`` with ``module_key`` matching ``(.*\\.)?(k)$``), or None when none does."""
+    if not patterns:
+        return None
+    found = get_pattern_key(list(patterns), module_key)
+    return found if found in patterns else None
 
 
 def is_all_linear(target_modules) -> bool:

@@ -3,11 +3,16 @@ initialisation fields (with the Fisher weights file saved beside the adapter), v
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-__all__ = ["LQInitFields", "TargetFields", "check_init_weights", "check_positive_int", "check_target_options"]
+__all__ = [
+    "LQInitFields", "RankPatternFields", "TargetFields", "check_init_weights", "check_patterns", "check_positive_int",
+    "check_target_options",
+]
 
 
 @dataclass
@@ -42,6 +47,28 @@ class TargetFields:
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None, metadata={"help": "Token ids whose embedding rows train (PEFT's TrainableTokens)."})
+
+
+@dataclass
+class RankPatternFields:
+    """Per-module ranks and scales of the tuners whose update is ``(lora_alpha / r) · B · A`` (SLTrain, NOLA): the
+    fields of PEFT's ``LoraConfig`` of the same names, with its matching rule. (SoRA's ``rank_pattern`` is the ranks its
+    pruning kept; DyLoRA samples one rank for every layer.)
+
+    Args:
+        rank_pattern (`dict[str, int]`, defaults to `{}`):
+            Ranks other than ``r`` for some modules, ``{key: rank}``. A key names the modules whose name matches
+            ``(.*\\.)?key$`` as a regex: a name (``"value"``: every ``*.value``), a dotted suffix
+            (``"layer.0.attention.self.query"``) or a regex (``"layer\\.[0-2]\\..*query"``); the first key that names
+            a module gives its rank. Every key must name at least one targeted module (checked before the model
+            is touched). The scale of such a module is ``lora_alpha / rank``, as in PEFT's LoRA.
+        alpha_pattern (`dict[str, float]`, defaults to `{}`):
+            ``lora_alpha`` other than the config's for some modules, ``{key: alpha}``, matched the same way.
+    """
+
+    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module ranks: {name or regex: r}."})
+    alpha_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Per-module lora_alpha: {name or regex: alpha}."})
 
 
 @dataclass
@@ -234,6 +261,43 @@ def check_positive_int(config, field_name: str, hint: str = "") -> None:
             + (f" ({hint})." if hint else ".")
             + f" Fix: pass {field_name}=<int > 0>."
         )
+
+
+def check_patterns(config) -> None:
+    """``rank_pattern`` / ``alpha_pattern``: mappings of non-empty keys that compile as regexes to positive int ranks /
+    finite alphas (None becomes ``{}``). Whether each key names a targeted module is checked against the model
+    (``DeltaModel._validate_targets``)."""
+    name = type(config).__name__
+    for field_name, what in (("rank_pattern", "a positive int rank"), ("alpha_pattern", "a finite lora_alpha")):
+        pattern = getattr(config, field_name)
+        if pattern is None:
+            setattr(config, field_name, {})
+            continue
+        if not isinstance(pattern, dict):
+            raise ValueError(
+                f"{name}.{field_name}={pattern!r} is not a mapping of module names (or regexes) to {what}s. Fix: e.g. "
+                f"{field_name}={{'value': 16}}."
+            )
+        for key, value in pattern.items():
+            _check_pattern_entry(name, field_name, key, value, what)
+
+
+def _check_pattern_entry(name: str, field_name: str, key, value, what: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{name}.{field_name} has the key {key!r}; keys are module names or regexes (non-empty strings).")
+    try:
+        re.compile(key)
+    except re.error as e:
+        raise ValueError(
+            f"{name}.{field_name} key {key!r} is not a valid regex ({e}). Keys match module names as regexes, so "
+            "escape special characters (e.g. '\\.' for a literal dot)."
+        ) from None
+    if field_name == "rank_pattern":
+        valid = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    else:
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not valid:
+        raise ValueError(f"{name}.{field_name}[{key!r}]={value!r} is not {what}. Fix: e.g. {{{key!r}: 16}}.")
 
 
 def check_target_options(config) -> None:

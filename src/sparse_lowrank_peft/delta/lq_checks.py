@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -140,18 +140,20 @@ def _is_plain_or_adapted_linear(module: nn.Module) -> bool:
     return isinstance(base, nn.Linear) or (hasattr(base, "in_features") and hasattr(base, "out_features"))
 
 
-def check_lq_layers(model: nn.Module, targets: Iterable[str], rank: int, fisher: Callable[[str], Optional[tuple]],
-                    owner: str) -> None:
+def check_lq_layers(model: nn.Module, targets: Iterable[str], rank: Union[int, Callable[[str], int]],
+                    fisher: Callable[[str], Optional[tuple]], owner: str) -> None:
     """What LQ initialisation of every target needs, checked before the first one is quantized (each raised midway,
-    after earlier targets were replaced): a ``rank`` the weight has (at most ``min(out, in)``), and Fisher weights
-    (``fisher(key)``) of the weight's row and column sizes, finite and non-negative."""
+    after earlier targets were replaced): a ``rank`` the weight has (at most ``min(out, in)``; an int, or the rank of
+    each target, ``rank(key)``, for a config with a ``rank_pattern``), and Fisher weights (``fisher(key)``) of the
+    weight's row and column sizes, finite and non-negative."""
     for key in targets:
+        needed = rank(key) if callable(rank) else rank
         weight = model.get_submodule(key).weight
         out_features, in_features = weight.shape
-        if rank > min(out_features, in_features):
+        if needed > min(out_features, in_features):
             raise ValueError(
-                f"{owner}: rank {rank} is above what '{key}' ({out_features}x{in_features}) has, min(out, in) = "
-                f"{min(out_features, in_features)}, so LQ cannot split off a rank-{rank} L. Fix: a rank <= "
+                f"{owner}: rank {needed} is above what '{key}' ({out_features}x{in_features}) has, min(out, in) = "
+                f"{min(out_features, in_features)}, so LQ cannot split off a rank-{needed} L. Fix: a rank <= "
                 f"{min(out_features, in_features)}, or leave that module out of target_modules. The model was not "
                 "changed."
             )

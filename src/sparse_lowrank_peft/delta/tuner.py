@@ -13,17 +13,19 @@ optionally, ``config_checks`` for its own load-time checks. This class adds to P
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .._peft_compat import DEFAULT_TARGET_MODULES, BaseTuner, BaseTunerLayer, resolve_all_linear
+from .._peft_compat import DEFAULT_TARGET_MODULES, BaseTuner, BaseTunerLayer, pattern_key, resolve_all_linear
+from ..common import RankPatternFields
 from .layer import DeltaLayer, is_supported_base_layer
 from .support import SparseSupport
 
-__all__ = ["DeltaModel", "pick_adapter"]
+__all__ = ["DeltaModel", "for_module", "pick_adapter"]
 
 
 class DeltaModel(BaseTuner):
@@ -120,6 +122,7 @@ class DeltaModel(BaseTuner):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if not is_supported_base_layer(base):
                 bad.append(f"{key} ({type(base).__name__})")
+        self._validate_patterns(config, targeted)
         self._validate_plan(model, config, targeted)
         self._validate_lq_layers(model, config, targeted)
         self._validate_token_indices(model, config)
@@ -146,7 +149,7 @@ class DeltaModel(BaseTuner):
             return fisher_for(key) if active_fisher() is not None else recorded_fisher(config, key)
 
         linears = [key for key in targeted if type(model.get_submodule(key)) is nn.Linear]
-        check_lq_layers(model, linears, config.r, fisher, type(config).__name__)
+        check_lq_layers(model, linears, lambda key: for_module(config, key).r, fisher, type(config).__name__)
         check_saved_factors(model, linears, getattr(config, "_saved_shapes", None),
                                   (f"{cls.prefix}A", f"{cls.prefix}B"), "The adapter checkpoint does not fit")
 
@@ -180,6 +183,25 @@ class DeltaModel(BaseTuner):
                 )
 
     @staticmethod
+    def _validate_patterns(config, targeted: list[str]) -> None:
+        """Every ``rank_pattern`` / ``alpha_pattern`` key names a targeted module (PEFT's LoRA ignores a key that names
+        none, so a typo silently trains every module at ``r``)."""
+        if not isinstance(config, RankPatternFields):
+            return
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(config, field_name) or {}
+            named = {pattern_key(pattern, key) for key in targeted}
+            unused = [key for key in pattern if key not in named]
+            if unused:
+                shown = ", ".join(targeted[:3]) + (", ..." if len(targeted) > 3 else "")
+                raise ValueError(
+                    f"{type(config).__name__}.{field_name} keys {unused} name no targeted module (or only modules an "
+                    f"earlier key already names); the targeted modules are {len(targeted)}: {shown}. A key is a module "
+                    "name, a dotted suffix of one or a regex matching its end. Fix the key, or target that module. "
+                    "The model was not changed."
+                )
+
+    @staticmethod
     def _validate_plan(model: nn.Module, config, targeted: list[str]) -> None:
         """An ``lq_plan`` must name modules of this model and give every targeted module a configuration: checked
         before anything is quantized."""
@@ -194,6 +216,7 @@ class DeltaModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("current_key must be given")
+        config = for_module(config, current_key)
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config, key=current_key)
             return
@@ -345,6 +368,25 @@ class DeltaModel(BaseTuner):
         """The sparse support of the layer ``module_name`` (e.g. ``'roberta.encoder.layer.0.attention.self.query'``)."""
         module = self.model.get_submodule(module_name)
         return module.get_support(adapter_name or self.active_adapters[0])
+
+
+def for_module(config, module_key: str):
+    """``config`` with ``r`` and ``lora_alpha`` as its ``rank_pattern`` / ``alpha_pattern`` set them for the module
+    ``module_key``: a shallow copy where a pattern names the module, else ``config`` itself (the adapter's config,
+    saved with the adapter, keeps its patterns). Only for configs with :class:`~..common.RankPatternFields` (SoRA's
+    ``rank_pattern`` is another thing: the ranks pruning kept, at the scale of ``r``)."""
+    if not isinstance(config, RankPatternFields):
+        return config
+    rank_key = pattern_key(config.rank_pattern, module_key)
+    alpha_key = pattern_key(config.alpha_pattern, module_key)
+    if rank_key is None and alpha_key is None:
+        return config
+    view = copy.copy(config)
+    if rank_key is not None:
+        view.r = config.rank_pattern[rank_key]
+    if alpha_key is not None:
+        view.lora_alpha = config.alpha_pattern[alpha_key]
+    return view
 
 
 def _find_module(model: nn.Module, name: str) -> Optional[nn.Module]:

@@ -8,13 +8,13 @@ from typing import Literal, Optional
 from peft.config import PeftConfig
 
 from ..._peft_compat import add_peft_type
-from ...common import TargetFields, check_positive_int, check_target_options
+from ...common import RankPatternFields, TargetFields, check_patterns, check_positive_int, check_target_options
 
 PEFT_TYPE = add_peft_type("nola")
 
 
 @dataclass
-class NolaConfig(TargetFields, PeftConfig):
+class NolaConfig(RankPatternFields, TargetFields, PeftConfig):
     """Configuration of a :class:`NolaModel`: ``ΔW = (lora_alpha / r) · B · A`` with ``A = Σᵢ αᵢ·Aᵢ``, ``B = Σⱼ βⱼ·Bⱼ``.
 
     NOLA (Koohpayegani et al., ICLR 2024, "NOLA: Compressing LoRA using Linear Combination of Random Basis") writes
@@ -58,6 +58,9 @@ class NolaConfig(TargetFields, PeftConfig):
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
             Which modules to adapt and which to train in full: see ``sparse_lowrank_peft.common.TargetFields``
             (NOLA adapts ``nn.Linear`` and transformers ``Conv1D`` layers).
+        rank_pattern, alpha_pattern:
+            Per-module ``r`` and ``lora_alpha`` (PEFT LoRA's fields and matching rule): see
+            ``sparse_lowrank_peft.common.RankPatternFields``.
         bias (`str`, defaults to `"none"`):
             Which biases to train: ``"none"``, ``"all"``, or ``"nola_only"`` (biases of adapted layers).
         init_weights (`bool`, defaults to `True`):
@@ -106,3 +109,4 @@ class NolaConfig(TargetFields, PeftConfig):
         if self.bias not in ("none", "all", "nola_only"):
             raise ValueError(f"NolaConfig.bias={self.bias!r} is not one of 'none', 'all', 'nola_only'. Fix: bias='none'.")
         check_target_options(self)
+        check_patterns(self)

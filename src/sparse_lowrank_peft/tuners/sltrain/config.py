@@ -8,13 +8,16 @@ from typing import Literal, Union
 from peft.config import PeftConfig
 
 from ..._peft_compat import add_peft_type
-from ...common import LQInitFields, TargetFields, check_init_weights, check_positive_int, check_target_options
+from ...common import (
+    LQInitFields, RankPatternFields, TargetFields, check_init_weights, check_patterns, check_positive_int,
+    check_target_options,
+)
 
 PEFT_TYPE = add_peft_type("sltrain")
 
 
 @dataclass
-class SLTrainConfig(LQInitFields, TargetFields, PeftConfig):
+class SLTrainConfig(RankPatternFields, LQInitFields, TargetFields, PeftConfig):
     """Configuration of an :class:`SLTrainModel`: ``ΔW = (lora_alpha / r) · B · A + S``.
 
     SLTrain (Han et al., 2024, "SLTrain: a sparse plus low-rank approach for parameter and memory efficient
@@ -38,6 +41,9 @@ class SLTrainConfig(LQInitFields, TargetFields, PeftConfig):
             Dropout on the input of the low-rank term (not of the sparse term), in [0, 1).
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
             Which modules to adapt and which to train in full: see ``sparse_lowrank_peft.common.TargetFields``.
+        rank_pattern, alpha_pattern:
+            Per-module ``r`` and ``lora_alpha`` (PEFT LoRA's fields and matching rule): see
+            ``sparse_lowrank_peft.common.RankPatternFields``.
         bias (`str`, defaults to `"none"`):
             Which biases to train: ``"none"``, ``"all"``, or ``"sltrain_only"`` (biases of adapted layers).
         init_weights (`bool | str`, defaults to `True`):
@@ -75,3 +81,4 @@ class SLTrainConfig(LQInitFields, TargetFields, PeftConfig):
             )
         check_init_weights(self)
         check_target_options(self)
+        check_patterns(self)
