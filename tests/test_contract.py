@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _builders import BUILDERS, TARGETS, output_of
+from _builders import BUILDERS, TARGETS, edit_adapter_config, output_of
 from peft import (
     AutoPeftModelForCausalLM,
     AutoPeftModelForSequenceClassification,
@@ -559,3 +559,43 @@ def test_adapter_tensor_lookup_is_torchs(cfg_cls, kwargs):
         dicts[0]["no-such-adapter"]
     with pytest.raises(AttributeError):
         torch.nn.ParameterDict.__getitem__(dicts[0], "no-such-adapter")
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
+def test_checkpoint_of_another_model_class_is_refused_with_the_cause(cfg_cls, kwargs, tmp_path):
+    """An adapter trained on ``BertForSequenceClassification`` (encoder at ``.bert``) loaded onto the ``BertModel`` of
+    the same weights: no layer name matches. PEFT's LoRA would load nothing and leave every layer at its start; here
+    one error names the two layouts before anything is loaded. (With ``modules_to_save`` PEFT itself fails first,
+    with a KeyError on the head's weight, before it hands the checkpoint to the tuner.)"""
+    pm, _, _ = peft_model(cfg_cls, kwargs, "bert", modules_to_save=None)
+    pm.save_pretrained(tmp_path)
+    encoder = build("bert")[0].bert
+    state = snapshot_state(encoder)
+    with pytest.raises(ValueError, match=r"names its layers differently.*'bert\.encoder\.layer\.0\..*' in the "
+                                         r"checkpoint, 'encoder\.layer\.0\..*' here.*Nothing was loaded"):
+        PeftModel.from_pretrained(encoder, tmp_path)
+    assert_state_unchanged(encoder, state)
+
+
+@pytest.mark.parametrize("cfg_cls,kwargs", ONE_CASE_PER_TUNER)
+def test_checkpoint_missing_some_layers_is_refused(cfg_cls, kwargs, tmp_path):
+    """Saved for ``query`` only, loaded with ``target_modules`` widened to ``query`` and ``value`` (an edited config):
+    the ``value`` layers would keep their initial values; the error counts them."""
+    pm, _, _ = peft_model(cfg_cls, kwargs, "bert", target_modules=["query"])
+    pm.save_pretrained(tmp_path)
+    edit_adapter_config(tmp_path, target_modules=["query", "value"])
+    with pytest.raises(ValueError, match=r"no \w+_\* tensors for 2 of this model's 4 adapter layers \(e\.g\. "
+                                         r"'bert\.encoder\.layer\.0\.attention\.self\.value'\).*Nothing was loaded"):
+        PeftModel.from_pretrained(build("bert")[0], tmp_path)
+
+
+def snapshot_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_unchanged(model, state):
+    """Every tensor of ``state`` is still in ``model``, unchanged (under ``base_layer`` where PEFT wrapped a layer)."""
+    now = model.state_dict()
+    for key, value in state.items():
+        wrapped = key if key in now else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(now[wrapped], value), key

@@ -254,8 +254,45 @@ class DeltaModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        cls._check_layer_names(model, adapter_name, remapped)
         cls._validate_checkpoint(model, config, adapter_name, remapped)
         return remapped
+
+    @classmethod
+    def _check_layer_names(cls, model: nn.Module, adapter_name: str, state_dict: dict) -> None:
+        """Every adapter layer of ``model`` has tensors in the checkpoint (PEFT would leave a layer it finds none for
+        at its initial values, with a warning); where none are found, the error says how the names differ: most
+        often the adapter was trained on another class of the same model (``BertForSequenceClassification`` holds
+        the encoder at ``.bert``, ``BertModel`` at the root)."""
+        marker = f".{cls.prefix}"
+        saved = {key.split(marker, 1)[0] for key in state_dict if marker in key}
+        layers = [name for name, module in model.named_modules()
+                  if isinstance(module, cls.tuner_layer_cls) and module.has_adapter(adapter_name)]
+        missing = [name for name in layers if name not in saved]
+        if not missing:
+            return
+
+        def shown(name: str) -> str:
+            return name.removeprefix("base_model.model.")
+
+        pair = next(((here, there) for here in missing for there in sorted(saved)
+                     if shown(there).endswith("." + shown(here)) or shown(here).endswith("." + shown(there))), None)
+        if pair is not None:
+            raise ValueError(
+                f"The adapter checkpoint names its layers differently from this model: '{shown(pair[1])}' in the "
+                f"checkpoint, '{shown(pair[0])}' here ({len(missing)} of {len(layers)} layers differ). It was trained "
+                "on another class of this model (e.g. BertForSequenceClassification, which holds the encoder at "
+                "'.bert', loaded here as BertModel). Fix: load the base with the class it was trained with "
+                "(AutoModelForSequenceClassification for task_type SEQ_CLS; AutoPeftModelForSequenceClassification "
+                "picks it from the adapter). Nothing was loaded."
+            )
+        example = f", e.g. '{shown(min(saved))}'" if saved else ""
+        raise ValueError(
+            f"The adapter checkpoint has no {cls.prefix}* tensors for {len(missing)} of this model's {len(layers)} "
+            f"adapter layers (e.g. '{shown(missing[0])}'); it holds {len(saved)} layers{example}. It was saved for "
+            "other target modules, by another method or for another model. Fix: load it on the base model it was "
+            "trained on, with the adapter_config.json it was saved with. Nothing was loaded."
+        )
 
     @classmethod
     def _validate_checkpoint(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> None:
