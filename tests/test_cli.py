@@ -101,6 +101,20 @@ def test_inspect_with_plot(folders, capsys, tmp_path):
     assert "operator" in out and " 0.100" in out  # the sparse term's density (nnz rounded)
 
 
+def test_an_adapter_saved_without_task_type_loads_on_its_base_folders_own_class(capsys, tmp_path):
+    """Saved without ``task_type`` from a classifier (layers under ``.bert``): the task_type's Auto class (``AutoModel``,
+    layers at the root) names them differently, so slpeft loads the base as the class its folder was saved from."""
+    model, _, _ = BUILDERS["bert"]()
+    model.save_pretrained(tmp_path / "base")
+    get_peft_model(model, SLTrainConfig(r=4, target_modules=["query", "value"])).save_pretrained(tmp_path / "adapter")
+    code, out, err = run(capsys, "inspect", tmp_path / "adapter", "--base", tmp_path / "base")
+    assert code == 0, err
+    assert "bert.encoder.layer.0.attention.self.query" in out
+    BUILDERS["bert"]()[0].bert.save_pretrained(tmp_path / "encoder")  # a base folder of the other class
+    code, out, err = run(capsys, "inspect", tmp_path / "adapter", "--base", tmp_path / "encoder")
+    assert code == 2 and "names its layers differently" in err and "the base folder names no other" in err
+
+
 # ------------------------------------------------------------------------------------------------- error paths
 
 

@@ -25,7 +25,12 @@ from ..common import RankPatternFields
 from .layer import DeltaLayer, is_supported_base_layer
 from .support import SparseSupport
 
-__all__ = ["DeltaModel", "for_module", "pick_adapter"]
+__all__ = ["DeltaModel", "LayerNamesDiffer", "for_module", "pick_adapter"]
+
+
+class LayerNamesDiffer(ValueError):
+    """A checkpoint whose adapter layers sit under other names than the model's (trained on another class of the
+    same model), raised before anything is loaded; tools that choose the base class themselves add how to change it."""
 
 
 class DeltaModel(BaseTuner):
@@ -278,7 +283,7 @@ class DeltaModel(BaseTuner):
         pair = next(((here, there) for here in missing for there in sorted(saved)
                      if shown(there).endswith("." + shown(here)) or shown(here).endswith("." + shown(there))), None)
         if pair is not None:
-            raise ValueError(
+            raise LayerNamesDiffer(
                 f"The adapter checkpoint names its layers differently from this model: '{shown(pair[1])}' in the "
                 f"checkpoint, '{shown(pair[0])}' here ({len(missing)} of {len(layers)} layers differ). It was trained "
                 "on another class of this model (e.g. BertForSequenceClassification, which holds the encoder at "

@@ -204,13 +204,40 @@ def load_adapter_model(in_dir: Union[str, Path], base: Optional[Union[str, Path]
 
     import sparse_lowrank_peft  # noqa: F401  (registers every tuner, so PEFT can read the folder)
 
+    from ..delta.tuner import LayerNamesDiffer
+
     model = load_base_model(in_dir, base)
     folder = Path(in_dir)
     if _is_lq_lora_folder(folder):  # PEFT's LoRA trained on LQ-LoRA's Q: rebuild that base (and L) from the weights
         from ..lq_lora import load_lq_lora
 
         return load_lq_lora(model, str(folder)).eval()
-    return PeftModel.from_pretrained(model, str(folder)).eval()
+    try:
+        return PeftModel.from_pretrained(model, str(folder)).eval()
+    except LayerNamesDiffer as e:  # e.g. saved without task_type from a classifier, whose layers sit under .bert
+        other = _base_of_its_own_class(folder, base, type(model))
+        if other is None:
+            raise SqueezeError(f"{e} (slpeft loaded the base as {type(model).__name__}, the class the adapter's "
+                               "task_type selects, and the base folder names no other.)") from e
+    try:
+        return PeftModel.from_pretrained(other, str(folder)).eval()
+    except LayerNamesDiffer as e:
+        raise SqueezeError(f"{e} (slpeft tried the class the adapter's task_type selects, then the base folder's own "
+                           f"{type(other).__name__}.)") from e
+
+
+def _base_of_its_own_class(folder: Path, base, tried: type) -> Optional[nn.Module]:
+    """The base loaded as the class its folder was saved from (``architectures`` in its config.json), or None when
+    that is the class already tried or none is named: for an adapter saved without ``task_type`` whose layers were
+    named by that class (the task_type's Auto class gave other names)."""
+    import transformers
+
+    path = _base_path(folder, _read_adapter_folder(folder)[1], base)
+    names = getattr(transformers.AutoConfig.from_pretrained(path), "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None or cls is tried:
+        return None
+    return cls.from_pretrained(path)
 
 
 def _is_lq_lora_folder(folder: Path) -> bool:
