@@ -48,10 +48,10 @@ TUNER_CASES = [
     ("sltrain-r4-s0.05", SLTrainConfig, {"r": 4, "lora_alpha": 8, "sparsity": 0.05}),
     ("sltrain-r1-s0.3-dropout", SLTrainConfig, {"r": 1, "lora_alpha": 3, "sparsity": 0.3, "lora_dropout": 0.1},
      ("mlp", "gpt2")),
-    # per-module ranks and scales (the first block's layers: ".0." in every family's names but the MLP's)
-    ("sltrain-r4-pattern", SLTrainConfig,
-     {"r": 4, "lora_alpha": 8, "sparsity": 0.05, "rank_pattern": {r".*\.0\..*": 2}, "alpha_pattern": {r".*\.0\..*": 3}},
-     ("gpt2", "llama", "bert-nf4")),
+    # per-module ranks and scales (the first block's layers: ".0." in every family's names but the MLP's), rsLoRA
+    ("sltrain-r4-pattern-rslora", SLTrainConfig,
+     {"r": 4, "lora_alpha": 8, "sparsity": 0.05, "rank_pattern": {r".*\.0\..*": 2}, "alpha_pattern": {r".*\.0\..*": 3},
+      "use_rslora": True}, ("gpt2", "llama", "bert-nf4")),
 ]
 for _path in sorted(Path(__file__).parent.glob("_cases_*.py")):
     TUNER_CASES += importlib.import_module(_path.stem).CASES

@@ -1,5 +1,6 @@
-"""Per-module ranks and scales (``rank_pattern`` / ``alpha_pattern``, PEFT LoRA's fields and matching rule) for the
-tuners whose update is ``(lora_alpha / r) · B · A``: SLTrain and NOLA (plain and LQ-initialised SLTrain).
+"""Per-module ranks and scales (``rank_pattern`` / ``alpha_pattern``, PEFT LoRA's fields and matching rule, and
+``use_rslora``) for the tuners whose update is ``(lora_alpha / r) · B · A``: SLTrain (plain and LQ-initialised) and
+NOLA.
 
 Table-driven: every config below goes through the same checks (each layer's rank and scale, save and reload, merge,
 export to plain LoRA); bad patterns each get one clear error before the model is touched.
@@ -32,6 +33,7 @@ CASES = {
     "sltrain": (SLTrainConfig, dict(sparsity=0.05), "sltrain", {"rank": 36}),
     "sltrain-lq": (SLTrainConfig, dict(sparsity=0.05, init_weights="lq", lq_max_iter=2), "sltrain", {"rank": 36}),
     "nola": (NolaConfig, dict(num_basis_A=7, num_basis_B=5), "nola", {}),
+    "nola-rslora": (NolaConfig, dict(num_basis_A=7, num_basis_B=5, use_rslora=True), "nola", {}),
 }
 
 
@@ -67,7 +69,8 @@ def test_each_layer_gets_the_rank_and_scale_its_pattern_gives(trained):
     for name, (rank, alpha) in EXPECTED.items():
         layer = layers[name]
         assert getattr(layer, f"{prefix}_r")["default"] == rank, name
-        assert getattr(layer, f"{prefix}_scaling")["default"] == pytest.approx(alpha / rank), name
+        scale = alpha / (rank**0.5 if CASES[case][1].get("use_rslora") else rank)  # rsLoRA: α / √r
+        assert getattr(layer, f"{prefix}_scaling")["default"] == pytest.approx(scale), name
         B, A = layer.lowrank_factors("default")
         assert A.shape == (rank, layer.in_features) and B.shape == (layer.out_features, rank), name
 
@@ -129,6 +132,7 @@ BAD = [
     (dict(rank_pattern={"query(": 2}), "not a valid regex"),
     (dict(alpha_pattern={"value": float("nan")}), "is not a finite lora_alpha"),
     (dict(alpha_pattern={"value": "16"}), "is not a finite lora_alpha"),
+    (dict(use_rslora="yes"), "must be True or False"),
 ]
 
 

@@ -61,14 +61,24 @@ class RankPatternFields:
             ``(.*\\.)?key$`` as a regex: a name (``"value"``: every ``*.value``), a dotted suffix
             (``"layer.0.attention.self.query"``) or a regex (``"layer\\.[0-2]\\..*query"``); the first key that names
             a module gives its rank. Every key must name at least one targeted module (checked before the model
-            is touched). The scale of such a module is ``lora_alpha / rank``, as in PEFT's LoRA.
+            is touched). The scale of such a module is ``lora_alpha / rank`` (``/ sqrt(rank)`` with ``use_rslora``), as in
+            PEFT's LoRA.
         alpha_pattern (`dict[str, float]`, defaults to `{}`):
             ``lora_alpha`` other than the config's for some modules, ``{key: alpha}``, matched the same way.
+        use_rslora (`bool`, defaults to `False`):
+            Rank-stabilised scale ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r`` (Kalajdzievski, 2023,
+            "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA"; PEFT's ``use_rslora``), per module with
+            its own rank: the update's size then does not shrink as the rank grows.
     """
 
     rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module ranks: {name or regex: r}."})
     alpha_pattern: Optional[dict] = field(
         default_factory=dict, metadata={"help": "Per-module lora_alpha: {name or regex: alpha}."})
+    use_rslora: bool = field(default=False, metadata={"help": "Scale lora_alpha / sqrt(r) (rsLoRA)."})
+
+    def lowrank_scale(self) -> float:
+        """The low-rank term's scale for this config's ``r`` and ``lora_alpha``: ``α / r``, or ``α / √r`` (rsLoRA)."""
+        return float(self.lora_alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 @dataclass
@@ -264,10 +274,12 @@ def check_positive_int(config, field_name: str, hint: str = "") -> None:
 
 
 def check_patterns(config) -> None:
-    """``rank_pattern`` / ``alpha_pattern``: mappings of non-empty keys that compile as regexes to positive int ranks /
+    """``use_rslora`` a bool; ``rank_pattern`` / ``alpha_pattern``: mappings of non-empty keys that compile as regexes to positive int ranks /
     finite alphas (None becomes ``{}``). Whether each key names a targeted module is checked against the model
     (``DeltaModel._validate_targets``)."""
     name = type(config).__name__
+    if not isinstance(config.use_rslora, bool):
+        raise ValueError(f"{name}.use_rslora={config.use_rslora!r} must be True or False.")
     for field_name, what in (("rank_pattern", "a positive int rank"), ("alpha_pattern", "a finite lora_alpha")):
         pattern = getattr(config, field_name)
         if pattern is None:

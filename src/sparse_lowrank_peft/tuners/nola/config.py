@@ -36,7 +36,7 @@ class NolaConfig(RankPatternFields, TargetFields, PeftConfig):
         num_basis_B (`int`, defaults to `256`):
             ``k_B``: number of random bases mixed into ``B``; the trainable ``β`` has this many entries per layer.
         lora_alpha (`float`, defaults to `16`):
-            Scale numerator: ``ΔW = (lora_alpha / r) · B · A``.
+            Scale numerator: ``ΔW = (lora_alpha / r) · B · A`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
         basis_seed (`int`, defaults to `0`):
             Seed of the random bases. Each basis tensor is drawn from ``(basis_seed, its shape)`` with a CPU generator:
             layers of the same shape share their bases, and a checkpoint reloads exactly from the seed alone.
@@ -58,9 +58,9 @@ class NolaConfig(RankPatternFields, TargetFields, PeftConfig):
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
             Which modules to adapt and which to train in full: see ``sparse_lowrank_peft.common.TargetFields``
             (NOLA adapts ``nn.Linear`` and transformers ``Conv1D`` layers).
-        rank_pattern, alpha_pattern:
-            Per-module ``r`` and ``lora_alpha`` (PEFT LoRA's fields and matching rule): see
-            ``sparse_lowrank_peft.common.RankPatternFields``.
+        rank_pattern, alpha_pattern, use_rslora:
+            Per-module ``r`` and ``lora_alpha`` (PEFT LoRA's fields and matching rule), and the rank-stabilised scale
+            ``lora_alpha / sqrt(r)``: see ``sparse_lowrank_peft.common.RankPatternFields``.
         bias (`str`, defaults to `"none"`):
             Which biases to train: ``"none"``, ``"all"``, or ``"nola_only"`` (biases of adapted layers).
         init_weights (`bool`, defaults to `True`):

@@ -80,7 +80,7 @@ class NolaLayer(DeltaLayer):
         self.nola_num_basis[adapter_name] = (k_A, k_B)
         self.nola_seed[adapter_name] = int(config.basis_seed)
         self.nola_lora_alpha[adapter_name] = float(config.lora_alpha)
-        self.nola_scaling[adapter_name] = float(config.lora_alpha) / r
+        self.nola_scaling[adapter_name] = config.lowrank_scale()  # α / r (α / √r with use_rslora)
         self.nola_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         # α: A gets the entry variance of LoRA's Kaiming-uniform A (1 / (3·in)): Var(Aᵢ entries) = 1/(3k), so
         # Var(A) = Σ αᵢ² / (3k) = Var(α) / 3 with Var(α) = 1/in. β = 0: B = 0, ΔW = 0 at step 0.

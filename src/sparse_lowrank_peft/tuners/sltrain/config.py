@@ -28,8 +28,8 @@ class SLTrainConfig(RankPatternFields, LQInitFields, TargetFields, PeftConfig):
         r (`int`, defaults to `8`):
             Rank of the low-rank term. Larger captures more of the update; costs ``r·(in + out)`` parameters per layer.
         lora_alpha (`float`, defaults to `16`):
-            Scale numerator: the low-rank term is multiplied by ``lora_alpha / r``. Raising it is like raising the
-            learning rate of the low-rank term only.
+            Scale numerator: the low-rank term is multiplied by ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+            ``use_rslora``). Raising it is like raising the learning rate of the low-rank term only.
         sparsity (`float`, defaults to `0.01`):
             Density of ``S``: the fraction of the ``out × in`` entries that are trainable, in (0, 1). Adds
             ``round(sparsity·out·in)`` parameters per layer; compute and memory of the sparse term grow linearly with
@@ -41,9 +41,9 @@ class SLTrainConfig(RankPatternFields, LQInitFields, TargetFields, PeftConfig):
             Dropout on the input of the low-rank term (not of the sparse term), in [0, 1).
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save:
             Which modules to adapt and which to train in full: see ``sparse_lowrank_peft.common.TargetFields``.
-        rank_pattern, alpha_pattern:
-            Per-module ``r`` and ``lora_alpha`` (PEFT LoRA's fields and matching rule): see
-            ``sparse_lowrank_peft.common.RankPatternFields``.
+        rank_pattern, alpha_pattern, use_rslora:
+            Per-module ``r`` and ``lora_alpha`` (PEFT LoRA's fields and matching rule), and the rank-stabilised scale
+            ``lora_alpha / sqrt(r)``: see ``sparse_lowrank_peft.common.RankPatternFields``.
         bias (`str`, defaults to `"none"`):
             Which biases to train: ``"none"``, ``"all"``, or ``"sltrain_only"`` (biases of adapted layers).
         init_weights (`bool | str`, defaults to `True`):

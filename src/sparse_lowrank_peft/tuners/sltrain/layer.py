@@ -41,7 +41,7 @@ class SLTrainLayer(DeltaLayer):
         r = config.r
         self.sltrain_r[adapter_name] = r
         self.sltrain_alpha[adapter_name] = float(config.lora_alpha)
-        self.sltrain_scaling[adapter_name] = float(config.lora_alpha) / r
+        self.sltrain_scaling[adapter_name] = config.lowrank_scale()  # α / r (α / √r with use_rslora)
         self.sltrain_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         A = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # LoRA's init for A (PEFT's LoraLayer does the same)
