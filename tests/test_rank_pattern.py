@@ -9,6 +9,7 @@ export to plain LoRA); bad patterns each get one clear error before the model is
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def _adapted_layers(model) -> dict[str, DeltaLayer]:
 
 @pytest.fixture(scope="module", params=list(CASES))
 def trained(request, tmp_path_factory):
-    """``(case, model, reference output, saved folder)``: a few training steps, then saved."""
+    """``(case, model, make_inputs, reference output, saved folder)``: a few training steps, then saved."""
     case = request.param
     model, make_inputs, _ = BUILDERS["roberta"]()
     model = get_peft_model(model, _config(case))
@@ -110,8 +111,8 @@ def test_export_to_plain_lora_keeps_each_layers_rank(trained, tmp_path):
     if not rank:
         info = json.loads((out / "adapter_config.json").read_text())
         ranks = {k.replace("\\", ""): v for k, v in info["rank_pattern"].items()}
-        for name, (rank, _) in EXPECTED.items():
-            assert ranks.get(f"roberta.encoder.{name}", info["r"]) == rank, name
+        for name, (want, _) in EXPECTED.items():
+            assert ranks.get(f"roberta.encoder.{name}", info["r"]) == want, name
 
 
 def test_sora_rank_pattern_stays_the_ranks_pruning_kept():
@@ -174,7 +175,8 @@ def test_a_recipe_passes_the_patterns_to_the_config():
     from glue.config import build_config
     from glue.model import effective_peft_fields, make_peft_config
 
-    cfg = build_config("recipes/minilm/sltrain-rte.yaml", ["peft.rank_pattern={value: 16}", "peft.alpha_pattern={value: 32}"])
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "minilm" / "sltrain-rte.yaml"
+    cfg = build_config(str(recipe), ["peft.rank_pattern={value: 16}", "peft.alpha_pattern={value: 32}"])
     config = make_peft_config(cfg.method, effective_peft_fields(cfg), ["pooler", "classifier"])
     assert isinstance(config, SLTrainConfig)
     assert config.rank_pattern == {"value": 16} and config.alpha_pattern == {"value": 32}
