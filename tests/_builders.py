@@ -191,6 +191,11 @@ def build_roberta_other_width():
     )
 
 
+def state_of(model) -> dict:
+    """A detached copy of ``model``'s state dict (to check later that an error left the model unchanged)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def edit_adapter_config(folder, **fields) -> None:
     """Overwrite ``fields`` in a saved adapter's ``adapter_config.json`` (tests of mismatched configs)."""
     import json

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _builders import BUILDERS, TARGETS, edit_adapter_config, output_of
+from _builders import BUILDERS, TARGETS, edit_adapter_config, output_of, state_of
 from peft import (
     AutoPeftModelForCausalLM,
     AutoPeftModelForSequenceClassification,
@@ -574,7 +574,7 @@ def test_checkpoint_of_another_model_class_is_refused_with_the_cause(cfg_cls, kw
     pm, _, _ = peft_model(cfg_cls, kwargs, "bert", modules_to_save=None)
     pm.save_pretrained(tmp_path)
     encoder = build("bert")[0].bert
-    state = snapshot_state(encoder)
+    state = state_of(encoder)
     with pytest.raises(ValueError, match=r"names its layers differently.*'bert\.encoder\.layer\.0\..*' in the "
                                          r"checkpoint, 'encoder\.layer\.0\..*' here.*Nothing was loaded"):
         PeftModel.from_pretrained(encoder, tmp_path)
@@ -591,10 +591,6 @@ def test_checkpoint_missing_some_layers_is_refused(cfg_cls, kwargs, tmp_path):
     with pytest.raises(ValueError, match=r"no \w+_\* tensors for 2 of this model's 4 adapter layers \(e\.g\. "
                                          r"'bert\.encoder\.layer\.0\.attention\.self\.value'\).*Nothing was loaded"):
         PeftModel.from_pretrained(build("bert")[0], tmp_path)
-
-
-def snapshot_state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def assert_state_unchanged(model, state):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _builders import BUILDERS, build_roberta_other_width, output_of
+from _builders import BUILDERS, build_roberta_other_width, output_of, state_of
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
@@ -15,7 +15,7 @@ from sparse_lowrank_peft._peft_compat import check_peft_version
 
 
 def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+    return state_of(model), [type(m) for m in model.modules()]
 
 
 @pytest.mark.parametrize("r", [0, -3, 2.5, True])

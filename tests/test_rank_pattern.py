@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _builders import BUILDERS, output_of, train_then_output
+from _builders import BUILDERS, output_of, state_of, train_then_output
 from peft import PeftModel, get_peft_model
 
 from sparse_lowrank_peft import NolaConfig, SLTrainConfig, SoraConfig, export_to_lora
@@ -148,7 +148,7 @@ def test_bad_patterns_are_refused_by_the_config(case, fields, message):
 @pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
 def test_a_key_naming_no_targeted_module_is_refused_before_the_model_changes(case, field):
     model, _, _ = BUILDERS["roberta"]()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state_of(model)
     config = _config(case, **{field: {"key_proj": 3}})  # a typo (or a module of another model)
     with pytest.raises(ValueError, match=rf"{field} keys \['key_proj'\] name no targeted module"):
         get_peft_model(model, config)

@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._peft_compat import pattern_key
 from .svd import DEFAULT_OVERSAMPLING, DEFAULT_POWER_ITERS, DEFAULT_SEED, RankSpec, SqueezeError, check_rank_spec
 from .targets import LayerSqueeze, _adapter_of, _check_int_rank, _squeeze_target, _targets
 
@@ -117,11 +118,10 @@ def _pattern_key(name: str) -> str:
 
 
 def _match_pattern(patterns: dict, module_name: str):
-    """PEFT's rank/alpha pattern lookup: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return None
+    """PEFT's rank/alpha pattern lookup: the value of the first key naming the module (``_peft_compat.pattern_key``,
+    PEFT's own rule), or None."""
+    key = pattern_key(patterns, module_name)
+    return None if key is None else patterns[key]
 
 
 def check_squeeze_rank(peft_model, rank: Optional[RankSpec], adapter_name: Optional[str] = None,
